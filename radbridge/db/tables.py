@@ -1,0 +1,194 @@
+"""SQLAlchemy 2 tables shared by the edge and the center.
+
+Each node has its own database: the edge's holds original identifiers and the identity map and
+never leaves the hospital; the center's holds only pseudonymous UIDs. The same schema serves
+both so one migration chain covers them; ``identity_map`` is used only at the edge, ``jobs`` and
+``results`` only at the center.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "AgreementRow",
+    "Base",
+    "IdentityMapRow",
+    "InstanceRow",
+    "JobRow",
+    "ResultRow",
+    "SeriesRow",
+    "StudyRow",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime stored; use radbridge.db.tables.utcnow()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class AgreementRow(Base):
+    """Snapshot of an agreement as loaded, so rows can reference it."""
+
+    __tablename__ = "agreements"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    hospital_name: Mapped[str] = mapped_column(String(200))
+    center_name: Mapped[str] = mapped_column(String(200))
+    active_from: Mapped[datetime]
+    active_until: Mapped[datetime]
+    config_sha256: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StudyRow(Base):
+    """A study as this node holds it. ``state`` values are per node (see lifecycle.py)."""
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        UniqueConstraint("agreement_id", "study_uid"),
+        Index("ix_studies_state_next_attempt", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(20))
+    priority: Mapped[str] = mapped_column(String(10), default="routine")
+    modality: Mapped[str | None] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    stable_at: Mapped[datetime | None]
+    forwarded_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    series: Mapped[list[SeriesRow]] = relationship(back_populates="study")
+
+
+class SeriesRow(Base):
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("study_id", "series_uid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    study: Mapped[StudyRow] = relationship(back_populates="series")
+    instances: Mapped[list[InstanceRow]] = relationship(back_populates="series")
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("series_id", "sop_instance_uid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text, doc="Relative to the node's store root.")
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    series: Mapped[SeriesRow] = relationship(back_populates="instances")
+
+
+class IdentityMapRow(Base):
+    """Edge only: original identifier <-> pseudonym, per agreement."""
+
+    __tablename__ = "identity_map"
+    __table_args__ = (
+        UniqueConstraint("agreement_id", "kind", "original"),
+        Index("ix_identity_map_pseudonym", "agreement_id", "kind", "pseudonym"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
+    kind: Mapped[str] = mapped_column(String(20))
+    original: Mapped[str] = mapped_column(String(200))
+    pseudonym: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobRow(Base):
+    """Center only: one inference job per (study, completion)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state", "state"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(20))
+    priority: Mapped[str] = mapped_column(String(10), default="routine")
+    first_received_at: Mapped[datetime | None] = mapped_column(
+        doc="When the edge received the study's first instance (for end-to-end latency)."
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ResultRow(Base):
+    """Center only: one model's output for one instance."""
+
+    __tablename__ = "results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(20))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    findings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON)
+    provider: Mapped[str] = mapped_column(String(40))
+    latency_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,67 @@
+"""The one exception root of radbridge and its per-boundary subclasses.
+
+Each boundary maps these to its own wire codes in exactly one place:
+DIMSE statuses in ``dicom_io.statuses``, HTTP codes in ``serving.errors``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgreementError",
+    "ConfigError",
+    "DatasetError",
+    "DeidentificationError",
+    "ForwardError",
+    "ModelError",
+    "NotFoundError",
+    "PolicyError",
+    "RadbridgeError",
+    "StorageError",
+]
+
+
+class RadbridgeError(Exception):
+    """Root of every error radbridge raises on purpose."""
+
+
+class ConfigError(RadbridgeError):
+    """A settings or configuration file is invalid; the message names the field."""
+
+
+class AgreementError(ConfigError):
+    """An agreements file is invalid; the message names the field."""
+
+
+class PolicyError(RadbridgeError):
+    """An agreement forbids what was asked (unknown peer, inactive agreement, no transfer basis)."""
+
+
+class DatasetError(RadbridgeError):
+    """A DICOM dataset cannot be understood or does not match what was declared.
+
+    ``reason`` is a stable machine-readable code used by the DIMSE status table.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class StorageError(RadbridgeError):
+    """The durable store could not write (disk full, I/O error)."""
+
+
+class DeidentificationError(RadbridgeError):
+    """De-identification could not guarantee its output; nothing may leave."""
+
+
+class ForwardError(RadbridgeError):
+    """Forwarding to the center failed; the outbox retries."""
+
+
+class ModelError(RadbridgeError):
+    """A model or its manifest is invalid or disagrees with its ONNX file."""
+
+
+class NotFoundError(RadbridgeError):
+    """A requested object does not exist."""

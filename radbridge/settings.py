@@ -1,0 +1,158 @@
+"""One settings object for every radbridge process: environment + optional YAML file.
+
+Precedence (highest first): init arguments, ``RADBRIDGE_*`` environment variables (nested with
+``__``, e.g. ``RADBRIDGE_EDGE__PORT``), the YAML file named by ``RADBRIDGE_CONFIG``, defaults.
+Outside ``mode: local`` the built-in development secret is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from radbridge.errors import ConfigError
+
+__all__ = ["DEV_SECRET", "CenterSettings", "EdgeSettings", "Settings", "load_settings"]
+
+DEV_SECRET = "radbridge-local-development-secret"
+DEFAULT_AGREEMENTS = Path(__file__).parent / "defaults" / "agreements.yaml"
+
+
+class EdgeSettings(BaseModel):
+    """The edge gateway inside the hospital."""
+
+    host: str = Field("127.0.0.1", description="Address the DICOM SCP listens on.")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM SCP port.")
+    ae_title: str = Field("RADBRIDGE", min_length=1, max_length=16)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9101, ge=0, le=65535, description="0 disables /metrics.")
+    database_url: str | None = Field(None, description="Default: SQLite in data_dir/edge.")
+    store_dir: Path | None = Field(None, description="Default: data_dir/edge/store.")
+    center_url: str = Field("http://127.0.0.1:8000", description="Where de-identified studies go.")
+    master_secret: SecretStr = Field(
+        SecretStr(DEV_SECRET), description="Root key of per-agreement pseudonym keys."
+    )
+    poll_interval_s: float = Field(0.5, gt=0, le=60)
+    forward_timeout_s: float = Field(60.0, gt=0)
+    retry_base_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+
+
+class CenterSettings(BaseModel):
+    """The reading center's Ray Serve application."""
+
+    host: str = Field("127.0.0.1", description="Serve HTTP proxy bind address.")
+    port: int = Field(8000, ge=1, le=65535)
+    database_url: str | None = Field(None, description="Default: SQLite in data_dir/center.")
+    store_dir: Path | None = Field(None, description="Default: data_dir/center/store.")
+    ray_address: str | None = Field(None, description="None starts a local Ray instance.")
+    ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray.")
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
+        default_factory=lambda: ["cuda", "cpu"],
+        description="ONNX Runtime providers in preference order; unavailable ones are skipped.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime decide.")
+
+
+class Settings(BaseSettings):
+    """Settings of one radbridge installation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADBRIDGE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    mode: Literal["local", "production"] = "local"
+    data_dir: Path = Path("var")
+    agreements_file: Path = DEFAULT_AGREEMENTS
+    model_repository: Path | None = Field(None, description="Default: data_dir/models.")
+    log_level: str = "INFO"
+    edge: EdgeSettings = Field(default_factory=EdgeSettings)
+    center: CenterSettings = Field(default_factory=CenterSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("RADBRIDGE_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _derive_paths_and_check_secrets(self) -> Settings:
+        data = self.data_dir
+        if self.model_repository is None:
+            self.model_repository = data / "models"
+        if self.edge.store_dir is None:
+            self.edge.store_dir = data / "edge" / "store"
+        if self.edge.database_url is None:
+            self.edge.database_url = f"sqlite:///{data / 'edge' / 'edge.db'}"
+        if self.center.store_dir is None:
+            self.center.store_dir = data / "center" / "store"
+        if self.center.database_url is None:
+            self.center.database_url = f"sqlite:///{data / 'center' / 'center.db'}"
+        if self.mode != "local" and self.edge.master_secret.get_secret_value() == DEV_SECRET:
+            raise ValueError(
+                "edge.master_secret: the built-in development secret is refused outside "
+                "local mode; set RADBRIDGE_EDGE__MASTER_SECRET"
+            )
+        return self
+
+    # Typed accessors for the derived values (never None after validation).
+    @property
+    def models_dir(self) -> Path:
+        assert self.model_repository is not None
+        return self.model_repository
+
+    @property
+    def edge_db_url(self) -> str:
+        assert self.edge.database_url is not None
+        return self.edge.database_url
+
+    @property
+    def center_db_url(self) -> str:
+        assert self.center.database_url is not None
+        return self.center.database_url
+
+    @property
+    def edge_store(self) -> Path:
+        assert self.edge.store_dir is not None
+        return self.edge.store_dir
+
+    @property
+    def center_store(self) -> Path:
+        assert self.center.store_dir is not None
+        return self.center.store_dir
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into a ``ConfigError`` naming the field."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)

@@ -97,7 +97,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive_paths_and_check_secrets(self) -> Settings:
-        data = self.data_dir
+        # Absolute paths: Ray worker processes do not share the driver's working directory.
+        self.data_dir = data = self.data_dir.resolve()
+        self.agreements_file = self.agreements_file.resolve()
         if self.model_repository is None:
             self.model_repository = data / "models"
         if self.edge.store_dir is None:
@@ -108,6 +110,9 @@ class Settings(BaseSettings):
             self.center.store_dir = data / "center" / "store"
         if self.center.database_url is None:
             self.center.database_url = f"sqlite:///{data / 'center' / 'center.db'}"
+        self.model_repository = self.model_repository.resolve()
+        self.edge.store_dir = self.edge.store_dir.resolve()
+        self.center.store_dir = self.center.store_dir.resolve()
         if self.mode != "local" and self.edge.master_secret.get_secret_value() == DEV_SECRET:
             raise ValueError(
                 "edge.master_secret: the built-in development secret is refused outside "

@@ -1,0 +1,3 @@
+"""The DICOM boundary: SCP, durable store, de-identification, STOW-RS, pixel decoding."""
+
+__all__: list[str] = []

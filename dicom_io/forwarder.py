@@ -1,0 +1,244 @@
+"""The edge's outbox: forward stable studies, de-identified, to the center over STOW-RS.
+
+The database is the outbox. A study in state ``receiving`` whose agreement's quiet period has
+passed is claimed (``forwarding``), de-identified instance by instance, its pseudonyms committed
+to the identity map, its instances POSTed to the center, and the study completed there. Any
+failure puts it back with exponential backoff; a restart resets claimed studies. The center
+de-duplicates, so a re-sent study is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from io import BytesIO
+
+import httpx
+import pydicom
+from sqlalchemy import select, update
+
+from dicom_io.deid import deidentify
+from dicom_io.identity_map import record_pseudonyms
+from dicom_io.pseudonyms import Pseudonymizer, agreement_key
+from dicom_io.store import DurableStore
+from dicom_io.stow import encode_multipart
+from radbridge.agreements import Agreement, AgreementSet
+from radbridge.db.engine import Database
+from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
+from radbridge.errors import DeidentificationError, ForwardError
+from radbridge.lifecycle import EdgeStudyState
+from radbridge.metrics import EdgeMetrics, safe_label
+
+__all__ = ["Forwarder"]
+
+log = logging.getLogger("radbridge.edge.forwarder")
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+_NO_BASIS = "no legal transfer basis in force for this agreement"
+
+
+class Forwarder:
+    def __init__(
+        self,
+        db: Database,
+        store: DurableStore,
+        agreements: Callable[[], AgreementSet],
+        master_secret: str,
+        center_url: str,
+        metrics: EdgeMetrics,
+        *,
+        timeout_s: float = 60.0,
+        retry_base_s: float = 2.0,
+        retry_max_s: float = 300.0,
+    ) -> None:
+        self.db, self.store, self._agreements = db, store, agreements
+        self._secret = master_secret
+        self._metrics = metrics
+        self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
+        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s)
+
+    def recover(self) -> int:
+        """Return studies a crashed process had claimed to the queue."""
+        with self.db.session() as s:
+            res = s.execute(
+                update(StudyRow)
+                .where(StudyRow.state == EdgeStudyState.FORWARDING)
+                .values(state=EdgeStudyState.RECEIVING)
+            )
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    def run(self, stop: threading.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must survive anything; the study stays queued
+                log.exception("forwarder tick failed")
+            stop.wait(interval_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Forward every study that is due; returns how many were forwarded."""
+        now = now or utcnow()
+        agreements = self._agreements()
+        with self.db.session() as s:
+            due = s.scalars(
+                select(StudyRow).where(
+                    StudyRow.state.in_([EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED]),
+                    (StudyRow.next_attempt_at.is_(None)) | (StudyRow.next_attempt_at <= now),
+                )
+            ).all()
+        self._update_depth()
+        done = 0
+        for study in due:
+            agreement = agreements.get(study.agreement_id)
+            if agreement is None:
+                continue
+            if study.last_received_at + timedelta(seconds=agreement.quiet_period_s) > now:
+                continue
+            if not agreement.may_transfer(now.date()):
+                if study.state != EdgeStudyState.BLOCKED:
+                    self._block(study, _NO_BASIS)
+                continue
+            if study.state == EdgeStudyState.BLOCKED and study.last_error != _NO_BASIS:
+                continue  # refused by de-identification: needs a person, not a retry
+            if self._claim(study, now):
+                done += self._forward_claimed(study, agreement, now)
+        return done
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _claim(self, study: StudyRow, now: datetime) -> bool:
+        with self.db.session() as s:
+            res = s.execute(
+                update(StudyRow)
+                .where(
+                    StudyRow.id == study.id,
+                    StudyRow.state == study.state,
+                    StudyRow.instance_count == study.instance_count,
+                )
+                .values(state=EdgeStudyState.FORWARDING, stable_at=now)
+            )
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def _forward_claimed(self, study: StudyRow, agreement: Agreement, stable_at: datetime) -> int:
+        try:
+            self._forward(study, agreement)
+        except DeidentificationError as exc:
+            self._block(study, f"de-identification refused: {exc}")
+            return 0
+        except ForwardError as exc:
+            self._retry(study, agreement, str(exc))
+            return 0
+        with self.db.session() as s:
+            s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study.id, StudyRow.state == EdgeStudyState.FORWARDING)
+                .values(
+                    state=EdgeStudyState.FORWARDED,
+                    forwarded_at=utcnow(),
+                    attempts=0,
+                    last_error=None,
+                    next_attempt_at=None,
+                )
+            )
+        self._metrics.study_forward.labels(agreement.id, safe_label(study.modality)).observe(
+            (utcnow() - stable_at).total_seconds()
+        )
+        log.info("study %s forwarded (agreement %s)", study.id, agreement.id)
+        return 1
+
+    def _forward(self, study: StudyRow, agreement: Agreement) -> None:
+        pseudo = Pseudonymizer(agreement_key(agreement, self._secret))
+        with self.db.session() as s:
+            paths = s.scalars(
+                select(InstanceRow.path)
+                .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+                .where(SeriesRow.study_id == study.id)
+                .order_by(InstanceRow.id)
+            ).all()
+        parts = [self._deidentify(path, pseudo, agreement) for path in paths]
+        pseudo_study_uid = pseudo.uid(study.study_uid)
+        # The identity map is committed before any byte leaves the edge.
+        record_pseudonyms(self.db, agreement.id, pseudo.issued)
+        for chunk in _chunks(parts, MAX_REQUEST_BYTES):
+            body, content_type = encode_multipart(chunk)
+            self._post(
+                "/v1/studies",
+                content=body,
+                headers={"Content-Type": content_type, "X-Radbridge-Agreement": agreement.id},
+            )
+        elapsed = (utcnow() - study.first_received_at).total_seconds()
+        self._post(
+            f"/v1/studies/{pseudo_study_uid}/complete",
+            json={
+                "agreement_id": agreement.id,
+                "priority": study.priority,
+                "instance_count": len(parts),
+                "edge_elapsed_s": max(elapsed, 0.0),
+            },
+        )
+
+    def _deidentify(self, relpath: str, pseudo: Pseudonymizer, agreement: Agreement) -> bytes:
+        t0 = utcnow()
+        ds = pydicom.dcmread(BytesIO(self.store.read(relpath)))
+        out = deidentify(ds, pseudo, agreement.deidentification.options).dataset
+        buf = BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+        self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())
+        return buf.getvalue()
+
+    def _post(self, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            resp = self._http.post(path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise ForwardError(f"center unreachable: {type(exc).__name__}") from None
+        if resp.status_code >= 300:
+            raise ForwardError(f"center answered {resp.status_code} to {path.split('/')[2]}")
+        return resp
+
+    def _retry(self, study: StudyRow, agreement: Agreement, reason: str) -> None:
+        attempts = study.attempts + 1
+        delay = min(self._retry_base_s * 2 ** (attempts - 1), self._retry_max_s)
+        log.warning("study %s forward failed (%s); retry %d in %.0fs", study.id, reason, attempts, delay)
+        self._metrics.forward_failures.labels(agreement.id, "center").inc()
+        with self.db.session() as s:
+            s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study.id, StudyRow.state == EdgeStudyState.FORWARDING)
+                .values(
+                    state=EdgeStudyState.RECEIVING,
+                    attempts=attempts,
+                    next_attempt_at=utcnow() + timedelta(seconds=delay),
+                    last_error=reason,
+                )
+            )
+
+    def _block(self, study: StudyRow, reason: str) -> None:
+        log.warning("study %s blocked: %s", study.id, reason)
+        with self.db.session() as s:
+            s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study.id)
+                .values(state=EdgeStudyState.BLOCKED, last_error=reason)
+            )
+
+    def _update_depth(self) -> None:
+        with self.db.session() as s:
+            for state in (EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED):
+                n = s.query(StudyRow).filter(StudyRow.state == state).count()
+                self._metrics.outbox_depth.labels(state.value).set(n)
+
+
+def _chunks(parts: list[bytes], limit: int) -> list[list[bytes]]:
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for p in parts:
+        if out[-1] and size + len(p) > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += len(p)
+    return [c for c in out if c]

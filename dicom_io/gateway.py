@@ -1,0 +1,91 @@
+"""The edge gateway process: SCP + outbox forwarder + /metrics, composed from settings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import start_http_server
+
+from dicom_io.forwarder import Forwarder
+from dicom_io.ingest import Ingestor
+from dicom_io.scp import StorageSCP
+from dicom_io.store import DurableStore
+from radbridge.agreements import AgreementSet, load_agreements
+from radbridge.db.agreements import sync_agreements
+from radbridge.db.engine import Database
+from radbridge.metrics import EdgeMetrics
+from radbridge.settings import Settings
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("radbridge.edge")
+
+
+class Gateway:
+    """Owns every edge component; ``start()`` returns once the SCP listens."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.agreements: AgreementSet = load_agreements(settings.agreements_file)
+        self.metrics = EdgeMetrics()
+        self.db = Database(settings.edge_db_url)
+        self.store = DurableStore(settings.edge_store)
+        self.scp = StorageSCP(
+            settings.edge.ae_title, lambda: self.agreements, Ingestor(self.db, self.store), self.metrics
+        )
+        self.forwarder = Forwarder(
+            self.db,
+            self.store,
+            lambda: self.agreements,
+            settings.edge.master_secret.get_secret_value(),
+            settings.edge.center_url,
+            self.metrics,
+            timeout_s=settings.edge.forward_timeout_s,
+            retry_base_s=settings.edge.retry_base_s,
+            retry_max_s=settings.edge.retry_max_s,
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._metrics_server: object | None = None
+
+    def start(self) -> None:
+        e = self.settings.edge
+        sync_agreements(self.db, self.agreements)
+        leftovers = self.store.recover()
+        reclaimed = self.forwarder.recover()
+        if leftovers or reclaimed:
+            log.info("recovered %d staging files, %d claimed studies", leftovers, reclaimed)
+        if e.metrics_port:
+            server, _thread = start_http_server(
+                e.metrics_port, addr=e.metrics_host, registry=self.metrics.registry
+            )
+            self._metrics_server = server
+        self.scp.start(e.host, e.port)
+        t = threading.Thread(
+            target=self.forwarder.run,
+            args=(self._stop, e.poll_interval_s),
+            name="radbridge-forwarder",
+            daemon=True,
+        )
+        t.start()
+        self._threads.append(t)
+        log.info(
+            "edge gateway %s listening on %s:%d, metrics on %s:%d, forwarding to %s",
+            e.ae_title,
+            e.host,
+            e.port,
+            e.metrics_host,
+            e.metrics_port,
+            e.center_url,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scp.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+        self.forwarder.close()
+        self.db.dispose()

@@ -1,0 +1,75 @@
+"""Parse and validate just the header fields the index needs, from encoded bytes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from radbridge.errors import DatasetError
+
+__all__ = ["InstanceHeader", "parse_header"]
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part: str | None
+
+
+def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> InstanceHeader:
+    """Parse a Part 10 byte stream up to (not including) the pixel data.
+
+    Raises ``DatasetError`` with reason ``unparseable``, ``missing_uid``, ``invalid_uid`` or
+    ``sop_class_mismatch`` (when ``declared_sop_class`` disagrees with the dataset).
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True, force=False)
+        values = {
+            kw: ds.get(kw)
+            for kw in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "Modality",
+                "BodyPartExamined",
+            )
+        }
+        tsuid = str(ds.file_meta.TransferSyntaxUID)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DatasetError("unparseable", f"dataset cannot be parsed: {type(exc).__name__}") from None
+    uids = {}
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        v = values[kw]
+        if v is None or str(v).strip() == "":
+            raise DatasetError("missing_uid", f"{kw} is missing")
+        s = str(v).strip()
+        if len(s) > 64 or not _UID.match(s):
+            raise DatasetError("invalid_uid", f"{kw} is not a valid UID")
+        uids[kw] = s
+    if declared_sop_class and uids["SOPClassUID"] != declared_sop_class:
+        raise DatasetError(
+            "sop_class_mismatch", "SOP Class UID of the dataset differs from the request's"
+        )
+    modality = str(values["Modality"]).strip() if values["Modality"] else None
+    body = str(values["BodyPartExamined"]).strip() if values["BodyPartExamined"] else None
+    return InstanceHeader(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=tsuid,
+        modality=modality,
+        body_part=body,
+    )

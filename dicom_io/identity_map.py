@@ -1,0 +1,58 @@
+"""The edge's identity map: original identifier <-> pseudonym, stored only in the edge database."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from radbridge.db.engine import Database
+from radbridge.db.tables import IdentityMapRow, utcnow
+
+__all__ = ["lookup_original", "lookup_pseudonym", "record_pseudonyms"]
+
+
+def record_pseudonyms(db: Database, agreement_id: str, issued: dict[tuple[str, str], str]) -> None:
+    """Persist issued pseudonyms (idempotent) — committed before anything leaves the edge."""
+    if not issued:
+        return
+    rows = [
+        {
+            "agreement_id": agreement_id,
+            "kind": kind,
+            "original": original,
+            "pseudonym": pseudonym,
+            "created_at": utcnow(),
+        }
+        for (kind, original), pseudonym in issued.items()
+    ]
+    dialect = db.engine.dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(IdentityMapRow).on_conflict_do_nothing(
+        index_elements=["agreement_id", "kind", "original"]
+    )
+    with db.session() as s:
+        s.execute(stmt, rows)
+
+
+def lookup_original(db: Database, agreement_id: str, kind: str, pseudonym: str) -> str | None:
+    """Reverse a pseudonym (used by re-identification of returned results)."""
+    with db.session() as s:
+        return s.scalars(
+            select(IdentityMapRow.original).where(
+                IdentityMapRow.agreement_id == agreement_id,
+                IdentityMapRow.kind == kind,
+                IdentityMapRow.pseudonym == pseudonym,
+            )
+        ).first()
+
+
+def lookup_pseudonym(db: Database, agreement_id: str, kind: str, original: str) -> str | None:
+    """The pseudonym issued for an original identifier, if it has left the edge."""
+    with db.session() as s:
+        return s.scalars(
+            select(IdentityMapRow.pseudonym).where(
+                IdentityMapRow.agreement_id == agreement_id,
+                IdentityMapRow.kind == kind,
+                IdentityMapRow.original == original,
+            )
+        ).first()

@@ -1,0 +1,59 @@
+"""DICOMweb STOW-RS message bodies: multipart/related; type="application/dicom" (PS3.18 10.5)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+
+from radbridge.errors import DatasetError
+
+__all__ = ["DICOM_MEDIA_TYPE", "decode_multipart", "encode_multipart"]
+
+DICOM_MEDIA_TYPE = "application/dicom"
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_TYPE = re.compile(r'type="?([^";]+)"?', re.IGNORECASE)
+
+
+def encode_multipart(parts: Iterable[bytes]) -> tuple[bytes, str]:
+    """Return (body, content-type header) for a STOW-RS request."""
+    boundary = f"radbridge-{uuid.uuid4().hex}"
+    chunks: list[bytes] = []
+    for part in parts:
+        chunks.append(
+            f"--{boundary}\r\nContent-Type: {DICOM_MEDIA_TYPE}\r\n\r\n".encode() + part + b"\r\n"
+        )
+    chunks.append(f"--{boundary}--\r\n".encode())
+    content_type = f'multipart/related; type="{DICOM_MEDIA_TYPE}"; boundary={boundary}'
+    return b"".join(chunks), content_type
+
+
+def decode_multipart(body: bytes, content_type: str) -> list[bytes]:
+    """Split a STOW-RS body into its application/dicom parts.
+
+    Raises ``DatasetError('bad_request', ...)`` naming what is wrong with the envelope.
+    """
+    if not content_type.lower().startswith("multipart/related"):
+        raise DatasetError("bad_request", "Content-Type must be multipart/related")
+    m_type = _TYPE.search(content_type)
+    if m_type and m_type.group(1).lower() != DICOM_MEDIA_TYPE:
+        raise DatasetError("bad_request", f'multipart type must be "{DICOM_MEDIA_TYPE}"')
+    m = _BOUNDARY.search(content_type)
+    if not m:
+        raise DatasetError("bad_request", "Content-Type has no boundary parameter")
+    delimiter = b"--" + m.group(1).encode()
+    pieces = body.split(delimiter)
+    if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
+        raise DatasetError("bad_request", "multipart body has no parts or no closing boundary")
+    parts: list[bytes] = []
+    for raw in pieces[1:-1]:
+        head, sep, payload = raw.partition(b"\r\n\r\n")
+        if not sep:
+            raise DatasetError("bad_request", "multipart part has no header separator")
+        headers = head.decode("latin-1").lower()
+        if "content-type:" in headers and DICOM_MEDIA_TYPE not in headers:
+            raise DatasetError("bad_request", "a part is not application/dicom")
+        if payload.endswith(b"\r\n"):
+            payload = payload[:-2]
+        parts.append(payload)
+    return parts

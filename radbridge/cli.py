@@ -1,0 +1,293 @@
+"""The ``radbridge`` command line (typer + rich).
+
+This module is the composition root: it is the one place in ``radbridge/`` that reaches the
+other packages, and it does so lazily inside commands so importing the core stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from radbridge.errors import RadbridgeError
+from radbridge.settings import Settings, load_settings
+
+__all__ = ["app"]
+
+app = typer.Typer(help="radbridge: de-identifying DICOM edge + Ray Serve AI reads.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+agreements_app = typer.Typer(help="B2B agreements files.", no_args_is_help=True)
+models_app = typer.Typer(help="Model repository.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(agreements_app, name="agreements")
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def _settings() -> Settings:
+    s = load_settings()
+    logging.basicConfig(
+        level=s.log_level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    return s
+
+
+def _fail(exc: RadbridgeError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=2)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    role: Annotated[str, typer.Option(help="edge, center or all")] = "all",
+) -> None:
+    """Apply the Alembic migrations to the edge and/or center database."""
+    from radbridge.db.migrate import upgrade
+
+    s = _settings()
+    urls = {"edge": s.edge_db_url, "center": s.center_db_url}
+    if role not in ("edge", "center", "all"):
+        raise typer.BadParameter("role must be edge, center or all")
+    for name, url in urls.items():
+        if role in (name, "all"):
+            upgrade(url)
+            console.print(f"{name} database at head")
+
+
+# -- agreements -------------------------------------------------------------------------------
+
+
+@agreements_app.command("check")
+def agreements_check(file: Path) -> None:
+    """Validate an agreements file; exits 2 naming the bad field."""
+    from radbridge.agreements import load_agreements
+
+    try:
+        aset = load_agreements(file)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    table = Table("id", "hospital", "center", "modalities", "AE titles", "transfer basis", "active")
+    for a in aset.agreements:
+        tb = a.transfer_basis
+        table.add_row(
+            a.id,
+            a.hospital.name,
+            a.reading_center.name,
+            ",".join(a.modalities),
+            ",".join(a.hospital.calling_ae_titles),
+            f"{tb.mechanism.value} {tb.reference} (until {tb.valid_until})"
+            + (" SUSPENDED" if tb.suspended else ""),
+            "yes" if a.may_transfer() else "NO",
+        )
+    console.print(table)
+    console.print(f"[green]{file}: {len(aset.agreements)} agreement(s) valid[/]")
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+@models_app.command("build")
+def models_build(
+    force: Annotated[bool, typer.Option(help="Retrain even if a valid model exists.")] = False,
+) -> None:
+    """Train, export and verify the demo models into the model repository."""
+    from models.cxr_demo import build
+
+    s = _settings()
+    model = build(s.models_dir, force=force, log=console.print)
+    console.print(f"[green]{model.key} ready at {model.onnx_path}[/]")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the validated models of the repository."""
+    from models.repository import ModelRepository
+
+    s = _settings()
+    table = Table("model", "modalities", "labels", "sha256", "intended use")
+    try:
+        for m in ModelRepository(s.models_dir).list():
+            mf = m.manifest
+            table.add_row(
+                m.key, ",".join(mf.modalities), ",".join(lbl.key for lbl in mf.labels),
+                mf.sha256[:12], mf.intended_use,
+            )
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(table)
+
+
+# -- services ---------------------------------------------------------------------------------
+
+
+def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
+    from radbridge.db.migrate import upgrade
+
+    if edge:
+        upgrade(s.edge_db_url)
+    if center:
+        upgrade(s.center_db_url)
+        from models.cxr_demo import build
+        from models.repository import ModelRepository
+
+        if not ModelRepository(s.models_dir).list():
+            console.print("no models yet: building the demo model (a few minutes)")
+            build(s.models_dir, log=console.print)
+
+
+@app.command()
+def gateway() -> None:
+    """Run the edge gateway (DICOM SCP + outbox + /metrics) until interrupted."""
+    from dicom_io.gateway import Gateway
+
+    s = _settings()
+    try:
+        _ensure_ready(s, edge=True, center=False)
+        gw = Gateway(s)
+        gw.start()
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]gateway ready[/] {s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
+    _wait_for_signal()
+    gw.stop()
+
+
+@app.command()
+def center() -> None:
+    """Run the center (local Ray + Serve application) until interrupted."""
+    from serving.center import start_center, stop_center
+
+    s = _settings()
+    try:
+        _ensure_ready(s, edge=False, center=True)
+        start_center(s)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]center ready[/] http://{s.center.host}:{s.center.port}")
+    _wait_for_signal()
+    stop_center()
+
+
+@app.command()
+def up() -> None:
+    """Run everything on this machine: center (local Ray), edge gateway, SQLite, folder stores."""
+    from dicom_io.gateway import Gateway
+    from serving.center import start_center, stop_center
+
+    s = _settings()
+    try:
+        _ensure_ready(s, edge=True, center=True)
+        start_center(s)
+        gw = Gateway(s)
+        gw.start()
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    table = Table("component", "address", title="radbridge is up (mode: %s)" % s.mode)
+    table.add_row("edge DICOM SCP", f"{s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
+    table.add_row("edge /metrics", f"http://{s.edge.metrics_host}:{s.edge.metrics_port}/metrics")
+    base = f"http://{s.center.host}:{s.center.port}"
+    table.add_row("center API", f"{base}/v1/studies/{{study_uid}}/results")
+    table.add_row("center /metrics", f"{base}/metrics")
+    table.add_row("data", str(s.data_dir))
+    console.print(table)
+    console.print("try: [bold]radbridge demo[/] (in another shell); Ctrl-C stops")
+    sys.stdout.flush()
+    _wait_for_signal()
+    gw.stop()
+    stop_center()
+
+
+@app.command()
+def demo(
+    studies: Annotated[int, typer.Option(min=1, max=20)] = 2,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for results.")] = 180.0,
+) -> None:
+    """Push generated chest radiograph studies to the running gateway and print their results."""
+    import tempfile
+
+    import httpx
+
+    from dicom_io.identity_map import lookup_pseudonym
+    from dicom_io.scu import send_files
+    from models.phantom_dicom import write_cxr_study
+    from radbridge.agreements import load_agreements
+    from radbridge.db.engine import Database
+
+    s = _settings()
+    agreement = load_agreements(s.agreements_file).agreements[0]
+    calling = agreement.hospital.calling_ae_titles[0]
+    samples = [
+        ({"cardiomegaly"}, "Zhang^Wei=张^伟", "DEMO-0001"),
+        ({"pleural_effusion", "nodule"}, "Li^Na=李^娜", "DEMO-0002"),
+        (set(), "Wang^Fang=王^芳", "DEMO-0003"),
+        ({"pneumothorax"}, "Liu^Yang=刘^洋", "DEMO-0004"),
+    ]
+    pending: dict[str, tuple[set[str], str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(studies):
+            findings, name, pid = samples[i % len(samples)]
+            files = write_cxr_study(
+                Path(tmp) / str(i), seed=1000 + i, findings=findings, patient_name=name,
+                patient_id=f"{pid}-{int(time.time())}", birth_date="19700101",
+            )
+            statuses = send_files(files, s.edge.host, s.edge.port, calling, s.edge.ae_title)
+            from pydicom import dcmread
+
+            study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            console.print(f"study {i + 1}: C-STORE statuses {[hex(x) for x in statuses]}")
+            pending[study_uid] = (findings, f"study {i + 1}")
+    edge_db = Database(s.edge_db_url)
+    deadline = time.monotonic() + timeout
+    base = f"http://{s.center.host}:{s.center.port}"
+    done: dict[str, dict] = {}
+    with httpx.Client(base_url=base, timeout=10) as http:
+        while pending.keys() - done.keys() and time.monotonic() < deadline:
+            for uid in pending.keys() - done.keys():
+                pseudo = lookup_pseudonym(edge_db, agreement.id, "uid", uid)
+                if pseudo is None:
+                    continue
+                r = http.get(f"/v1/studies/{pseudo}/results")
+                if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
+                    done[uid] = r.json()
+            time.sleep(1)
+    for uid, (truth, label) in pending.items():
+        res = done.get(uid)
+        if res is None:
+            console.print(f"[red]{label}: no result within {timeout:.0f}s[/]")
+            continue
+        table = Table("finding", "en", "ru", "zh", "probability", "present",
+                      title=f"{label} (truth: {', '.join(sorted(truth)) or 'normal'})")
+        for r in res["results"]:
+            for f in r["findings"]:
+                table.add_row(f["label"], f["display"]["en"], f["display"]["ru"], f["display"]["zh"],
+                              f"{f['probability']:.3f}", "yes" if f["present"] else "no")
+        console.print(table)
+        console.print(f"[yellow]{res['notice']}[/]")
+    if pending.keys() - done.keys():
+        raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,26 @@
+"""Study and job states, one vocabulary for the edge and the center."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["CenterStudyState", "EdgeStudyState", "JobState"]
+
+
+class EdgeStudyState(StrEnum):
+    RECEIVING = "receiving"  # instances arriving; stable after the agreement's quiet period
+    FORWARDING = "forwarding"  # claimed by the forwarder (reset to receiving on restart)
+    FORWARDED = "forwarded"  # the center accepted every instance and the completion
+    BLOCKED = "blocked"  # the agreement allows no transfer now (no legal basis in force)
+
+
+class CenterStudyState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"

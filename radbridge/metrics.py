@@ -1,0 +1,144 @@
+"""The metrics catalog: every Prometheus metric radbridge exports, defined once.
+
+Label values are agreement ids, modality codes, model names/versions, batch buckets and status
+words: never identifiers. ``safe_label`` enforces that at the call site.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["CenterMetrics", "EdgeMetrics", "batch_bucket", "safe_label"]
+
+# Seconds; from sub-millisecond C-STORE writes to hour-long turnarounds.
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SLOW = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400, 86400)
+_LABEL = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+
+
+def safe_label(value: str | None) -> str:
+    """Return ``value`` if it is a short code-like token, else ``"other"``.
+
+    Free text (a study description, a name) never becomes a label value.
+    """
+    if value and _LABEL.match(value):
+        return value
+    return "other"
+
+
+def batch_bucket(n: int) -> str:
+    """Bucket a batch size into a small, fixed set of label values."""
+    for hi, name in ((1, "1"), (4, "2-4"), (8, "5-8"), (16, "9-16"), (32, "17-32")):
+        if n <= hi:
+            return name
+    return "33+"
+
+
+class EdgeMetrics:
+    """Metrics of the edge gateway (prometheus-client, served on its own /metrics)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.instance_receive = Histogram(
+            "radbridge_edge_instance_receive_seconds",
+            "C-STORE handling time: parse, durable write, index commit.",
+            ["agreement", "modality"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.instances = Counter(
+            "radbridge_edge_instances_total",
+            "C-STORE requests answered, by outcome.",
+            ["agreement", "outcome"],
+            registry=r,
+        )
+        self.associations_rejected = Counter(
+            "radbridge_edge_associations_rejected_total",
+            "A-ASSOCIATE requests rejected by policy.",
+            ["reason"],
+            registry=r,
+        )
+        self.study_forward = Histogram(
+            "radbridge_edge_study_forward_seconds",
+            "Study stable -> de-identified and accepted by the center.",
+            ["agreement", "modality"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.deidentify = Histogram(
+            "radbridge_edge_deidentify_seconds",
+            "De-identification time per instance.",
+            ["agreement"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.forward_failures = Counter(
+            "radbridge_edge_forward_failures_total",
+            "Forward attempts that failed and were scheduled for retry.",
+            ["agreement", "reason"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "radbridge_edge_outbox_studies",
+            "Studies waiting to be forwarded, by state.",
+            ["state"],
+            registry=r,
+        )
+
+
+class CenterMetrics:
+    """Metrics of the center's ingress (served at the Serve app's /metrics)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.instances_received = Counter(
+            "radbridge_center_instances_received_total",
+            "De-identified instances accepted over STOW-RS.",
+            ["agreement", "modality"],
+            registry=r,
+        )
+        self.preprocess = Histogram(
+            "radbridge_center_preprocess_seconds",
+            "Pixel decoding + MONAI preprocessing per instance.",
+            ["model", "modality"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "radbridge_center_inference_seconds",
+            "ONNX Runtime run time of the batch an instance was part of.",
+            ["model", "version", "batch", "provider"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.postprocess = Histogram(
+            "radbridge_center_postprocess_seconds",
+            "Thresholding and result assembly per instance.",
+            ["model"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.job = Histogram(
+            "radbridge_center_job_seconds",
+            "Study complete at the center -> all results stored.",
+            ["agreement", "modality"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "radbridge_end_to_end_seconds",
+            "First instance received at the edge -> result available at the center.",
+            ["agreement", "modality", "priority"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.jobs = Counter(
+            "radbridge_center_jobs_total",
+            "Inference jobs finished, by outcome.",
+            ["agreement", "outcome"],
+            registry=r,
+        )

@@ -1,0 +1,42 @@
+"""The one table from radbridge errors to HTTP answers of the center."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from radbridge.errors import (
+    ConfigError,
+    DatasetError,
+    ModelError,
+    NotFoundError,
+    PolicyError,
+    RadbridgeError,
+    StorageError,
+)
+
+__all__ = ["http_status_for", "radbridge_error_handler"]
+
+_TABLE: tuple[tuple[type[RadbridgeError], int], ...] = (
+    (DatasetError, 400),
+    (NotFoundError, 404),
+    (PolicyError, 409),
+    (StorageError, 507),
+    (ModelError, 503),
+    (ConfigError, 500),
+)
+
+
+def http_status_for(exc: RadbridgeError) -> int:
+    for cls, code in _TABLE:
+        if isinstance(exc, cls):
+            return code
+    return 500
+
+
+async def radbridge_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RadbridgeError)
+    body: dict[str, str] = {"error": type(exc).__name__, "detail": str(exc)}
+    if isinstance(exc, DatasetError):
+        body["reason"] = exc.reason
+    return JSONResponse(body, status_code=http_status_for(exc))

@@ -1,0 +1,184 @@
+"""Api ingress deployment (FastAPI): STOW-RS intake, study completion, results, metrics.
+
+Handlers are thin: they validate, call one function, answer. A completed study becomes a job
+that runs on this replica's event loop: preprocessing and inference go through the other
+deployments' handles, so concurrent instances form batches in the ModelRunner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Header, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from dicom_io.store import DurableStore
+from dicom_io.stow import decode_multipart
+from models.manifest import ModelManifest
+from radbridge.agreements import load_agreements
+from radbridge.db.engine import Database
+from radbridge.db.tables import utcnow
+from radbridge.errors import NotFoundError, PolicyError, RadbridgeError
+from radbridge.metrics import CenterMetrics, batch_bucket, safe_label
+from radbridge.settings import Settings
+from serving import jobs
+from serving.errors import radbridge_error_handler
+from serving.intake import receive_instances, stow_response
+from serving.postprocess import findings_from_logits
+from serving.routing import route
+from serving.schemas import CompleteRequest, InstanceResult, JobOut, StudyResults
+
+__all__ = ["Api", "api"]
+
+log = logging.getLogger("ray.serve")
+api = FastAPI(title="radbridge center", version="0.1.0")
+api.add_exception_handler(RadbridgeError, radbridge_error_handler)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Api:
+    def __init__(
+        self,
+        settings: Settings,
+        manifests: dict[str, dict[str, Any]],
+        preprocessor: DeploymentHandle,
+        runners: dict[str, DeploymentHandle],
+    ) -> None:
+        self.settings = settings
+        self.agreements = load_agreements(settings.agreements_file)
+        self.db = Database(settings.center_db_url)
+        self.store = DurableStore(settings.center_store)
+        self.manifests = {k: ModelManifest.model_validate(m) for k, m in manifests.items()}
+        self.preprocessor = preprocessor
+        self.runners = runners
+        self.metrics = CenterMetrics()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resumed = False
+
+    # -- routes ---------------------------------------------------------------------------
+
+    @api.post("/v1/studies")
+    async def stow(
+        self, request: Request, x_radbridge_agreement: str = Header(...)
+    ) -> Response:
+        agreement = self._agreement(x_radbridge_agreement)
+        parts = decode_multipart(await request.body(), request.headers.get("content-type", ""))
+        outcome = await asyncio.to_thread(
+            receive_instances, self.db, self.store, agreement, parts
+        )
+        for h in outcome.stored:
+            self.metrics.instances_received.labels(agreement, safe_label(h.modality)).inc()
+        code = 200 if not outcome.failed else (202 if outcome.stored else 409)
+        return Response(
+            json.dumps(stow_response(outcome)), status_code=code, media_type="application/dicom+json"
+        )
+
+    @api.post("/v1/studies/{study_uid}/complete", status_code=202)
+    async def complete(self, study_uid: str, body: CompleteRequest) -> JobOut:
+        self._agreement(body.agreement_id)
+        job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
+        if created:
+            self._spawn(job.id)
+        return JobOut(
+            job_id=job.id, study_uid=study_uid, state=job.state, created_at=job.created_at
+        )
+
+    @api.get("/v1/studies/{study_uid}/results")
+    async def results(self, study_uid: str) -> StudyResults:
+        return await asyncio.to_thread(jobs.study_results, self.db, study_uid)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        self._resume()
+        return {"status": "ok", "models": sorted(self.manifests)}
+
+    @api.get("/metrics")
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def check_health(self) -> None:
+        self._resume()
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def _agreement(self, agreement_id: str) -> str:
+        a = self.agreements.get(agreement_id)
+        if a is None or not a.is_active():
+            raise PolicyError("no active agreement with that id")
+        return a.id
+
+    def _resume(self) -> None:
+        if self._resumed:
+            return
+        self._resumed = True
+        for job_id in jobs.pending_jobs(self.db):
+            self._spawn(job_id)
+
+    def _spawn(self, job_id: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_job(job_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, job_id: int) -> None:
+        t0 = time.perf_counter()
+        agreement, modality, priority, first_received = await asyncio.to_thread(
+            jobs.start_job, self.db, job_id
+        )
+        instances = await asyncio.to_thread(jobs.job_instances, self.db, job_id)
+        outcomes = await asyncio.gather(
+            *(self._infer_instance(job_id, inst) for inst in instances), return_exceptions=True
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        error = None
+        if errors:
+            error = "; ".join(sorted({f"{type(e).__name__}: {e}" for e in errors}))[:2000]
+            log.error("job %d failed for %d of %d instances", job_id, len(errors), len(instances))
+        await asyncio.to_thread(jobs.finish_job, self.db, job_id, error)
+        mod = safe_label(modality)
+        self.metrics.jobs.labels(agreement, "failed" if error else "done").inc()
+        self.metrics.job.labels(agreement, mod).observe(time.perf_counter() - t0)
+        if first_received is not None and not error:
+            self.metrics.end_to_end.labels(agreement, mod, safe_label(priority)).observe(
+                (utcnow() - first_received).total_seconds()
+            )
+
+    async def _infer_instance(self, job_id: int, inst: jobs.JobInstance) -> None:
+        key = route(self.manifests, inst.modality, inst.body_part)
+        if key is None:
+            raise NotFoundError(f"no model serves modality {safe_label(inst.modality)}")
+        manifest = self.manifests[key]
+        data = await asyncio.to_thread(self.store.read, inst.path)
+        pre = await self.preprocessor.remote(data, key)
+        out = await self.runners[key].remote(pre["tensor"])
+        t0 = time.perf_counter()
+        findings = findings_from_logits(out["logits"], manifest)
+        post_s = time.perf_counter() - t0
+        mod = safe_label(pre["modality"])
+        self.metrics.preprocess.labels(key, mod).observe(pre["seconds"])
+        self.metrics.inference.labels(
+            manifest.name, manifest.version, batch_bucket(out["batch_size"]), out["provider"]
+        ).observe(out["seconds"])
+        self.metrics.postprocess.labels(key).observe(post_s)
+        result = InstanceResult(
+            sop_instance_uid=inst.sop_instance_uid,
+            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            input_sha256=hashlib.sha256(data).hexdigest(),
+            provider=out["provider"],
+            findings=findings,
+            timings_ms={
+                "preprocess": round(pre["seconds"] * 1000, 3),
+                "inference": round(out["seconds"] * 1000, 3),
+                "postprocess": round(post_s * 1000, 3),
+                "batch_size": out["batch_size"],
+            },
+            intended_use=manifest.intended_use,
+        )
+        await asyncio.to_thread(jobs.save_result, self.db, job_id, inst.instance_id, result)

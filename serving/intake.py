@@ -1,0 +1,143 @@
+"""The center's STOW-RS receive path: only de-identified instances are accepted and stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicom_io.header import InstanceHeader, parse_header
+from dicom_io.store import DurableStore
+from radbridge.db.engine import Database
+from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
+from radbridge.errors import DatasetError, RadbridgeError
+from radbridge.lifecycle import CenterStudyState
+
+__all__ = ["StowOutcome", "receive_instances", "stow_response"]
+
+# PS3.18 Table 10.5.3-1 failure reasons
+_FAILURE_REASON = {"not_deidentified": 0xC000, "unparseable": 0xC000, "missing_uid": 0xC000}
+
+
+@dataclass
+class StowOutcome:
+    stored: list[InstanceHeader] = field(default_factory=list)
+    failed: list[tuple[str | None, str | None, int, str]] = field(default_factory=list)
+
+
+def receive_instances(
+    db: Database, store: DurableStore, agreement_id: str, parts: list[bytes]
+) -> StowOutcome:
+    outcome = StowOutcome()
+    for part in parts:
+        try:
+            header = parse_header(part)
+            _require_deidentified(part)
+            _store(db, store, agreement_id, header, part)
+            outcome.stored.append(header)
+        except DatasetError as exc:
+            outcome.failed.append((None, None, _FAILURE_REASON.get(exc.reason, 0xC000), str(exc)))
+        except RadbridgeError as exc:
+            outcome.failed.append((None, None, 0xA700, str(exc)))
+    return outcome
+
+
+def _require_deidentified(part: bytes) -> None:
+    ds = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=[(0x0012, 0x0062)])
+    if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+        raise DatasetError(
+            "not_deidentified", "PatientIdentityRemoved is not YES: the center takes no identity"
+        )
+
+
+def _store(
+    db: Database, store: DurableStore, agreement_id: str, h: InstanceHeader, part: bytes
+) -> None:
+    relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
+    with db.session() as s:
+        study = s.scalars(
+            select(StudyRow).where(
+                StudyRow.agreement_id == agreement_id, StudyRow.study_uid == h.study_uid
+            )
+        ).first()
+        now = utcnow()
+        if study is None:
+            study = StudyRow(
+                agreement_id=agreement_id,
+                study_uid=h.study_uid,
+                state=CenterStudyState.RECEIVING,
+                modality=h.modality,
+                instance_count=0,
+                first_received_at=now,
+                last_received_at=now,
+                attempts=0,
+            )
+            s.add(study)
+            s.flush()
+        series = s.scalars(
+            select(SeriesRow).where(
+                SeriesRow.study_id == study.id, SeriesRow.series_uid == h.series_uid
+            )
+        ).first()
+        if series is None:
+            series = SeriesRow(
+                study_id=study.id,
+                series_uid=h.series_uid,
+                modality=h.modality,
+                body_part=h.body_part,
+            )
+            s.add(series)
+            s.flush()
+        row = s.scalars(
+            select(InstanceRow).where(
+                InstanceRow.series_id == series.id,
+                InstanceRow.sop_instance_uid == h.sop_instance_uid,
+            )
+        ).first()
+        stored = store.write(relpath, part)
+        if row is None:
+            s.add(
+                InstanceRow(
+                    series_id=series.id,
+                    sop_instance_uid=h.sop_instance_uid,
+                    sop_class_uid=h.sop_class_uid,
+                    transfer_syntax_uid=h.transfer_syntax_uid,
+                    path=stored.relpath,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    received_at=now,
+                )
+            )
+            study.instance_count += 1
+        else:
+            row.sha256, row.size, row.received_at = stored.sha256, stored.size, now
+        study.last_received_at = now
+        study.state = CenterStudyState.RECEIVING
+
+
+def stow_response(outcome: StowOutcome) -> dict[str, object]:
+    """The STOW-RS response dataset (PS3.18 10.5.3) in DICOM JSON."""
+    ds = Dataset()
+    refs = []
+    for h in outcome.stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID = h.sop_class_uid
+        item.ReferencedSOPInstanceUID = h.sop_instance_uid
+        refs.append(item)
+    if refs:
+        ds.ReferencedSOPSequence = refs
+    failed = []
+    for cls, inst, reason, _msg in outcome.failed:
+        item = Dataset()
+        if cls:
+            item.ReferencedSOPClassUID = cls
+        if inst:
+            item.ReferencedSOPInstanceUID = inst
+        item.FailureReason = reason
+        failed.append(item)
+    if failed:
+        ds.FailedSOPSequence = failed
+    return ds.to_json_dict()

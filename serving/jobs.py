@@ -1,0 +1,187 @@
+"""Center jobs and results in the center database (pseudonymous UIDs only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from radbridge.db.engine import Database
+from radbridge.db.tables import InstanceRow, JobRow, ResultRow, SeriesRow, StudyRow, utcnow
+from radbridge.errors import NotFoundError, PolicyError
+from radbridge.lifecycle import CenterStudyState, JobState
+from serving.schemas import CompleteRequest, InstanceResult, JobOut, StudyResults
+
+__all__ = [
+    "JobInstance",
+    "complete_study",
+    "finish_job",
+    "job_instances",
+    "pending_jobs",
+    "save_result",
+    "start_job",
+    "study_results",
+]
+
+DEMO_NOTICE = "demo model — not for diagnostic use"
+
+
+@dataclass(frozen=True)
+class JobInstance:
+    instance_id: int
+    sop_instance_uid: str
+    path: str
+    modality: str | None
+    body_part: str | None
+
+
+def _find_study(s: Any, study_uid: str, agreement_id: str | None = None) -> StudyRow:
+    q = select(StudyRow).where(StudyRow.study_uid == study_uid)
+    if agreement_id:
+        q = q.where(StudyRow.agreement_id == agreement_id)
+    study = s.scalars(q).first()
+    if study is None:
+        raise NotFoundError("unknown study")
+    return study
+
+
+def complete_study(db: Database, study_uid: str, req: CompleteRequest) -> tuple[JobRow, bool]:
+    """Create the study's inference job (idempotent). Returns (job, created)."""
+    with db.session() as s:
+        study = _find_study(s, study_uid, req.agreement_id)
+        if study.instance_count < req.instance_count:
+            raise PolicyError(
+                f"study incomplete: {study.instance_count} of {req.instance_count} instances received"
+            )
+        latest = s.scalars(
+            select(JobRow).where(JobRow.study_id == study.id).order_by(JobRow.id.desc())
+        ).first()
+        if latest is not None and (
+            latest.state in (JobState.QUEUED, JobState.RUNNING)
+            or latest.created_at >= study.last_received_at
+        ):
+            return latest, False
+        study.state = CenterStudyState.COMPLETE
+        job = JobRow(
+            study_id=study.id,
+            state=JobState.QUEUED,
+            priority=req.priority.value,
+            first_received_at=utcnow() - timedelta(seconds=req.edge_elapsed_s),
+            created_at=utcnow(),
+        )
+        s.add(job)
+        s.flush()
+        return job, True
+
+
+def pending_jobs(db: Database) -> list[int]:
+    """Jobs a previous replica left queued or running (resumed at start)."""
+    with db.session() as s:
+        return list(
+            s.scalars(
+                select(JobRow.id).where(JobRow.state.in_([JobState.QUEUED, JobState.RUNNING]))
+            )
+        )
+
+
+def start_job(db: Database, job_id: int) -> tuple[str, str | None, str, datetime | None]:
+    """Mark running; returns (agreement_id, modality, priority, first_received_at)."""
+    with db.session() as s:
+        job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFoundError("unknown job")
+        job.state, job.started_at = JobState.RUNNING, utcnow()
+        study = s.get(StudyRow, job.study_id)
+        assert study is not None
+        s.query(ResultRow).filter(ResultRow.job_id == job_id).delete()
+        return study.agreement_id, study.modality, job.priority, job.first_received_at
+
+
+def job_instances(db: Database, job_id: int) -> list[JobInstance]:
+    with db.session() as s:
+        job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFoundError("unknown job")
+        rows = s.execute(
+            select(InstanceRow, SeriesRow)
+            .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+            .where(SeriesRow.study_id == job.study_id)
+            .order_by(InstanceRow.id)
+        ).all()
+        return [
+            JobInstance(i.id, i.sop_instance_uid, i.path, se.modality, se.body_part)
+            for i, se in rows
+        ]
+
+
+def save_result(db: Database, job_id: int, instance_id: int, result: InstanceResult) -> None:
+    with db.session() as s:
+        s.add(
+            ResultRow(
+                job_id=job_id,
+                instance_id=instance_id,
+                model_name=result.model["name"],
+                model_version=result.model["version"],
+                model_sha256=result.model["sha256"],
+                input_sha256=result.input_sha256,
+                findings={
+                    "findings": [f.model_dump() for f in result.findings],
+                    "intended_use": result.intended_use,
+                },
+                timings_ms=result.timings_ms,
+                provider=result.provider,
+            )
+        )
+
+
+def finish_job(db: Database, job_id: int, error: str | None = None) -> None:
+    with db.session() as s:
+        job = s.get(JobRow, job_id)
+        assert job is not None
+        job.state = JobState.FAILED if error else JobState.DONE
+        job.error = error
+        job.finished_at = utcnow()
+
+
+def study_results(db: Database, study_uid: str) -> StudyResults:
+    """The latest job of a study and its per-instance results."""
+    with db.session() as s:
+        study = _find_study(s, study_uid)
+        job = s.scalars(
+            select(JobRow).where(JobRow.study_id == study.id).order_by(JobRow.id.desc())
+        ).first()
+        if job is None:
+            raise NotFoundError("study has no job yet")
+        rows = s.execute(
+            select(ResultRow, InstanceRow)
+            .join(InstanceRow, ResultRow.instance_id == InstanceRow.id)
+            .where(ResultRow.job_id == job.id)
+            .order_by(ResultRow.id)
+        ).all()
+        results = [
+            InstanceResult(
+                sop_instance_uid=inst.sop_instance_uid,
+                model={"name": r.model_name, "version": r.model_version, "sha256": r.model_sha256},
+                input_sha256=r.input_sha256,
+                provider=r.provider,
+                findings=r.findings["findings"],
+                timings_ms=r.timings_ms,
+                intended_use=r.findings.get("intended_use", ""),
+            )
+            for r, inst in rows
+        ]
+        return StudyResults(
+            study_uid=study.study_uid,
+            job=JobOut(
+                job_id=job.id,
+                study_uid=study.study_uid,
+                state=job.state,
+                created_at=job.created_at,
+                finished_at=job.finished_at,
+                error=job.error,
+            ),
+            results=results,
+            notice="; ".join(sorted({r.intended_use for r in results})) or DEMO_NOTICE,
+        )

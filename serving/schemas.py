@@ -1,0 +1,60 @@
+"""Typed request/response bodies of the center's HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from radbridge.agreements import Priority
+
+__all__ = ["CompleteRequest", "Finding", "InstanceResult", "JobOut", "StudyResults"]
+
+
+class CompleteRequest(BaseModel):
+    """Sent by the edge once every instance of a study was accepted."""
+
+    model_config = ConfigDict(extra="forbid")
+    agreement_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    priority: Priority = Priority.ROUTINE
+    instance_count: int = Field(ge=1)
+    edge_elapsed_s: float = Field(
+        0.0, ge=0, description="Seconds from the edge's first instance to this request."
+    )
+
+
+class JobOut(BaseModel):
+    job_id: int
+    study_uid: str
+    state: str
+    created_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class Finding(BaseModel):
+    label: str
+    display: dict[str, str]
+    codes: dict[str, str]
+    probability: float
+    threshold: float
+    present: bool
+
+
+class InstanceResult(BaseModel):
+    sop_instance_uid: str
+    model: dict[str, str]
+    input_sha256: str
+    provider: str
+    findings: list[Finding]
+    timings_ms: dict[str, float]
+    intended_use: str
+
+
+class StudyResults(BaseModel):
+    study_uid: str
+    job: JobOut
+    results: list[InstanceResult]
+    skipped: list[dict[str, Any]] = Field(default_factory=list)
+    notice: str

@@ -22,7 +22,7 @@ from radbridge.errors import DeidentificationError
 
 __all__ = ["DEID_METHOD", "DeidOutcome", "deidentify"]
 
-DEID_METHOD = "radbridge allowlist (superset of PS3.15 Basic Application Confidentiality Profile)"
+DEID_METHOD = "radbridge allowlist, superset of PS3.15 Basic Profile"
 
 # Attributes kept verbatim: image geometry and pixel description, coded acquisition context.
 _KEEP = frozenset(

@@ -93,7 +93,7 @@ class StorageSCP:
         if agreement is None:
             log.warning("association rejected: calling AE %r has no active agreement", calling)
             self._metrics.associations_rejected.labels("calling_ae").inc()
-            assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
+            self._reject(assoc, CALLING_AE_NOT_RECOGNIZED)
             return
         address = assoc.requestor.address
         if not agreement.hospital.allows_ip(address):
@@ -103,10 +103,17 @@ class StorageSCP:
                 agreement.id,
             )
             self._metrics.associations_rejected.labels("source_ip").inc()
-            assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
+            self._reject(assoc, NO_REASON)
             return
         with self._lock:
             self._by_assoc[assoc] = agreement
+
+    @staticmethod
+    def _reject(assoc: Association, diagnostic: int) -> None:
+        assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
+        # As pynetdicom's own ACSE does: let the DUL flush the A-ASSOCIATE-RJ before the
+        # connection is shut down, or the peer sees an abort instead of the reason.
+        assoc.kill()
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS

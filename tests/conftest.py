@@ -1,0 +1,140 @@
+"""Shared fixtures: settings in a temp dir, databases (SQLite and PostgreSQL), DICOM builders."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import create_engine, text
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+PATIENT = {"name": "Wang^XiaoDong=王^小东", "id": "PID-7788123", "birth": "19650412"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_instance(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    *,
+    modality: str = "DX",
+    patient: dict[str, str] = PATIENT,
+    rows: int = 64,
+    seed: int = 0,
+) -> Dataset:
+    """A small, valid DX instance carrying identity everywhere de-identification must look."""
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = DX_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PatientName = patient["name"]
+    ds.PatientID = patient["id"]
+    ds.PatientBirthDate = patient["birth"]
+    ds.PatientSex = "M"
+    ds.StudyDate, ds.StudyTime = "20261120", "101010"
+    ds.ContentDate, ds.ContentTime = "20261120", "101011"
+    ds.AccessionNumber = "ACC99812"
+    ds.ReferringPhysicianName = "Ivanov^Petr"
+    ds.InstitutionName = "First People's Hospital"
+    ds.StudyDescription = f"CHEST PA for {patient['name']}"
+    ds.Modality = modality
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = DX_STORAGE
+    ref.ReferencedSOPInstanceUID = generate_uid()
+    ds.SourceImageSequence = [ref]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = rng.integers(0, 4096, (rows, rows), dtype=np.uint16).tobytes()
+    block = ds.private_block(0x0009, "ACME PACS", create=True)
+    block.add_new(0x01, "LO", patient["id"])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.preamble = b"\x00" * 128
+    return ds
+
+
+def write_instance(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def identity_needles(ds: Dataset) -> list[bytes]:
+    """Byte strings that must never appear outside the edge."""
+    values = [PATIENT["id"], PATIENT["birth"], "XiaoDong", "王", "小东", "ACC99812"]
+    values += [str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)]
+    values += [str(ds.FrameOfReferenceUID), str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)]
+    out = []
+    for v in values:
+        out.append(v.encode("utf-8"))
+    return out
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test (needs RADBRIDGE_TEST_POSTGRES_URL; ./run test sets it)."""
+    base = os.environ.get("RADBRIDGE_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("RADBRIDGE_TEST_POSTGRES_URL not set (./run test sets it)")
+    base = base.replace("postgresql://", "postgresql+psycopg://", 1)
+    name = f"rb_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each database test runs on SQLite and on PostgreSQL."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def migrated_db(db_url: str):  # type: ignore[no-untyped-def]
+    from radbridge.agreements import load_agreements
+    from radbridge.db import Database, upgrade
+    from radbridge.db.agreements import sync_agreements
+
+    upgrade(db_url)
+    db = Database(db_url)
+    sync_agreements(db, load_agreements(REPO / "radbridge/defaults/agreements.yaml"))
+    yield db
+    db.dispose()

@@ -1,0 +1,136 @@
+"""The edge SCP over real loopback associations (pynetdicom SCU as the PACS)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+from sqlalchemy import select
+
+from dicom_io.ingest import Ingestor
+from dicom_io.scp import StorageSCP
+from dicom_io.store import DurableStore
+from radbridge.agreements import load_agreements
+from radbridge.db import Database
+from radbridge.db.tables import InstanceRow, StudyRow
+from radbridge.metrics import EdgeMetrics
+from tests.conftest import REPO, free_port, make_instance, write_instance
+
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def scp(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[int, Database, Path]]:
+    agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
+    store_dir = tmp_path / "store"
+    server = StorageSCP(
+        "RADBRIDGE", lambda: agreements, Ingestor(migrated_db, DurableStore(store_dir)), EdgeMetrics()
+    )
+    port = free_port()
+    server.start("127.0.0.1", port)
+    yield port, migrated_db, store_dir
+    server.stop()
+
+
+def _assoc(port: int, calling: str = "DEMO_PACS", called: str = "RADBRIDGE"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    ae.add_requested_context(CT_STORAGE, ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the Part 10 preamble and file meta group."""
+    raw = path.read_bytes()
+    group_length = int.from_bytes(raw[140:144], "little")
+    return raw[144 + group_length :]
+
+
+def _dcm_files(store: Path) -> list[Path]:
+    return [p for p in store.rglob("*.dcm")]
+
+
+def test_unknown_calling_ae_is_rejected_with_reason_3(scp: tuple[int, Database, Path]) -> None:
+    port, _, _ = scp
+    assoc = _assoc(port, calling="INTRUDER")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+
+
+def test_wrong_called_ae_is_rejected(scp: tuple[int, Database, Path]) -> None:
+    port, _, _ = scp
+    assoc = _assoc(port, called="SOMEONE_ELSE")
+    assert assoc.is_rejected and assoc.acceptor.primitive.diagnostic == 0x07
+
+
+def test_echo_and_durable_store(scp: tuple[int, Database, Path], tmp_path: Path) -> None:
+    port, db, store = scp
+    assoc = _assoc(port)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    ds = make_instance()
+    path = write_instance(ds, tmp_path / "in.dcm")
+    assert assoc.send_c_store(path).Status == 0x0000
+    assert assoc.send_c_store(path).Status == 0x0000  # identical re-send: idempotent
+    assoc.release()
+    with db.session() as s:
+        rows = s.scalars(select(InstanceRow)).all()
+        study = s.scalars(select(StudyRow)).one()
+    assert len(rows) == 1 and study.instance_count == 1 and study.state == "receiving"
+    stored = store / rows[0].path
+    assert _dataset_bytes(stored) == _dataset_bytes(path)  # stored exactly as received
+    assert list((store / ".staging").iterdir()) == []
+
+
+def _send_raw(assoc, dataset_bytes: bytes) -> int:  # type: ignore[no-untyped-def]
+    """Send a C-STORE whose data set is arbitrary bytes (a real SCU would refuse to)."""
+    req = C_STORE()
+    req.MessageID = 7
+    req.AffectedSOPClassUID = DigitalXRayImageStorageForPresentation
+    req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10.1"
+    req.Priority = 2
+    req.DataSet = BytesIO(dataset_bytes)
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == req.AffectedSOPClassUID)
+    assoc.dimse.send_msg(req, cx.context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    return int(rsp.Status)
+
+
+def test_malformed_dataset_gets_c000_and_leaves_nothing(
+    scp: tuple[int, Database, Path], tmp_path: Path
+) -> None:
+    port, db, store = scp
+    missing = make_instance()
+    del missing.StudyInstanceUID
+    missing_path = write_instance(missing, tmp_path / "missing.dcm")
+    good = write_instance(make_instance(), tmp_path / "good.dcm")
+    assoc = _assoc(port)
+    assert _send_raw(assoc, b"this is not a DICOM data set" * 4) == 0xC000
+    assert _send_raw(assoc, _dataset_bytes(good)[:150]) == 0xC000  # truncated mid-dataset
+    assert assoc.send_c_store(missing_path).Status == 0xC000
+    assoc.release()
+    with db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []
+        assert s.scalars(select(StudyRow)).all() == []
+    assert _dcm_files(store) == [] and list((store / ".staging").iterdir()) == []
+
+
+def test_modality_outside_the_agreement_is_refused(
+    scp: tuple[int, Database, Path], tmp_path: Path
+) -> None:
+    port, db, store = scp
+    ds = make_instance(modality="CT")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE
+    path = write_instance(ds, tmp_path / "ct.dcm")
+    assoc = _assoc(port)
+    assert assoc.send_c_store(path).Status == 0x0124
+    assoc.release()
+    assert _dcm_files(store) == []

@@ -25,7 +25,11 @@ def test_default_file_is_valid_and_active() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "field"),
     [
-        (("hospital", "calling_ae_titles"), ["WAY_TOO_LONG_AE_TITLE"], "hospital.calling_ae_titles"),
+        (
+            ("hospital", "calling_ae_titles"),
+            ["WAY_TOO_LONG_AE_TITLE"],
+            "hospital.calling_ae_titles",
+        ),
         (("hospital", "allowed_source_ips"), ["not-an-ip"], "hospital.allowed_source_ips"),
         (("modalities",), ["XX"], "modalities"),
         (("report_languages",), ["fr"], "report_languages"),

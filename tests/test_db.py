@@ -14,7 +14,13 @@ from radbridge.db.tables import IdentityMapRow, StudyRow, utcnow
 def test_migration_creates_every_table(migrated_db: Database) -> None:
     names = set(inspect(migrated_db.engine).get_table_names())
     assert {
-        "agreements", "studies", "series", "instances", "jobs", "results", "identity_map",
+        "agreements",
+        "studies",
+        "series",
+        "instances",
+        "jobs",
+        "results",
+        "identity_map",
     } <= names
 
 
@@ -23,8 +29,13 @@ def test_datetimes_come_back_as_utc(migrated_db: Database) -> None:
     with migrated_db.session() as s:
         s.add(
             StudyRow(
-                agreement_id="demo-hospital-to-center", study_uid="2.25.1", state="receiving",
-                instance_count=0, first_received_at=moscow, last_received_at=utcnow(), attempts=0,
+                agreement_id="demo-hospital-to-center",
+                study_uid="2.25.1",
+                state="receiving",
+                instance_count=0,
+                first_received_at=moscow,
+                last_received_at=utcnow(),
+                attempts=0,
             )
         )
     with migrated_db.session() as s:
@@ -37,8 +48,12 @@ def test_study_uid_unique_per_agreement(migrated_db: Database) -> None:
         with migrated_db.session() as s:
             s.add(
                 StudyRow(
-                    agreement_id="demo-hospital-to-center", study_uid="2.25.9", state="receiving",
-                    instance_count=0, first_received_at=utcnow(), last_received_at=utcnow(),
+                    agreement_id="demo-hospital-to-center",
+                    study_uid="2.25.9",
+                    state="receiving",
+                    instance_count=0,
+                    first_received_at=utcnow(),
+                    last_received_at=utcnow(),
                     attempts=0,
                 )
             )
@@ -55,15 +70,21 @@ def test_identity_map_is_idempotent_and_reversible(migrated_db: Database) -> Non
     with migrated_db.session() as s:
         assert len(s.scalars(select(IdentityMapRow)).all()) == 2
     assert lookup_original(migrated_db, "demo-hospital-to-center", "uid", "2.25.42") == "1.2.3.4"
-    assert lookup_pseudonym(migrated_db, "demo-hospital-to-center", "patient_id", "PID-1") == "RBABC"
+    assert (
+        lookup_pseudonym(migrated_db, "demo-hospital-to-center", "patient_id", "PID-1") == "RBABC"
+    )
 
 
 def test_foreign_keys_are_enforced(migrated_db: Database) -> None:
     with pytest.raises(IntegrityError), migrated_db.session() as s:
         s.add(
             StudyRow(
-                agreement_id="no-such-agreement", study_uid="2.25.5", state="receiving",
-                instance_count=0, first_received_at=utcnow(), last_received_at=utcnow(),
+                agreement_id="no-such-agreement",
+                study_uid="2.25.5",
+                state="receiving",
+                instance_count=0,
+                first_received_at=utcnow(),
+                last_received_at=utcnow(),
                 attempts=0,
             )
         )

@@ -26,4 +26,6 @@ def test_bad_envelopes_are_named(ctype: str, match: str) -> None:
 
 def test_missing_closing_boundary() -> None:
     with pytest.raises(DatasetError, match="closing boundary"):
-        decode_multipart(b"--b\r\nContent-Type: application/dicom\r\n\r\nabc", "multipart/related; boundary=b")
+        decode_multipart(
+            b"--b\r\nContent-Type: application/dicom\r\n\r\nabc", "multipart/related; boundary=b"
+        )

@@ -30,7 +30,10 @@ def scp(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[int, Database, 
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     store_dir = tmp_path / "store"
     server = StorageSCP(
-        "RADBRIDGE", lambda: agreements, Ingestor(migrated_db, DurableStore(store_dir)), EdgeMetrics()
+        "RADBRIDGE",
+        lambda: agreements,
+        Ingestor(migrated_db, DurableStore(store_dir)),
+        EdgeMetrics(),
     )
     port = free_port()
     server.start("127.0.0.1", port)

@@ -1,0 +1,188 @@
+"""The edge outbox against a real HTTP center built on the center's own intake and job code.
+
+The Ray Serve ingress itself is exercised end to end in tests/e2e; here the peer is a plain
+FastAPI app (uvicorn on loopback) so outages and restarts can be staged precisely.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Header, Request, Response
+from sqlalchemy import select
+
+from dicom_io.forwarder import Forwarder
+from dicom_io.identity_map import lookup_pseudonym
+from dicom_io.ingest import Ingestor
+from dicom_io.header import parse_header
+from dicom_io.store import DurableStore
+from dicom_io.stow import decode_multipart
+from radbridge.agreements import load_agreements, parse_agreements
+from radbridge.db import Database, upgrade
+from radbridge.db.agreements import sync_agreements
+from radbridge.db.tables import JobRow, StudyRow, utcnow
+from serving import jobs
+from serving.intake import receive_instances
+from serving.schemas import CompleteRequest
+from tests.conftest import REPO, free_port, identity_needles, make_instance
+
+import yaml
+from io import BytesIO
+
+AGREEMENTS = REPO / "radbridge/defaults/agreements.yaml"
+
+
+class Center:
+    """A loopback HTTP center that stores with serving.intake and completes with serving.jobs."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.db_url = f"sqlite:///{tmp / 'center.db'}"
+        upgrade(self.db_url)
+        self.db = Database(self.db_url)
+        sync_agreements(self.db, load_agreements(AGREEMENTS))
+        self.store_dir = tmp / "center-store"
+        self.store = DurableStore(self.store_dir)
+        self.port = free_port()
+        app = FastAPI()
+
+        @app.post("/v1/studies")
+        async def stow(request: Request, x_radbridge_agreement: str = Header(...)) -> Response:
+            parts = decode_multipart(await request.body(), request.headers["content-type"])
+            out = receive_instances(self.db, self.store, x_radbridge_agreement, parts)
+            return Response(status_code=409 if out.failed else 200)
+
+        @app.post("/v1/studies/{uid}/complete", status_code=202)
+        async def complete(uid: str, body: CompleteRequest) -> dict[str, int]:
+            job, _ = jobs.complete_study(self.db, uid, body)
+            return {"job_id": job.id}
+
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def edge(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[Database, DurableStore]]:
+    yield migrated_db, DurableStore(tmp_path / "edge-store")
+
+
+def _forwarder(db: Database, store: DurableStore, port: int, agreements=None) -> Forwarder:  # type: ignore[no-untyped-def]
+    aset = agreements or load_agreements(AGREEMENTS)
+    from radbridge.metrics import EdgeMetrics
+
+    return Forwarder(
+        db,
+        store,
+        lambda: aset,
+        "test-secret",
+        f"http://127.0.0.1:{port}",
+        EdgeMetrics(),
+        timeout_s=5,
+        retry_base_s=1,
+        retry_max_s=4,
+    )
+
+
+def _ingest(db: Database, store: DurableStore, n: int = 2) -> list:  # type: ignore[type-arg]
+    first = make_instance()
+    instances = [first] + [
+        make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=i) for i in range(1, n)
+    ]
+    ing = Ingestor(db, store)
+    for ds in instances:
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        ing.ingest("demo-hospital-to-center", parse_header(buf.getvalue()), buf.getvalue())
+    return instances
+
+
+def _state(db: Database) -> StudyRow:
+    with db.session() as s:
+        return s.scalars(select(StudyRow)).one()
+
+
+def test_center_down_then_up_forwards_once_without_identity(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    instances = _ingest(db, store)
+    center = Center(tmp_path)
+    fwd = _forwarder(db, store, center.port)
+    later = utcnow() + timedelta(seconds=5)  # past the agreement's 2 s quiet period
+
+    assert fwd.tick(utcnow()) == 0  # still inside the quiet period: nothing happens
+    assert fwd.tick(later) == 0  # center is down: retry scheduled, nothing lost
+    st = _state(db)
+    assert st.state == "receiving" and st.attempts == 1 and "unreachable" in (st.last_error or "")
+    assert st.next_attempt_at is not None and st.next_attempt_at > later - timedelta(seconds=5)
+    assert fwd.tick(later) == 0  # backoff: not due yet
+
+    center.start()
+    try:
+        assert fwd.tick(later + timedelta(seconds=10)) == 1
+    finally:
+        center.stop()
+    st = _state(db)
+    assert st.state == "forwarded" and st.attempts == 0 and st.last_error is None
+
+    pseudo = lookup_pseudonym(
+        db, "demo-hospital-to-center", "uid", str(instances[0].StudyInstanceUID)
+    )
+    assert pseudo and pseudo.startswith("2.25.")
+    with center.db.session() as s:
+        cstudy = s.scalars(select(StudyRow)).one()
+        assert cstudy.study_uid == pseudo and cstudy.instance_count == 2
+        assert len(s.scalars(select(JobRow)).all()) == 1
+    # Every byte the center stored (files and database) is free of the hospital's identity.
+    needles = [n for ds in instances for n in identity_needles(ds)]
+    blobs = [p.read_bytes() for p in center.store_dir.rglob("*") if p.is_file()]
+    blobs.append((tmp_path / "center.db").read_bytes())
+    for blob in blobs:
+        for needle in needles:
+            assert needle not in blob
+
+
+def test_no_transfer_basis_blocks_the_study(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    _ingest(db, store, n=1)
+    raw = yaml.safe_load(AGREEMENTS.read_text())
+    raw["agreements"][0]["transfer_basis"]["suspended"] = True
+    fwd = _forwarder(db, store, free_port(), parse_agreements(raw))
+    assert fwd.tick(utcnow() + timedelta(seconds=5)) == 0
+    st = _state(db)
+    assert st.state == "blocked" and "legal transfer basis" in (st.last_error or "")
+    # Once the basis is back in force (and the center is up), the study goes.
+    center = Center(tmp_path)
+    center.start()
+    try:
+        assert _forwarder(db, store, center.port).tick(utcnow() + timedelta(seconds=5)) == 1
+    finally:
+        center.stop()
+    assert _state(db).state == "forwarded"
+
+
+def test_restart_returns_claimed_studies(edge: tuple[Database, DurableStore]) -> None:
+    db, store = edge
+    _ingest(db, store, n=1)
+    with db.session() as s:
+        s.scalars(select(StudyRow)).one().state = "forwarding"  # a crash mid-forward
+    assert _forwarder(db, store, free_port()).recover() == 1
+    assert _state(db).state == "receiving"

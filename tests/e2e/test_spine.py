@@ -1,0 +1,208 @@
+"""End to end: `radbridge up` as a user runs it, dcmtk as the hospital PACS.
+
+storescu pushes a generated chest radiograph study with a real patient identity to the edge;
+the result must appear at the center's results endpoint with the demo-model label, both
+/metrics endpoints must show the stage histograms, and no byte the center stored may hold the
+patient's name, ID, birth date or any original UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+
+from dicom_io.identity_map import lookup_pseudonym
+from models.phantom_dicom import write_cxr_study
+from radbridge.db import Database
+from tests.conftest import REPO, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+AGREEMENT = "demo-hospital-to-center"
+PATIENT = {"name": "Chen^Jianguo=陈^建国", "id": "HOSP-4401-778", "birth": "19580317"}
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    if shutil.which("storescu") is None:
+        pytest.fail("dcmtk is not installed (./run test installs it)")
+    data = tmp_path_factory.mktemp("stack")
+    models = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
+    ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
+    env = dict(
+        os.environ,
+        RADBRIDGE_DATA_DIR=str(data),
+        RADBRIDGE_MODEL_REPOSITORY=str(models),
+        RADBRIDGE_EDGE__PORT=str(ports["edge"]),
+        RADBRIDGE_EDGE__METRICS_PORT=str(ports["metrics"]),
+        RADBRIDGE_CENTER__PORT=str(ports["center"]),
+        RADBRIDGE_EDGE__CENTER_URL=f"http://127.0.0.1:{ports['center']}",
+        RADBRIDGE_CENTER__RAY_NUM_CPUS="4",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        TCP_NODELAY="1",
+    )
+    log = (data / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "radbridge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data
+    )
+    base = f"http://127.0.0.1:{ports['center']}"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"radbridge up exited: {(data / 'up.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200 and _echo(
+                    ports["edge"], "STORESCU"
+                ).returncode == 0:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"stack not ready: {(data / 'up.log').read_text()[-3000:]}")
+        yield {"data": data, "ports": ports, "base": base, "env": env, "log": data / "up.log"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=30, env=dict(os.environ, TCP_NODELAY="1"),
+    )
+
+
+def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["storescu", "-v", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"),
+    )
+
+
+def _histogram_counts(text: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name.endswith("_count"):
+                counts[sample.name] = counts.get(sample.name, 0) + sample.value
+    return counts
+
+
+def test_push_deidentify_infer_and_measure(stack: dict[str, object], tmp_path: Path) -> None:
+    ports, base, data = stack["ports"], str(stack["base"]), Path(str(stack["data"]))
+    assert isinstance(ports, dict)
+    files = write_cxr_study(
+        tmp_path / "study", seed=4242, findings={"cardiomegaly"}, patient_name=PATIENT["name"],
+        patient_id=PATIENT["id"], birth_date=PATIENT["birth"], n_images=2, accession="ACC-5521",
+    )
+    originals = [dcmread(f) for f in files]
+    pushed = _storescu(ports["edge"], files)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    study_uid = str(originals[0].StudyInstanceUID)
+
+    edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
+    deadline, results = time.monotonic() + 240, None
+    while time.monotonic() < deadline:
+        pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
+        if pseudo:
+            r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
+            if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
+                results = r.json()
+                break
+        time.sleep(1)
+    assert results is not None, Path(str(stack["log"])).read_text()[-4000:]
+    assert results["job"]["state"] == "done", results["job"]
+    assert "not for diagnostic use" in results["notice"]
+    assert len(results["results"]) == 2
+    manifest_sha = (Path(str(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"]))  # type: ignore[index]
+                    / "chest-xray-demo" / "1" / "model.onnx").read_bytes()
+    center_files = {p.name: p for p in (data / "center" / "store").rglob("*.dcm")}
+    for r in results["results"]:
+        assert r["model"]["name"] == "chest-xray-demo"
+        assert r["model"]["sha256"] == hashlib.sha256(manifest_sha).hexdigest()
+        assert "not for diagnostic use" in r["intended_use"]
+        stored = center_files[f"{r['sop_instance_uid']}.dcm"].read_bytes()
+        assert r["input_sha256"] == hashlib.sha256(stored).hexdigest()
+        labels = {f["label"] for f in r["findings"]}
+        assert labels == {"cardiomegaly", "pleural_effusion", "pneumothorax", "nodule"}
+        assert all(0.0 <= f["probability"] <= 1.0 for f in r["findings"])
+        assert {"en", "ru", "zh"} <= set(r["findings"][0]["display"])
+        assert {"preprocess", "inference", "postprocess"} <= set(r["timings_ms"])
+
+    # No identity in any byte the center stored: files, database, WAL.
+    needles = {PATIENT["id"], PATIENT["birth"], "Jianguo", "陈", "建国", "ACC-5521"}
+    for ds in originals:
+        needles |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
+    scanned = 0
+    for p in (data / "center").rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            scanned += 1
+            for n in needles:
+                assert n.encode("utf-8") not in blob, (p, n)
+    assert scanned >= 3
+
+    edge_metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).text
+    center_metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    e, c = _histogram_counts(edge_metrics), _histogram_counts(center_metrics)
+    assert e["radbridge_edge_instance_receive_seconds_count"] >= 2
+    assert e["radbridge_edge_study_forward_seconds_count"] >= 1
+    assert c["radbridge_center_preprocess_seconds_count"] >= 2
+    assert c["radbridge_center_inference_seconds_count"] >= 2
+    assert c["radbridge_end_to_end_seconds_count"] >= 1
+    assert 'agreement="demo-hospital-to-center"' in edge_metrics
+    for n in needles:
+        assert n not in edge_metrics and n not in center_metrics
+
+
+def test_unknown_calling_ae_is_rejected(stack: dict[str, object]) -> None:
+    ports = stack["ports"]
+    assert isinstance(ports, dict)
+    out = _echo(ports["edge"], "INTRUDER")
+    assert out.returncode != 0
+    assert "Calling AE Title Not Recognized" in (out.stdout + out.stderr)
+
+
+def test_malformed_dataset_fails_and_leaves_nothing(stack: dict[str, object], tmp_path: Path) -> None:
+    ports, data = stack["ports"], Path(str(stack["data"]))
+    assert isinstance(ports, dict)
+    files = write_cxr_study(
+        tmp_path / "bad", seed=7, findings=set(), patient_name="Bad^Case",
+        patient_id="BAD-1", birth_date="19990101",
+    )
+    ds = dcmread(files[0])
+    del ds.StudyInstanceUID
+    ds.save_as(files[0], enforce_file_format=True)
+    before = set((data / "edge" / "store").rglob("*.dcm"))
+    out = _storescu(ports["edge"], files[:1])
+    text = out.stdout + out.stderr
+    assert "0xc000" in text.lower() or "cannot understand" in text.lower(), text
+    assert set((data / "edge" / "store").rglob("*.dcm")) == before
+    assert list((data / "edge" / "store" / ".staging").iterdir()) == []
+    edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
+    with edge_db.session() as s:
+        from sqlalchemy import select
+
+        from radbridge.db.tables import InstanceRow
+
+        sops = set(s.scalars(select(InstanceRow.sop_instance_uid)))
+    assert str(ds.SOPInstanceUID) not in sops

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
@@ -26,30 +26,86 @@ DEID_METHOD = "radbridge allowlist, superset of PS3.15 Basic Profile"
 
 # Attributes kept verbatim: image geometry and pixel description, coded acquisition context.
 _KEEP = frozenset(
-    """
-    SOPClassUID Modality BodyPartExamined ViewPosition ImageType Laterality ImageLaterality
-    PatientOrientation SeriesNumber InstanceNumber AcquisitionNumber SamplesPerPixel
-    PhotometricInterpretation Rows Columns BitsAllocated BitsStored HighBit PixelRepresentation
-    PlanarConfiguration NumberOfFrames PixelData FloatPixelData DoubleFloatPixelData
-    PixelSpacing ImagerPixelSpacing PixelAspectRatio SliceThickness SpacingBetweenSlices
-    ImagePositionPatient ImageOrientationPatient SliceLocation RescaleIntercept RescaleSlope
-    RescaleType WindowCenter WindowWidth VOILUTFunction PresentationLUTShape
-    LossyImageCompression LossyImageCompressionRatio LossyImageCompressionMethod
-    BurnedInAnnotation RecognizableVisualFeatures PixelIntensityRelationship
-    PixelIntensityRelationshipSign KVP ExposureTime XRayTubeCurrent Exposure
-    DistanceSourceToDetector DistanceSourceToPatient EstimatedRadiographicMagnificationFactor
-    FieldOfViewShape FieldOfViewDimensions ConvolutionKernel ReconstructionDiameter
-    SmallestImagePixelValue LargestImagePixelValue SOPClassesInStudy
-    CodeValue CodingSchemeDesignator CodingSchemeVersion CodeMeaning
-    ReferencedSOPClassUID ReferencedFrameNumber
-    """.split()
+    [
+        "SOPClassUID",
+        "Modality",
+        "BodyPartExamined",
+        "ViewPosition",
+        "ImageType",
+        "Laterality",
+        "ImageLaterality",
+        "PatientOrientation",
+        "SeriesNumber",
+        "InstanceNumber",
+        "AcquisitionNumber",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PlanarConfiguration",
+        "NumberOfFrames",
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "PixelAspectRatio",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SliceLocation",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "PresentationLUTShape",
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+        "BurnedInAnnotation",
+        "RecognizableVisualFeatures",
+        "PixelIntensityRelationship",
+        "PixelIntensityRelationshipSign",
+        "KVP",
+        "ExposureTime",
+        "XRayTubeCurrent",
+        "Exposure",
+        "DistanceSourceToDetector",
+        "DistanceSourceToPatient",
+        "EstimatedRadiographicMagnificationFactor",
+        "FieldOfViewShape",
+        "FieldOfViewDimensions",
+        "ConvolutionKernel",
+        "ReconstructionDiameter",
+        "SmallestImagePixelValue",
+        "LargestImagePixelValue",
+        "SOPClassesInStudy",
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "ReferencedSOPClassUID",
+        "ReferencedFrameNumber",
+    ]
 )
 # Sequences kept (their items are filtered with the same rules).
 _KEEP_SEQ = frozenset(
-    """
-    AnatomicRegionSequence ViewCodeSequence ReferencedImageSequence SourceImageSequence
-    DerivationCodeSequence ReferencedSeriesSequence ReferencedInstanceSequence
-    """.split()
+    [
+        "AnatomicRegionSequence",
+        "ViewCodeSequence",
+        "ReferencedImageSequence",
+        "SourceImageSequence",
+        "DerivationCodeSequence",
+        "ReferencedSeriesSequence",
+        "ReferencedInstanceSequence",
+    ]
 )
 # UIDs of the dataset's own identity and references: remapped, never dropped.
 _NON_REMAPPED_UIDS = frozenset({"SOPClassUID", "ReferencedSOPClassUID", "SOPClassesInStudy"})

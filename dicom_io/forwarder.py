@@ -202,7 +202,9 @@ class Forwarder:
     def _retry(self, study: StudyRow, agreement: Agreement, reason: str) -> None:
         attempts = study.attempts + 1
         delay = min(self._retry_base_s * 2 ** (attempts - 1), self._retry_max_s)
-        log.warning("study %s forward failed (%s); retry %d in %.0fs", study.id, reason, attempts, delay)
+        log.warning(
+            "study %s forward failed (%s); retry %d in %.0fs", study.id, reason, attempts, delay
+        )
         self._metrics.forward_failures.labels(agreement.id, "center").inc()
         with self.db.session() as s:
             s.execute(

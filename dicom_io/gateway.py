@@ -32,7 +32,10 @@ class Gateway:
         self.db = Database(settings.edge_db_url)
         self.store = DurableStore(settings.edge_store)
         self.scp = StorageSCP(
-            settings.edge.ae_title, lambda: self.agreements, Ingestor(self.db, self.store), self.metrics
+            settings.edge.ae_title,
+            lambda: self.agreements,
+            Ingestor(self.db, self.store),
+            self.metrics,
         )
         self.forwarder = Forwarder(
             self.db,

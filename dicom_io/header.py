@@ -48,7 +48,9 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
         }
         tsuid = str(ds.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DatasetError("unparseable", f"dataset cannot be parsed: {type(exc).__name__}") from None
+        raise DatasetError(
+            "unparseable", f"dataset cannot be parsed: {type(exc).__name__}"
+        ) from None
     uids = {}
     for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         v = values[kw]

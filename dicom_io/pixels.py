@@ -21,7 +21,7 @@ def decode_frame(encoded: bytes, frame: int = 0) -> tuple[np.ndarray, str]:
     try:
         ds = pydicom.dcmread(BytesIO(encoded))
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is the same user error
+    except Exception as exc:
         raise DatasetError("undecodable_pixels", f"pixel data cannot be decoded: {exc}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[frame]

@@ -56,12 +56,13 @@ class StorageSCP:
         ae.maximum_pdu_size = 0  # no limit on what we receive
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax)
         self.ae = ae
         self._server: object | None = None
 
     def start(self, host: str, port: int) -> None:
-        handlers = [
+        handlers: list = [  # type: ignore[type-arg]
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -88,7 +89,9 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        assert primitive is not None
+        calling = str(primitive.calling_ae_title).strip()
         agreement = self._agreements().for_calling_ae(calling)
         if agreement is None:
             log.warning("association rejected: calling AE %r has no active agreement", calling)

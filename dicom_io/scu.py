@@ -27,10 +27,15 @@ def send_files(
     """C-STORE each file; returns the status of each (raises if the association fails)."""
     files = list(paths)
     ae = AE(ae_title=calling_ae)
-    syntaxes = sorted({str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in files})
+    syntaxes = sorted(
+        {str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in files}
+    )
     for cx in StoragePresentationContexts:
+        assert cx.abstract_syntax is not None
         ae.add_requested_context(cx.abstract_syntax, syntaxes)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(
+        host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
+    )
     if not assoc.is_established:
         raise PolicyError(f"association with {called_ae}@{host}:{port} was not established")
     statuses = []

@@ -6,6 +6,7 @@ a ``AgreementError`` naming the field (``agreements[0] (id=...).hospital.calling
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from datetime import UTC, date, datetime
@@ -263,10 +264,8 @@ def _describe(exc: ValidationError, raw: Any) -> str:
         text = ""
         if len(loc) >= 2 and loc[0] == "agreements" and isinstance(loc[1], int):
             ident = ""
-            try:
+            with contextlib.suppress(KeyError, IndexError, TypeError, AttributeError):
                 ident = f" (id={raw['agreements'][loc[1]].get('id')})"
-            except (KeyError, IndexError, TypeError, AttributeError):
-                pass
             text = f"agreements[{loc[1]}]{ident}"
             loc = loc[2:]
         rest = ".".join(str(p) for p in loc)

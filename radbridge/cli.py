@@ -24,7 +24,9 @@ from radbridge.settings import Settings, load_settings
 
 __all__ = ["app"]
 
-app = typer.Typer(help="radbridge: de-identifying DICOM edge + Ray Serve AI reads.", no_args_is_help=True)
+app = typer.Typer(
+    help="radbridge: de-identifying DICOM edge + Ray Serve AI reads.", no_args_is_help=True
+)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 agreements_app = typer.Typer(help="B2B agreements files.", no_args_is_help=True)
 models_app = typer.Typer(help="Model repository.", no_args_is_help=True)
@@ -131,8 +133,11 @@ def models_list() -> None:
         for m in ModelRepository(s.models_dir).list():
             mf = m.manifest
             table.add_row(
-                m.key, ",".join(mf.modalities), ",".join(lbl.key for lbl in mf.labels),
-                mf.sha256[:12], mf.intended_use,
+                m.key,
+                ",".join(mf.modalities),
+                ",".join(lbl.key for lbl in mf.labels),
+                mf.sha256[:12],
+                mf.intended_use,
             )
     except RadbridgeError as exc:
         raise _fail(exc) from None
@@ -204,7 +209,7 @@ def up() -> None:
         gw.start()
     except RadbridgeError as exc:
         raise _fail(exc) from None
-    table = Table("component", "address", title="radbridge is up (mode: %s)" % s.mode)
+    table = Table("component", "address", title=f"radbridge is up (mode: {s.mode})")
     table.add_row("edge DICOM SCP", f"{s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
     table.add_row("edge /metrics", f"http://{s.edge.metrics_host}:{s.edge.metrics_port}/metrics")
     base = f"http://{s.center.host}:{s.center.port}"
@@ -228,10 +233,10 @@ def demo(
     import tempfile
 
     import httpx
+    from models.phantom_dicom import write_cxr_study
 
     from dicom_io.identity_map import lookup_pseudonym
     from dicom_io.scu import send_files
-    from models.phantom_dicom import write_cxr_study
     from radbridge.agreements import load_agreements
     from radbridge.db.engine import Database
 
@@ -249,8 +254,12 @@ def demo(
         for i in range(studies):
             findings, name, pid = samples[i % len(samples)]
             files = write_cxr_study(
-                Path(tmp) / str(i), seed=1000 + i, findings=findings, patient_name=name,
-                patient_id=f"{pid}-{int(time.time())}", birth_date="19700101",
+                Path(tmp) / str(i),
+                seed=1000 + i,
+                findings=findings,
+                patient_name=name,
+                patient_id=f"{pid}-{int(time.time())}",
+                birth_date="19700101",
             )
             statuses = send_files(files, s.edge.host, s.edge.port, calling, s.edge.ae_title)
             from pydicom import dcmread
@@ -277,12 +286,25 @@ def demo(
         if res is None:
             console.print(f"[red]{label}: no result within {timeout:.0f}s[/]")
             continue
-        table = Table("finding", "en", "ru", "zh", "probability", "present",
-                      title=f"{label} (truth: {', '.join(sorted(truth)) or 'normal'})")
+        table = Table(
+            "finding",
+            "en",
+            "ru",
+            "zh",
+            "probability",
+            "present",
+            title=f"{label} (truth: {', '.join(sorted(truth)) or 'normal'})",
+        )
         for r in res["results"]:
             for f in r["findings"]:
-                table.add_row(f["label"], f["display"]["en"], f["display"]["ru"], f["display"]["zh"],
-                              f"{f['probability']:.3f}", "yes" if f["present"] else "no")
+                table.add_row(
+                    f["label"],
+                    f["display"]["en"],
+                    f["display"]["ru"],
+                    f["display"]["zh"],
+                    f"{f['probability']:.3f}",
+                    "yes" if f["present"] else "no",
+                )
         console.print(table)
         console.print(f"[yellow]{res['notice']}[/]")
     if pending.keys() - done.keys():

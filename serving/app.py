@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from models.repository import ModelRepository
 from ray.serve import Application
 
-from models.repository import ModelRepository
 from radbridge.errors import ModelError
 from radbridge.settings import Settings
 from serving.ingress import Api
@@ -20,9 +20,7 @@ def build_app(settings: Settings) -> Application:
     """Api -> Preprocessor -> one ModelRunner per model version found in the repository."""
     models = ModelRepository(settings.models_dir).list()
     if not models:
-        raise ModelError(
-            f"no models in {settings.models_dir}: run `radbridge models build` first"
-        )
+        raise ModelError(f"no models in {settings.models_dir}: run `radbridge models build` first")
     c = settings.center
     manifests = {m.key: m.manifest.model_dump(mode="json") for m in models}
     runners = {

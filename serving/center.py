@@ -13,7 +13,7 @@ log = logging.getLogger("radbridge.center")
 
 
 def start_center(settings: Settings) -> None:
-    """Start Ray (local unless ``center.ray_address``) and deploy the application; returns when ready."""
+    """Start Ray (local unless ``center.ray_address``) and deploy the app; returns when ready."""
     # Ray must not pick the host's interface address: loopback only unless told otherwise.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray

@@ -15,13 +15,13 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Header, Request, Response
+from models.manifest import ModelManifest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart
-from models.manifest import ModelManifest
 from radbridge.agreements import load_agreements
 from radbridge.db.engine import Database
 from radbridge.db.tables import utcnow
@@ -66,19 +66,17 @@ class Api:
     # -- routes ---------------------------------------------------------------------------
 
     @api.post("/v1/studies")
-    async def stow(
-        self, request: Request, x_radbridge_agreement: str = Header(...)
-    ) -> Response:
+    async def stow(self, request: Request, x_radbridge_agreement: str = Header(...)) -> Response:
         agreement = self._agreement(x_radbridge_agreement)
         parts = decode_multipart(await request.body(), request.headers.get("content-type", ""))
-        outcome = await asyncio.to_thread(
-            receive_instances, self.db, self.store, agreement, parts
-        )
+        outcome = await asyncio.to_thread(receive_instances, self.db, self.store, agreement, parts)
         for h in outcome.stored:
             self.metrics.instances_received.labels(agreement, safe_label(h.modality)).inc()
         code = 200 if not outcome.failed else (202 if outcome.stored else 409)
         return Response(
-            json.dumps(stow_response(outcome)), status_code=code, media_type="application/dicom+json"
+            json.dumps(stow_response(outcome)),
+            status_code=code,
+            media_type="application/dicom+json",
         )
 
     @api.post("/v1/studies/{study_uid}/complete", status_code=202)

@@ -53,7 +53,8 @@ def complete_study(db: Database, study_uid: str, req: CompleteRequest) -> tuple[
         study = _find_study(s, study_uid, req.agreement_id)
         if study.instance_count < req.instance_count:
             raise PolicyError(
-                f"study incomplete: {study.instance_count} of {req.instance_count} instances received"
+                f"study incomplete: {study.instance_count} of {req.instance_count} "
+                "instances received"
             )
         latest = s.scalars(
             select(JobRow).where(JobRow.study_id == study.id).order_by(JobRow.id.desc())

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from models.repository import ModelRepository
 from ray import serve
 
-from models.repository import ModelRepository
 from serving.providers import resolve_providers
 
 __all__ = ["ModelRunner"]
@@ -50,8 +50,8 @@ class ModelRunner:
         if self.provider != wanted[0]:
             log.warning("%s: asked for %s but %s runs", self.key, wanted[0], self.provider)
         log.info("%s: ONNX Runtime provider in use: %s", self.key, self.provider)
-        self.infer.set_max_batch_size(max_batch_size)
-        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.infer.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])

@@ -102,7 +102,7 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database per test (needs RADBRIDGE_TEST_POSTGRES_URL; ./run test sets it)."""
+    """A fresh PostgreSQL database per test (RADBRIDGE_TEST_POSTGRES_URL; ./run test sets it)."""
     base = os.environ.get("RADBRIDGE_TEST_POSTGRES_URL")
     if not base:
         pytest.skip("RADBRIDGE_TEST_POSTGRES_URL not set (./run test sets it)")

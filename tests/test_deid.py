@@ -21,7 +21,7 @@ def test_no_identity_in_any_byte_of_the_output() -> None:
     needles = identity_needles(ds)
     out = deidentify(ds, Pseudonymizer(b"k" * 32)).dataset
     raw = _encode(out)
-    for needle in needles + [b"Ivanov", b"First People", b"ACME PACS", b"20261120"]:
+    for needle in [*needles, b"Ivanov", b"First People", b"ACME PACS", b"20261120"]:
         assert needle not in raw, needle
     back = pydicom.dcmread(BytesIO(raw))
     assert back.PatientIdentityRemoved == "YES"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from models.phantom_dicom import write_cxr_study
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dicom_io.identity_map import lookup_pseudonym
-from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
 from tests.conftest import REPO, free_port
 
@@ -64,9 +64,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             if proc.poll() is not None:
                 pytest.fail(f"radbridge up exited: {(data / 'up.log').read_text()[-3000:]}")
             try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200 and _echo(
-                    ports["edge"], "STORESCU"
-                ).returncode == 0:
+                if (
+                    httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+                    and _echo(ports["edge"], "STORESCU").returncode == 0
+                ):
                     break
             except httpx.HTTPError:
                 pass
@@ -86,15 +87,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
 def _echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["echoscu", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)],
-        capture_output=True, text=True, timeout=30, env=dict(os.environ, TCP_NODELAY="1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, TCP_NODELAY="1"),
     )
 
 
 def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", "-v", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(port),
-         *map(str, files)],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"),
+        [
+            "storescu",
+            "-v",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "RADBRIDGE",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TCP_NODELAY="1"),
     )
 
 
@@ -111,8 +127,14 @@ def test_push_deidentify_infer_and_measure(stack: dict[str, object], tmp_path: P
     ports, base, data = stack["ports"], str(stack["base"]), Path(str(stack["data"]))
     assert isinstance(ports, dict)
     files = write_cxr_study(
-        tmp_path / "study", seed=4242, findings={"cardiomegaly"}, patient_name=PATIENT["name"],
-        patient_id=PATIENT["id"], birth_date=PATIENT["birth"], n_images=2, accession="ACC-5521",
+        tmp_path / "study",
+        seed=4242,
+        findings={"cardiomegaly"},
+        patient_name=PATIENT["name"],
+        patient_id=PATIENT["id"],
+        birth_date=PATIENT["birth"],
+        n_images=2,
+        accession="ACC-5521",
     )
     originals = [dcmread(f) for f in files]
     pushed = _storescu(ports["edge"], files)
@@ -133,8 +155,12 @@ def test_push_deidentify_infer_and_measure(stack: dict[str, object], tmp_path: P
     assert results["job"]["state"] == "done", results["job"]
     assert "not for diagnostic use" in results["notice"]
     assert len(results["results"]) == 2
-    manifest_sha = (Path(str(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"]))  # type: ignore[index]
-                    / "chest-xray-demo" / "1" / "model.onnx").read_bytes()
+    manifest_sha = (
+        Path(str(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"]))  # type: ignore[index]
+        / "chest-xray-demo"
+        / "1"
+        / "model.onnx"
+    ).read_bytes()
     center_files = {p.name: p for p in (data / "center" / "store").rglob("*.dcm")}
     for r in results["results"]:
         assert r["model"]["name"] == "chest-xray-demo"
@@ -182,12 +208,18 @@ def test_unknown_calling_ae_is_rejected(stack: dict[str, object]) -> None:
     assert "Calling AE Title Not Recognized" in (out.stdout + out.stderr)
 
 
-def test_malformed_dataset_fails_and_leaves_nothing(stack: dict[str, object], tmp_path: Path) -> None:
+def test_malformed_dataset_fails_and_leaves_nothing(
+    stack: dict[str, object], tmp_path: Path
+) -> None:
     ports, data = stack["ports"], Path(str(stack["data"]))
     assert isinstance(ports, dict)
     files = write_cxr_study(
-        tmp_path / "bad", seed=7, findings=set(), patient_name="Bad^Case",
-        patient_id="BAD-1", birth_date="19990101",
+        tmp_path / "bad",
+        seed=7,
+        findings=set(),
+        patient_name="Bad^Case",
+        patient_id="BAD-1",
+        birth_date="19990101",
     )
     ds = dcmread(files[0])
     del ds.StudyInstanceUID

@@ -10,17 +10,19 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 import uvicorn
+import yaml
 from fastapi import FastAPI, Header, Request, Response
 from sqlalchemy import select
 
 from dicom_io.forwarder import Forwarder
+from dicom_io.header import parse_header
 from dicom_io.identity_map import lookup_pseudonym
 from dicom_io.ingest import Ingestor
-from dicom_io.header import parse_header
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart
 from radbridge.agreements import load_agreements, parse_agreements
@@ -31,9 +33,6 @@ from serving import jobs
 from serving.intake import receive_instances
 from serving.schemas import CompleteRequest
 from tests.conftest import REPO, free_port, identity_needles, make_instance
-
-import yaml
-from io import BytesIO
 
 AGREEMENTS = REPO / "radbridge/defaults/agreements.yaml"
 

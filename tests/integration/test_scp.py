@@ -129,7 +129,7 @@ def test_malformed_dataset_gets_c000_and_leaves_nothing(
 def test_modality_outside_the_agreement_is_refused(
     scp: tuple[int, Database, Path], tmp_path: Path
 ) -> None:
-    port, db, store = scp
+    port, _db, store = scp
     ds = make_instance(modality="CT")
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE
     path = write_instance(ds, tmp_path / "ct.dcm")

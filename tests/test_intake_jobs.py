@@ -1,0 +1,80 @@
+"""Center intake (STOW-RS parts) and jobs, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom_io.deid import deidentify
+from dicom_io.pseudonyms import Pseudonymizer
+from dicom_io.store import DurableStore
+from radbridge.db import Database
+from radbridge.errors import NotFoundError, PolicyError
+from serving import jobs
+from serving.intake import receive_instances, stow_response
+from serving.schemas import CompleteRequest
+from tests.conftest import make_instance
+
+AGREEMENT = "demo-hospital-to-center"
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _deid_study(n: int) -> list[bytes]:
+    first = make_instance()
+    p = Pseudonymizer(b"k" * 32)
+    out = [deidentify(first, p).dataset]
+    for i in range(1, n):
+        ds = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=i)
+        out.append(deidentify(ds, p).dataset)
+    return [_bytes(d) for d in out]
+
+
+def test_identified_instances_are_refused(migrated_db: Database, tmp_path: Path) -> None:
+    store = DurableStore(tmp_path)
+    outcome = receive_instances(migrated_db, store, AGREEMENT, [_bytes(make_instance())])
+    assert outcome.stored == [] and len(outcome.failed) == 1
+    assert "PatientIdentityRemoved" in outcome.failed[0][3]
+    assert list(tmp_path.rglob("*.dcm")) == []
+    response = stow_response(outcome)
+    assert response["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+
+
+def test_complete_creates_one_job_and_is_idempotent(migrated_db: Database, tmp_path: Path) -> None:
+    parts = _deid_study(3)
+    store = DurableStore(tmp_path)
+    outcome = receive_instances(migrated_db, store, AGREEMENT, parts)
+    assert len(outcome.stored) == 3 and not outcome.failed
+    uid = outcome.stored[0].study_uid
+    req = CompleteRequest(agreement_id=AGREEMENT, instance_count=3, edge_elapsed_s=4.5)
+    job, created = jobs.complete_study(migrated_db, uid, req)
+    again, created_again = jobs.complete_study(migrated_db, uid, req)
+    assert created and not created_again and again.id == job.id
+    assert len(jobs.job_instances(migrated_db, job.id)) == 3
+    assert jobs.pending_jobs(migrated_db) == [job.id]
+    # Re-sending the same instances (an edge retry) stores nothing twice.
+    receive_instances(migrated_db, store, AGREEMENT, parts)
+    assert len(list(tmp_path.rglob("*.dcm"))) == 3
+
+
+def test_incomplete_or_unknown_study(migrated_db: Database, tmp_path: Path) -> None:
+    parts = _deid_study(1)
+    outcome = receive_instances(migrated_db, DurableStore(tmp_path), AGREEMENT, parts)
+    uid = outcome.stored[0].study_uid
+    with pytest.raises(PolicyError, match="1 of 2"):
+        jobs.complete_study(
+            migrated_db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=2)
+        )
+    with pytest.raises(NotFoundError):
+        jobs.complete_study(
+            migrated_db, "2.25.1", CompleteRequest(agreement_id=AGREEMENT, instance_count=1)
+        )
+    with pytest.raises(NotFoundError, match="no job"):
+        jobs.study_results(migrated_db, uid)

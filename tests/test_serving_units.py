@@ -1,0 +1,110 @@
+"""Serving pieces that need no Ray: providers, HTTP error table, routing, post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.manifest import ModelManifest
+from radbridge.errors import DatasetError, NotFoundError, PolicyError, RadbridgeError
+from radbridge.metrics import batch_bucket, safe_label
+from serving.errors import http_status_for
+from serving.postprocess import findings_from_logits
+from serving.providers import gpu_present, resolve_providers
+from serving.routing import route
+
+
+def _manifest(
+    name: str = "chest-xray-demo", version: str = "1", modalities=("DX", "CR")
+) -> ModelManifest:  # type: ignore[no-untyped-def]
+    return ModelManifest.model_validate(
+        {
+            "name": name,
+            "version": version,
+            "modalities": list(modalities),
+            "body_parts": ["CHEST"],
+            "task": "multilabel_classification",
+            "input": {"name": "image", "shape": ["batch", 1, 128, 128], "dtype": "float32"},
+            "output": {"name": "logits", "shape": ["batch", 2], "dtype": "float32"},
+            "preprocessing": [{"name": "ScaleIntensity", "args": {}}],
+            "labels": [
+                {
+                    "key": "cardiomegaly",
+                    "display": {"en": "Cardiomegaly", "ru": "Кардиомегалия", "zh": "心脏扩大"},
+                    "snomed": "8186001",
+                    "radlex": None,
+                    "threshold": 0.5,
+                },
+                {
+                    "key": "nodule",
+                    "display": {"en": "Lung nodule", "ru": "Узел", "zh": "肺结节"},
+                    "snomed": "427359005",
+                    "radlex": None,
+                    "threshold": 0.2,
+                },
+            ],
+            "sha256": "0" * 64,
+            "intended_use": "demo model — not for diagnostic use",
+            "provenance": {},
+            "metrics": {},
+        }
+    )
+
+
+def test_cpu_is_always_the_last_resort() -> None:
+    providers = resolve_providers(["tensorrt", "cuda", "cpu"])
+    assert providers[-1] == "CPUExecutionProvider"
+    if not gpu_present():  # onnxruntime-gpu lists CUDA even without a GPU: we must not pick it
+        assert providers == ["CPUExecutionProvider"]
+    assert resolve_providers([]) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (DatasetError("bad_request", "x"), 400),
+        (NotFoundError("x"), 404),
+        (PolicyError("x"), 409),
+        (RadbridgeError("x"), 500),
+    ],
+)
+def test_one_table_maps_errors_to_http(exc: RadbridgeError, code: int) -> None:
+    assert http_status_for(exc) == code
+
+
+def test_routing_picks_the_newest_version_for_the_modality() -> None:
+    manifests = {
+        "chest-xray-demo:1": _manifest(version="1"),
+        "chest-xray-demo:2": _manifest(version="2"),
+        "ct-only:1": _manifest(name="ct-only", modalities=("CT",)),
+    }
+    assert route(manifests, "DX", "CHEST") == "chest-xray-demo:2"
+    assert route(manifests, "CT", None) == "ct-only:1"
+    assert route(manifests, "DX", "KNEE") is None
+    assert route(manifests, "MR", None) is None
+
+
+def test_findings_use_thresholds_codes_and_three_languages() -> None:
+    findings = findings_from_logits(np.array([0.0, -1.0], dtype=np.float32), _manifest())
+    card, nod = findings
+    assert card.probability == pytest.approx(0.5) and card.present  # p >= threshold 0.5
+    assert nod.probability == pytest.approx(1 / (1 + np.e), abs=1e-6) and nod.present
+    assert card.codes == {"SCT": "8186001"}
+    assert set(card.display) == {"en", "ru", "zh"}
+    with pytest.raises(ValueError, match="3 outputs"):
+        findings_from_logits(np.zeros(3), _manifest())
+
+
+def test_metric_labels_never_carry_free_text() -> None:
+    assert safe_label("demo-hospital-to-center") == "demo-hospital-to-center"
+    assert safe_label("Wang^XiaoDong") == "other"
+    assert safe_label("CHEST PA for Wang") == "other"
+    assert safe_label(None) == "other"
+    assert [batch_bucket(n) for n in (1, 3, 8, 16, 17, 64)] == [
+        "1",
+        "2-4",
+        "5-8",
+        "9-16",
+        "17-32",
+        "33+",
+    ]

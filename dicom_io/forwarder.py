@@ -196,7 +196,10 @@ class Forwarder:
         except httpx.HTTPError as exc:
             raise ForwardError(f"center unreachable: {type(exc).__name__}") from None
         if resp.status_code >= 300:
-            raise ForwardError(f"center answered {resp.status_code} to {path.split('/')[2]}")
+            detail = resp.text[:300].replace("\n", " ")  # the center's answer holds no identity
+            raise ForwardError(
+                f"center answered {resp.status_code} to {path.split('/')[2]}: {detail}"
+            )
         return resp
 
     def _retry(self, study: StudyRow, agreement: Agreement, reason: str) -> None:

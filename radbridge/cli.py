@@ -233,10 +233,10 @@ def demo(
     import tempfile
 
     import httpx
-    from models.phantom_dicom import write_cxr_study
 
     from dicom_io.identity_map import lookup_pseudonym
     from dicom_io.scu import send_files
+    from models.phantom_dicom import write_cxr_study
     from radbridge.agreements import load_agreements
     from radbridge.db.engine import Database
 

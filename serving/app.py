@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from models.repository import ModelRepository
 from ray.serve import Application
 
+from models.repository import ModelRepository
 from radbridge.errors import ModelError
 from radbridge.settings import Settings
 from serving.ingress import Api

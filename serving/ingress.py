@@ -5,8 +5,6 @@ that runs on this replica's event loop: preprocessing and inference go through t
 deployments' handles, so concurrent instances form batches in the ModelRunner.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hashlib
 import json
@@ -15,13 +13,13 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Header, Request, Response
-from models.manifest import ModelManifest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart
+from models.manifest import ModelManifest
 from radbridge.agreements import load_agreements
 from radbridge.db.engine import Database
 from radbridge.db.tables import utcnow

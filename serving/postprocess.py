@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from models.manifest import ModelManifest
 
+from models.manifest import ModelManifest
 from serving.schemas import Finding
 
 __all__ = ["findings_from_logits"]

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from models.manifest import ModelManifest
-from models.transforms import build_pipeline
 from ray import serve
 
 from dicom_io.pixels import decode_frame
+from models.manifest import ModelManifest
+from models.transforms import build_pipeline
 
 __all__ = ["Preprocessor"]
 

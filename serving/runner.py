@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from models.repository import ModelRepository
 from ray import serve
 
+from models.repository import ModelRepository
 from serving.providers import resolve_providers
 
 __all__ = ["ModelRunner"]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from models.phantom_dicom import write_cxr_study
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dicom_io.identity_map import lookup_pseudonym
+from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
 from tests.conftest import REPO, free_port
 

@@ -21,6 +21,7 @@ from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart
 from models.manifest import ModelManifest
 from radbridge.agreements import load_agreements
+from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.db.tables import utcnow
 from radbridge.errors import NotFoundError, PolicyError, RadbridgeError
@@ -53,6 +54,7 @@ class Api:
         self.settings = settings
         self.agreements = load_agreements(settings.agreements_file)
         self.db = Database(settings.center_db_url)
+        sync_agreements(self.db, self.agreements)
         self.store = DurableStore(settings.center_store)
         self.manifests = {k: ModelManifest.model_validate(m) for k, m in manifests.items()}
         self.preprocessor = preprocessor

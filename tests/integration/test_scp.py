@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -102,8 +103,16 @@ def _send_raw(assoc, dataset_bytes: bytes) -> int:  # type: ignore[no-untyped-de
     req.Priority = 2
     req.DataSet = BytesIO(dataset_bytes)
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == req.AffectedSOPClassUID)
-    assoc.dimse.send_msg(req, cx.context_id)
-    _, rsp = assoc.dimse.get_msg(block=True)
+    # Pause the association's reactor as pynetdicom's own send_* methods do, or it may take
+    # the response off the queue first ("unexpected C-STORE service message").
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
     return int(rsp.Status)
 
 

@@ -205,7 +205,9 @@ def test_unknown_calling_ae_is_rejected(stack: dict[str, object]) -> None:
     assert isinstance(ports, dict)
     out = _echo(ports["edge"], "INTRUDER")
     assert out.returncode != 0
-    assert "Calling AE Title Not Recognized" in (out.stdout + out.stderr)
+    text = (out.stdout + out.stderr).lower()
+    assert "rejected permanent" in text and "source: service user" in text
+    assert "calling ae title not recognised" in text
 
 
 def test_malformed_dataset_fails_and_leaves_nothing(

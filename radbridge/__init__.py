@@ -1,6 +1,6 @@
 """radbridge product core: settings, agreements, database, metrics catalog, CLI.
 
-This package imports nothing else of ours (see docs/architecture.md); the CLI module is the
+This package imports nothing else of ours (README, "Layout"); the CLI module is the
 composition root and imports the other packages lazily, inside its commands.
 """
 

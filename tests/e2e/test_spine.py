@@ -84,6 +84,62 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         log.close()
 
 
+@pytest.fixture(scope="module")
+def prometheus(stack: dict[str, object]) -> Iterator[str]:
+    """A real Prometheus server (Debian package) scraping both processes every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed (./run test installs it)")
+    ports, data = stack["ports"], Path(str(stack["data"]))
+    assert isinstance(ports, dict)
+    port = free_port()
+    config = data / "prometheus.yml"
+    jobs = {"edge": ports["metrics"], "center": ports["center"]}
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n"
+        + "".join(
+            f"  - job_name: {job}\n    static_configs: [{{targets: ['127.0.0.1:{p}']}}]\n"
+            for job, p in jobs.items()
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(data / "prometheus.log").open("wb"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(60):
+            try:
+                if httpx.get(f"{base}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _scraped(prom: str, metric: str, timeout_s: float = 30) -> float:
+    """Sum of ``metric`` as Prometheus itself scraped it (0 if never seen in time)."""
+    deadline, total = time.monotonic() + timeout_s, 0.0
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{prom}/api/v1/query", params={"query": f"sum({metric})"}, timeout=5)
+        result = r.json()["data"]["result"]
+        total = float(result[0]["value"][1]) if result else 0.0
+        if total > 0:
+            return total
+        time.sleep(1)
+    return total
+
+
 def _echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["echoscu", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)],
@@ -123,7 +179,9 @@ def _histogram_counts(text: str) -> dict[str, float]:
     return counts
 
 
-def test_push_deidentify_infer_and_measure(stack: dict[str, object], tmp_path: Path) -> None:
+def test_push_deidentify_infer_and_measure(
+    stack: dict[str, object], prometheus: str, tmp_path: Path
+) -> None:
     ports, base, data = stack["ports"], str(stack["base"]), Path(str(stack["data"]))
     assert isinstance(ports, dict)
     files = write_cxr_study(
@@ -196,6 +254,14 @@ def test_push_deidentify_infer_and_measure(stack: dict[str, object], tmp_path: P
     assert c["radbridge_center_inference_seconds_count"] >= 2
     assert c["radbridge_end_to_end_seconds_count"] >= 1
     assert 'agreement="demo-hospital-to-center"' in edge_metrics
+    # And a real Prometheus server scraped them from both processes.
+    up = httpx.get(f"{prometheus}/api/v1/query", params={"query": "up"}, timeout=5).json()
+    assert {r["metric"]["job"] for r in up["data"]["result"] if r["value"][1] == "1"} == {
+        "edge",
+        "center",
+    }
+    assert _scraped(prometheus, "radbridge_edge_instance_receive_seconds_count") >= 2
+    assert _scraped(prometheus, "radbridge_end_to_end_seconds_count") >= 1
     for n in needles:
         assert n not in edge_metrics and n not in center_metrics
 

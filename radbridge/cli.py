@@ -43,6 +43,7 @@ def _settings() -> Settings:
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
     return s
 
 

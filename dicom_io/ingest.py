@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from dicom_io.header import InstanceHeader
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
+from radbridge.db.index import find_instance, series_for, study_for
+from radbridge.db.tables import InstanceRow, utcnow
 from radbridge.lifecycle import EdgeStudyState
 
 __all__ = ["IngestOutcome", "Ingestor"]
@@ -50,14 +49,11 @@ class Ingestor:
         self, agreement_id: str, header: InstanceHeader, encoded: bytes, digest: str
     ) -> str:
         with self.db.session() as s:
-            study = _study(s, agreement_id, header)
-            series = _series(s, study, header)
-            existing = s.scalars(
-                select(InstanceRow).where(
-                    InstanceRow.series_id == series.id,
-                    InstanceRow.sop_instance_uid == header.sop_instance_uid,
-                )
-            ).first()
+            study = study_for(
+                s, agreement_id, header.study_uid, header.modality, EdgeStudyState.RECEIVING
+            )
+            series = series_for(s, study, header.series_uid, header.modality, header.body_part)
+            existing = find_instance(s, series, header.sop_instance_uid)
             if existing is not None and existing.sha256 == digest:
                 return IngestOutcome.DUPLICATE
             relpath = (
@@ -94,41 +90,3 @@ class Ingestor:
                 study.state = EdgeStudyState.RECEIVING
             study.next_attempt_at = None
             return outcome
-
-
-def _study(s: Session, agreement_id: str, h: InstanceHeader) -> StudyRow:
-    study = s.scalars(
-        select(StudyRow).where(
-            StudyRow.agreement_id == agreement_id, StudyRow.study_uid == h.study_uid
-        )
-    ).first()
-    if study is None:
-        now = utcnow()
-        study = StudyRow(
-            agreement_id=agreement_id,
-            study_uid=h.study_uid,
-            state=EdgeStudyState.RECEIVING,
-            modality=h.modality,
-            instance_count=0,
-            first_received_at=now,
-            last_received_at=now,
-            attempts=0,
-        )
-        s.add(study)
-        s.flush()
-    return study
-
-
-def _series(s: Session, study: StudyRow, h: InstanceHeader) -> SeriesRow:
-    series = s.scalars(
-        select(SeriesRow).where(
-            SeriesRow.study_id == study.id, SeriesRow.series_uid == h.series_uid
-        )
-    ).first()
-    if series is None:
-        series = SeriesRow(
-            study_id=study.id, series_uid=h.series_uid, modality=h.modality, body_part=h.body_part
-        )
-        s.add(series)
-        s.flush()
-    return series

@@ -7,12 +7,12 @@ from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
 
 from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
+from radbridge.db.index import find_instance, series_for, study_for
+from radbridge.db.tables import InstanceRow, utcnow
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.lifecycle import CenterStudyState
 
@@ -58,45 +58,10 @@ def _store(
 ) -> None:
     relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
     with db.session() as s:
-        study = s.scalars(
-            select(StudyRow).where(
-                StudyRow.agreement_id == agreement_id, StudyRow.study_uid == h.study_uid
-            )
-        ).first()
         now = utcnow()
-        if study is None:
-            study = StudyRow(
-                agreement_id=agreement_id,
-                study_uid=h.study_uid,
-                state=CenterStudyState.RECEIVING,
-                modality=h.modality,
-                instance_count=0,
-                first_received_at=now,
-                last_received_at=now,
-                attempts=0,
-            )
-            s.add(study)
-            s.flush()
-        series = s.scalars(
-            select(SeriesRow).where(
-                SeriesRow.study_id == study.id, SeriesRow.series_uid == h.series_uid
-            )
-        ).first()
-        if series is None:
-            series = SeriesRow(
-                study_id=study.id,
-                series_uid=h.series_uid,
-                modality=h.modality,
-                body_part=h.body_part,
-            )
-            s.add(series)
-            s.flush()
-        row = s.scalars(
-            select(InstanceRow).where(
-                InstanceRow.series_id == series.id,
-                InstanceRow.sop_instance_uid == h.sop_instance_uid,
-            )
-        ).first()
+        study = study_for(s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING)
+        series = series_for(s, study, h.series_uid, h.modality, h.body_part)
+        row = find_instance(s, series, h.sop_instance_uid)
         stored = store.write(relpath, part)
         if row is None:
             s.add(

@@ -141,6 +141,18 @@ def _scraped(prom: str, metric: str, timeout_s: float = 30) -> float:
     return total
 
 
+def _targets_up(prom: str, timeout_s: float = 30) -> set[str]:
+    """The scrape jobs whose last scrape succeeded, waiting for both (bounded)."""
+    deadline, up = time.monotonic() + timeout_s, set()
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{prom}/api/v1/query", params={"query": "up == 1"}, timeout=5)
+        up = {x["metric"]["job"] for x in r.json()["data"]["result"]}
+        if up == {"edge", "center"}:
+            break
+        time.sleep(1)
+    return up
+
+
 def _echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["echoscu", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)],
@@ -256,11 +268,7 @@ def test_push_deidentify_infer_and_measure(
     assert c["radbridge_end_to_end_seconds_count"] >= 1
     assert 'agreement="demo-hospital-to-center"' in edge_metrics
     # And a real Prometheus server scraped them from both processes.
-    up = httpx.get(f"{prometheus}/api/v1/query", params={"query": "up"}, timeout=5).json()
-    assert {r["metric"]["job"] for r in up["data"]["result"] if r["value"][1] == "1"} == {
-        "edge",
-        "center",
-    }
+    assert _targets_up(prometheus) == {"edge", "center"}, (data / "prometheus.log").read_text()
     assert _scraped(prometheus, "radbridge_edge_instance_receive_seconds_count") >= 2
     assert _scraped(prometheus, "radbridge_end_to_end_seconds_count") >= 1
     for n in needles:

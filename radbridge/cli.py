@@ -145,6 +145,43 @@ def models_list() -> None:
     console.print(table)
 
 
+@models_app.command("validate")
+def models_validate() -> None:
+    """Validate every model: manifest, sha256, ONNX signature and a validation inference."""
+    from models.importer import validation_inference
+    from models.repository import ModelRepository
+
+    s = _settings()
+    try:
+        models = ModelRepository(s.models_dir).list()
+        for m in models:
+            out = validation_inference(m)
+            console.print(
+                f"[green]{m.key} valid[/] (validation inference output {list(out.shape)})"
+            )
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    if not models:
+        console.print(f"no models in {s.models_dir}")
+
+
+@models_app.command("import")
+def models_import(
+    path: Annotated[Path, typer.Argument(help="The ONNX file.")],
+    manifest: Annotated[Path, typer.Option(help="Its manifest (YAML).")],
+    force: Annotated[bool, typer.Option(help="Replace an existing name/version.")] = False,
+) -> None:
+    """Import a hospital's own ONNX model; accepted only after a validation inference."""
+    from models.importer import import_model
+
+    s = _settings()
+    try:
+        model = import_model(s.models_dir, path, manifest, force=force)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]{model.key} imported[/] into {model.onnx_path.parent}")
+
+
 # -- services ---------------------------------------------------------------------------------
 
 

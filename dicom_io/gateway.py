@@ -30,13 +30,20 @@ class Gateway:
         self.agreements: AgreementSet = load_agreements(settings.agreements_file)
         self.metrics = EdgeMetrics()
         self.db = Database(settings.edge_db_url)
-        self.store = DurableStore(settings.edge_store)
+        e = settings.edge
+        self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)
         self.scp = StorageSCP(
-            settings.edge.ae_title,
+            e.ae_title,
             lambda: self.agreements,
             Ingestor(self.db, self.store),
             self.metrics,
+            max_associations=e.max_associations,
+            acse_timeout_s=e.acse_timeout_s,
+            dimse_timeout_s=e.dimse_timeout_s,
+            network_timeout_s=e.network_timeout_s,
         )
+        self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
+        self.metrics.disk_free.set_function(self.store.free_bytes)
         self.forwarder = Forwarder(
             self.db,
             self.store,

@@ -43,6 +43,11 @@ class StorageSCP:
         agreements: Callable[[], AgreementSet],
         ingestor: Ingestor,
         metrics: EdgeMetrics,
+        *,
+        max_associations: int = 16,
+        acse_timeout_s: float = 30.0,
+        dimse_timeout_s: float = 60.0,
+        network_timeout_s: float = 60.0,
     ) -> None:
         self._agreements = agreements
         self._ingestor = ingestor
@@ -54,6 +59,10 @@ class StorageSCP:
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = True
         ae.maximum_pdu_size = 0  # no limit on what we receive
+        ae.maximum_associations = max_associations  # beyond: A-ASSOCIATE-RJ transient, 2/3/2
+        ae.acse_timeout = acse_timeout_s
+        ae.dimse_timeout = dimse_timeout_s
+        ae.network_timeout = network_timeout_s
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None

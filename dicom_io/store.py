@@ -41,8 +41,11 @@ class DurableStore:
             raise StorageError(f"path escapes the store: {relpath!r}")
         return p
 
+    def free_bytes(self) -> int:
+        return int(shutil.disk_usage(self.root).free)
+
     def has_room(self, nbytes: int) -> bool:
-        return shutil.disk_usage(self.root).free - nbytes >= self.min_free_bytes
+        return self.free_bytes() - nbytes >= self.min_free_bytes
 
     def write(self, relpath: str, data: bytes | memoryview) -> StoredFile:
         """Write ``data`` durably under ``relpath``; replaces nothing that already exists."""

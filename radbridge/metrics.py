@@ -81,6 +81,16 @@ class EdgeMetrics:
             ["agreement", "reason"],
             registry=r,
         )
+        self.active_associations = Gauge(
+            "radbridge_edge_active_associations",
+            "DICOM associations open right now.",
+            registry=r,
+        )
+        self.disk_free = Gauge(
+            "radbridge_edge_store_free_bytes",
+            "Free bytes on the store's file system.",
+            registry=r,
+        )
         self.outbox_depth = Gauge(
             "radbridge_edge_outbox_studies",
             "Studies waiting to be forwarded, by state.",

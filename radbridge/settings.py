@@ -46,6 +46,13 @@ class EdgeSettings(BaseModel):
     forward_timeout_s: float = Field(60.0, gt=0)
     retry_base_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    min_free_bytes: int = Field(
+        512 << 20, ge=0, description="Disk watermark: below it C-STORE is refused (0xA700)."
+    )
+    max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations.")
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
 
 
 class CenterSettings(BaseModel):

@@ -146,3 +146,46 @@ def test_modality_outside_the_agreement_is_refused(
     assert assoc.send_c_store(path).Status == 0x0124
     assoc.release()
     assert _dcm_files(store) == []
+
+
+def test_disk_watermark_refuses_with_a700_before_writing(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
+    full = DurableStore(tmp_path / "store", min_free_bytes=2**62)  # "disk is full"
+    server = StorageSCP("RADBRIDGE", lambda: agreements, Ingestor(migrated_db, full), EdgeMetrics())
+    port = free_port()
+    server.start("127.0.0.1", port)
+    try:
+        assoc = _assoc(port)
+        path = write_instance(make_instance(), tmp_path / "in.dcm")
+        assert assoc.send_c_store(path).Status == 0xA700
+        assoc.release()
+    finally:
+        server.stop()
+    assert _dcm_files(tmp_path / "store") == []
+    with migrated_db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []
+
+
+def test_association_limit_rejects_transiently(migrated_db: Database, tmp_path: Path) -> None:
+    agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
+    server = StorageSCP(
+        "RADBRIDGE",
+        lambda: agreements,
+        Ingestor(migrated_db, DurableStore(tmp_path / "store")),
+        EdgeMetrics(),
+        max_associations=1,
+    )
+    port = free_port()
+    server.start("127.0.0.1", port)
+    try:
+        first = _assoc(port)
+        assert first.is_established
+        second = _assoc(port)
+        assert second.is_rejected
+        rj = second.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        first.release()
+    finally:
+        server.stop()

@@ -43,7 +43,8 @@ def _settings() -> Settings:
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
+    for noisy in ("httpx", "alembic"):  # one line per poll / per migration step is noise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return s
 
 
@@ -200,9 +201,15 @@ def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
             build(s.models_dir, log=console.print)
 
 
-@app.command()
-def gateway() -> None:
+gateway_app = typer.Typer(help="The edge gateway.", invoke_without_command=True)
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.callback()
+def gateway(ctx: typer.Context) -> None:
     """Run the edge gateway (DICOM SCP + outbox + /metrics) until interrupted."""
+    if ctx.invoked_subcommand is not None:
+        return
     from dicom_io.gateway import Gateway
 
     s = _settings()
@@ -215,6 +222,48 @@ def gateway() -> None:
     console.print(f"[green]gateway ready[/] {s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
     _wait_for_signal()
     gw.stop()
+
+
+@gateway_app.command("status")
+def gateway_status_cmd() -> None:
+    """Associations, outbox depth by state, retrying/blocked studies, disk headroom."""
+    from dicom_io.status import gateway_status
+    from dicom_io.store import DurableStore
+    from radbridge.db.engine import Database
+    from radbridge.db.migrate import upgrade
+
+    s = _settings()
+    e = s.edge
+    upgrade(s.edge_db_url)
+    st = gateway_status(
+        Database(s.edge_db_url),
+        DurableStore(s.edge_store, min_free_bytes=e.min_free_bytes),
+        f"http://{e.metrics_host}:{e.metrics_port}/metrics" if e.metrics_port else None,
+    )
+    if st.running:
+        console.print(f"gateway [green]running[/]: {st.active_associations} association(s) open")
+    else:
+        console.print("gateway [red]not reachable[/] (its /metrics did not answer)")
+    states = ", ".join(f"{k}: {v}" for k, v in sorted(st.studies_by_state.items())) or "none"
+    console.print(f"studies by state: {states}")
+    headroom = st.free_bytes - st.min_free_bytes
+    colour = "green" if headroom > st.min_free_bytes else "red"
+    console.print(
+        f"disk: [{colour}]{st.free_bytes / 2**30:.1f} GiB free[/], C-STORE refused (0xA700) "
+        f"below {st.min_free_bytes / 2**30:.1f} GiB"
+    )
+    if st.stuck:
+        table = Table("row", "agreement", "state", "attempts", "next attempt", "last error")
+        for r in st.stuck:
+            table.add_row(
+                str(r.row_id),
+                r.agreement_id,
+                r.state,
+                str(r.attempts),
+                r.next_attempt_at.isoformat(timespec="seconds") if r.next_attempt_at else "-",
+                r.last_error or "",
+            )
+        console.print(table)
 
 
 @app.command()

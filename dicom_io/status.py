@@ -1,0 +1,81 @@
+"""What a PACS admin asks first: is it up, how much is waiting, what is stuck, is the disk ok."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+
+from dicom_io.store import DurableStore
+from radbridge.db.engine import Database
+from radbridge.db.tables import StudyRow
+from radbridge.lifecycle import EdgeStudyState
+
+__all__ = ["GatewayStatus", "StuckStudy", "gateway_status"]
+
+
+@dataclass(frozen=True)
+class StuckStudy:
+    """A study waiting on a retry or blocked; row id and agreement only, never identifiers."""
+
+    row_id: int
+    agreement_id: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+
+
+@dataclass
+class GatewayStatus:
+    running: bool
+    active_associations: int | None
+    studies_by_state: dict[str, int]
+    stuck: list[StuckStudy] = field(default_factory=list)
+    free_bytes: int = 0
+    min_free_bytes: int = 0
+
+
+def gateway_status(
+    db: Database, store: DurableStore, metrics_url: str | None, limit: int = 20
+) -> GatewayStatus:
+    with db.session() as s:
+        counts = dict(
+            s.execute(select(StudyRow.state, func.count()).group_by(StudyRow.state)).all()
+        )
+        rows = s.scalars(
+            select(StudyRow)
+            .where(
+                (StudyRow.state == EdgeStudyState.BLOCKED)
+                | ((StudyRow.state == EdgeStudyState.RECEIVING) & (StudyRow.attempts > 0))
+            )
+            .order_by(StudyRow.id)
+            .limit(limit)
+        ).all()
+        stuck = [
+            StuckStudy(r.id, r.agreement_id, r.state, r.attempts, r.next_attempt_at, r.last_error)
+            for r in rows
+        ]
+    associations = _scrape_associations(metrics_url) if metrics_url else None
+    return GatewayStatus(
+        running=associations is not None,
+        active_associations=associations,
+        studies_by_state={str(k): int(v) for k, v in counts.items()},
+        stuck=stuck,
+        free_bytes=store.free_bytes(),
+        min_free_bytes=store.min_free_bytes,
+    )
+
+
+def _scrape_associations(url: str) -> int | None:
+    try:
+        text = httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "radbridge_edge_active_associations":
+            return int(family.samples[0].value)
+    return None

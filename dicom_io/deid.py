@@ -1,8 +1,10 @@
-"""Spine de-identification: an allowlist stricter than the PS3.15 Basic Profile.
+"""Table-driven de-identification: DICOM PS3.15 2024b Annex E, made safer than the table.
 
-Everything not on the allowlist is removed, private tags included; UIDs are remapped with keyed
-pseudonyms; patient identity, dates, times and free text are removed or replaced. The full
-table-driven PS3.15 engine (Table E.1-1, options, Clean Descriptors) replaces this in issue 4.
+Every element at every depth (sequences, tags after Pixel Data) gets the action of PS3.15
+Table E.1-1 under the agreement's options (:mod:`dicom_io.deid_profile`), or, when the table
+does not list it, an action judged by its VR (:mod:`dicom_io.deid_walk`). UIDs are remapped with
+keyed pseudonyms; patient identity is replaced by a keyed pseudonym; free text is removed or, with
+Clean Descriptors, cleaned (:mod:`dicom_io.deid_text`). File meta and preamble are rebuilt.
 Before returning, the output is checked for any original identifying value; a hit raises.
 """
 
@@ -16,100 +18,36 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
+from dicom_io.deid_text import identity_terms
+from dicom_io.deid_walk import NON_REMAPPED_UIDS, WalkContext, walk
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError
 
 __all__ = ["DEID_METHOD", "DeidOutcome", "deidentify"]
 
-DEID_METHOD = "radbridge allowlist, superset of PS3.15 Basic Profile"
+DEID_METHOD = "radbridge: PS3.15-2024b Table E.1-1 + VR rules"
 
-# Attributes kept verbatim: image geometry and pixel description, coded acquisition context.
-_KEEP = frozenset(
-    [
-        "SOPClassUID",
-        "Modality",
-        "BodyPartExamined",
-        "ViewPosition",
-        "ImageType",
-        "Laterality",
-        "ImageLaterality",
-        "PatientOrientation",
-        "SeriesNumber",
-        "InstanceNumber",
-        "AcquisitionNumber",
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
-        "Rows",
-        "Columns",
-        "BitsAllocated",
-        "BitsStored",
-        "HighBit",
-        "PixelRepresentation",
-        "PlanarConfiguration",
-        "NumberOfFrames",
-        "PixelData",
-        "FloatPixelData",
-        "DoubleFloatPixelData",
-        "PixelSpacing",
-        "ImagerPixelSpacing",
-        "PixelAspectRatio",
-        "SliceThickness",
-        "SpacingBetweenSlices",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "SliceLocation",
-        "RescaleIntercept",
-        "RescaleSlope",
-        "RescaleType",
-        "WindowCenter",
-        "WindowWidth",
-        "VOILUTFunction",
-        "PresentationLUTShape",
-        "LossyImageCompression",
-        "LossyImageCompressionRatio",
-        "LossyImageCompressionMethod",
-        "BurnedInAnnotation",
-        "RecognizableVisualFeatures",
-        "PixelIntensityRelationship",
-        "PixelIntensityRelationshipSign",
-        "KVP",
-        "ExposureTime",
-        "XRayTubeCurrent",
-        "Exposure",
-        "DistanceSourceToDetector",
-        "DistanceSourceToPatient",
-        "EstimatedRadiographicMagnificationFactor",
-        "FieldOfViewShape",
-        "FieldOfViewDimensions",
-        "ConvolutionKernel",
-        "ReconstructionDiameter",
-        "SmallestImagePixelValue",
-        "LargestImagePixelValue",
-        "SOPClassesInStudy",
-        "CodeValue",
-        "CodingSchemeDesignator",
-        "CodingSchemeVersion",
-        "CodeMeaning",
-        "ReferencedSOPClassUID",
-        "ReferencedFrameNumber",
-    ]
+# CID 7050 codes of the options, in the order they are listed in the output.
+_OPTION_CODES = (
+    (
+        DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES,
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    (DeidOption.RETAIN_PATIENT_CHARACTERISTICS, "113108", "Retain Patient Characteristics Option"),
+    (DeidOption.RETAIN_DEVICE_IDENTITY, "113109", "Retain Device Identity Option"),
+    (DeidOption.RETAIN_INSTITUTION_IDENTITY, "113112", "Retain Institution Identity Option"),
+    (DeidOption.CLEAN_DESCRIPTORS, "113105", "Clean Descriptors Option"),
 )
-# Sequences kept (their items are filtered with the same rules).
-_KEEP_SEQ = frozenset(
-    [
-        "AnatomicRegionSequence",
-        "ViewCodeSequence",
-        "ReferencedImageSequence",
-        "SourceImageSequence",
-        "DerivationCodeSequence",
-        "ReferencedSeriesSequence",
-        "ReferencedInstanceSequence",
-    ]
+# Type 2 attributes emptied when the walk left them out.
+_TYPE2_EMPTY: tuple[str, ...] = (
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyID",
 )
-# UIDs of the dataset's own identity and references: remapped, never dropped.
-_NON_REMAPPED_UIDS = frozenset({"SOPClassUID", "ReferencedSOPClassUID", "SOPClassesInStudy"})
-_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
+_TYPE2_EMPTY += ("StudyDate", "StudyTime")
 
 
 @dataclass
@@ -122,35 +60,29 @@ def deidentify(
     ds: Dataset, pseudo: Pseudonymizer, options: Iterable[DeidOption] = ()
 ) -> DeidOutcome:
     """Return a de-identified copy of ``ds`` (with new file meta) and the pseudonyms issued."""
-    opts = set(options)
+    opts = frozenset(DeidOption(o) for o in options)
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise DeidentificationError("BurnedInAnnotation is YES: pixel data may show identity")
     needles = _identifying_values(ds)
-    out = Dataset()
-    _copy_allowed(ds, out, pseudo)
-
     pid = str(ds.get("PatientID", "") or "")
     patient_pseudonym = pseudo.token("patient_id", pid, "RB")
+    ctx = WalkContext(pseudo, opts, identity_terms(ds), pid, patient_pseudonym)
+    out = walk(ds, ctx)
+
     out.PatientID = patient_pseudonym
     out.PatientName = patient_pseudonym
-    out.PatientBirthDate = ""
-    out.PatientSex = ""
-    if DeidOption.RETAIN_PATIENT_CHARACTERISTICS in opts:
-        for kw in _CHARACTERISTICS:
-            if kw in ds:
-                setattr(out, kw, ds.data_element(kw).value)  # type: ignore[union-attr]
+    for kw in _TYPE2_EMPTY:
+        if kw not in out:
+            setattr(out, kw, "")
     acc = str(ds.get("AccessionNumber", "") or "")
     out.AccessionNumber = pseudo.token("accession", acc, "A") if acc else ""
-    out.ReferringPhysicianName = ""
-    out.StudyID = ""
-    out.StudyDate = ""
-    out.StudyTime = ""
-    if "ContentDate" in ds:  # Type 1 in some IODs (e.g. DX): a dummy value, not the date
+    if "ContentDate" in ds and "ContentDate" not in out:  # Type 1 in some IODs (e.g. DX)
         out.ContentDate = "19000101"
+    if "ContentTime" in ds and "ContentTime" not in out:
         out.ContentTime = "000000"
     out.SpecificCharacterSet = "ISO_IR 192"
     out.PatientIdentityRemoved = "YES"
-    out.LongitudinalTemporalInformationModified = "REMOVED"
+    out.LongitudinalTemporalInformationModified = "MODIFIED" if ctx.longitudinal else "REMOVED"
     out.DeidentificationMethod = DEID_METHOD
     out.DeidentificationMethodCodeSequence = Sequence(_method_codes(opts))
 
@@ -166,45 +98,9 @@ def deidentify(
     return DeidOutcome(out, dict(pseudo.issued))
 
 
-def _copy_allowed(src: Dataset, dst: Dataset, pseudo: Pseudonymizer) -> None:
-    for elem in src:
-        if elem.tag.is_private or elem.tag.group == 0x0002:
-            continue
-        kw = keyword_for_tag(elem.tag)
-        if elem.VR == "SQ":
-            if kw in _KEEP_SEQ:
-                items = []
-                for item in elem.value:
-                    new = Dataset()
-                    _copy_allowed(item, new, pseudo)
-                    items.append(new)
-                dst.add_new(elem.tag, "SQ", Sequence(items))
-            continue
-        if elem.VR == "UI" and kw not in _NON_REMAPPED_UIDS:
-            dst.add_new(elem.tag, "UI", _remap_uids(elem.value, pseudo))
-            continue
-        if kw in _KEEP:
-            dst.add(elem)
-
-
-def _remap_uids(value: object, pseudo: Pseudonymizer) -> object:
-    if value is None or value == "":
-        return value
-    if isinstance(value, str):
-        return _remap_one(value, pseudo)
-    return [_remap_one(str(v), pseudo) for v in value]  # type: ignore[attr-defined]
-
-
-def _remap_one(uid: str, pseudo: Pseudonymizer) -> str:
-    if UID(uid).name != uid:  # a UID defined by the standard (SOP class, syntax, ...): keep
-        return uid
-    return pseudo.uid(uid)
-
-
-def _method_codes(opts: set[DeidOption]) -> list[Dataset]:
+def _method_codes(opts: frozenset[DeidOption]) -> list[Dataset]:
     codes = [("113100", "Basic Application Confidentiality Profile")]
-    if DeidOption.RETAIN_PATIENT_CHARACTERISTICS in opts:
-        codes.append(("113108", "Retain Patient Characteristics Option"))
+    codes += [(value, meaning) for opt, value, meaning in _OPTION_CODES if opt in opts]
     items = []
     for value, meaning in codes:
         item = Dataset()
@@ -228,7 +124,7 @@ def _identifying_values(ds: Dataset) -> set[str]:
         if v and len(str(v).strip()) >= 2:
             needles.add(str(v).strip())
     for elem in ds.iterall():
-        if elem.VR == "UI" and elem.value and keyword_for_tag(elem.tag) not in _NON_REMAPPED_UIDS:
+        if elem.VR == "UI" and elem.value and keyword_for_tag(elem.tag) not in NON_REMAPPED_UIDS:
             values = elem.value if isinstance(elem.value, list) else [elem.value]
             for v in values:
                 if UID(str(v)).name == str(v):

@@ -1,0 +1,103 @@
+"""Clean Descriptors (PS3.15 E.3.5): free text kept only once identity is provably out of it.
+
+A value is cleaned in three steps: (a) the instance's own identifying values are cut out (every
+PN component, ideographic and phonetic groups included, patient IDs, accession numbers, the
+birth date in common spellings); (b) identifier patterns are cut out (Chinese resident ID,
+Russian SNILS and passport numbers, phone numbers, e-mail addresses); (c) if what remains still
+looks like a name (capitalised Latin/Cyrillic word runs, a CJK run next to an honorific), the
+whole value is dropped: anything uncertain is removed, not kept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from pydicom.dataset import Dataset
+
+__all__ = ["clean_text", "identity_terms", "looks_identifying"]
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_PATTERNS = [
+    re.compile(r"(?<![0-9])[0-9]{17}[0-9Xx](?![0-9A-Za-z])"),  # CN resident ID (18 chars)
+    re.compile(r"(?<![0-9])[0-9]{3}-[0-9]{3}-[0-9]{3}[ -]?[0-9]{2}(?![0-9])"),  # SNILS
+    re.compile(r"(?<![0-9])[0-9]{11}(?![0-9])"),  # SNILS digits only / CN mobile
+    re.compile(r"(?<![0-9])[0-9]{2} ?[0-9]{2} ?[0-9]{6}(?![0-9])"),  # RU passport
+    re.compile(r"\+7[\s(-]*[0-9]{3}[\s)-]*[0-9]{3}[\s-]*[0-9]{2}[\s-]*[0-9]{2}(?![0-9])"),
+    re.compile(r"(?<![0-9])8[\s(-]*9[0-9]{2}[\s)-]*[0-9]{3}[\s-]*[0-9]{2}[\s-]*[0-9]{2}(?![0-9])"),
+    re.compile(r"\+86[\s-]*1[0-9]{2}[\s-]*[0-9]{4}[\s-]*[0-9]{4}(?![0-9])"),
+    re.compile(r"(?<![0-9])1[3-9][0-9]{9}(?![0-9])"),  # CN mobile
+    re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),  # e-mail
+]
+_UPPER = "A-ZА-ЯЁ"
+_LOWER = "a-zа-яё"
+_UNCERTAIN = [
+    # Two or more capitalised words in a row: "Ivan Petrov", "Иванов Иван".
+    re.compile(rf"(?<!\w)[{_UPPER}][{_LOWER}]+(?:[\s^-]+[{_UPPER}][{_LOWER}]+)+(?!\w)"),
+    # Surname plus initials: "Иванов И.И.", "Smith J."
+    re.compile(rf"(?<!\w)[{_UPPER}][{_LOWER}]+\s+[{_UPPER}]\.\s?(?:[{_UPPER}]\.)?"),
+    # Honorific or role word followed by a capitalised word.
+    re.compile(rf"(?i:\b(?:пациент\w*|больно\w*|patient|mr|mrs|ms|dr)\.?)\s+[{_UPPER}][{_LOWER}]+"),
+    # A CJK run of 1-4 characters next to 先生/女士/患者/病人/пациент.
+    re.compile(rf"[{_CJK}]{{1,4}}(?:先生|女士|小姐|患者|病人)"),
+    re.compile(rf"(?:患者|病人|姓名)[:：\s]*[{_CJK}]{{2,4}}"),
+    re.compile(rf"(?i:пациент\w*)\s*[{_CJK}]{{2,4}}"),
+]
+_DATE_FORMATS: tuple[str, ...] = ("{y}{m}{d}", "{y}-{m}-{d}", "{y}/{m}/{d}", "{y}.{m}.{d}")
+_DATE_FORMATS += ("{d}.{m}.{y}", "{d}/{m}/{y}", "{m}/{d}/{y}", "{d}-{m}-{y}")
+
+
+def identity_terms(ds: Dataset) -> list[str]:
+    """The instance's own identifying values, longest first, for :func:`clean_text`."""
+    terms: set[str] = set()
+    for elem in ds.iterall():
+        if elem.VR == "PN" and elem.value:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            for v in values:
+                for comp in re.split(r"[=^]", str(v)):
+                    comp = comp.strip()
+                    if len(comp) >= 2 or re.fullmatch(rf"[{_CJK}]", comp):
+                        terms.add(comp)
+                    for word in comp.split():
+                        if len(word) >= 2:
+                            terms.add(word)
+    for kw in ("PatientID", "OtherPatientIDs", "AccessionNumber", "IssuerOfPatientID"):
+        value = ds.get(kw)
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if v and len(str(v).strip()) >= 2:
+                terms.add(str(v).strip())
+    birth = str(ds.get("PatientBirthDate", "") or "")
+    if re.fullmatch(r"[0-9]{8}", birth):
+        y, m, d = birth[:4], birth[4:6], birth[6:]
+        terms.update(f.format(y=y, m=m, d=d) for f in _DATE_FORMATS)
+        terms.add(f"{y}年{int(m)}月{int(d)}日")
+        terms.add(f"{y}年{m}月{d}日")
+    return sorted(terms, key=len, reverse=True)
+
+
+def _term_pattern(term: str) -> re.Pattern[str]:
+    escaped = re.escape(term)
+    if re.search(rf"[{_CJK}]", term):
+        return re.compile(escaped)
+    right = r"\w*" if len(term) >= 4 else r"(?!\w)"  # long terms: inflected forms, whole word
+    return re.compile(rf"(?<!\w){escaped}{right}", re.IGNORECASE)
+
+
+def looks_identifying(text: str) -> bool:
+    """True when ``text`` still holds something that may be a name (uncertain content)."""
+    return any(p.search(text) for p in _UNCERTAIN)
+
+
+def clean_text(value: str, terms: Iterable[str]) -> str | None:
+    """Return ``value`` with identity cut out, or ``None`` when it must be removed entirely."""
+    text = value
+    for term in terms:
+        text = _term_pattern(term).sub(" ", text)
+    for pattern in _PATTERNS:
+        text = pattern.sub(" ", text)
+    text = re.sub(r"[=^]+", " ", text) if text != value else text
+    text = re.sub(r"[ \t]{2,}", " ", text).strip(" \t,;:")
+    if looks_identifying(text):
+        return None
+    return text

@@ -15,8 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from dicom_io.header import InstanceHeader
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.index import find_instance, series_for, study_for
-from radbridge.db.tables import InstanceRow, utcnow
+from radbridge.db.index import find_instance, record_instance, series_for, study_for
 from radbridge.lifecycle import EdgeStudyState
 
 __all__ = ["IngestOutcome", "Ingestor"]
@@ -61,31 +60,19 @@ class Ingestor:
                 f"{header.sop_instance_uid}.{digest[:12]}.dcm"
             )
             stored = self.store.write(relpath, encoded)
-            now = utcnow()
-            if existing is None:
-                s.add(
-                    InstanceRow(
-                        series_id=series.id,
-                        sop_instance_uid=header.sop_instance_uid,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        path=stored.relpath,
-                        size=stored.size,
-                        sha256=stored.sha256,
-                        received_at=now,
-                    )
-                )
-                study.instance_count += 1
-                outcome = IngestOutcome.STORED
-            else:  # the previous file stays in the store; the row points at the newest
-                existing.path, existing.size, existing.sha256 = (
-                    stored.relpath,
-                    stored.size,
-                    stored.sha256,
-                )
-                existing.received_at = now
-                outcome = IngestOutcome.NEW_VERSION
-            study.last_received_at = now
+            created = record_instance(
+                s,
+                study,
+                series,
+                existing,  # new bytes for a known SOP UID: old file kept, row re-pointed
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                relpath=stored.relpath,
+                size=stored.size,
+                sha256=stored.sha256,
+            )
+            outcome = IngestOutcome.STORED if created else IngestOutcome.NEW_VERSION
             if study.state != EdgeStudyState.BLOCKED:
                 study.state = EdgeStudyState.RECEIVING
             study.next_attempt_at = None

@@ -11,8 +11,7 @@ from pydicom.dataset import Dataset
 from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.index import find_instance, series_for, study_for
-from radbridge.db.tables import InstanceRow, utcnow
+from radbridge.db.index import find_instance, record_instance, series_for, study_for
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.lifecycle import CenterStudyState
 
@@ -58,28 +57,22 @@ def _store(
 ) -> None:
     relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
     with db.session() as s:
-        now = utcnow()
         study = study_for(s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING)
         series = series_for(s, study, h.series_uid, h.modality, h.body_part)
         row = find_instance(s, series, h.sop_instance_uid)
         stored = store.write(relpath, part)
-        if row is None:
-            s.add(
-                InstanceRow(
-                    series_id=series.id,
-                    sop_instance_uid=h.sop_instance_uid,
-                    sop_class_uid=h.sop_class_uid,
-                    transfer_syntax_uid=h.transfer_syntax_uid,
-                    path=stored.relpath,
-                    size=stored.size,
-                    sha256=stored.sha256,
-                    received_at=now,
-                )
-            )
-            study.instance_count += 1
-        else:
-            row.sha256, row.size, row.received_at = stored.sha256, stored.size, now
-        study.last_received_at = now
+        record_instance(
+            s,
+            study,
+            series,
+            row,
+            sop_instance_uid=h.sop_instance_uid,
+            sop_class_uid=h.sop_class_uid,
+            transfer_syntax_uid=h.transfer_syntax_uid,
+            relpath=stored.relpath,
+            size=stored.size,
+            sha256=stored.sha256,
+        )
         study.state = CenterStudyState.RECEIVING
 
 

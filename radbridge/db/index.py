@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
 
-__all__ = ["find_instance", "series_for", "study_for"]
+__all__ = ["find_instance", "record_instance", "series_for", "study_for"]
 
 
 def study_for(
@@ -57,3 +57,42 @@ def find_instance(s: Session, series: SeriesRow, sop_instance_uid: str) -> Insta
             InstanceRow.series_id == series.id, InstanceRow.sop_instance_uid == sop_instance_uid
         )
     ).first()
+
+
+def record_instance(
+    s: Session,
+    study: StudyRow,
+    series: SeriesRow,
+    existing: InstanceRow | None,
+    *,
+    sop_instance_uid: str,
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    relpath: str,
+    size: int,
+    sha256: str,
+) -> bool:
+    """Index a stored file: a new row (study count +1) or the existing row re-pointed.
+
+    Returns True when a new instance was added.
+    """
+    now = utcnow()
+    study.last_received_at = now
+    if existing is not None:
+        existing.path, existing.size, existing.sha256 = relpath, size, sha256
+        existing.received_at = now
+        return False
+    s.add(
+        InstanceRow(
+            series_id=series.id,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            path=relpath,
+            size=size,
+            sha256=sha256,
+            received_at=now,
+        )
+    )
+    study.instance_count += 1
+    return True

@@ -189,3 +189,22 @@ def test_association_limit_rejects_transiently(migrated_db: Database, tmp_path: 
         first.release()
     finally:
         server.stop()
+
+
+def test_resent_instance_with_new_content_is_kept_beside_the_old(
+    scp: tuple[int, Database, Path], tmp_path: Path
+) -> None:
+    port, db, store = scp
+    ds = make_instance()
+    first = write_instance(ds, tmp_path / "v1.dcm")
+    ds.PixelData = bytes(len(ds.PixelData))  # same SOP Instance UID, different content
+    second = write_instance(ds, tmp_path / "v2.dcm")
+    assoc = _assoc(port)
+    assert assoc.send_c_store(first).Status == 0x0000
+    assert assoc.send_c_store(second).Status == 0x0000
+    assoc.release()
+    with db.session() as s:
+        (row,) = s.scalars(select(InstanceRow)).all()
+        assert s.scalars(select(StudyRow)).one().instance_count == 1
+    assert len(_dcm_files(store)) == 2  # never silently overwritten
+    assert _dataset_bytes(store / row.path) == _dataset_bytes(second)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 
 from prometheus_client import start_http_server
 
@@ -17,15 +18,28 @@ from radbridge.db.engine import Database
 from radbridge.metrics import EdgeMetrics
 from radbridge.settings import Settings
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "quiet_value_echoing_warnings"]
 
 log = logging.getLogger("radbridge.edge")
+
+
+def quiet_value_echoing_warnings() -> None:
+    """pydicom's validation warnings quote element values (names, IDs): keep them out of logs.
+
+    Our own code decides what is valid (``header.parse_header``) and never logs values.
+    """
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 class Gateway:
     """Owns every edge component; ``start()`` returns once the SCP listens."""
 
     def __init__(self, settings: Settings) -> None:
+        quiet_value_echoing_warnings()
         self.settings = settings
         self.agreements: AgreementSet = load_agreements(settings.agreements_file)
         self.metrics = EdgeMetrics()

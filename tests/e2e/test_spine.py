@@ -273,6 +273,10 @@ def test_push_deidentify_infer_and_measure(
     assert _scraped(prometheus, "radbridge_end_to_end_seconds_count") >= 1
     for n in needles:
         assert n not in edge_metrics and n not in center_metrics
+    # Nor in anything the stack logged (edge, center, Ray workers all write to this log).
+    logged = Path(str(stack["log"])).read_text(encoding="utf-8", errors="replace")
+    for n in needles:
+        assert n not in logged, n
 
 
 def test_unknown_calling_ae_is_rejected(stack: dict[str, object]) -> None:

@@ -25,6 +25,7 @@ class InstanceHeader:
     transfer_syntax_uid: str
     modality: str | None
     body_part: str | None
+    identity_removed: bool = False  # (0012,0062) PatientIdentityRemoved == "YES"
 
 
 def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> InstanceHeader:
@@ -44,6 +45,7 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
                 "SeriesInstanceUID",
                 "Modality",
                 "BodyPartExamined",
+                "PatientIdentityRemoved",
             )
         }
         tsuid = str(ds.file_meta.TransferSyntaxUID)
@@ -74,4 +76,5 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
         transfer_syntax_uid=tsuid,
         modality=modality,
         body_part=body,
+        identity_removed=str(values["PatientIdentityRemoved"] or "").upper() == "YES",
     )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from io import BytesIO
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_io.header import InstanceHeader, parse_header
@@ -34,7 +32,11 @@ def receive_instances(
     for part in parts:
         try:
             header = parse_header(part)
-            _require_deidentified(part)
+            if not header.identity_removed:
+                raise DatasetError(
+                    "not_deidentified",
+                    "PatientIdentityRemoved is not YES: the center takes no identity",
+                )
             _store(db, store, agreement_id, header, part)
             outcome.stored.append(header)
         except DatasetError as exc:
@@ -42,14 +44,6 @@ def receive_instances(
         except RadbridgeError as exc:
             outcome.failed.append((None, None, 0xA700, str(exc)))
     return outcome
-
-
-def _require_deidentified(part: bytes) -> None:
-    ds = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=[(0x0012, 0x0062)])
-    if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
-        raise DatasetError(
-            "not_deidentified", "PatientIdentityRemoved is not YES: the center takes no identity"
-        )
 
 
 def _store(

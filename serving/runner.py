@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,6 @@ class ModelRunner:
         batch_wait_timeout_s: float = 0.01,
         intra_op_threads: int = 0,
     ) -> None:
-        from pathlib import Path
-
         model = ModelRepository(Path(repository)).get(name, version)  # verifies sha256 + signature
         self.key = model.key
         opts = ort.SessionOptions()

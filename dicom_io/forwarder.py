@@ -96,7 +96,7 @@ class Forwarder:
             agreement = agreements.get(study.agreement_id)
             if agreement is None:
                 continue
-            if study.last_received_at + timedelta(seconds=agreement.quiet_period_s) > now:
+            if not _complete(study, agreement, now):
                 continue
             if not agreement.may_transfer(now.date()):
                 if study.state != EdgeStudyState.BLOCKED:
@@ -139,6 +139,7 @@ class Forwarder:
                 .values(
                     state=EdgeStudyState.FORWARDED,
                     forwarded_at=utcnow(),
+                    version=StudyRow.version + 1,
                     attempts=0,
                     last_error=None,
                     next_attempt_at=None,
@@ -235,6 +236,13 @@ class Forwarder:
             for state in (EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED):
                 n = s.query(StudyRow).filter(StudyRow.state == state).count()
                 self._metrics.outbox_depth.labels(state.value).set(n)
+
+
+def _complete(study: StudyRow, agreement: Agreement, now: datetime) -> bool:
+    """Complete once the sender's stated count is in, else after the agreement's quiet period."""
+    if study.expected_instances and study.instance_count >= study.expected_instances:
+        return True
+    return study.last_received_at + timedelta(seconds=agreement.quiet_period_s) <= now
 
 
 def _chunks(parts: list[bytes], limit: int) -> list[list[bytes]]:

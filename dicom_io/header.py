@@ -26,6 +26,9 @@ class InstanceHeader:
     modality: str | None
     body_part: str | None
     identity_removed: bool = False  # (0012,0062) PatientIdentityRemoved == "YES"
+    # (0020,1208) Number of Study Related Instances, when the sender states it: the study is
+    # complete once that many instances are in, without waiting for the quiet period.
+    expected_study_instances: int | None = None
 
 
 def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> InstanceHeader:
@@ -46,6 +49,7 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
                 "Modality",
                 "BodyPartExamined",
                 "PatientIdentityRemoved",
+                "NumberOfStudyRelatedInstances",
             )
         }
         tsuid = str(ds.file_meta.TransferSyntaxUID)
@@ -68,6 +72,7 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
         )
     modality = str(values["Modality"]).strip() if values["Modality"] else None
     body = str(values["BodyPartExamined"]).strip() if values["BodyPartExamined"] else None
+    expected = _positive_int(values["NumberOfStudyRelatedInstances"])
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -77,4 +82,13 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
         modality=modality,
         body_part=body,
         identity_removed=str(values["PatientIdentityRemoved"] or "").upper() == "YES",
+        expected_study_instances=expected,
     )
+
+
+def _positive_int(value: object) -> int | None:
+    try:
+        n = int(str(value).strip()) if value not in (None, "") else 0
+    except (TypeError, ValueError):
+        return None  # a malformed count is ignored: the quiet period still completes the study
+    return n if n > 0 else None

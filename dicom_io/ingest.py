@@ -12,10 +12,12 @@ import threading
 
 from sqlalchemy.exc import IntegrityError
 
-from dicom_io.header import InstanceHeader
+from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
+from radbridge.agreements import Agreement
 from radbridge.db.engine import Database
 from radbridge.db.index import find_instance, record_instance, series_for, study_for
+from radbridge.errors import DatasetError
 from radbridge.lifecycle import EdgeStudyState
 
 __all__ = ["IngestOutcome", "Ingestor"]
@@ -32,6 +34,21 @@ class Ingestor:
         self.db = db
         self.store = store
         self._lock = threading.Lock()  # serialises index updates of one gateway process
+
+    def accept(
+        self, agreement: Agreement, encoded: bytes, declared_sop_class: str | None = None
+    ) -> tuple[str, InstanceHeader]:
+        """The one receive path of C-STORE and STOW-RS: validate, check policy, store durably.
+
+        Raises ``DatasetError`` / ``StorageError``; each protocol maps them through its table.
+        """
+        header = parse_header(encoded, declared_sop_class)
+        if header.modality not in agreement.modalities:
+            raise DatasetError(
+                "modality_not_allowed",
+                f"modality {header.modality or 'none'} is not allowed by agreement {agreement.id}",
+            )
+        return self.ingest(agreement.id, header, encoded), header
 
     def ingest(self, agreement_id: str, header: InstanceHeader, encoded: bytes) -> str:
         digest = hashlib.sha256(encoded).hexdigest()
@@ -76,4 +93,6 @@ class Ingestor:
             if study.state != EdgeStudyState.BLOCKED:
                 study.state = EdgeStudyState.RECEIVING
             study.next_attempt_at = None
+            if header.expected_study_instances:
+                study.expected_instances = header.expected_study_instances
             return outcome

@@ -19,11 +19,10 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_io.header import parse_header
 from dicom_io.ingest import Ingestor
 from dicom_io.statuses import NOT_AUTHORIZED, SUCCESS, status_for
 from radbridge.agreements import Agreement, AgreementSet
-from radbridge.errors import DatasetError, RadbridgeError
+from radbridge.errors import RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label
 
 __all__ = ["StorageSCP"]
@@ -139,14 +138,10 @@ class StorageSCP:
         modality = "other"
         try:
             encoded = event.encoded_dataset(include_meta=True)
-            header = parse_header(encoded, str(event.request.AffectedSOPClassUID))
+            outcome, header = self._ingestor.accept(
+                agreement, encoded, str(event.request.AffectedSOPClassUID)
+            )
             modality = safe_label(header.modality)
-            if header.modality not in agreement.modalities:
-                raise DatasetError(
-                    "modality_not_allowed",
-                    f"modality {modality} is not allowed by agreement {agreement.id}",
-                )
-            outcome = self._ingestor.ingest(agreement.id, header, encoded)
         except RadbridgeError as exc:
             return self._failed(agreement, exc, status_for(exc))
         self._metrics.instance_receive.labels(agreement.id, modality).observe(

@@ -77,6 +77,13 @@ class DicomNode(_Strict):
         return v
 
 
+class StowAccess(_Strict):
+    """Per-agreement credentials for STOW-RS; the password itself lives in the environment."""
+
+    username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    password_env: str = Field(min_length=1, pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+
 class Hospital(_Strict):
     name: str = Field(min_length=1)
     country: str = Field(min_length=2, max_length=2, description="ISO 3166-1 alpha-2.")
@@ -85,6 +92,27 @@ class Hospital(_Strict):
         min_length=1, description="Addresses or CIDR networks the PACS connects from."
     )
     return_destination: DicomNode
+    called_ae_title: str | None = Field(
+        None, description="AE title this hospital's PACS must call; default: edge.ae_title."
+    )
+    max_associations: int | None = Field(
+        None, ge=1, le=1000, description="Concurrent associations from this hospital."
+    )
+    require_tls: bool = Field(
+        False, description="Accept associations only on the edge's DICOM TLS port."
+    )
+    tls_client_names: list[str] = Field(
+        default_factory=list,
+        description="Client certificate subject CNs allowed (empty: any the CA signed).",
+    )
+    stow: StowAccess | None = Field(
+        None, description="HTTP Basic credentials for pushing over DICOMweb STOW-RS."
+    )
+
+    @field_validator("called_ae_title")
+    @classmethod
+    def _called(cls, v: str | None) -> str | None:
+        return None if v is None else DicomNode._ae(v)
 
     @field_validator("calling_ae_titles")
     @classmethod
@@ -224,10 +252,20 @@ class AgreementSet(_Strict):
                         f"calling AE title {ae!r} is used by both {seen[ae]!r} and {a.id!r}"
                     )
                 seen[ae] = a.id
+        users = [a.hospital.stow.username for a in self.agreements if a.hospital.stow]
+        if len(set(users)) != len(users):
+            raise ValueError("STOW-RS usernames must be unique across agreements")
         return self
 
     def get(self, agreement_id: str) -> Agreement | None:
         return next((a for a in self.agreements if a.id == agreement_id), None)
+
+    def for_stow_user(self, username: str, today: date | None = None) -> Agreement | None:
+        """The active agreement whose STOW-RS username is ``username``, or None."""
+        for a in self.agreements:
+            if a.hospital.stow and a.hospital.stow.username == username and a.is_active(today):
+                return a
+        return None
 
     def for_calling_ae(self, ae_title: str, today: date | None = None) -> Agreement | None:
         """The active agreement that owns ``ae_title``, or None."""

@@ -28,6 +28,16 @@ DEV_SECRET = "radbridge-local-development-secret"
 DEFAULT_AGREEMENTS = Path(__file__).parent / "defaults" / "agreements.yaml"
 
 
+class EdgeTLS(BaseModel):
+    """A second SCP port speaking DICOM over TLS, with client certificates checked."""
+
+    port: int = Field(2762, ge=1, le=65535, description="2762 is the IANA dicom-tls port.")
+    cert_file: Path = Field(description="PEM certificate chain of the gateway.")
+    key_file: Path = Field(description="PEM private key of the gateway.")
+    ca_file: Path = Field(description="PEM CA bundle that signs hospital client certificates.")
+    require_client_cert: bool = True
+
+
 class EdgeSettings(BaseModel):
     """The edge gateway inside the hospital."""
 
@@ -53,6 +63,11 @@ class EdgeSettings(BaseModel):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    max_pdu: int = Field(
+        262_144, ge=0, description="Largest P-DATA PDU we accept (bytes); 0 means no limit."
+    )
+    stow_port: int = Field(0, ge=0, le=65535, description="DICOMweb STOW-RS port; 0 disables.")
+    tls: EdgeTLS | None = Field(None, description="DICOM TLS listener (PS3.15 B.1).")
 
 
 class CenterSettings(BaseModel):

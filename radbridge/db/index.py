@@ -79,8 +79,11 @@ def record_instance(
     now = utcnow()
     study.last_received_at = now
     if existing is not None:
+        # The earlier file stays in the store; the row points at the newest and counts versions.
         existing.path, existing.size, existing.sha256 = relpath, size, sha256
+        existing.transfer_syntax_uid = transfer_syntax_uid
         existing.received_at = now
+        existing.version += 1
         return False
     s.add(
         InstanceRow(
@@ -92,6 +95,7 @@ def record_instance(
             size=size,
             sha256=sha256,
             received_at=now,
+            version=1,
         )
     )
     study.instance_count += 1

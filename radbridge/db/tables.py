@@ -105,6 +105,12 @@ class StudyRow(Base):
     priority: Mapped[str] = mapped_column(String(10), default="routine")
     modality: Mapped[str | None] = mapped_column(String(16))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    expected_instances: Mapped[int | None] = mapped_column(
+        Integer, doc="Number of Study Related Instances as the sender stated it, if it did."
+    )
+    version: Mapped[int] = mapped_column(
+        Integer, default=0, doc="Completions so far: a late instance re-opens the study (+1)."
+    )
     first_received_at: Mapped[datetime]
     last_received_at: Mapped[datetime]
     stable_at: Mapped[datetime | None]
@@ -139,6 +145,9 @@ class InstanceRow(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    version: Mapped[int] = mapped_column(
+        Integer, default=1, doc="1, then +1 each time new bytes arrive for this SOP Instance UID."
+    )
     series: Mapped[SeriesRow] = relationship(back_populates="instances")
 
 

@@ -12,6 +12,7 @@ from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
+from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
@@ -46,12 +47,14 @@ class Gateway:
         self.db = Database(settings.edge_db_url)
         e = settings.edge
         self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)
+        self._tls_context = server_context(e.tls) if e.tls else None  # fails fast on bad files
         self.scp = StorageSCP(
             e.ae_title,
             lambda: self.agreements,
             Ingestor(self.db, self.store),
             self.metrics,
             max_associations=e.max_associations,
+            max_pdu=e.max_pdu,
             acse_timeout_s=e.acse_timeout_s,
             dimse_timeout_s=e.dimse_timeout_s,
             network_timeout_s=e.network_timeout_s,
@@ -86,6 +89,9 @@ class Gateway:
             )
             self._metrics_server = server
         self.scp.start(e.host, e.port)
+        if self._tls_context is not None:
+            assert e.tls is not None
+            self.scp.start(e.host, e.tls.port, ssl_context=self._tls_context)
         t = threading.Thread(
             target=self.forwarder.run,
             args=(self._stop, e.poll_interval_s),

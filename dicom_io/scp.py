@@ -1,20 +1,33 @@
 """The edge's DICOM SCP: Verification and Storage, with per-agreement association policy.
 
-The association is accepted only from a calling AE title owned by an active agreement and a
-source address that agreement allows; otherwise A-ASSOCIATE-RJ with the standard reason
-(PS3.8 9.3.4: rejected-permanent, service-user, 3 = calling AE title not recognized).
+The association is accepted only from a calling AE title owned by an active agreement, a source
+address that agreement allows, the called AE title the hospital must use, over TLS with a known
+client certificate when the agreement requires it, and within the hospital's association limit.
+Otherwise A-ASSOCIATE-RJ with the standard result/source/reason (PS3.8 9.3.4 / 7.1.1.9):
+
+| check | result, source, reason |
+|---|---|
+| calling AE title unknown or its agreement inactive | 1, 1, 3 calling AE not recognized |
+| called AE title not the hospital's | 1, 1, 7 called AE not recognized |
+| source address, TLS required, client certificate | 1, 1, 1 no reason given |
+| hospital's max_associations reached | 2, 3, 2 local limit exceeded |
+| edge.max_associations reached (pynetdicom) | 2, 3, 2 local limit exceeded |
+
+Every transfer syntax pydicom can decode is accepted and stored as received; pixels are decoded
+only on demand (``dicom_io.pixels``).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 import weakref
 from collections.abc import Callable
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -29,8 +42,10 @@ __all__ = ["StorageSCP"]
 
 log = logging.getLogger("radbridge.edge.scp")
 
-REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
-NO_REASON, CALLING_AE_NOT_RECOGNIZED = 0x01, 0x03
+REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
+SERVICE_USER, SERVICE_PROVIDER_PRESENTATION = 0x01, 0x03
+NO_REASON, CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x01, 0x03, 0x07
+LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 class StorageSCP:
@@ -44,6 +59,7 @@ class StorageSCP:
         metrics: EdgeMetrics,
         *,
         max_associations: int = 16,
+        max_pdu: int = 262_144,
         acse_timeout_s: float = 30.0,
         dimse_timeout_s: float = 60.0,
         network_timeout_s: float = 60.0,
@@ -54,10 +70,12 @@ class StorageSCP:
         self._by_assoc: weakref.WeakKeyDictionary[Association, Agreement] = (
             weakref.WeakKeyDictionary()
         )
+        self._open: dict[str, int] = {}  # agreement id -> accepted associations still open
         self._lock = threading.Lock()
+        self.ae_title = ae_title
         ae = AE(ae_title=ae_title)
-        ae.require_called_aet = True
-        ae.maximum_pdu_size = 0  # no limit on what we receive
+        ae.require_called_aet = False  # checked per hospital in _on_requested
+        ae.maximum_pdu_size = max_pdu  # 0: no limit on the P-DATA PDUs we receive
         ae.maximum_associations = max_associations  # beyond: A-ASSOCIATE-RJ transient, 2/3/2
         ae.acse_timeout = acse_timeout_s
         ae.dimse_timeout = dimse_timeout_s
@@ -65,23 +83,32 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax)
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
-        self._server: object | None = None
+        self._servers: list[object] = []
 
-    def start(self, host: str, port: int) -> None:
+    def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on ``host:port``; with ``ssl_context`` the port speaks DICOM TLS.
+
+        May be called twice (plain and TLS ports); both share the policy and the limits.
+        """
+        tls = ssl_context is not None
         handlers: list = [  # type: ignore[type-arg]
             (evt.EVT_CONN_OPEN, self._on_conn_open),
-            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REQUESTED, self._on_requested, [tls]),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        server = self.ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+        self._servers.append(server)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
-            self._server = None
+        for server in self._servers:
+            server.shutdown()  # type: ignore[attr-defined]
+        self._servers.clear()
 
     @property
     def active_associations(self) -> int:
@@ -95,7 +122,7 @@ class StorageSCP:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_requested(self, event: evt.Event) -> None:
+    def _on_requested(self, event: evt.Event, tls: bool) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         assert primitive is not None
@@ -103,25 +130,71 @@ class StorageSCP:
         agreement = self._agreements().for_calling_ae(calling)
         if agreement is None:
             log.warning("association rejected: calling AE %r has no active agreement", calling)
-            self._metrics.associations_rejected.labels("calling_ae").inc()
-            self._reject(assoc, CALLING_AE_NOT_RECOGNIZED)
+            self._refuse(assoc, "calling_ae", CALLING_AE_NOT_RECOGNIZED)
+            return
+        hospital = agreement.hospital
+        called = str(primitive.called_ae_title).strip()
+        if called != (hospital.called_ae_title or self.ae_title):
+            log.warning("association rejected: wrong called AE for agreement %s", agreement.id)
+            self._refuse(assoc, "called_ae", CALLED_AE_NOT_RECOGNIZED)
             return
         address = assoc.requestor.address
-        if not agreement.hospital.allows_ip(address):
+        if not hospital.allows_ip(address):
             log.warning(
                 "association rejected: %s is not an allowed source for agreement %s",
                 address,
                 agreement.id,
             )
-            self._metrics.associations_rejected.labels("source_ip").inc()
-            self._reject(assoc, NO_REASON)
+            self._refuse(assoc, "source_ip", NO_REASON)
             return
+        if hospital.require_tls and not tls:
+            log.warning("association rejected: agreement %s requires DICOM TLS", agreement.id)
+            self._refuse(assoc, "tls_required", NO_REASON)
+            return
+        if tls and hospital.tls_client_names:
+            name = _peer_common_name(assoc)
+            if name not in hospital.tls_client_names:
+                log.warning(
+                    "association rejected: client certificate not allowed for agreement %s",
+                    agreement.id,
+                )
+                self._refuse(assoc, "client_cert", NO_REASON)
+                return
         with self._lock:
-            self._by_assoc[assoc] = agreement
+            limit = hospital.max_associations
+            if limit is not None and self._open.get(agreement.id, 0) >= limit:
+                refused = True
+            else:
+                refused = False
+                self._by_assoc[assoc] = agreement
+                self._open[agreement.id] = self._open.get(agreement.id, 0) + 1
+        if refused:
+            log.warning("association rejected: agreement %s at its association limit", agreement.id)
+            self._refuse(
+                assoc,
+                "agreement_limit",
+                LOCAL_LIMIT_EXCEEDED,
+                result=REJECTED_TRANSIENT,
+                source=SERVICE_PROVIDER_PRESENTATION,
+            )
 
-    @staticmethod
-    def _reject(assoc: Association, diagnostic: int) -> None:
-        assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, diagnostic)
+    def _on_conn_close(self, event: evt.Event) -> None:
+        with self._lock:
+            agreement = self._by_assoc.pop(event.assoc, None)
+            if agreement is not None:
+                self._open[agreement.id] = max(self._open.get(agreement.id, 1) - 1, 0)
+
+    def _refuse(
+        self,
+        assoc: Association,
+        reason: str,
+        diagnostic: int,
+        *,
+        result: int = REJECTED_PERMANENT,
+        source: int = SERVICE_USER,
+    ) -> None:
+        self._metrics.associations_rejected.labels(reason).inc()
+        assoc.acse.send_reject(result, source, diagnostic)
         # As pynetdicom's own ACSE does: let the DUL flush the A-ASSOCIATE-RJ before the
         # connection is shut down, or the peer sees an abort instead of the reason.
         assoc.kill()
@@ -155,3 +228,16 @@ class StorageSCP:
         log.warning("C-STORE refused (agreement %s): 0x%04X %s", agreement.id, status, exc)
         self._metrics.instances.labels(agreement.id, safe_label(str(reason))).inc()
         return status
+
+
+def _peer_common_name(assoc: Association) -> str | None:
+    """The subject CN of the TLS client certificate, or None."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for attribute in rdn:
+            if attribute[0] == "commonName":
+                return str(attribute[1])
+    return None

@@ -12,6 +12,7 @@ from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
+from dicom_io.stow_server import StowServer, build_stow_app
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
 from radbridge.db.agreements import sync_agreements
@@ -48,10 +49,11 @@ class Gateway:
         e = settings.edge
         self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)
         self._tls_context = server_context(e.tls) if e.tls else None  # fails fast on bad files
+        ingestor = Ingestor(self.db, self.store)
         self.scp = StorageSCP(
             e.ae_title,
             lambda: self.agreements,
-            Ingestor(self.db, self.store),
+            ingestor,
             self.metrics,
             max_associations=e.max_associations,
             max_pdu=e.max_pdu,
@@ -59,6 +61,15 @@ class Gateway:
             dimse_timeout_s=e.dimse_timeout_s,
             network_timeout_s=e.network_timeout_s,
         )
+        self.stow: StowServer | None = None
+        if e.stow_port:
+            app = build_stow_app(
+                lambda: self.agreements,
+                ingestor,
+                self.metrics,
+                max_body_bytes=e.stow_max_body_bytes,
+            )
+            self.stow = StowServer(app, e.host, e.stow_port)
         self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
         self.metrics.disk_free.set_function(self.store.free_bytes)
         self.forwarder = Forwarder(
@@ -92,6 +103,8 @@ class Gateway:
         if self._tls_context is not None:
             assert e.tls is not None
             self.scp.start(e.host, e.tls.port, ssl_context=self._tls_context)
+        if self.stow is not None:
+            self.stow.start()
         t = threading.Thread(
             target=self.forwarder.run,
             args=(self._stop, e.poll_interval_s),
@@ -113,6 +126,8 @@ class Gateway:
     def stop(self) -> None:
         self._stop.set()
         self.scp.stop()
+        if self.stow is not None:
+            self.stow.stop()
         for t in self._threads:
             t.join(timeout=10)
         if self._metrics_server is not None:

@@ -31,13 +31,14 @@ def encode_multipart(parts: Iterable[bytes]) -> tuple[bytes, str]:
 def decode_multipart(body: bytes, content_type: str) -> list[bytes]:
     """Split a STOW-RS body into its application/dicom parts.
 
-    Raises ``DatasetError('bad_request', ...)`` naming what is wrong with the envelope.
+    Raises ``DatasetError`` naming what is wrong with the envelope: reason
+    ``unsupported_media_type`` for a wrong media type (HTTP 415), else ``bad_request`` (400).
     """
     if not content_type.lower().startswith("multipart/related"):
-        raise DatasetError("bad_request", "Content-Type must be multipart/related")
+        raise DatasetError("unsupported_media_type", "Content-Type must be multipart/related")
     m_type = _TYPE.search(content_type)
     if m_type and m_type.group(1).lower() != DICOM_MEDIA_TYPE:
-        raise DatasetError("bad_request", f'multipart type must be "{DICOM_MEDIA_TYPE}"')
+        raise DatasetError("unsupported_media_type", f'multipart type must be "{DICOM_MEDIA_TYPE}"')
     m = _BOUNDARY.search(content_type)
     if not m:
         raise DatasetError("bad_request", "Content-Type has no boundary parameter")
@@ -52,7 +53,7 @@ def decode_multipart(body: bytes, content_type: str) -> list[bytes]:
             raise DatasetError("bad_request", "multipart part has no header separator")
         headers = head.decode("latin-1").lower()
         if "content-type:" in headers and DICOM_MEDIA_TYPE not in headers:
-            raise DatasetError("bad_request", "a part is not application/dicom")
+            raise DatasetError("unsupported_media_type", "a part is not application/dicom")
         if payload.endswith(b"\r\n"):
             payload = payload[:-2]
         parts.append(payload)

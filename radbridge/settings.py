@@ -67,6 +67,9 @@ class EdgeSettings(BaseModel):
         262_144, ge=0, description="Largest P-DATA PDU we accept (bytes); 0 means no limit."
     )
     stow_port: int = Field(0, ge=0, le=65535, description="DICOMweb STOW-RS port; 0 disables.")
+    stow_max_body_bytes: int = Field(
+        256 << 20, ge=1 << 20, description="Largest STOW-RS request body accepted (413 above)."
+    )
     tls: EdgeTLS | None = Field(None, description="DICOM TLS listener (PS3.15 B.1).")
 
 

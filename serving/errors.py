@@ -28,6 +28,8 @@ _TABLE: tuple[tuple[type[RadbridgeError], int], ...] = (
 
 
 def http_status_for(exc: RadbridgeError) -> int:
+    if isinstance(exc, DatasetError) and exc.reason == "unsupported_media_type":
+        return 415
     for cls, code in _TABLE:
         if isinstance(exc, cls):
             return code

@@ -86,7 +86,11 @@ class Api:
         if created:
             self._spawn(job.id)
         return JobOut(
-            job_id=job.id, study_uid=study_uid, state=job.state, created_at=job.created_at
+            job_id=job.id,
+            study_uid=study_uid,
+            version=job.version,
+            state=job.state,
+            created_at=job.created_at,
         )
 
     @api.get("/v1/studies/{study_uid}/results")

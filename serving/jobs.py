@@ -59,14 +59,15 @@ def complete_study(db: Database, study_uid: str, req: CompleteRequest) -> tuple[
         latest = s.scalars(
             select(JobRow).where(JobRow.study_id == study.id).order_by(JobRow.id.desc())
         ).first()
-        if latest is not None and (
-            latest.state in (JobState.QUEUED, JobState.RUNNING)
-            or latest.created_at >= study.last_received_at
-        ):
+        if latest is not None and _covers(latest, study):
             return latest, False
         study.state = CenterStudyState.COMPLETE
+        # A completion after a late instance is a new version of the study's results; the
+        # earlier job and its results stay as they were.
+        study.version = (study.version or 0) + 1
         job = JobRow(
             study_id=study.id,
+            version=study.version,
             state=JobState.QUEUED,
             priority=req.priority.value,
             first_received_at=utcnow() - timedelta(seconds=req.edge_elapsed_s),
@@ -75,6 +76,18 @@ def complete_study(db: Database, study_uid: str, req: CompleteRequest) -> tuple[
         s.add(job)
         s.flush()
         return job, True
+
+
+def _covers(job: JobRow, study: StudyRow) -> bool:
+    """Does ``job`` already see every instance of ``study``?
+
+    A queued job reads its instances when it starts, so it sees late ones; a running or
+    finished job saw only what had arrived before it started (or was created).
+    """
+    if job.state == JobState.QUEUED:
+        return True
+    since = job.started_at or job.created_at
+    return since >= study.last_received_at
 
 
 def pending_jobs(db: Database) -> list[int]:
@@ -178,6 +191,7 @@ def study_results(db: Database, study_uid: str) -> StudyResults:
             job=JobOut(
                 job_id=job.id,
                 study_uid=study.study_uid,
+                version=job.version,
                 state=job.state,
                 created_at=job.created_at,
                 finished_at=job.finished_at,

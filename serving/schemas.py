@@ -27,6 +27,7 @@ class CompleteRequest(BaseModel):
 class JobOut(BaseModel):
     job_id: int
     study_uid: str
+    version: int = Field(1, description="Results version: +1 each time a late instance re-opens.")
     state: str
     created_at: datetime
     finished_at: datetime | None = None

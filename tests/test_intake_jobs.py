@@ -64,6 +64,26 @@ def test_complete_creates_one_job_and_is_idempotent(migrated_db: Database, tmp_p
     assert len(list(tmp_path.rglob("*.dcm"))) == 3
 
 
+def test_late_instance_makes_a_new_results_version(migrated_db: Database, tmp_path: Path) -> None:
+    parts = _deid_study(3)
+    store = DurableStore(tmp_path)
+    receive_instances(migrated_db, store, AGREEMENT, parts[:2])
+    uid = receive_instances(migrated_db, store, AGREEMENT, parts[:1]).stored[0].study_uid
+    first, _ = jobs.complete_study(
+        migrated_db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=2)
+    )
+    jobs.start_job(migrated_db, first.id)
+    jobs.finish_job(migrated_db, first.id)
+    assert first.version == 1
+    receive_instances(migrated_db, store, AGREEMENT, parts[2:])  # arrives after completion
+    second, created = jobs.complete_study(
+        migrated_db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=3)
+    )
+    assert created and second.id != first.id and second.version == 2
+    assert len(jobs.job_instances(migrated_db, second.id)) == 3
+    assert jobs.study_results(migrated_db, uid).job.version == 2
+
+
 def test_incomplete_or_unknown_study(migrated_db: Database, tmp_path: Path) -> None:
     parts = _deid_study(1)
     outcome = receive_instances(migrated_db, DurableStore(tmp_path), AGREEMENT, parts)

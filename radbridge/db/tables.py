@@ -176,6 +176,9 @@ class JobRow(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(20))
     priority: Mapped[str] = mapped_column(String(10), default="routine")
+    version: Mapped[int] = mapped_column(
+        Integer, default=1, doc="1 for the study's first completion; a late instance makes +1."
+    )
     first_received_at: Mapped[datetime | None] = mapped_column(
         doc="When the edge received the study's first instance (for end-to-end latency)."
     )

@@ -98,13 +98,17 @@ def _forwarder(db: Database, store: DurableStore, port: int, agreements=None) ->
     )
 
 
-def _ingest(db: Database, store: DurableStore, n: int = 2) -> list:  # type: ignore[type-arg]
-    first = make_instance()
+def _ingest(  # type: ignore[no-untyped-def]
+    db: Database, store: DurableStore, n: int = 2, *, expected: int | None = None, first=None
+) -> list:  # type: ignore[type-arg]
+    first = first or make_instance()
     instances = [first] + [
         make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=i) for i in range(1, n)
     ]
     ing = Ingestor(db, store)
     for ds in instances:
+        if expected is not None:
+            ds.NumberOfStudyRelatedInstances = expected
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         ing.ingest("demo-hospital-to-center", parse_header(buf.getvalue()), buf.getvalue())
@@ -185,3 +189,42 @@ def test_restart_returns_claimed_studies(edge: tuple[Database, DurableStore]) ->
         s.scalars(select(StudyRow)).one().state = "forwarding"  # a crash mid-forward
     assert _forwarder(db, store, free_port()).recover() == 1
     assert _state(db).state == "receiving"
+
+
+def test_expected_count_completes_early_and_a_late_instance_reopens(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    instances = _ingest(db, store, n=2, expected=2)
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port)
+        assert fwd.tick(utcnow()) == 1  # all 2 of 2 in: no quiet period to wait for
+        st = _state(db)
+        assert st.state == "forwarded" and st.version == 1
+        with center.db.session() as s:
+            first_job = s.scalars(select(JobRow)).one().id
+        jobs.start_job(center.db, first_job)  # the center is running version 1
+        # A late instance re-opens the study; it waits for the quiet period again (its
+        # stated count is already met), then goes as version 2 and the center re-runs the job.
+        late = make_instance(instances[0].StudyInstanceUID, instances[0].SeriesInstanceUID, seed=9)
+        _ingest(db, store, n=1, first=late)
+        st = _state(db)
+        assert st.state == "receiving" and st.instance_count == 3
+        assert fwd.tick(utcnow() + timedelta(seconds=5)) == 1
+        assert _state(db).version == 2
+    finally:
+        center.stop()
+    with center.db.session() as s:
+        versions = [j.version for j in s.scalars(select(JobRow).order_by(JobRow.id))]
+        assert versions == [1, 2]
+
+
+def test_without_a_stated_count_the_quiet_period_decides(
+    edge: tuple[Database, DurableStore],
+) -> None:
+    db, store = edge
+    _ingest(db, store, n=2, expected=3)  # 2 of 3 in: not complete
+    fwd = _forwarder(db, store, free_port())
+    assert fwd.tick(utcnow()) == 0 and _state(db).attempts == 0  # not even tried

@@ -1,4 +1,4 @@
-"""expected instance counts and versions of studies and instances
+"""expected instance counts; versions of studies, instances and result jobs
 
 Revision ID: 0002
 Revises: 0001
@@ -22,9 +22,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("version", sa.Integer(), nullable=False, server_default="0"))
     with op.batch_alter_table("instances") as batch:
         batch.add_column(sa.Column("version", sa.Integer(), nullable=False, server_default="1"))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("version", sa.Integer(), nullable=False, server_default="1"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("version")
     with op.batch_alter_table("instances") as batch:
         batch.drop_column("version")
     with op.batch_alter_table("studies") as batch:

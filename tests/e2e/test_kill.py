@@ -12,10 +12,8 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -26,30 +24,13 @@ from sqlalchemy import select
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow
 from tests.conftest import free_port, make_instance, write_instance
+from tests.e2e.gateway_process import start_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
 ROUNDS = 4
 PER_ROUND = 120
 _SENDING = re.compile(r"Sending file: (\S+)")
-
-
-def _start(env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [str(BIN / "radbridge"), "gateway"],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"gateway did not listen: {log.read_text()[-2000:]}")
 
 
 def _acknowledged(storescu_output: str) -> set[str]:
@@ -87,7 +68,7 @@ def test_sigkill_during_storescu_never_loses_an_acknowledged_instance(tmp_path: 
             write_instance(make_instance(study, seed=i, rows=192), folder / f"{i:04d}.dcm")
             for i in range(PER_ROUND)
         ]
-        gw = _start(env, log, port)
+        gw = start_gateway(env, log, port)
         scu = subprocess.Popen(
             ["storescu", "-v", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(port)]
             + [str(f) for f in files],
@@ -118,7 +99,7 @@ def test_sigkill_during_storescu_never_loses_an_acknowledged_instance(tmp_path: 
     assert acked, "storescu never got a Success: the kill came too early every round"
 
     # Restart once more: recovery runs, then a clean stop.
-    gw = _start(env, log, port)
+    gw = start_gateway(env, log, port)
     gw.send_signal(signal.SIGTERM)
     assert gw.wait(timeout=60) == 0, log.read_text()[-2000:]
 

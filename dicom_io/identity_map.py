@@ -8,7 +8,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from radbridge.db.engine import Database
 from radbridge.db.tables import IdentityMapRow, utcnow
 
-__all__ = ["lookup_original", "lookup_pseudonym", "record_pseudonyms"]
+__all__ = ["lookup_original", "lookup_pseudonym", "originals_for", "record_pseudonyms"]
 
 
 def record_pseudonyms(db: Database, agreement_id: str, issued: dict[tuple[str, str], str]) -> None:
@@ -44,6 +44,25 @@ def lookup_original(db: Database, agreement_id: str, kind: str, pseudonym: str) 
                 IdentityMapRow.pseudonym == pseudonym,
             )
         ).first()
+
+
+def originals_for(
+    db: Database, agreement_id: str, kind: str, pseudonyms: set[str]
+) -> dict[str, str]:
+    """Reverse many pseudonyms at once: {pseudonym: original} for those this edge issued."""
+    out: dict[str, str] = {}
+    values = sorted(pseudonyms)
+    with db.session() as s:
+        for i in range(0, len(values), 500):
+            rows = s.execute(
+                select(IdentityMapRow.pseudonym, IdentityMapRow.original).where(
+                    IdentityMapRow.agreement_id == agreement_id,
+                    IdentityMapRow.kind == kind,
+                    IdentityMapRow.pseudonym.in_(values[i : i + 500]),
+                )
+            ).all()
+            out.update({p: o for p, o in rows})
+    return out
 
 
 def lookup_pseudonym(db: Database, agreement_id: str, kind: str, original: str) -> str | None:

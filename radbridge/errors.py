@@ -16,6 +16,7 @@ __all__ = [
     "NotFoundError",
     "PolicyError",
     "RadbridgeError",
+    "ReidentificationError",
     "StorageError",
 ]
 
@@ -53,6 +54,10 @@ class StorageError(RadbridgeError):
 
 class DeidentificationError(RadbridgeError):
     """De-identification could not guarantee its output; nothing may leave."""
+
+
+class ReidentificationError(RadbridgeError):
+    """A returned result cannot be tied back to what this edge sent; it must not reach the PACS."""
 
 
 class ForwardError(RadbridgeError):

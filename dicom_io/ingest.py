@@ -76,7 +76,7 @@ class Ingestor:
                 f"{agreement_id}/{header.study_uid}/{header.series_uid}/"
                 f"{header.sop_instance_uid}.{digest[:12]}.dcm"
             )
-            stored = self.store.write(relpath, encoded)
+            stored = self.store.write(relpath, encoded, sha256=digest)
             created = record_instance(
                 s,
                 study,

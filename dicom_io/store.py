@@ -47,8 +47,13 @@ class DurableStore:
     def has_room(self, nbytes: int) -> bool:
         return self.free_bytes() - nbytes >= self.min_free_bytes
 
-    def write(self, relpath: str, data: bytes | memoryview) -> StoredFile:
-        """Write ``data`` durably under ``relpath``; replaces nothing that already exists."""
+    def write(
+        self, relpath: str, data: bytes | memoryview, sha256: str | None = None
+    ) -> StoredFile:
+        """Write ``data`` durably under ``relpath``; replaces nothing that already exists.
+
+        ``sha256`` may be passed when the caller already hashed ``data``.
+        """
         final = self.path(relpath)
         if not self.has_room(len(data)):
             raise StorageError("disk watermark reached")
@@ -69,7 +74,7 @@ class DurableStore:
         except OSError as exc:
             staging.unlink(missing_ok=True)
             raise StorageError(f"write failed: {exc.strerror or exc}") from exc
-        return StoredFile(relpath, len(data), hashlib.sha256(data).hexdigest())
+        return StoredFile(relpath, len(data), sha256 or hashlib.sha256(data).hexdigest())
 
     def read(self, relpath: str) -> bytes:
         return self.path(relpath).read_bytes()

@@ -24,7 +24,9 @@ def normalize_url(url: str) -> str:
 def create_db_engine(url: str) -> Engine:
     url = normalize_url(url)
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # A server connection can go stale (restart, idle timeout); a local SQLite file cannot,
+    # and the ping would cost a round trip on every C-STORE.
+    kwargs: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

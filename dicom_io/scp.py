@@ -13,8 +13,10 @@ Otherwise A-ASSOCIATE-RJ with the standard result/source/reason (PS3.8 9.3.4 / 7
 | hospital's max_associations reached | 2, 3, 2 local limit exceeded |
 | edge.max_associations reached (pynetdicom) | 2, 3, 2 local limit exceeded |
 
-Every transfer syntax pydicom can decode is accepted and stored as received; pixels are decoded
-only on demand (``dicom_io.pixels``).
+Every transfer syntax pynetdicom knows is accepted and stored as received (store-and-forward
+must not lose what a modality sent). Pixels are decoded only on demand (``dicom_io.pixels``);
+the syntaxes with a decoder here are listed in docs/edge-conformance.md, and an instance without
+one (video, JPEG XL, HTJ2K) is kept and forwarded but skipped by the models.
 """
 
 from __future__ import annotations

@@ -98,5 +98,6 @@ def record_instance(
             version=1,
         )
     )
-    study.instance_count += 1
+    # In SQL, not in Python: two replicas adding to the same study must not lose a count.
+    study.instance_count = StudyRow.instance_count + 1  # type: ignore[assignment]
     return True

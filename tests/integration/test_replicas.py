@@ -69,7 +69,7 @@ def test_two_replicas_one_study(migrated_db: Database, tmp_path: Path) -> None:
         for t in threads:
             t.join(60)
     finally:
-        for db, scp in replicas:
+        for _db, scp in replicas:
             scp.stop()
     assert statuses == [0] * 12
     with migrated_db.session() as s:

@@ -31,9 +31,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "AgreementRow",
     "Base",
+    "DeliveryRow",
     "IdentityMapRow",
     "InstanceRow",
     "JobRow",
+    "ResultObjectRow",
     "ResultRow",
     "SeriesRow",
     "StudyRow",
@@ -204,3 +206,50 @@ class ResultRow(Base):
     provider: Mapped[str] = mapped_column(String(40))
     latency_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ResultObjectRow(Base):
+    """Center only: a DICOM result object (SR, SEG) built from a finished job, for the edge."""
+
+    __tablename__ = "result_objects"
+    __table_args__ = (Index("ix_result_objects_agreement_id", "agreement_id", "id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), doc="Pseudonymous, as the center knows it.")
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8), doc="sr or seg")
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text, doc="Relative to the center's store root.")
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryRow(Base):
+    """Edge only: the delivery outbox of result objects to the hospital PACS."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("agreement_id", "center_object_id"),
+        Index("ix_deliveries_state_next_attempt", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
+    center_object_id: Mapped[int] = mapped_column(Integer, doc="result_objects.id at the center.")
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), doc="Minted by the center.")
+    state: Mapped[str] = mapped_column(String(20), doc="pending, delivered or dead")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    result_ready_at: Mapped[datetime] = mapped_column(doc="When the center stored the object.")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+    pacs_status: Mapped[int | None] = mapped_column(Integer, doc="The C-STORE status answered.")
+    delivered_sha256: Mapped[str | None] = mapped_column(
+        String(64), doc="sha256 of the re-identified bytes the PACS acknowledged."
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["CenterStudyState", "EdgeStudyState", "JobState"]
+__all__ = ["CenterStudyState", "DeliveryState", "EdgeStudyState", "JobState"]
 
 
 class EdgeStudyState(StrEnum):
@@ -24,3 +24,9 @@ class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # waiting for (another) C-STORE attempt to the hospital PACS
+    DELIVERED = "delivered"  # the PACS answered 0x0000
+    DEAD = "dead"  # older than the maximum age or refused for good; needs a person (resend)

@@ -12,7 +12,8 @@ import logging
 import time
 from typing import Any
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -27,12 +28,18 @@ from radbridge.db.tables import utcnow
 from radbridge.errors import NotFoundError, PolicyError, RadbridgeError
 from radbridge.metrics import CenterMetrics, batch_bucket, safe_label
 from radbridge.settings import Settings
-from serving import jobs
+from serving import jobs, result_objects
 from serving.errors import radbridge_error_handler
 from serving.intake import receive_instances, stow_response
 from serving.postprocess import findings_from_logits
 from serving.routing import route
-from serving.schemas import CompleteRequest, InstanceResult, JobOut, StudyResults
+from serving.schemas import (
+    CompleteRequest,
+    InstanceResult,
+    JobOut,
+    ResultObjectList,
+    StudyResults,
+)
 
 __all__ = ["Api", "api"]
 
@@ -97,6 +104,25 @@ class Api:
     async def results(self, study_uid: str) -> StudyResults:
         return await asyncio.to_thread(jobs.study_results, self.db, study_uid)
 
+    @api.get("/v1/agreements/{agreement_id}/result-objects")
+    async def list_result_objects(
+        self,
+        agreement_id: str,
+        after: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> ResultObjectList:
+        """Result objects (SR, SEG) after a cursor; the edge pulls them (it opens the link)."""
+        self._agreement(agreement_id)
+        objects = await asyncio.to_thread(
+            result_objects.list_objects, self.db, agreement_id, after, limit
+        )
+        return ResultObjectList(objects=objects)
+
+    @api.get("/v1/result-objects/{object_id}")
+    async def get_result_object(self, object_id: int) -> FileResponse:
+        path = await asyncio.to_thread(result_objects.object_path, self.db, object_id)
+        return FileResponse(self.store.path(path), media_type="application/dicom")
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         self._resume()
@@ -143,6 +169,14 @@ class Api:
         if errors:
             error = "; ".join(sorted({f"{type(e).__name__}: {e}" for e in errors}))[:2000]
             log.error("job %d failed for %d of %d instances", job_id, len(errors), len(instances))
+        else:
+            try:
+                await asyncio.to_thread(
+                    result_objects.build_for_job, self.db, self.store, job_id, self.manifests
+                )
+            except Exception as exc:  # the job's findings stay; no object leaves unfinished
+                error = f"result objects: {type(exc).__name__}: {exc}"[:2000]
+                log.error("job %d: building result objects failed (%s)", job_id, type(exc).__name__)
         await asyncio.to_thread(jobs.finish_job, self.db, job_id, error)
         mod = safe_label(modality)
         self.metrics.jobs.labels(agreement, "failed" if error else "done").inc()

@@ -9,7 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from radbridge.agreements import Priority
 
-__all__ = ["CompleteRequest", "Finding", "InstanceResult", "JobOut", "StudyResults"]
+__all__ = [
+    "CompleteRequest",
+    "Finding",
+    "InstanceResult",
+    "JobOut",
+    "ResultObjectList",
+    "ResultObjectOut",
+    "StudyResults",
+]
 
 
 class CompleteRequest(BaseModel):
@@ -59,3 +67,22 @@ class StudyResults(BaseModel):
     results: list[InstanceResult]
     skipped: list[dict[str, Any]] = Field(default_factory=list)
     notice: str
+
+
+class ResultObjectOut(BaseModel):
+    """A DICOM result object as the edge's deliverer lists it (pseudonymous UIDs only)."""
+
+    id: int
+    study_uid: str
+    version: int
+    kind: str = Field(description="sr or seg")
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    sha256: str
+    size: int
+    created_at: datetime
+
+
+class ResultObjectList(BaseModel):
+    objects: list[ResultObjectOut]

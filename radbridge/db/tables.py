@@ -221,6 +221,7 @@ class ResultObjectRow(Base):
     kind: Mapped[str] = mapped_column(String(8), doc="sr or seg")
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text, doc="Relative to the center's store root.")
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=8), nullable=False),
         sa.Column("sop_class_uid", sa.String(length=64), nullable=False),
         sa.Column("sop_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("series_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),

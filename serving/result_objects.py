@@ -1,0 +1,178 @@
+"""DICOM result objects of finished jobs (AIR: TID 1500 SR, SEG), kept for the edge to pull.
+
+A job's per-instance findings become one classification SR per model; the objects are written
+to the center store and indexed in ``result_objects``, where the edge's deliverer lists them
+per agreement (``after`` a cursor) and downloads them. Everything here is pseudonymous: the
+edge re-identifies. A later job of the same study (a late instance re-opened it) produces the
+next version, which references its predecessor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from io import BytesIO
+
+import pydicom
+from sqlalchemy import select
+
+from dicom_io.results import AlgorithmInfo, Coded, ImageFinding, classification_sr
+from dicom_io.store import DurableStore
+from models.manifest import ModelManifest
+from radbridge.db.engine import Database
+from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, ResultRow, StudyRow
+from radbridge.errors import NotFoundError
+from serving.schemas import ResultObjectOut
+
+__all__ = ["MANUFACTURER", "build_for_job", "list_objects", "object_path"]
+
+MANUFACTURER = "radbridge"
+_LOCAL_SCHEME = "99RADBRIDGE"  # private coding scheme for findings without SNOMED/RadLex codes
+
+
+def build_for_job(
+    db: Database, store: DurableStore, job_id: int, manifests: dict[str, ModelManifest]
+) -> list[int]:
+    """Write the result objects of a finished job (idempotent); returns their row ids."""
+    with db.session() as s:
+        job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFoundError("unknown job")
+        existing = s.scalars(select(ResultObjectRow.id).where(ResultObjectRow.job_id == job_id))
+        done = list(existing)
+        if done:
+            return done
+        study = s.get(StudyRow, job.study_id)
+        assert study is not None
+        rows = s.execute(
+            select(ResultRow, InstanceRow)
+            .join(InstanceRow, ResultRow.instance_id == InstanceRow.id)
+            .where(ResultRow.job_id == job_id)
+            .order_by(ResultRow.id)
+        ).all()
+        previous = s.scalars(
+            select(ResultObjectRow)
+            .where(
+                ResultObjectRow.agreement_id == study.agreement_id,
+                ResultObjectRow.study_uid == study.study_uid,
+                ResultObjectRow.kind == "sr",
+                ResultObjectRow.version < job.version,
+            )
+            .order_by(ResultObjectRow.version.desc())
+        ).first()
+        agreement_id, study_uid, version = study.agreement_id, study.study_uid, job.version
+        previous_path = previous.path if previous else None
+    by_model: dict[tuple[str, str], list[tuple[ResultRow, InstanceRow]]] = defaultdict(list)
+    for r, inst in rows:
+        by_model[(r.model_name, r.model_version)].append((r, inst))
+    prior = pydicom.dcmread(store.path(previous_path)) if previous_path else None
+    made: list[ResultObjectRow] = []
+    for (name, mversion), pairs in sorted(by_model.items()):
+        manifest = manifests.get(f"{name}:{mversion}")
+        if manifest is None or manifest.task != "multilabel_classification":
+            continue
+        sources = [
+            pydicom.dcmread(store.path(inst.path), stop_before_pixels=True) for _, inst in pairs
+        ]
+        findings = [
+            _finding(inst.sop_instance_uid, f) for r, inst in pairs for f in r.findings["findings"]
+        ]
+        algo = AlgorithmInfo(
+            name=manifest.name,
+            version=manifest.version,
+            manufacturer=MANUFACTURER,
+            model_sha256=manifest.sha256,
+            intended_use=manifest.intended_use,
+        )
+        sr = classification_sr(sources, findings, algo, version=version, previous=prior)
+        made.append(_save(store, sr, "sr", agreement_id, study_uid, version, job_id))
+    with db.session() as s:
+        s.add_all(made)
+        s.flush()
+        return [m.id for m in made]
+
+
+def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObjectOut]:
+    with db.session() as s:
+        rows = s.scalars(
+            select(ResultObjectRow)
+            .where(ResultObjectRow.agreement_id == agreement_id, ResultObjectRow.id > after)
+            .order_by(ResultObjectRow.id)
+            .limit(limit)
+        ).all()
+        return [
+            ResultObjectOut(
+                id=r.id,
+                study_uid=r.study_uid,
+                version=r.version,
+                kind=r.kind,
+                sop_class_uid=r.sop_class_uid,
+                sop_instance_uid=r.sop_instance_uid,
+                series_instance_uid=r.series_instance_uid,
+                sha256=r.sha256,
+                size=r.size,
+                created_at=r.created_at,
+            )
+            for r in rows
+        ]
+
+
+def object_path(db: Database, object_id: int) -> str:
+    with db.session() as s:
+        row = s.get(ResultObjectRow, object_id)
+        if row is None:
+            raise NotFoundError("unknown result object")
+        return row.path
+
+
+def _finding(sop_instance_uid: str, f: dict[str, object]) -> ImageFinding:
+    codes = f.get("codes") or {}
+    display = dict(f.get("display") or {})  # type: ignore[call-overload]
+    assert isinstance(codes, dict)
+    meaning = display.get("en") or str(f["label"])
+    if codes.get("SCT"):
+        coded = Coded(str(codes["SCT"]), "SCT", meaning)
+    elif codes.get("RADLEX"):
+        coded = Coded(str(codes["RADLEX"]), "RADLEX", meaning)
+    else:
+        coded = Coded(str(f["label"]), _LOCAL_SCHEME, meaning)
+    return ImageFinding(
+        sop_instance_uid=sop_instance_uid,
+        finding=coded,
+        probability=float(f["probability"]),  # type: ignore[arg-type]
+        threshold=float(f["threshold"]),  # type: ignore[arg-type]
+        present=bool(f["present"]),
+        display=display,
+    )
+
+
+def _save(
+    store: DurableStore,
+    ds: pydicom.Dataset,
+    kind: str,
+    agreement_id: str,
+    study_uid: str,
+    version: int,
+    job_id: int,
+) -> ResultObjectRow:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    sop = str(ds.SOPInstanceUID)
+    stored = store.write(
+        f"results/{agreement_id}/{study_uid}/v{version}/{sop}.dcm", data, sha256=digest
+    )
+    return ResultObjectRow(
+        agreement_id=agreement_id,
+        job_id=job_id,
+        study_uid=study_uid,
+        version=version,
+        kind=kind,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=sop,
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        path=stored.relpath,
+        size=stored.size,
+        sha256=digest,
+    )

@@ -1,0 +1,81 @@
+"""Center result objects: a finished job becomes a TID 1500 SR; a later job the next version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+from dicom_io.store import DurableStore
+from radbridge.db import Database
+from serving import jobs, result_objects
+from serving.intake import receive_instances
+from serving.postprocess import findings_from_logits
+from serving.schemas import CompleteRequest, InstanceResult
+from tests.test_intake_jobs import AGREEMENT, _deid_study
+from tests.test_serving_units import _manifest
+
+
+def _run_job(db: Database, uid: str, n: int) -> int:
+    job, _ = jobs.complete_study(db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=n))
+    jobs.start_job(db, job.id)
+    manifest = _manifest()
+    for inst in jobs.job_instances(db, job.id):
+        findings = findings_from_logits(np.array([2.0, -3.0], dtype=np.float32), manifest)
+        jobs.save_result(
+            db,
+            job.id,
+            inst.instance_id,
+            InstanceResult(
+                sop_instance_uid=inst.sop_instance_uid,
+                model={"name": manifest.name, "version": manifest.version, "sha256": "0" * 64},
+                input_sha256="1" * 64,
+                provider="CPUExecutionProvider",
+                findings=findings,
+                timings_ms={},
+                intended_use=manifest.intended_use,
+            ),
+        )
+    jobs.finish_job(db, job.id)
+    return job.id
+
+
+def test_job_becomes_sr_and_late_instance_the_next_version(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    store = DurableStore(tmp_path)
+    manifests = {"chest-xray-demo:1": _manifest()}
+    parts = _deid_study(3)
+    uid = receive_instances(migrated_db, store, AGREEMENT, parts[:2]).stored[0].study_uid
+    first_job = _run_job(migrated_db, uid, 2)
+    ids = result_objects.build_for_job(migrated_db, store, first_job, manifests)
+    assert len(ids) == 1
+    assert result_objects.build_for_job(migrated_db, store, first_job, manifests) == ids
+
+    listed = result_objects.list_objects(migrated_db, AGREEMENT, 0, 10)
+    assert [o.id for o in listed] == ids and listed[0].version == 1 and listed[0].kind == "sr"
+    sr = hd.sr.srread(store.path(result_objects.object_path(migrated_db, ids[0])))
+    assert sr.StudyInstanceUID == uid and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.PatientIdentityRemoved == "YES"  # pseudonymous, as everything at the center
+    refs = {str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    sent = {
+        str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(p)).SOPInstanceUID) for p in parts[:2]
+    }
+    assert sent <= refs
+
+    receive_instances(migrated_db, store, AGREEMENT, parts[2:])  # late instance
+    second = result_objects.build_for_job(
+        migrated_db, store, _run_job(migrated_db, uid, 3), manifests
+    )
+    assert result_objects.list_objects(migrated_db, AGREEMENT, ids[0], 10)[0].id == second[0]
+    v2 = pydicom.dcmread(store.path(result_objects.object_path(migrated_db, second[0])))
+    assert (
+        v2.PredecessorDocumentsSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == listed[0].sop_instance_uid
+    )
+    assert result_objects.list_objects(migrated_db, AGREEMENT, 0, 10)[1].version == 2

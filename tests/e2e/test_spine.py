@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import httpx
@@ -244,6 +245,15 @@ def test_push_deidentify_infer_and_measure(
         assert all(0.0 <= f["probability"] <= 1.0 for f in r["findings"])
         assert {"en", "ru", "zh"} <= set(r["findings"][0]["display"])
         assert {"preprocess", "inference", "postprocess"} <= set(r["timings_ms"])
+
+    # The job's TID 1500 SR waits at the center for the edge to pull it back.
+    listed = httpx.get(f"{base}/v1/agreements/{AGREEMENT}/result-objects", timeout=10).json()
+    mine = [o for o in listed["objects"] if o["study_uid"] == results["study_uid"]]
+    assert [(o["kind"], o["version"]) for o in mine] == [("sr", 1)]
+    sr_bytes = httpx.get(f"{base}/v1/result-objects/{mine[0]['id']}", timeout=10).content
+    assert hashlib.sha256(sr_bytes).hexdigest() == mine[0]["sha256"]
+    sr = dcmread(BytesIO(sr_bytes))
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.StudyInstanceUID == results["study_uid"]
 
     # No identity in any byte the center stored: files, database, WAL.
     needles = {PATIENT["id"], PATIENT["birth"], "Jianguo", "陈", "建国", "ACC-5521"}

@@ -1,4 +1,4 @@
-"""The edge gateway process: SCP + outbox forwarder + /metrics, composed from settings."""
+"""The edge gateway process: SCP + outbox forwarder + result delivery + /metrics, from settings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import warnings
 
 from prometheus_client import start_http_server
 
+from dicom_io.delivery import Deliverer
 from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
@@ -83,6 +84,18 @@ class Gateway:
             retry_base_s=settings.edge.retry_base_s,
             retry_max_s=settings.edge.retry_max_s,
         )
+        self.deliverer = Deliverer(
+            self.db,
+            self.store,
+            lambda: self.agreements,
+            e.center_url,
+            e.ae_title,
+            self.metrics,
+            timeout_s=e.forward_timeout_s,
+            retry_base_s=e.retry_base_s,
+            retry_max_s=e.retry_max_s,
+            max_age_s=e.delivery_max_age_s,
+        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._metrics_server: object | None = None
@@ -113,6 +126,14 @@ class Gateway:
         )
         t.start()
         self._threads.append(t)
+        t = threading.Thread(
+            target=self.deliverer.run,
+            args=(self._stop, e.delivery_poll_s),
+            name="radbridge-delivery",
+            daemon=True,
+        )
+        t.start()
+        self._threads.append(t)
         log.info(
             "edge gateway %s listening on %s:%d, metrics on %s:%d, forwarding to %s",
             e.ae_title,
@@ -133,4 +154,5 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
         self.forwarder.close()
+        self.deliverer.close()
         self.db.dispose()

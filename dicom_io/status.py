@@ -1,4 +1,8 @@
-"""What a PACS admin asks first: is it up, how much is waiting, what is stuck, is the disk ok."""
+"""What a PACS admin asks first: is it up, how much is waiting, what is stuck, is the disk ok.
+
+Results returning to the PACS are part of it: deliveries by state and every dead one (each
+needs a person: ``radbridge gateway resend ID``).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ from sqlalchemy import func, select
 
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.tables import StudyRow
-from radbridge.lifecycle import EdgeStudyState
+from radbridge.db.tables import DeliveryRow, StudyRow
+from radbridge.lifecycle import DeliveryState, EdgeStudyState
 
-__all__ = ["GatewayStatus", "StuckStudy", "gateway_status"]
+__all__ = ["DeadDelivery", "GatewayStatus", "StuckStudy", "gateway_status"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,18 @@ class StuckStudy:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class DeadDelivery:
+    """A result that will not reach the PACS without a person; ids only, never identifiers."""
+
+    row_id: int
+    agreement_id: str
+    version: int
+    kind: str
+    attempts: int
+    last_error: str | None
+
+
 @dataclass
 class GatewayStatus:
     running: bool
@@ -37,6 +53,8 @@ class GatewayStatus:
     stuck: list[StuckStudy] = field(default_factory=list)
     free_bytes: int = 0
     min_free_bytes: int = 0
+    deliveries_by_state: dict[str, int] = field(default_factory=dict)  # pending/delivered/dead
+    dead_deliveries: list[DeadDelivery] = field(default_factory=list)
 
 
 def gateway_status(
@@ -59,6 +77,18 @@ def gateway_status(
             StuckStudy(r.id, r.agreement_id, r.state, r.attempts, r.next_attempt_at, r.last_error)
             for r in rows
         ]
+        delivery_counts = dict(
+            s.execute(select(DeliveryRow.state, func.count()).group_by(DeliveryRow.state)).all()
+        )
+        dead = [
+            DeadDelivery(d.id, d.agreement_id, d.version, d.kind, d.attempts, d.last_error)
+            for d in s.scalars(
+                select(DeliveryRow)
+                .where(DeliveryRow.state == DeliveryState.DEAD)
+                .order_by(DeliveryRow.id)
+                .limit(limit)
+            )
+        ]
     associations = _scrape_associations(metrics_url) if metrics_url else None
     return GatewayStatus(
         running=associations is not None,
@@ -67,6 +97,10 @@ def gateway_status(
         stuck=stuck,
         free_bytes=store.free_bytes(),
         min_free_bytes=store.min_free_bytes,
+        deliveries_by_state={
+            state.value: int(delivery_counts.get(state.value, 0)) for state in DeliveryState
+        },
+        dead_deliveries=dead,
     )
 
 

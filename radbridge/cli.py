@@ -264,6 +264,55 @@ def gateway_status_cmd() -> None:
                 r.last_error or "",
             )
         console.print(table)
+    d = st.deliveries_by_state
+    console.print(
+        f"results to the PACS: pending {d.get('pending', 0)}, dead {d.get('dead', 0)}, "
+        f"delivered {d.get('delivered', 0)}"
+    )
+    if st.dead_deliveries:
+        table = Table(
+            "delivery",
+            "agreement",
+            "version",
+            "kind",
+            "attempts",
+            "last error",
+            title="dead deliveries (radbridge gateway resend ID)",
+        )
+        for dd in st.dead_deliveries:
+            table.add_row(
+                str(dd.row_id),
+                dd.agreement_id,
+                str(dd.version),
+                dd.kind,
+                str(dd.attempts),
+                dd.last_error or "",
+            )
+        console.print(table)
+
+
+@gateway_app.command("resend")
+def gateway_resend_cmd(
+    delivery_id: Annotated[int, typer.Argument(help="Delivery id, as `gateway status` shows.")],
+) -> None:
+    """Send a dead (or delivered) result to the hospital PACS again."""
+    from dicom_io.delivery import resend_delivery
+    from radbridge.db.engine import Database
+    from radbridge.db.migrate import upgrade
+
+    s = _settings()
+    upgrade(s.edge_db_url)
+    db = Database(s.edge_db_url)
+    try:
+        former = resend_delivery(db, delivery_id)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    finally:
+        db.dispose()
+    if former == "pending":
+        console.print(f"delivery {delivery_id} is already queued")
+    else:
+        console.print(f"[green]delivery {delivery_id} queued again[/] (was {former})")
 
 
 @app.command()

@@ -97,6 +97,33 @@ class EdgeMetrics:
             ["state"],
             registry=r,
         )
+        self.delivery = Histogram(
+            "radbridge_edge_delivery_seconds",
+            "Result object ready at the center -> stored at the hospital PACS.",
+            ["agreement", "priority"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.turnaround = Histogram(
+            "radbridge_edge_turnaround_seconds",
+            "Study's first instance received at the edge -> its result stored at the PACS.",
+            ["agreement", "priority"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.deliveries = Gauge(
+            "radbridge_edge_deliveries",
+            "Result deliveries to the hospital PACS, by state (pending, delivered, dead).",
+            ["state"],
+            registry=r,
+        )
+        self.delivery_failures = Counter(
+            "radbridge_edge_delivery_failures_total",
+            "Result delivery failures, by reason (pacs_refused, pacs_unreachable, center, "
+            "reidentification, expired).",
+            ["agreement", "reason"],
+            registry=r,
+        )
 
 
 class CenterMetrics:

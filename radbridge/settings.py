@@ -56,6 +56,15 @@ class EdgeSettings(BaseModel):
     forward_timeout_s: float = Field(60.0, gt=0)
     retry_base_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    delivery_poll_s: float = Field(
+        2.0, gt=0, le=300, description="How often result objects are fetched from the center."
+    )
+    delivery_max_age_s: float = Field(
+        7 * 86_400.0,
+        gt=0,
+        description="A result not stored at the PACS this long after it was ready is no "
+        "longer retried (dead; `radbridge gateway resend` sends it again).",
+    )
     min_free_bytes: int = Field(
         512 << 20, ge=0, description="Disk watermark: below it C-STORE is refused (0xA700)."
     )

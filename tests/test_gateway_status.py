@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client import start_http_server
 
 from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from radbridge.db import Database
-from radbridge.db.tables import StudyRow, utcnow
+from radbridge.db.tables import DeliveryRow, StudyRow, utcnow
 from radbridge.metrics import EdgeMetrics
 from tests.conftest import free_port
 
@@ -56,3 +57,66 @@ def test_status_reports_depths_stuck_studies_and_associations(
     finally:
         server.shutdown()
     assert live.running and live.active_associations == 3
+
+
+def _delivery(
+    db: Database, object_id: int, state: str, error: str | None = None, version: int = 1
+) -> int:
+    with db.session() as s:
+        row = DeliveryRow(
+            agreement_id="demo-hospital-to-center",
+            center_object_id=object_id,
+            version=version,
+            kind="sr",
+            sop_instance_uid=f"2.25.{object_id}",
+            state=state,
+            attempts=2 if state == "dead" else 0,
+            last_error=error,
+            result_ready_at=utcnow(),
+        )
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def test_status_lists_deliveries_by_state_and_the_dead_ones(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    empty = gateway_status(migrated_db, DurableStore(tmp_path), None)
+    assert empty.deliveries_by_state == {"pending": 0, "delivered": 0, "dead": 0}
+    assert empty.dead_deliveries == []
+    _delivery(migrated_db, 1, "delivered")
+    _delivery(migrated_db, 2, "pending")
+    dead = _delivery(
+        migrated_db, 3, "dead", "result object 3 is for a study this edge did not send"
+    )
+    st = gateway_status(migrated_db, DurableStore(tmp_path), None)
+    assert st.deliveries_by_state == {"pending": 1, "delivered": 1, "dead": 1}
+    assert [
+        (d.row_id, d.agreement_id, d.version, d.kind, d.attempts) for d in st.dead_deliveries
+    ] == [(dead, "demo-hospital-to-center", 1, "sr", 2)]
+    assert "did not send" in (st.dead_deliveries[0].last_error or "")
+    # The studies part is unchanged by deliveries.
+    assert st.studies_by_state == {} and st.stuck == []
+
+
+def test_gateway_resend_command(
+    migrated_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from radbridge.cli import app
+
+    monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RADBRIDGE_EDGE__DATABASE_URL", migrated_db.url)
+    dead = _delivery(migrated_db, 1, "dead", "not stored at the PACS within 7 days")
+    runner = CliRunner()
+    out = runner.invoke(app, ["gateway", "resend", str(dead)])
+    assert out.exit_code == 0, out.output
+    assert "queued again" in out.output and "was dead" in out.output
+    with migrated_db.session() as s:
+        row = s.get(DeliveryRow, dead)
+        assert row is not None and row.state == "pending" and row.last_error is None
+    assert "already queued" in runner.invoke(app, ["gateway", "resend", str(dead)]).output
+    missing = runner.invoke(app, ["gateway", "resend", "9999"])
+    assert missing.exit_code == 2 and "no delivery with id 9999" in missing.output

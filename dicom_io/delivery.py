@@ -1,0 +1,641 @@
+"""The edge's inbox: fetch result objects (SR, SEG), re-identify them, C-STORE them to the PACS.
+
+The database is the outbox, as for forwarding. ``poll()`` lists the center's new result objects
+per active agreement (after the highest center object id already known) and inserts one
+``deliveries`` row each, idempotently (unique on agreement + center object id), so replicas
+may poll side by side. ``tick()`` claims each due row, downloads the object (sha256 checked
+against the listing), re-identifies it from the identity map and an original instance of the
+study, and C-STOREs it to the agreement's return destination. Failures are retried with
+exponential backoff; ``ReidentificationError`` (the result cannot be tied to what this edge
+sent) is final. A delivered object is never sent again unless a person asks (``resend``).
+
+Claims. There is no "delivering" state: a claim is a compare-and-swap on ``attempts`` (the
+attempt counter goes up by one) that also moves ``next_attempt_at`` to a lease in the future.
+Of two replicas that picked the same row exactly one claim succeeds; a replica that dies
+mid-attempt leaves the row due again once the lease runs out.
+
+Companions. ``reidentify`` refuses nested references it cannot resolve, except UIDs of other
+result objects of the same study (an SR referencing its SEG, a version 2 SR referencing its
+predecessor). Those are the SOP Instance and Series Instance UIDs of every object the center
+listed for the study. No column holds series UIDs, so each attempt re-reads the listing over
+the id window of the study's ``deliveries`` rows (all versions and kinds; usually one short
+page) and keeps the objects whose pseudonymous study UID is this one's. The same read gives the
+sha256 to check the download against, so nothing of the listing has to be stored.
+
+Maximum age. Each delivery gets at least one attempt (also a manual resend, or a fresh row
+polled after a long outage); once ``now - result_ready_at > max_age_s`` a failed attempt does
+not schedule another but makes the row ``dead``, and a retrying row found past the age is made
+dead without another attempt.
+
+Nothing here logs or stores identity: messages name delivery ids, center object ids, agreement
+ids and DIMSE statuses only; the center's own answers carry only pseudonymous data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
+from typing import Literal
+
+import httpx
+import pydicom
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dicom_io.identity_map import lookup_original
+from dicom_io.reidentify import reidentify
+from dicom_io.store import DurableStore
+from radbridge.agreements import Agreement, AgreementSet, DicomNode
+from radbridge.db.engine import Database
+from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
+from radbridge.errors import NotFoundError, RadbridgeError, ReidentificationError
+from radbridge.lifecycle import DeliveryState
+from radbridge.metrics import EdgeMetrics, safe_label
+
+__all__ = ["PACS_OK_STATUSES", "Deliverer", "ListedObject", "resend_delivery"]
+
+log = logging.getLogger("radbridge.edge.delivery")
+
+# C-STORE success (0x0000) and the warnings (PS3.4 B.2.3): coercion of data elements (0xB000),
+# elements discarded (0xB006), data set does not match SOP class (0xB007). The PACS stored it.
+PACS_OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+PAGE_SIZE = 200  # listing page
+BATCH = 200  # due deliveries considered per tick
+_PRIORITY_ORDER = {"stat": 0, "urgent": 1}
+_UID = r"^[0-9.]{1,64}$"
+
+
+class ListedObject(BaseModel):
+    """One entry of ``GET /v1/agreements/{id}/result-objects`` (pseudonymous UIDs only)."""
+
+    id: int = Field(ge=1)
+    study_uid: str = Field(pattern=_UID)
+    version: int = Field(ge=1)
+    kind: Literal["sr", "seg"]
+    sop_class_uid: str = Field(pattern=_UID)
+    sop_instance_uid: str = Field(pattern=_UID)
+    series_instance_uid: str = Field(pattern=_UID)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    size: int = Field(ge=0)
+    created_at: datetime
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+
+class _Listing(BaseModel):
+    objects: list[ListedObject]
+
+
+class _Failed(Exception):
+    """One attempt failed. ``reason`` is a failure-counter label; the message has no identity."""
+
+    def __init__(self, reason: str, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class _Sent:
+    status: int
+    sha256: str
+    priority: str
+    first_received_at: datetime
+
+
+class Deliverer:
+    def __init__(
+        self,
+        db: Database,
+        store: DurableStore,
+        agreements: Callable[[], AgreementSet],
+        center_url: str,
+        calling_ae: str,
+        metrics: EdgeMetrics,
+        *,
+        timeout_s: float = 60.0,
+        retry_base_s: float = 2.0,
+        retry_max_s: float = 300.0,
+        max_age_s: float = 7 * 86_400.0,
+    ) -> None:
+        self.db, self.store, self._agreements = db, store, agreements
+        self._calling_ae = calling_ae
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
+        self._max_age = timedelta(seconds=max_age_s)
+        # A claimed row is due again after this long: longer than one attempt can take
+        # (listing, download, association, store: each bounded by timeout_s).
+        self._lease = timedelta(seconds=max(60.0, 5 * timeout_s))
+        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s)
+        self._poll_failing: set[str] = set()
+
+    def run(self, stop: threading.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            for step in (self.poll, self.tick):
+                try:
+                    step()
+                except Exception:  # the loop must survive anything; rows stay queued
+                    log.exception("delivery %s failed", step.__name__)
+            stop.wait(interval_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def resend(self, delivery_id: int) -> None:
+        """Put a dead (or delivered) delivery back in the queue, due now."""
+        resend_delivery(self.db, delivery_id)
+        self._update_counts()
+
+    # -- poll -----------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Queue the center's new result objects of every active agreement; returns how many."""
+        today = utcnow().date()
+        added = 0
+        for agreement in self._agreements().agreements:
+            if agreement.is_active(today):
+                added += self._poll_agreement(agreement.id)
+        if added:
+            self._update_counts()
+        return added
+
+    def _poll_agreement(self, agreement_id: str) -> int:
+        with self.db.session() as s:
+            after = s.scalar(
+                select(func.max(DeliveryRow.center_object_id)).where(
+                    DeliveryRow.agreement_id == agreement_id
+                )
+            )
+        after = int(after or 0)
+        added = 0
+        while True:
+            try:
+                page = self._list(agreement_id, after, PAGE_SIZE)
+            except _Failed as exc:
+                self._metrics.delivery_failures.labels(agreement_id, exc.reason).inc()
+                if agreement_id not in self._poll_failing:
+                    log.warning("result listing for agreement %s failed: %s", agreement_id, exc)
+                    self._poll_failing.add(agreement_id)
+                return added
+            if agreement_id in self._poll_failing:
+                log.info("result listing for agreement %s works again", agreement_id)
+                self._poll_failing.discard(agreement_id)
+            page = [o for o in page if o.id > after]
+            added += self._queue(agreement_id, page)
+            if len(page) < PAGE_SIZE:
+                return added
+            after = page[-1].id
+
+    def _queue(self, agreement_id: str, objects: list[ListedObject]) -> int:
+        if not objects:
+            return 0
+        now = utcnow()
+        insert = postgresql.insert if self.db.engine.dialect.name == "postgresql" else sqlite.insert
+        added = 0
+        for obj in objects:
+            study_id = self._resolve_study(agreement_id, obj.study_uid)
+            row = {
+                "agreement_id": agreement_id,
+                "center_object_id": obj.id,
+                "study_id": study_id,
+                "version": obj.version,
+                "kind": obj.kind,
+                "sop_instance_uid": obj.sop_instance_uid,
+                "state": DeliveryState.PENDING if study_id is not None else DeliveryState.DEAD,
+                "attempts": 0,
+                "next_attempt_at": None,
+                "last_error": None if study_id is not None else _unknown_study(obj.id),
+                "result_ready_at": obj.created_at,
+                "created_at": now,
+            }
+            stmt = insert(DeliveryRow).values(row)
+            stmt = stmt.on_conflict_do_nothing(index_elements=["agreement_id", "center_object_id"])
+            with self.db.session() as s:
+                inserted = bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            if not inserted:
+                continue  # another replica queued it first
+            added += 1
+            if study_id is None:
+                self._metrics.delivery_failures.labels(agreement_id, "reidentification").inc()
+                log.warning(
+                    "result object %d of agreement %s is dead: %s",
+                    obj.id,
+                    agreement_id,
+                    _unknown_study(obj.id),
+                )
+            else:
+                log.info(
+                    "result object %d (%s v%d) of agreement %s queued for the PACS",
+                    obj.id,
+                    obj.kind,
+                    obj.version,
+                    agreement_id,
+                )
+        return added
+
+    def _list(self, agreement_id: str, after: int, limit: int) -> list[ListedObject]:
+        path = f"/v1/agreements/{agreement_id}/result-objects"
+        try:
+            resp = self._http.get(path, params={"after": after, "limit": limit})
+        except httpx.HTTPError as exc:
+            raise _Failed("center", f"center unreachable: {type(exc).__name__}") from None
+        if resp.status_code != 200:
+            raise _Failed("center", _answer(resp, "result-objects listing"))
+        try:
+            objects = _Listing.model_validate_json(resp.content).objects
+        except ValidationError:
+            raise _Failed("center", "center sent an invalid result-objects listing") from None
+        return sorted(objects, key=lambda o: o.id)
+
+    def _resolve_study(self, agreement_id: str, pseudo_study_uid: str) -> int | None:
+        """The edge's study row behind a pseudonymous study UID, if this edge sent that study."""
+        original = lookup_original(self.db, agreement_id, "uid", pseudo_study_uid)
+        if original is None:
+            return None
+        with self.db.session() as s:
+            return s.scalars(
+                select(StudyRow.id).where(
+                    StudyRow.agreement_id == agreement_id, StudyRow.study_uid == original
+                )
+            ).first()
+
+    # -- tick -----------------------------------------------------------------------------
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Deliver every due result object; returns how many the PACS stored."""
+        now = now or utcnow()
+        agreements = self._agreements()
+        priority = case(_PRIORITY_ORDER, value=StudyRow.priority, else_=2)
+        with self.db.session() as s:
+            due = s.scalars(
+                select(DeliveryRow)
+                .outerjoin(StudyRow, DeliveryRow.study_id == StudyRow.id)
+                .where(DeliveryRow.state == DeliveryState.PENDING, _due(now))
+                .order_by(priority, DeliveryRow.id)
+                .limit(BATCH)
+            ).all()
+        done = 0
+        for d in due:
+            agreement = agreements.get(d.agreement_id)
+            if agreement is None:
+                continue  # no longer configured: stays pending, visible in gateway status
+            expired = d.attempts > 0 and now - d.result_ready_at > self._max_age
+            if expired and self._expire_unclaimed(d, now):
+                continue
+            if self._claim(d, now):
+                done += self._attempt(d, agreement, now)
+        self._update_counts()
+        return done
+
+    def _claim(self, d: DeliveryRow, now: datetime) -> bool:
+        with self.db.session() as s:
+            res = s.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.id == d.id,
+                    DeliveryRow.state == DeliveryState.PENDING,
+                    DeliveryRow.attempts == d.attempts,
+                    _due(now),
+                )
+                .values(attempts=d.attempts + 1, next_attempt_at=max(now, utcnow()) + self._lease)
+            )
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def _attempt(self, d: DeliveryRow, agreement: Agreement, now: datetime) -> int:
+        attempts = d.attempts + 1  # counted by the claim
+        try:
+            sent = self._deliver(d, agreement)
+        except ReidentificationError as exc:
+            self._dead(d, f"re-identification refused: {exc}", "reidentification")
+            return 0
+        except Exception as exc:  # never let one object stop the queue, never log its values
+            failed = (
+                exc
+                if isinstance(exc, _Failed)
+                else _Failed(
+                    "reidentification",
+                    f"unexpected {type(exc).__name__} while preparing the object",
+                )
+            )
+            if failed.permanent:
+                self._dead(d, str(failed), failed.reason)
+            elif now - d.result_ready_at > self._max_age:
+                self._metrics.delivery_failures.labels(d.agreement_id, failed.reason).inc()
+                too_old = _too_old(self._max_age, attempts)
+                self._dead(d, f"{too_old}; last error: {failed}", "expired")
+            else:
+                self._retry(d, attempts, str(failed), failed.reason, now)
+            return 0
+        self._delivered(d, sent)
+        return 1
+
+    def _deliver(self, d: DeliveryRow, agreement: Agreement) -> _Sent:
+        listed, companions = self._listed(d)
+        study = self._study(d, listed)
+        original = self._original(study)
+        data = self._download(listed)
+        ds = _parse(data, listed)
+        out = reidentify(ds, agreement.id, self.db, original, companions).dataset
+        buf = BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+        status = self._c_store(out, agreement.hospital.return_destination)
+        if status not in PACS_OK_STATUSES:
+            raise _Failed("pacs_refused", f"the PACS answered C-STORE status 0x{status:04X}")
+        return _Sent(
+            status,
+            hashlib.sha256(buf.getvalue()).hexdigest(),
+            study.priority,
+            study.first_received_at,
+        )
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _listed(self, d: DeliveryRow) -> tuple[ListedObject, frozenset[str]]:
+        """This object's listing entry and the UIDs of every object listed for its study."""
+        ids = [d.center_object_id]
+        if d.study_id is not None:
+            with self.db.session() as s:
+                ids += s.scalars(
+                    select(DeliveryRow.center_object_id).where(
+                        DeliveryRow.agreement_id == d.agreement_id,
+                        DeliveryRow.study_id == d.study_id,
+                    )
+                ).all()
+        lo, hi = min(ids), max(ids)
+        window: dict[int, ListedObject] = {}
+        after = lo - 1
+        while True:
+            page = self._list(d.agreement_id, after, PAGE_SIZE)
+            window.update((o.id, o) for o in page if lo <= o.id <= hi)
+            if len(page) < PAGE_SIZE or page[-1].id >= hi or page[-1].id <= after:
+                break
+            after = page[-1].id
+        listed = window.get(d.center_object_id)
+        if listed is None:
+            raise _Failed(
+                "center",
+                f"the center no longer lists result object {d.center_object_id}",
+                permanent=True,
+            )
+        companions = frozenset(
+            uid
+            for o in window.values()
+            if o.study_uid == listed.study_uid
+            for uid in (o.sop_instance_uid, o.series_instance_uid)
+        )
+        return listed, companions
+
+    def _study(self, d: DeliveryRow, listed: ListedObject) -> StudyRow:
+        study_id = d.study_id
+        if study_id is None:  # queued before its study was known here, then resent
+            study_id = self._resolve_study(d.agreement_id, listed.study_uid)
+        with self.db.session() as s:
+            study = s.get(StudyRow, study_id) if study_id is not None else None
+            if study is not None and d.study_id is None:
+                s.execute(
+                    update(DeliveryRow).where(DeliveryRow.id == d.id).values(study_id=study.id)
+                )
+        if study is None:
+            raise ReidentificationError(_unknown_study(d.center_object_id))
+        return study
+
+    def _original(self, study: StudyRow) -> Dataset:
+        """The header of one original instance of the study, from the edge store."""
+        with self.db.session() as s:
+            relpath = s.scalars(
+                select(InstanceRow.path)
+                .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+                .where(SeriesRow.study_id == study.id)
+                .order_by(InstanceRow.id)
+                .limit(1)
+            ).first()
+        if relpath is None:
+            raise ReidentificationError("the edge holds no original instance of the study")
+        try:
+            return pydicom.dcmread(self.store.path(relpath), stop_before_pixels=True)
+        except (OSError, InvalidDicomError, RadbridgeError) as exc:
+            raise ReidentificationError(
+                f"the original instance of the study cannot be read ({type(exc).__name__})"
+            ) from None
+
+    def _download(self, listed: ListedObject) -> bytes:
+        try:
+            resp = self._http.get(f"/v1/result-objects/{listed.id}")
+        except httpx.HTTPError as exc:
+            raise _Failed("center", f"center unreachable: {type(exc).__name__}") from None
+        if resp.status_code == 404:
+            raise _Failed(
+                "center", f"the center has no result object {listed.id} (404)", permanent=True
+            )
+        if resp.status_code != 200:
+            raise _Failed("center", _answer(resp, "result-object download"))
+        data = resp.content
+        if hashlib.sha256(data).hexdigest() != listed.sha256.lower():
+            raise _Failed("center", f"result object {listed.id} does not match its listed sha256")
+        return data
+
+    def _c_store(self, ds: Dataset, node: DicomNode) -> int:
+        ae = AE(ae_title=self._calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self._timeout_s
+        ae.connection_timeout = self._timeout_s
+        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        own = ds.file_meta.TransferSyntaxUID
+        if own not in syntaxes:
+            syntaxes.insert(0, own)  # e.g. a compressed SEG: offered as it is, too
+        ae.add_requested_context(ds.SOPClassUID, syntaxes)
+        where = f"{node.ae_title}@{node.host}:{node.port}"
+        try:
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise _Failed("pacs_unreachable", f"PACS {where}: {type(exc).__name__}") from None
+        if assoc.is_rejected:
+            raise _Failed("pacs_refused", f"PACS {where} rejected the association")
+        if not assoc.is_established:
+            raise _Failed("pacs_unreachable", f"PACS {where} unreachable (no association)")
+        try:
+            rsp = assoc.send_c_store(ds)
+        except (ValueError, AttributeError, RuntimeError) as exc:
+            raise _Failed(
+                "pacs_refused",
+                f"PACS {where} accepted no presentation context for the object "
+                f"({type(exc).__name__})",
+            ) from None
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        status = rsp.get("Status")
+        if status is None:
+            raise _Failed(
+                "pacs_unreachable", f"PACS {where} sent no C-STORE response (aborted or timeout)"
+            )
+        return int(status)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _delivered(self, d: DeliveryRow, sent: _Sent) -> None:
+        at = utcnow()
+        with self.db.session() as s:
+            s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id == d.id, DeliveryRow.state == DeliveryState.PENDING)
+                .values(
+                    state=DeliveryState.DELIVERED,
+                    delivered_at=at,
+                    pacs_status=sent.status,
+                    delivered_sha256=sent.sha256,
+                    next_attempt_at=None,
+                    last_error=None,
+                )
+            )
+        priority = safe_label(sent.priority)
+        self._metrics.delivery.labels(d.agreement_id, priority).observe(
+            max((at - d.result_ready_at).total_seconds(), 0.0)
+        )
+        self._metrics.turnaround.labels(d.agreement_id, priority).observe(
+            max((at - sent.first_received_at).total_seconds(), 0.0)
+        )
+        log.info(
+            "delivery %d (agreement %s, result object %d, %s v%d) stored at the PACS: 0x%04X",
+            d.id,
+            d.agreement_id,
+            d.center_object_id,
+            d.kind,
+            d.version,
+            sent.status,
+        )
+
+    def _retry(
+        self, d: DeliveryRow, attempts: int, message: str, reason: str, now: datetime
+    ) -> None:
+        delay = min(self._retry_base_s * 2 ** (attempts - 1), self._retry_max_s)
+        log.warning(
+            "delivery %d (agreement %s) failed (%s); retry %d in %.0fs",
+            d.id,
+            d.agreement_id,
+            message,
+            attempts,
+            delay,
+        )
+        self._metrics.delivery_failures.labels(d.agreement_id, reason).inc()
+        with self.db.session() as s:
+            s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id == d.id, DeliveryRow.state == DeliveryState.PENDING)
+                .values(
+                    next_attempt_at=max(now, utcnow()) + timedelta(seconds=delay),
+                    last_error=message,
+                )
+            )
+
+    def _dead(self, d: DeliveryRow, message: str, reason: str) -> None:
+        log.warning("delivery %d (agreement %s) is dead: %s", d.id, d.agreement_id, message)
+        self._metrics.delivery_failures.labels(d.agreement_id, reason).inc()
+        with self.db.session() as s:
+            s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id == d.id, DeliveryRow.state == DeliveryState.PENDING)
+                .values(state=DeliveryState.DEAD, next_attempt_at=None, last_error=message)
+            )
+
+    def _expire_unclaimed(self, d: DeliveryRow, now: datetime) -> bool:
+        """A retrying delivery past the maximum age: dead without another attempt."""
+        message = _too_old(self._max_age, d.attempts)
+        if d.last_error:
+            message += f"; last error: {d.last_error}"
+        with self.db.session() as s:
+            res = s.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.id == d.id,
+                    DeliveryRow.state == DeliveryState.PENDING,
+                    DeliveryRow.attempts == d.attempts,
+                    _due(now),
+                )
+                .values(state=DeliveryState.DEAD, next_attempt_at=None, last_error=message)
+            )
+        if not res.rowcount:  # type: ignore[attr-defined]
+            return False  # another replica claimed it meanwhile
+        log.warning("delivery %d (agreement %s) is dead: %s", d.id, d.agreement_id, message)
+        self._metrics.delivery_failures.labels(d.agreement_id, "expired").inc()
+        return True
+
+    def _update_counts(self) -> None:
+        with self.db.session() as s:
+            counts = dict(
+                s.execute(select(DeliveryRow.state, func.count()).group_by(DeliveryRow.state)).all()
+            )
+        for state in DeliveryState:
+            self._metrics.deliveries.labels(state.value).set(int(counts.get(state.value, 0)))
+
+
+def resend_delivery(db: Database, delivery_id: int) -> str:
+    """Put a dead or delivered delivery back to pending, due now; returns its former state.
+
+    A pending one is left as it is (it is queued already; it may be in flight right now).
+    Raises ``NotFoundError`` for an unknown id.
+    """
+    with db.session() as s:
+        row = s.get(DeliveryRow, delivery_id)
+        if row is None:
+            raise NotFoundError(f"no delivery with id {delivery_id}")
+        former = str(row.state)
+        if row.state != DeliveryState.PENDING:
+            row.state = DeliveryState.PENDING
+            row.attempts = 0
+            row.next_attempt_at = None
+            row.last_error = None
+            row.delivered_at = None
+            row.pacs_status = None
+            row.delivered_sha256 = None
+    log.info("delivery %d re-queued by hand (was %s)", delivery_id, former)
+    return former
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    return DeliveryRow.next_attempt_at.is_(None) | (DeliveryRow.next_attempt_at <= now)
+
+
+def _parse(data: bytes, listed: ListedObject) -> Dataset:
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+        matches = (
+            str(ds.SOPInstanceUID) == listed.sop_instance_uid
+            and str(ds.SOPClassUID) == listed.sop_class_uid
+            and "TransferSyntaxUID" in ds.file_meta
+        )
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        raise _Failed(
+            "center", f"result object {listed.id} is not a readable DICOM file", permanent=True
+        ) from None
+    if not matches:
+        raise _Failed(
+            "center", f"result object {listed.id} does not match its listing", permanent=True
+        )
+    return ds
+
+
+def _answer(resp: httpx.Response, what: str) -> str:
+    detail = resp.text[:300].replace("\n", " ")  # the center's answer holds no identity
+    return f"center answered {resp.status_code} to {what}: {detail}"
+
+
+def _unknown_study(center_object_id: int) -> str:
+    return f"result object {center_object_id} is for a study this edge did not send"
+
+
+def _too_old(max_age: timedelta, attempts: int) -> str:
+    return f"not stored at the PACS within {max_age} ({attempts} attempt(s))"

@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,9 @@ from pydicom import dcmread
 from dicom_io.identity_map import lookup_pseudonym
 from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
+from tests.e2e.stack import echo as _echo
+from tests.e2e.stack import running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 AGREEMENT = "demo-hospital-to-center"
@@ -40,50 +41,8 @@ BIN = Path(sys.executable).parent
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     if shutil.which("storescu") is None:
         pytest.fail("dcmtk is not installed (./run test installs it)")
-    data = tmp_path_factory.mktemp("stack")
-    models = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
-    ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
-    env = dict(
-        os.environ,
-        RADBRIDGE_DATA_DIR=str(data),
-        RADBRIDGE_MODEL_REPOSITORY=str(models),
-        RADBRIDGE_EDGE__PORT=str(ports["edge"]),
-        RADBRIDGE_EDGE__METRICS_PORT=str(ports["metrics"]),
-        RADBRIDGE_CENTER__PORT=str(ports["center"]),
-        RADBRIDGE_EDGE__CENTER_URL=f"http://127.0.0.1:{ports['center']}",
-        RADBRIDGE_CENTER__RAY_NUM_CPUS="4",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        TCP_NODELAY="1",
-    )
-    log = (data / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [str(BIN / "radbridge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data
-    )
-    base = f"http://127.0.0.1:{ports['center']}"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"radbridge up exited: {(data / 'up.log').read_text()[-3000:]}")
-            try:
-                if (
-                    httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-                    and _echo(ports["edge"], "STORESCU").returncode == 0
-                ):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"stack not ready: {(data / 'up.log').read_text()[-3000:]}")
-        yield {"data": data, "ports": ports, "base": base, "env": env, "log": data / "up.log"}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with running_stack(tmp_path_factory.mktemp("stack")) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +111,6 @@ def _targets_up(prom: str, timeout_s: float = 30) -> set[str]:
             break
         time.sleep(1)
     return up
-
-
-def _echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["echoscu", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=dict(os.environ, TCP_NODELAY="1"),
-    )
 
 
 def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,81 @@
+"""`radbridge up` as a user runs it (edge + center in one process tree), for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
+    """dcmtk echoscu to the edge."""
+    return subprocess.run(
+        ["echoscu", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
+
+
+@contextmanager
+def running_stack(
+    data: Path, ports: dict[str, int] | None = None, **env_extra: str
+) -> Iterator[dict[str, object]]:
+    """Start `radbridge up` with its data in ``data``; yield once both nodes answer."""
+    models = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
+    ports = ports or {"edge": free_port(), "metrics": free_port(), "center": free_port()}
+    env = dict(
+        os.environ,
+        RADBRIDGE_DATA_DIR=str(data),
+        RADBRIDGE_MODEL_REPOSITORY=str(models),
+        RADBRIDGE_EDGE__PORT=str(ports["edge"]),
+        RADBRIDGE_EDGE__METRICS_PORT=str(ports["metrics"]),
+        RADBRIDGE_CENTER__PORT=str(ports["center"]),
+        RADBRIDGE_EDGE__CENTER_URL=f"http://127.0.0.1:{ports['center']}",
+        RADBRIDGE_CENTER__RAY_NUM_CPUS="4",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        TCP_NODELAY="1",
+        **env_extra,
+    )
+    log = (data / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "radbridge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data
+    )
+    base = f"http://127.0.0.1:{ports['center']}"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"radbridge up exited: {(data / 'up.log').read_text()[-3000:]}")
+            try:
+                if (
+                    httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+                    and echo(ports["edge"], "STORESCU").returncode == 0
+                ):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"stack not ready: {(data / 'up.log').read_text()[-3000:]}")
+        yield {"data": data, "ports": ports, "base": base, "env": env, "log": data / "up.log"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

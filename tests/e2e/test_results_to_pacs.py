@@ -1,0 +1,106 @@
+"""The loop closed: Orthanc as the hospital PACS sends a study, and gets the AI result back.
+
+Orthanc is told over its REST API to C-STORE a chest radiograph study (real patient identity)
+to the edge; `radbridge up` de-identifies, forwards, infers, builds the TID 1500 SR at the
+center; the edge pulls it, re-identifies it and C-STOREs it to Orthanc. Queried back over
+Orthanc's REST API, the SR must carry the hospital's own patient and study, reference the
+instances Orthanc holds, and code the model's findings.
+"""
+
+from __future__ import annotations
+
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+
+from models.phantom_dicom import write_cxr_study
+from tests.conftest import REPO, free_port
+from tests.e2e.stack import running_stack
+from tests.peers import OrthancPeer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+PATIENT = {"name": "Wang^Xiuying=王^秀英", "id": "PACS-88-1203", "birth": "19630704"}
+
+
+def test_orthanc_sends_a_study_and_receives_the_sr(tmp_path: Path) -> None:
+    ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
+    with OrthancPeer(
+        modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", ports["edge"])},
+        workdir=tmp_path / "orthanc",
+    ) as pacs:
+        raw = yaml.safe_load((REPO / "radbridge/defaults/agreements.yaml").read_text())
+        raw["agreements"][0]["hospital"]["return_destination"] = {
+            "ae_title": pacs.aet,
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+        }
+        agreements = tmp_path / "agreements.yaml"
+        agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        data = tmp_path / "stack"
+        data.mkdir()
+        with running_stack(
+            data,
+            ports,
+            RADBRIDGE_AGREEMENTS_FILE=str(agreements),
+            RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
+        ) as stack:
+            files = write_cxr_study(
+                tmp_path / "study",
+                seed=77,
+                findings={"cardiomegaly"},
+                patient_name=PATIENT["name"],
+                patient_id=PATIENT["id"],
+                birth_date=PATIENT["birth"],
+                n_images=2,
+                accession="ACC-7001",
+            )
+            originals = [pydicom.dcmread(f) for f in files]
+            ids = [pacs.upload(f) for f in files]
+            study = pacs.study_of(ids[0])
+            pacs.send_study_to("radbridge", study)
+
+            sr = _wait_for_sr(pacs, study, stack)
+            # The hospital's own identity and UIDs, not the pseudonyms the center saw.
+            assert str(sr.PatientID) == PATIENT["id"]
+            assert str(sr.PatientName) == str(originals[0].PatientName)
+            assert str(sr.PatientBirthDate) == PATIENT["birth"]
+            assert str(sr.AccessionNumber) == "ACC-7001"
+            assert sr.StudyInstanceUID == originals[0].StudyInstanceUID
+            assert "PatientIdentityRemoved" not in sr
+            assert sr.VerificationFlag == "UNVERIFIED"
+            # Every image reference resolves to an instance Orthanc holds.
+            held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in ids}
+            refs = {str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+            assert held <= refs and refs - held <= {str(sr.SOPInstanceUID)}
+            # The coded findings are the model's, with the manifest's codes.
+            manifest = yaml.safe_load(
+                (
+                    Path(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"])
+                    / "chest-xray-demo"
+                    / "1"  # type: ignore[index]
+                    / "manifest.yaml"
+                ).read_text()
+            )
+            wanted = {label["snomed"] for label in manifest["labels"] if label.get("snomed")}
+            coded = {str(e.value) for e in sr.iterall() if e.keyword == "CodeValue"}
+            assert wanted <= coded
+            texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+            assert any("not for diagnostic use" in t for t in texts)
+
+
+def _wait_for_sr(pacs: OrthancPeer, study: str, stack: dict[str, Any]) -> pydicom.Dataset:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for inst in pacs.instances_of(study):
+            tags = pacs.instance_tags(inst)
+            if tags.get("Modality") == "SR":
+                return pydicom.dcmread(BytesIO(pacs.instance_file(inst)))
+        time.sleep(2)
+    log = Path(str(stack["log"])).read_text(errors="replace")[-4000:]
+    pytest.fail(f"no SR reached the PACS in time:\n{log}")
+    raise AssertionError  # unreachable

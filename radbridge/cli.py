@@ -53,11 +53,20 @@ def _fail(exc: RadbridgeError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """Install SIGINT/SIGTERM handlers now (before anything listens), return the stop event.
+
+    Installed before the services start, so a signal that arrives the moment a port opens
+    still stops them cleanly (exit 0) instead of killing the process mid-write.
+    """
     stop = threading.Event()
+    _route_signals(stop)
+    return stop
+
+
+def _route_signals(stop: threading.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
 
 
 # -- db ---------------------------------------------------------------------------------------
@@ -213,6 +222,7 @@ def gateway(ctx: typer.Context) -> None:
     from dicom_io.gateway import Gateway
 
     s = _settings()
+    stop = _stop_on_signal()
     try:
         _ensure_ready(s, edge=True, center=False)
         gw = Gateway(s)
@@ -220,7 +230,7 @@ def gateway(ctx: typer.Context) -> None:
     except RadbridgeError as exc:
         raise _fail(exc) from None
     console.print(f"[green]gateway ready[/] {s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
-    _wait_for_signal()
+    stop.wait()
     gw.stop()
 
 
@@ -321,13 +331,14 @@ def center() -> None:
     from serving.center import start_center, stop_center
 
     s = _settings()
+    stop = _stop_on_signal()
     try:
         _ensure_ready(s, edge=False, center=True)
         start_center(s)
     except RadbridgeError as exc:
         raise _fail(exc) from None
     console.print(f"[green]center ready[/] http://{s.center.host}:{s.center.port}")
-    _wait_for_signal()
+    stop.wait()
     stop_center()
 
 
@@ -338,6 +349,7 @@ def up() -> None:
     from serving.center import start_center, stop_center
 
     s = _settings()
+    stop = _stop_on_signal()
     try:
         _ensure_ready(s, edge=True, center=True)
         start_center(s)
@@ -355,7 +367,8 @@ def up() -> None:
     console.print(table)
     console.print("try: [bold]radbridge demo[/] (in another shell); Ctrl-C stops")
     sys.stdout.flush()
-    _wait_for_signal()
+    _route_signals(stop)  # again: starting Ray may have installed its own handlers
+    stop.wait()
     gw.stop()
     stop_center()
 

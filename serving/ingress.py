@@ -10,8 +10,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,11 +37,13 @@ from serving.postprocess import findings_from_logits
 from serving.routing import route
 from serving.schemas import (
     CompleteRequest,
+    Finding,
     InstanceResult,
     JobOut,
     ResultObjectList,
     StudyResults,
 )
+from serving.segmentation import segment_series
 
 __all__ = ["Api", "api"]
 
@@ -161,9 +165,7 @@ class Api:
             jobs.start_job, self.db, job_id
         )
         instances = await asyncio.to_thread(jobs.job_instances, self.db, job_id)
-        outcomes = await asyncio.gather(
-            *(self._infer_instance(job_id, inst) for inst in instances), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*self._work(job_id, instances), return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         error = None
         if errors:
@@ -186,10 +188,83 @@ class Api:
                 (utcnow() - first_received).total_seconds()
             )
 
-    async def _infer_instance(self, job_id: int, inst: jobs.JobInstance) -> None:
-        key = route(self.manifests, inst.modality, inst.body_part)
-        if key is None:
-            raise NotFoundError(f"no model serves modality {safe_label(inst.modality)}")
+    def _work(
+        self, job_id: int, instances: list[jobs.JobInstance]
+    ) -> list[Coroutine[Any, Any, None]]:
+        """Per series: a classifier runs per instance, a segmenter once on the whole volume."""
+        by_series: dict[int, list[jobs.JobInstance]] = {}
+        for inst in instances:
+            by_series.setdefault(inst.series_id, []).append(inst)
+        work: list[Coroutine[Any, Any, None]] = []
+        for series in by_series.values():
+            key = route(self.manifests, series[0].modality, series[0].body_part)
+            if key is None:
+                work.append(self._unrouted(series[0].modality))
+            elif self.manifests[key].task == "segmentation":
+                work.append(self._segment_series(job_id, key, series))
+            else:
+                work.extend(self._infer_instance(job_id, key, inst) for inst in series)
+        return work
+
+    @staticmethod
+    async def _unrouted(modality: str | None) -> None:
+        raise NotFoundError(f"no model serves modality {safe_label(modality)}")
+
+    async def _segment_series(self, job_id: int, key: str, series: list[jobs.JobInstance]) -> None:
+        """Sliding-window inference on the series' volume; its windows go through the runner."""
+        manifest = self.manifests[key]
+        runner, loop = self.runners[key], asyncio.get_running_loop()
+        encoded = await asyncio.to_thread(lambda: [self.store.read(i.path) for i in series])
+        stats: dict[str, Any] = {"windows": 0, "seconds": 0.0, "provider": "", "batch": 0}
+
+        async def windows(batch: np.ndarray) -> np.ndarray:
+            outs = await asyncio.gather(*(runner.remote(batch[i]) for i in range(len(batch))))
+            stats["windows"] += len(outs)
+            stats["seconds"] += max(o["seconds"] for o in outs)
+            stats["provider"] = outs[0]["provider"]
+            stats["batch"] = max(stats["batch"], *(o["batch_size"] for o in outs))
+            return np.stack([o["logits"] for o in outs])
+
+        def predict(batch: np.ndarray) -> np.ndarray:  # called from the worker thread
+            return asyncio.run_coroutine_threadsafe(windows(batch), loop).result()
+
+        t0 = time.perf_counter()
+        seg = await asyncio.to_thread(segment_series, encoded, manifest, predict)
+        total = time.perf_counter() - t0
+        self.metrics.inference.labels(
+            manifest.name, manifest.version, batch_bucket(stats["batch"]), stats["provider"]
+        ).observe(stats["seconds"])
+        label = manifest.labels[0]
+        finding = Finding(
+            label=label.key,
+            display=dict(label.display),
+            codes={k: v for k, v in (("SCT", label.snomed), ("RADLEX", label.radlex)) if v},
+            probability=round(seg.max_probability, 6),
+            threshold=label.threshold,
+            present=bool(seg.nodules),
+        )
+        first = min(series, key=lambda i: i.instance_id)
+        result = InstanceResult(
+            sop_instance_uid=first.sop_instance_uid,
+            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            input_sha256=hashlib.sha256(b"".join(sorted(encoded))).hexdigest(),
+            provider=stats["provider"],
+            findings=[finding],
+            timings_ms={
+                "total": round(total * 1000, 3),
+                "inference": round(stats["seconds"] * 1000, 3),
+                "windows": stats["windows"],
+            },
+            intended_use=manifest.intended_use,
+            nodules=[n.as_dict() for n in seg.nodules],
+        )
+        await asyncio.to_thread(jobs.save_result, self.db, job_id, first.instance_id, result)
+        if seg.nodules:
+            await asyncio.to_thread(
+                result_objects.save_segmentation_objects, self.db, self.store, job_id, seg, manifest
+            )
+
+    async def _infer_instance(self, job_id: int, key: str, inst: jobs.JobInstance) -> None:
         manifest = self.manifests[key]
         data = await asyncio.to_thread(self.store.read, inst.path)
         pre = await self.preprocessor.remote(data, key)

@@ -9,7 +9,15 @@ from typing import Any
 from sqlalchemy import select
 
 from radbridge.db.engine import Database
-from radbridge.db.tables import InstanceRow, JobRow, ResultRow, SeriesRow, StudyRow, utcnow
+from radbridge.db.tables import (
+    InstanceRow,
+    JobRow,
+    ResultObjectRow,
+    ResultRow,
+    SeriesRow,
+    StudyRow,
+    utcnow,
+)
 from radbridge.errors import NotFoundError, PolicyError
 from radbridge.lifecycle import CenterStudyState, JobState
 from serving.schemas import CompleteRequest, InstanceResult, JobOut, StudyResults
@@ -35,6 +43,7 @@ class JobInstance:
     path: str
     modality: str | None
     body_part: str | None
+    series_id: int = 0
 
 
 def _find_study(s: Any, study_uid: str, agreement_id: str | None = None) -> StudyRow:
@@ -110,6 +119,8 @@ def start_job(db: Database, job_id: int) -> tuple[str, str | None, str, datetime
         study = s.get(StudyRow, job.study_id)
         assert study is not None
         s.query(ResultRow).filter(ResultRow.job_id == job_id).delete()
+        # Objects of an interrupted run were never listed (only finished jobs' are): drop them.
+        s.query(ResultObjectRow).filter(ResultObjectRow.job_id == job_id).delete()
         return study.agreement_id, study.modality, job.priority, job.first_received_at
 
 
@@ -125,7 +136,7 @@ def job_instances(db: Database, job_id: int) -> list[JobInstance]:
             .order_by(InstanceRow.id)
         ).all()
         return [
-            JobInstance(i.id, i.sop_instance_uid, i.path, se.modality, se.body_part)
+            JobInstance(i.id, i.sop_instance_uid, i.path, se.modality, se.body_part, se.id)
             for i, se in rows
         ]
 
@@ -143,6 +154,7 @@ def save_result(db: Database, job_id: int, instance_id: int, result: InstanceRes
                 findings={
                     "findings": [f.model_dump() for f in result.findings],
                     "intended_use": result.intended_use,
+                    "nodules": result.nodules,
                 },
                 timings_ms=result.timings_ms,
                 provider=result.provider,
@@ -183,6 +195,7 @@ def study_results(db: Database, study_uid: str) -> StudyResults:
                 findings=r.findings["findings"],
                 timings_ms=r.timings_ms,
                 intended_use=r.findings.get("intended_use", ""),
+                nodules=r.findings.get("nodules") or [],
             )
             for r, inst in rows
         ]

@@ -16,15 +16,30 @@ from io import BytesIO
 import pydicom
 from sqlalchemy import select
 
-from dicom_io.results import AlgorithmInfo, Coded, ImageFinding, classification_sr
+from dicom_io.results import (
+    AlgorithmInfo,
+    Coded,
+    ImageFinding,
+    Nodule,
+    classification_sr,
+    nodule_seg_and_sr,
+)
 from dicom_io.store import DurableStore
 from models.manifest import ModelManifest
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, ResultRow, StudyRow
 from radbridge.errors import NotFoundError
+from radbridge.lifecycle import JobState
 from serving.schemas import ResultObjectOut
+from serving.segmentation import SeriesSegmentation
 
-__all__ = ["MANUFACTURER", "build_for_job", "list_objects", "object_path"]
+__all__ = [
+    "MANUFACTURER",
+    "build_for_job",
+    "list_objects",
+    "object_path",
+    "save_segmentation_objects",
+]
 
 MANUFACTURER = "radbridge"
 _LOCAL_SCHEME = "99RADBRIDGE"  # private coding scheme for findings without SNOMED/RadLex codes
@@ -33,15 +48,15 @@ _LOCAL_SCHEME = "99RADBRIDGE"  # private coding scheme for findings without SNOM
 def build_for_job(
     db: Database, store: DurableStore, job_id: int, manifests: dict[str, ModelManifest]
 ) -> list[int]:
-    """Write the result objects of a finished job (idempotent); returns their row ids."""
+    """Write the classification SRs of a job's run; returns their row ids.
+
+    Called once per run; a re-run starts by dropping the previous run's objects
+    (``jobs.start_job``), and only finished jobs' objects are ever listed.
+    """
     with db.session() as s:
         job = s.get(JobRow, job_id)
         if job is None:
             raise NotFoundError("unknown job")
-        existing = s.scalars(select(ResultObjectRow.id).where(ResultObjectRow.job_id == job_id))
-        done = list(existing)
-        if done:
-            return done
         study = s.get(StudyRow, job.study_id)
         assert study is not None
         rows = s.execute(
@@ -96,7 +111,12 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
     with db.session() as s:
         rows = s.scalars(
             select(ResultObjectRow)
-            .where(ResultObjectRow.agreement_id == agreement_id, ResultObjectRow.id > after)
+            .join(JobRow, ResultObjectRow.job_id == JobRow.id)
+            .where(
+                ResultObjectRow.agreement_id == agreement_id,
+                ResultObjectRow.id > after,
+                JobRow.state == JobState.DONE,  # never half a job's objects
+            )
             .order_by(ResultObjectRow.id)
             .limit(limit)
         ).all()
@@ -176,3 +196,45 @@ def _save(
         size=stored.size,
         sha256=digest,
     )
+
+
+def save_segmentation_objects(
+    db: Database,
+    store: DurableStore,
+    job_id: int,
+    seg: SeriesSegmentation,
+    manifest: ModelManifest,
+) -> list[int]:
+    """Write the DICOM SEG and its TID 1500 SR of one segmented series."""
+    with db.session() as s:
+        job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFoundError("unknown job")
+        study = s.get(StudyRow, job.study_id)
+        assert study is not None
+        agreement_id, study_uid, version = study.agreement_id, study.study_uid, job.version
+    algo = AlgorithmInfo(
+        name=manifest.name,
+        version=manifest.version,
+        manufacturer=MANUFACTURER,
+        model_sha256=manifest.sha256,
+        intended_use=manifest.intended_use,
+    )
+    nodules = [
+        Nodule(
+            centre_mm=tuple(n.centre_mm),  # type: ignore[arg-type]
+            diameter_mm=n.diameter_mm,
+            volume_mm3=n.volume_mm3,
+            segment_number=1,
+        )
+        for n in seg.nodules
+    ]
+    seg_ds, sr_ds = nodule_seg_and_sr(seg.sources, seg.mask, nodules, algo, version=version)
+    made = [
+        _save(store, seg_ds, "seg", agreement_id, study_uid, version, job_id),
+        _save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id),
+    ]
+    with db.session() as s:
+        s.add_all(made)
+        s.flush()
+        return [m.id for m in made]

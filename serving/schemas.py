@@ -59,6 +59,10 @@ class InstanceResult(BaseModel):
     findings: list[Finding]
     timings_ms: dict[str, float]
     intended_use: str
+    nodules: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Segmentation models: each nodule's centre (patient mm), diameter, volume.",
+    )
 
 
 class StudyResults(BaseModel):

@@ -1,0 +1,71 @@
+"""Volumetric segmentation of one CT series at the center (blocking: runs in a worker thread).
+
+The series is assembled by its geometry (``dicom_io.volume.read_series``: slices sorted along
+the normal, modality LUT applied), resampled and preprocessed with the manifest's pipeline,
+and segmented by MONAI sliding-window inference whose windows go through ``predict`` — in the
+center, the ModelRunner deployment, so windows of different studies share batches. Nodules are
+reported in patient coordinates; the label's probability map is brought back onto the source
+slices for the DICOM SEG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+import pydicom
+
+from dicom_io.volume import read_series
+from models.manifest import ModelManifest
+from models.nodules import DetectedNodule, detect_nodules
+
+__all__ = ["SeriesSegmentation", "segment_series"]
+
+
+@dataclass(frozen=True)
+class SeriesSegmentation:
+    nodules: list[DetectedNodule]
+    mask: np.ndarray  # (frames, rows, cols) bool, frames in the order of ``sources``
+    sources: list[pydicom.Dataset]  # headers, sorted by position along the slice normal
+    max_probability: float
+
+
+def segment_series(
+    encoded: Sequence[bytes],
+    manifest: ModelManifest,
+    predict: Callable[[np.ndarray], np.ndarray],
+) -> SeriesSegmentation:
+    hu, spacing, origin, direction = read_series(list(encoded))
+    nodules, prob, _ = detect_nodules(predict, manifest, hu, spacing, origin, direction)
+    threshold = manifest.labels[0].threshold
+    on_source = _resize(prob, hu.shape)
+    headers = [pydicom.dcmread(BytesIO(b), stop_before_pixels=True) for b in encoded]
+    return SeriesSegmentation(
+        nodules=nodules,
+        mask=on_source >= threshold,
+        sources=_sorted_by_position(headers, direction),
+        max_probability=float(prob.max()) if prob.size else 0.0,
+    )
+
+
+def _resize(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Trilinear resize of a (z, y, x) map onto another grid covering the same extent."""
+    if tuple(volume.shape) == tuple(shape):
+        return volume
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="trilinear")
+    return np.asarray(out[0, 0].numpy())
+
+
+def _sorted_by_position(
+    headers: Sequence[pydicom.Dataset], direction: np.ndarray
+) -> list[pydicom.Dataset]:
+    normal = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2]
+    return sorted(
+        headers,
+        key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal)),
+    )

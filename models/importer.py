@@ -29,11 +29,18 @@ __all__ = ["import_model", "validation_inference"]
 def validation_inference(model: LoadedModel, batch: int = 2) -> np.ndarray:
     """Run a synthetic input through preprocessing and the ONNX model; returns the output.
 
+    Classifiers get a test frame; segmenters a synthetic volume by sliding window
+    (``models.nodules.segmentation_validation_inference``).
+
     Raises:
         ModelError: When preprocessing does not produce the manifest's input shape, or the
             output's shape or values are wrong.
     """
     m = model.manifest
+    if m.task == "segmentation":  # a volume through sliding windows, not one frame
+        from models.nodules import segmentation_validation_inference
+
+        return segmentation_validation_inference(model, batch)
     frame = np.tile(np.linspace(0, 4095, 256, dtype=np.float32), (256, 1))
     try:
         tensor = np.asarray(build_pipeline(m.preprocessing)(frame), dtype=np.float32)

@@ -125,12 +125,12 @@ def agreements_check(file: Path) -> None:
 def models_build(
     force: Annotated[bool, typer.Option(help="Retrain even if a valid model exists.")] = False,
 ) -> None:
-    """Train, export and verify the demo models into the model repository."""
-    from models.cxr_demo import build
+    """Train, export and verify the demo models (CXR classifier, CT nodule segmenter)."""
+    from models.demo import build_all
 
     s = _settings()
-    model = build(s.models_dir, force=force, log=console.print)
-    console.print(f"[green]{model.key} ready at {model.onnx_path}[/]")
+    for model in build_all(s.models_dir, force=force, log=console.print):
+        console.print(f"[green]{model.key} ready at {model.onnx_path}[/]")
 
 
 @models_app.command("list")
@@ -202,12 +202,12 @@ def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
         upgrade(s.edge_db_url)
     if center:
         upgrade(s.center_db_url)
-        from models.cxr_demo import build
+        from models.demo import DEMO_MODELS, build_all
         from models.repository import ModelRepository
 
-        if not ModelRepository(s.models_dir).list():
-            console.print("no models yet: building the demo model (a few minutes)")
-            build(s.models_dir, log=console.print)
+        if not {m.manifest.name for m in ModelRepository(s.models_dir).list()} >= DEMO_MODELS:
+            console.print("building the missing demo models (a few minutes)")
+            build_all(s.models_dir, log=console.print)
 
 
 gateway_app = typer.Typer(help="The edge gateway.", invoke_without_command=True)

@@ -26,7 +26,7 @@ from tests.peers import OrthancError, OrthancPeer
 
 pytestmark = pytest.mark.slow
 
-CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 AGREEMENTS = REPO / "radbridge/defaults/agreements.yaml"
 
 
@@ -75,8 +75,8 @@ def _study(folder: Path, count: int, *, modality: str = "DX") -> list[Path]:
     for i in range(count):
         ds = make_instance(study, series, modality=modality, seed=i)
         ds.InstanceNumber = i + 1
-        if modality == "CT":
-            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(CT_STORAGE)
+        if modality == "MR":
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(MR_STORAGE)
         paths.append(write_instance(ds, folder / f"{modality}{i:03d}.dcm"))
     return paths
 
@@ -120,7 +120,7 @@ def test_ct_study_outside_the_agreement_fails_in_orthanc_and_nothing_is_indexed(
     edge: tuple[int, Database, Path], pacs: OrthancPeer, tmp_path: Path
 ) -> None:
     _, db, store = edge
-    study_id, _ = _upload(pacs, _study(tmp_path / "ct", 2, modality="CT"))
+    study_id, _ = _upload(pacs, _study(tmp_path / "ct", 2, modality="MR"))
     with pytest.raises(OrthancError) as failed:
         pacs.send_study_to("radbridge", study_id)
     assert "0x0124" in str(failed.value)  # the gateway's "refused: not authorized" status

@@ -23,7 +23,7 @@ from radbridge.db.tables import InstanceRow, StudyRow
 from radbridge.metrics import EdgeMetrics
 from tests.conftest import REPO, free_port, make_instance, write_instance
 
-CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def _assoc(port: int, calling: str = "DEMO_PACS", called: str = "RADBRIDGE"):  #
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    ae.add_requested_context(CT_STORAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(MR_STORAGE, ExplicitVRLittleEndian)
     return ae.associate("127.0.0.1", port, ae_title=called)
 
 
@@ -139,8 +139,8 @@ def test_modality_outside_the_agreement_is_refused(
     scp: tuple[int, Database, Path], tmp_path: Path
 ) -> None:
     port, _db, store = scp
-    ds = make_instance(modality="CT")
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE
+    ds = make_instance(modality="MR")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_STORAGE
     path = write_instance(ds, tmp_path / "ct.dcm")
     assoc = _assoc(port)
     assert assoc.send_c_store(path).Status == 0x0124

@@ -30,7 +30,7 @@ from tests.conftest import REPO, free_port, make_instance
 
 USER, PASSWORD_ENV, PASSWORD = "demo-pacs", "RADBRIDGE_TEST_STOW_PASSWORD", "s3cret-pacs-pw"
 AGREEMENT = "demo-hospital-to-center"
-CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+MR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 CANNOT_UNDERSTAND, NOT_AUTHORIZED = 0xC000, 0x0124
 
 
@@ -113,8 +113,8 @@ def _dataset_bytes(raw: bytes) -> bytes:
 
 
 def _ct() -> Dataset:
-    ds = make_instance(modality="CT")
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE
+    ds = make_instance(modality="MR")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_STORAGE
     return ds
 
 
@@ -165,7 +165,7 @@ def test_mixed_request_is_202_with_per_part_reasons(serve: Serve) -> None:
     unparseable = next(i for i in failed if "00081155" not in i)
     assert unparseable == {"00081197": {"vr": "US", "Value": [CANNOT_UNDERSTAND]}}
     refused = next(i for i in failed if _uid(i, "00081155") == ct.SOPInstanceUID)
-    assert _uid(refused, "00081150") == CT_STORAGE
+    assert _uid(refused, "00081150") == MR_STORAGE
     assert refused["00081197"] == {"vr": "US", "Value": [NOT_AUTHORIZED]}
     assert [r.sop_instance_uid for r in edge.rows()] == [good.SOPInstanceUID]
     assert len(edge.files()) == 1

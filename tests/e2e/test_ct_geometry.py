@@ -1,0 +1,84 @@
+"""Geometry survives the whole path: a CT phantom with a nodule at a known patient position.
+
+dcmtk storescu pushes the phantom's slices (real patient identity) to `radbridge up`; the
+edge de-identifies and forwards them, the center assembles the volume, runs the CT nodule
+segmenter by sliding window through the ModelRunner and reports each nodule's centre in
+patient coordinates. The reported centre must lie within one voxel of the truth: orientation,
+spacing and rescale survived ingest, de-identification, preprocessing and inference. The SEG
+and SR of the result wait at the center for the edge.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_io.identity_map import lookup_pseudonym
+from models.ct_dicom import write_ct_series
+from models.ct_phantoms import chest_ct
+from radbridge.db import Database
+from tests.e2e.stack import running_stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+AGREEMENT = "demo-hospital-to-center"
+
+
+def test_nodule_centre_within_one_voxel_through_the_gateway(tmp_path: Path) -> None:
+    phantom = chest_ct(np.random.default_rng([20261123, 7]), n_nodules=1)
+    truth = phantom.nodules[0]
+    files = write_ct_series(
+        tmp_path / "ct",
+        phantom,
+        seed=7,
+        patient_name="Li^Na=李^娜",
+        patient_id="CT-GEO-0001",
+        birth_date="19700101",
+    )
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    data = tmp_path / "stack"
+    data.mkdir()
+    with running_stack(data) as stack:
+        ports, base = stack["ports"], str(stack["base"])
+        assert isinstance(ports, dict)
+        out = subprocess.run(
+            ["storescu", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(ports["edge"])]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
+        deadline, results = time.monotonic() + 400, None
+        while time.monotonic() < deadline:
+            pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
+            if pseudo:
+                r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
+                if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
+                    results = r.json()
+                    break
+            time.sleep(2)
+        assert results is not None, Path(str(stack["log"])).read_text()[-4000:]
+        assert results["job"]["state"] == "done", results["job"]
+        listed = httpx.get(f"{base}/v1/agreements/{AGREEMENT}/result-objects", timeout=10)
+        kinds = sorted(
+            o["kind"] for o in listed.json()["objects"] if o["study_uid"] == results["study_uid"]
+        )
+    (result,) = results["results"]
+    assert result["model"]["name"] == "ct-lung-nodule-demo"
+    assert result["findings"][0]["present"] is True
+    voxel = np.asarray(phantom.spacing, dtype=float)  # (z, y, x) mm
+    distances = [
+        np.linalg.norm(np.asarray(n["centre_mm"]) - np.asarray(truth.centre_mm))
+        for n in result["nodules"]
+    ]
+    assert distances, f"no nodule found; truth {truth}"
+    # Within one voxel: the voxel's diagonal half-extent bounds any one-voxel offset.
+    assert min(distances) <= float(np.linalg.norm(voxel)), (distances, truth, voxel)
+    assert kinds == ["seg", "sr"]

@@ -79,6 +79,11 @@ def test_nodule_centre_within_one_voxel_through_the_gateway(tmp_path: Path) -> N
         for n in result["nodules"]
     ]
     assert distances, f"no nodule found; truth {truth}"
+    print(
+        f"nodule truth {truth.centre_mm} d={truth.diameter_mm:.1f} mm; found "
+        f"{[n['centre_mm'] for n in result['nodules']]}; nearest {min(distances):.2f} mm; "
+        f"voxel {phantom.spacing} mm"
+    )
     # Within one voxel: the voxel's diagonal half-extent bounds any one-voxel offset.
     assert min(distances) <= float(np.linalg.norm(voxel)), (distances, truth, voxel)
     assert kinds == ["seg", "sr"]

@@ -202,11 +202,11 @@ def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
         upgrade(s.edge_db_url)
     if center:
         upgrade(s.center_db_url)
-        from models.demo import DEMO_MODELS, build_all
+        from models.demo import build_all
         from models.repository import ModelRepository
 
-        if not {m.manifest.name for m in ModelRepository(s.models_dir).list()} >= DEMO_MODELS:
-            console.print("building the missing demo models (a few minutes)")
+        if not ModelRepository(s.models_dir).list():  # a hospital's own repository is left as is
+            console.print("no models yet: building the demo models (a few minutes)")
             build_all(s.models_dir, log=console.print)
 
 

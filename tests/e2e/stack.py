@@ -32,10 +32,13 @@ def echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def running_stack(
-    data: Path, ports: dict[str, int] | None = None, **env_extra: str
+    data: Path, ports: dict[str, int] | None = None, models: Path | None = None, **env_extra: str
 ) -> Iterator[dict[str, object]]:
-    """Start `radbridge up` with its data in ``data``; yield once both nodes answer."""
-    models = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
+    """Start `radbridge up` with its data in ``data``; yield once both nodes answer.
+
+    ``models`` is the model repository (default: the built demo models).
+    """
+    models = models or Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
     ports = ports or {"edge": free_port(), "metrics": free_port(), "center": free_port()}
     env = dict(
         os.environ,

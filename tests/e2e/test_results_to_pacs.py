@@ -14,10 +14,13 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import yaml
 
+from models.ct_dicom import write_ct_series
+from models.ct_phantoms import chest_ct
 from models.phantom_dicom import write_cxr_study
 from tests.conftest import REPO, free_port
 from tests.e2e.stack import running_stack
@@ -63,6 +66,20 @@ def test_orthanc_sends_a_study_and_receives_the_sr(tmp_path: Path) -> None:
             ids = [pacs.upload(f) for f in files]
             study = pacs.study_of(ids[0])
             pacs.send_study_to("radbridge", study)
+            # And a chest CT with one nodule: it comes back as a SEG plus its SR.
+            phantom = chest_ct(np.random.default_rng([20261123, 7]), n_nodules=1)
+            ct_files = write_ct_series(
+                tmp_path / "ct",
+                phantom,
+                seed=8,
+                patient_name=PATIENT["name"],
+                patient_id=PATIENT["id"],
+                birth_date=PATIENT["birth"],
+                accession="ACC-7002",
+            )
+            ct_ids = [pacs.upload(f) for f in ct_files]
+            ct_study = pacs.study_of(ct_ids[0])
+            pacs.send_study_to("radbridge", ct_study)
 
             sr = _wait_for_sr(pacs, study, stack)
             # The hospital's own identity and UIDs, not the pseudonyms the center saw.
@@ -92,13 +109,34 @@ def test_orthanc_sends_a_study_and_receives_the_sr(tmp_path: Path) -> None:
             texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
             assert any("not for diagnostic use" in t for t in texts)
 
+            # The CT: a SEG over the slices Orthanc holds, and its SR, both re-identified.
+            seg = _wait_for_sr(pacs, ct_study, stack, modality="SEG")
+            ct_sr = _wait_for_sr(pacs, ct_study, stack)
+            ct_held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in ct_ids}
+            for obj in (seg, ct_sr):
+                assert str(obj.PatientID) == PATIENT["id"]
+                assert str(obj.AccessionNumber) == "ACC-7002"
+                assert str(obj.StudyInstanceUID) == str(
+                    pydicom.dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID
+                )
+            seg_refs = {
+                str(e.value) for e in seg.iterall() if e.keyword == "ReferencedSOPInstanceUID"
+            }
+            assert seg_refs and seg_refs <= ct_held
+            sr_refs = {
+                str(e.value) for e in ct_sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"
+            }
+            assert str(seg.SOPInstanceUID) in sr_refs
 
-def _wait_for_sr(pacs: OrthancPeer, study: str, stack: dict[str, Any]) -> pydicom.Dataset:
+
+def _wait_for_sr(
+    pacs: OrthancPeer, study: str, stack: dict[str, Any], modality: str = "SR"
+) -> pydicom.Dataset:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for inst in pacs.instances_of(study):
             tags = pacs.instance_tags(inst)
-            if tags.get("Modality") == "SR":
+            if tags.get("Modality") == modality:
                 return pydicom.dcmread(BytesIO(pacs.instance_file(inst)))
         time.sleep(2)
     log = Path(str(stack["log"])).read_text(errors="replace")[-4000:]

@@ -15,6 +15,7 @@ from io import BytesIO
 
 import pydicom
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_io.results import (
     AlgorithmInfo,
@@ -65,18 +66,8 @@ def build_for_job(
             .where(ResultRow.job_id == job_id)
             .order_by(ResultRow.id)
         ).all()
-        previous = s.scalars(
-            select(ResultObjectRow)
-            .where(
-                ResultObjectRow.agreement_id == study.agreement_id,
-                ResultObjectRow.study_uid == study.study_uid,
-                ResultObjectRow.kind == "sr",
-                ResultObjectRow.version < job.version,
-            )
-            .order_by(ResultObjectRow.version.desc())
-        ).first()
+        previous_path = _previous_sr(s, study, job.version)
         agreement_id, study_uid, version = study.agreement_id, study.study_uid, job.version
-        previous_path = previous.path if previous else None
     by_model: dict[tuple[str, str], list[tuple[ResultRow, InstanceRow]]] = defaultdict(list)
     for r, inst in rows:
         by_model[(r.model_name, r.model_version)].append((r, inst))
@@ -143,6 +134,21 @@ def object_path(db: Database, object_id: int) -> str:
         if row is None:
             raise NotFoundError("unknown result object")
         return row.path
+
+
+def _previous_sr(s: Session, study: StudyRow, version: int) -> str | None:
+    """Store path of the study's latest SR of an earlier version (the new one's predecessor)."""
+    previous = s.scalars(
+        select(ResultObjectRow)
+        .where(
+            ResultObjectRow.agreement_id == study.agreement_id,
+            ResultObjectRow.study_uid == study.study_uid,
+            ResultObjectRow.kind == "sr",
+            ResultObjectRow.version < version,
+        )
+        .order_by(ResultObjectRow.version.desc(), ResultObjectRow.id.desc())
+    ).first()
+    return previous.path if previous else None
 
 
 def _finding(sop_instance_uid: str, f: dict[str, object]) -> ImageFinding:
@@ -212,7 +218,9 @@ def save_segmentation_objects(
             raise NotFoundError("unknown job")
         study = s.get(StudyRow, job.study_id)
         assert study is not None
+        previous_path = _previous_sr(s, study, job.version)
         agreement_id, study_uid, version = study.agreement_id, study.study_uid, job.version
+    prior = pydicom.dcmread(store.path(previous_path)) if previous_path else None
     algo = AlgorithmInfo(
         name=manifest.name,
         version=manifest.version,
@@ -229,7 +237,9 @@ def save_segmentation_objects(
         )
         for n in seg.nodules
     ]
-    seg_ds, sr_ds = nodule_seg_and_sr(seg.sources, seg.mask, nodules, algo, version=version)
+    seg_ds, sr_ds = nodule_seg_and_sr(
+        seg.sources, seg.mask, nodules, algo, version=version, previous_sr=prior
+    )
     made = [
         _save(store, seg_ds, "seg", agreement_id, study_uid, version, job_id),
         _save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id),

@@ -259,10 +259,9 @@ class Api:
             nodules=[n.as_dict() for n in seg.nodules],
         )
         await asyncio.to_thread(jobs.save_result, self.db, job_id, first.instance_id, result)
-        if seg.nodules:
-            await asyncio.to_thread(
-                result_objects.save_segmentation_objects, self.db, self.store, job_id, seg, manifest
-            )
+        await asyncio.to_thread(
+            result_objects.save_segmentation_objects, self.db, self.store, job_id, seg, manifest
+        )
 
     async def _infer_instance(self, job_id: int, key: str, inst: jobs.JobInstance) -> None:
         manifest = self.manifests[key]

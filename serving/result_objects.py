@@ -211,7 +211,8 @@ def save_segmentation_objects(
     seg: SeriesSegmentation,
     manifest: ModelManifest,
 ) -> list[int]:
-    """Write the DICOM SEG and its TID 1500 SR of one segmented series."""
+    """Write the DICOM SEG and its TID 1500 SR of one segmented series (an SR alone, with
+    the finding absent, when nothing was found)."""
     with db.session() as s:
         job = s.get(JobRow, job_id)
         if job is None:
@@ -237,13 +238,32 @@ def save_segmentation_objects(
         )
         for n in seg.nodules
     ]
-    seg_ds, sr_ds = nodule_seg_and_sr(
-        seg.sources, seg.mask, nodules, algo, version=version, previous_sr=prior
-    )
-    made = [
-        _save(store, seg_ds, "seg", agreement_id, study_uid, version, job_id),
-        _save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id),
-    ]
+    if nodules:
+        seg_ds, sr_ds = nodule_seg_and_sr(
+            seg.sources, seg.mask, nodules, algo, version=version, previous_sr=prior
+        )
+        made = [
+            _save(store, seg_ds, "seg", agreement_id, study_uid, version, job_id),
+            _save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id),
+        ]
+    else:
+        # Nothing to segment, but the hospital still gets the (negative) result: a TID 1500
+        # SR with the finding evaluated as absent, referencing the middle slice of the series.
+        label = manifest.labels[0]
+        middle = seg.sources[len(seg.sources) // 2]
+        absent = _finding(
+            str(middle.SOPInstanceUID),
+            {
+                "label": label.key,
+                "display": dict(label.display),
+                "codes": {k: v for k, v in (("SCT", label.snomed), ("RADLEX", label.radlex)) if v},
+                "probability": min(max(seg.max_probability, 0.0), 1.0),
+                "threshold": label.threshold,
+                "present": False,
+            },
+        )
+        sr_ds = classification_sr([middle], [absent], algo, version=version, previous=prior)
+        made = [_save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id)]
     with db.session() as s:
         s.add_all(made)
         s.flush()

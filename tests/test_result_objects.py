@@ -8,6 +8,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
+from dicom_io.deid import deidentify
+from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from radbridge.db import Database
 from serving import jobs, result_objects
@@ -78,3 +80,48 @@ def test_job_becomes_sr_and_late_instance_the_next_version(
         == listed[0].sop_instance_uid
     )
     assert result_objects.list_objects(migrated_db, AGREEMENT, 0, 10)[1].version == 2
+
+
+def _ct_job(db: Database, store: DurableStore) -> tuple[int, list[pydicom.Dataset]]:
+    from tests.test_results import _ct_series
+
+    p = Pseudonymizer(b"k" * 32)
+    sources = [deidentify(ds, p).dataset for ds in _ct_series()]
+    parts = []
+    for ds in sources:
+        buf = pydicom.filebase.DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        parts.append(buf.getvalue())
+    uid = receive_instances(db, store, AGREEMENT, parts).stored[0].study_uid
+    job, _ = jobs.complete_study(db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=8))
+    jobs.start_job(db, job.id)
+    jobs.finish_job(db, job.id)
+    return job.id, sources
+
+
+def test_segmentation_objects_with_and_without_nodules(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    from models.ct_nodule_demo import MANIFEST_TEMPLATE
+    from models.manifest import ModelManifest
+    from models.nodules import DetectedNodule
+    from serving.segmentation import SeriesSegmentation
+    from tests.test_results import _mask
+
+    manifest = ModelManifest.model_validate({**MANIFEST_TEMPLATE, "sha256": "0" * 64})
+    store = DurableStore(tmp_path)
+    job_id, sources = _ct_job(migrated_db, store)
+    nodule = DetectedNodule((-3.5, -2.8, -115.0), (3.0, 12.5, 11.5), 4.2, 44.1, 5, 0.9, 0.8)
+    found = SeriesSegmentation([nodule], _mask(), sources, 0.9)
+    ids = result_objects.save_segmentation_objects(migrated_db, store, job_id, found, manifest)
+    kinds = [o.kind for o in result_objects.list_objects(migrated_db, AGREEMENT, 0, 10)]
+    assert len(ids) == 2 and kinds == ["seg", "sr"]
+
+    nothing = SeriesSegmentation([], np.zeros((8, 32, 32), dtype=bool), sources, 0.12)
+    (sr_id,) = result_objects.save_segmentation_objects(
+        migrated_db, store, job_id, nothing, manifest
+    )
+    sr = hd.sr.srread(store.path(result_objects.object_path(migrated_db, sr_id)))
+    meanings = {str(e.value) for e in sr.iterall() if e.keyword == "CodeMeaning"}
+    assert "Absent" in meanings and "Present" not in meanings
+    assert sr.VerificationFlag == "UNVERIFIED"

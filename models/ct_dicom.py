@@ -14,11 +14,11 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from models.ct_phantoms import CTPhantom
-from models.phantom_dicom import PRIVATE_CREATOR
+from models.phantom_dicom import save_phantom_instance
 from radbridge.errors import ModelError
 
 __all__ = ["CT_IMAGE_STORAGE", "LUNG_WINDOW", "RESCALE_INTERCEPT", "write_ct_series"]
@@ -158,16 +158,5 @@ def write_ct_series(
         ds.SliceLocation = _ds(float(position @ direction[:, 2]))
         stored = (hu[k].astype(np.int32) - RESCALE_INTERCEPT).astype("<u2")
         ds.PixelData = np.ascontiguousarray(stored).tobytes()
-        block = ds.private_block(0x0009, PRIVATE_CREATOR, create=True)
-        block.add_new(0x01, "LO", patient_name)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        ds.preamble = b"\x00" * 128
-        path = out_dir / f"CT{instance:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(save_phantom_instance(ds, out_dir / f"CT{instance:04d}.dcm", patient_name))
     return paths

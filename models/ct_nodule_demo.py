@@ -1,7 +1,7 @@
 """The demo CT lung nodule segmenter: trained on phantoms, exported to ONNX, verified.
 
-``python -m models.ct_nodule_demo [repo_root] [--force]`` builds
-``<repo_root>/ct-lung-nodule-demo/1``. A demo model, not for diagnostic use: it has only
+``build(repo_root)`` builds ``<repo_root>/ct-lung-nodule-demo/1`` (run by ``radbridge models
+build`` and ``python -m models.demo``). A demo model, not for diagnostic use: it has only
 ever seen synthetic phantoms (``models.ct_phantoms``).
 
 Choices, for a build of about two and a half minutes on two otherwise idle CPU cores:
@@ -25,7 +25,6 @@ Choices, for a build of about two and a half minutes on two otherwise idle CPU c
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -64,7 +63,6 @@ __all__ = [
     "Prepared",
     "build",
     "evaluate",
-    "main",
     "make_network",
     "operating_point",
     "prepare",
@@ -599,23 +597,3 @@ def _build(
     loaded = repo.validate(version_dir)
     log(f"{loaded.key}: built in {time.perf_counter() - t_build:.1f}s at {version_dir}")
     return loaded
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m models.ct_nodule_demo [repo_root] [--force]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    force = "--force" in args
-    args = [a for a in args if a != "--force"]
-    root = (
-        Path(args[0]) if args else Path(os.environ.get("RADBRIDGE_MODEL_REPOSITORY", "var/models"))
-    )
-    try:
-        model = build(root, force=force)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"{model.key} ready at {model.onnx_path}")
-
-
-if __name__ == "__main__":
-    main()

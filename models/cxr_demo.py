@@ -1,13 +1,13 @@
 """The demo chest radiograph classifier: trained on phantoms, exported to ONNX, verified.
 
-``python -m models.cxr_demo [repo_root]`` builds ``<repo_root>/chest-xray-demo/1``. The model
+``build(repo_root)`` builds ``<repo_root>/chest-xray-demo/1`` (run by ``radbridge models build``
+and ``python -m models.demo``). The model
 is a demo model, not for diagnostic use: it has only ever seen synthetic phantoms.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -28,7 +28,7 @@ from models.repository import MANIFEST_FILE, MODEL_FILE, LoadedModel, ModelRepos
 from models.transforms import DEMO_PREPROCESSING, build_pipeline
 from radbridge.errors import ModelError
 
-__all__ = ["MANIFEST_TEMPLATE", "build", "main", "make_network", "preprocess_images"]
+__all__ = ["MANIFEST_TEMPLATE", "build", "make_network", "preprocess_images"]
 
 MAX_ABS_DIFF = 1e-4
 N_VAL, N_TEST = 500, 600
@@ -293,23 +293,3 @@ def build(
     loaded = repo.validate(version_dir)
     log(f"{loaded.key}: built in {time.perf_counter() - t_build:.1f}s at {version_dir}")
     return loaded
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m models.cxr_demo [repo_root] [--force]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    force = "--force" in args
-    args = [a for a in args if a != "--force"]
-    root = (
-        Path(args[0]) if args else Path(os.environ.get("RADBRIDGE_MODEL_REPOSITORY", "var/models"))
-    )
-    try:
-        model = build(root, force=force)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"{model.key} ready at {model.onnx_path}")
-
-
-if __name__ == "__main__":
-    main()

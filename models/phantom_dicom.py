@@ -15,7 +15,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from models.phantoms import chest_radiograph
 
-__all__ = ["DX_FOR_PRESENTATION", "PRIVATE_CREATOR", "image_rng", "write_cxr_study"]
+__all__ = [
+    "DX_FOR_PRESENTATION",
+    "PRIVATE_CREATOR",
+    "image_rng",
+    "save_phantom_instance",
+    "write_cxr_study",
+]
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 PRIVATE_CREATOR = "RADBRIDGE DEMO"
@@ -116,16 +122,21 @@ def write_cxr_study(
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
         ds.WindowCenter, ds.WindowWidth = "2048", "4096"
         ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-        block = ds.private_block(0x0009, PRIVATE_CREATOR, create=True)
-        block.add_new(0x01, "LO", patient_name)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        ds.preamble = b"\x00" * 128
-        path = out_dir / f"IM{i + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(save_phantom_instance(ds, out_dir / f"IM{i + 1:04d}.dcm", patient_name))
     return paths
+
+
+def save_phantom_instance(ds: Dataset, path: Path, patient_name: str) -> Path:
+    """Add the private tag a real PACS would leave (identity de-identification must remove),
+    the file meta, and write ``ds`` as Part 10 explicit VR little endian."""
+    block = ds.private_block(0x0009, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", patient_name)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    ds.preamble = b"\x00" * 128
+    ds.save_as(path, enforce_file_format=True)
+    return path

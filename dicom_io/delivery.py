@@ -47,18 +47,17 @@ import pydicom
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_io.identity_map import lookup_original
 from dicom_io.reidentify import reidentify
+from dicom_io.scu import store_dataset
 from dicom_io.store import DurableStore
-from radbridge.agreements import Agreement, AgreementSet, DicomNode
+from radbridge.agreements import Agreement, AgreementSet
 from radbridge.db.engine import Database
 from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
-from radbridge.errors import NotFoundError, RadbridgeError, ReidentificationError
+from radbridge.errors import NotFoundError, PeerError, RadbridgeError, ReidentificationError
 from radbridge.lifecycle import DeliveryState
 from radbridge.metrics import EdgeMetrics, safe_label
 
@@ -352,7 +351,13 @@ class Deliverer:
         out = reidentify(ds, agreement.id, self.db, original, companions).dataset
         buf = BytesIO()
         out.save_as(buf, enforce_file_format=True)
-        status = self._c_store(out, agreement.hospital.return_destination)
+        node = agreement.hospital.return_destination
+        try:
+            status = store_dataset(
+                out, node.host, node.port, node.ae_title, self._calling_ae, self._timeout_s
+            )
+        except PeerError as exc:
+            raise _Failed(exc.reason, str(exc)) from None
         if status not in PACS_OK_STATUSES:
             raise _Failed("pacs_refused", f"the PACS answered C-STORE status 0x{status:04X}")
         return _Sent(
@@ -447,42 +452,6 @@ class Deliverer:
         if hashlib.sha256(data).hexdigest() != listed.sha256.lower():
             raise _Failed("center", f"result object {listed.id} does not match its listed sha256")
         return data
-
-    def _c_store(self, ds: Dataset, node: DicomNode) -> int:
-        ae = AE(ae_title=self._calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self._timeout_s
-        ae.connection_timeout = self._timeout_s
-        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        own = ds.file_meta.TransferSyntaxUID
-        if own not in syntaxes:
-            syntaxes.insert(0, own)  # e.g. a compressed SEG: offered as it is, too
-        ae.add_requested_context(ds.SOPClassUID, syntaxes)
-        where = f"{node.ae_title}@{node.host}:{node.port}"
-        try:
-            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise _Failed("pacs_unreachable", f"PACS {where}: {type(exc).__name__}") from None
-        if assoc.is_rejected:
-            raise _Failed("pacs_refused", f"PACS {where} rejected the association")
-        if not assoc.is_established:
-            raise _Failed("pacs_unreachable", f"PACS {where} unreachable (no association)")
-        try:
-            rsp = assoc.send_c_store(ds)
-        except (ValueError, AttributeError, RuntimeError) as exc:
-            raise _Failed(
-                "pacs_refused",
-                f"PACS {where} accepted no presentation context for the object "
-                f"({type(exc).__name__})",
-            ) from None
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        status = rsp.get("Status")
-        if status is None:
-            raise _Failed(
-                "pacs_unreachable", f"PACS {where} sent no C-STORE response (aborted or timeout)"
-            )
-        return int(status)
 
     # -- outcomes -------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ __all__ = [
     "ForwardError",
     "ModelError",
     "NotFoundError",
+    "PeerError",
     "PolicyError",
     "RadbridgeError",
     "ReidentificationError",
@@ -58,6 +59,15 @@ class DeidentificationError(RadbridgeError):
 
 class ReidentificationError(RadbridgeError):
     """A returned result cannot be tied back to what this edge sent; it must not reach the PACS."""
+
+
+class PeerError(RadbridgeError):
+    """A DICOM peer (the hospital PACS) was unreachable or refused; ``reason`` says which:
+    ``pacs_unreachable`` or ``pacs_refused``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ForwardError(RadbridgeError):

@@ -6,9 +6,17 @@ import re
 import uuid
 from collections.abc import Iterable
 
+from pydicom.dataset import Dataset
+
 from radbridge.errors import DatasetError
 
-__all__ = ["DICOM_MEDIA_TYPE", "decode_multipart", "encode_multipart"]
+__all__ = [
+    "DICOM_MEDIA_TYPE",
+    "decode_multipart",
+    "encode_multipart",
+    "store_response",
+    "store_status",
+]
 
 DICOM_MEDIA_TYPE = "application/dicom"
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -58,3 +66,39 @@ def decode_multipart(body: bytes, content_type: str) -> list[bytes]:
             payload = payload[:-2]
         parts.append(payload)
     return parts
+
+
+def store_response(
+    stored: Iterable[tuple[str, str]], failed: Iterable[tuple[str | None, str | None, int]]
+) -> dict[str, object]:
+    """The Store Instances Response (PS3.18 10.5.3, Annex I) in DICOM JSON.
+
+    ``stored``: (SOP Class UID, SOP Instance UID) per stored instance; ``failed``: (SOP Class
+    UID, SOP Instance UID, FailureReason), the UIDs None when the part could not be parsed.
+    RetrieveURL is omitted: neither node serves WADO-RS.
+    """
+    ds = Dataset()
+    refs = []
+    for cls, inst in stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, inst
+        refs.append(item)
+    if refs:
+        ds.ReferencedSOPSequence = refs
+    failures = []
+    for f_cls, f_inst, reason in failed:
+        item = Dataset()
+        if f_cls:
+            item.ReferencedSOPClassUID = f_cls
+        if f_inst:
+            item.ReferencedSOPInstanceUID = f_inst
+        item.FailureReason = reason
+        failures.append(item)
+    if failures:
+        ds.FailedSOPSequence = failures
+    return ds.to_json_dict()
+
+
+def store_status(stored: int, failed: int) -> int:
+    """HTTP status of a STOW-RS answer: 200 all stored, 202 some failed, 409 all failed."""
+    return 200 if not failed else 202 if stored else 409

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -35,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.ingest import Ingestor
 from dicom_io.statuses import PROCESSING_FAILURE, status_for
-from dicom_io.stow import DICOM_MEDIA_TYPE, decode_multipart
+from dicom_io.stow import DICOM_MEDIA_TYPE, decode_multipart, store_response, store_status
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label
@@ -127,8 +126,15 @@ def build_stow_app(
             len(result.failed),
             f" ({', '.join(reasons)})" if reasons else "",
         )
-        status = 200 if not result.failed else 202 if result.stored else 409
-        return JSONResponse(_response_json(result), status_code=status, media_type=DICOM_JSON)
+        answer = store_response(
+            ((h.sop_class_uid, h.sop_instance_uid) for h in result.stored),
+            (
+                (h.sop_class_uid if h else None, h.sop_instance_uid if h else None, status)
+                for h, status, _reason in result.failed
+            ),
+        )
+        code = store_status(len(result.stored), len(result.failed))
+        return JSONResponse(answer, status_code=code, media_type=DICOM_JSON)
 
     return app
 
@@ -232,34 +238,6 @@ def _fail(
 ) -> None:
     metrics.instances.labels(agreement.id, safe_label(reason)).inc()
     result.failed.append((header, status, reason))
-
-
-def _response_json(result: _Result) -> dict[str, Any]:
-    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON (PS3.18 F.2)."""
-
-    def ui(value: str) -> dict[str, Any]:
-        return {"vr": "UI", "Value": [value]}
-
-    out: dict[str, Any] = {}
-    if result.stored:
-        out["00081199"] = {
-            "vr": "SQ",
-            "Value": [
-                {"00081150": ui(h.sop_class_uid), "00081155": ui(h.sop_instance_uid)}
-                for h in result.stored
-            ],
-        }
-    if result.failed:
-        items = []
-        for h, status, _reason in result.failed:
-            item: dict[str, Any] = {}
-            if h is not None:
-                item["00081150"] = ui(h.sop_class_uid)
-                item["00081155"] = ui(h.sop_instance_uid)
-            item["00081197"] = {"vr": "US", "Value": [status]}
-            items.append(item)
-        out["00081198"] = {"vr": "SQ", "Value": items}
-    return out
 
 
 def _error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dicom_io.store import DurableStore
-from dicom_io.stow import decode_multipart
+from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest
 from radbridge.agreements import load_agreements
 from radbridge.db.agreements import sync_agreements
@@ -83,7 +83,7 @@ class Api:
         outcome = await asyncio.to_thread(receive_instances, self.db, self.store, agreement, parts)
         for h in outcome.stored:
             self.metrics.instances_received.labels(agreement, safe_label(h.modality)).inc()
-        code = 200 if not outcome.failed else (202 if outcome.stored else 409)
+        code = store_status(len(outcome.stored), len(outcome.failed))
         return Response(
             json.dumps(stow_response(outcome)),
             status_code=code,

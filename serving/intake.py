@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
-
 from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
+from dicom_io.stow import store_response
 from radbridge.db.engine import Database
 from radbridge.db.index import find_instance, record_instance, series_for, study_for
 from radbridge.errors import DatasetError, RadbridgeError
@@ -72,24 +71,7 @@ def _store(
 
 def stow_response(outcome: StowOutcome) -> dict[str, object]:
     """The STOW-RS response dataset (PS3.18 10.5.3) in DICOM JSON."""
-    ds = Dataset()
-    refs = []
-    for h in outcome.stored:
-        item = Dataset()
-        item.ReferencedSOPClassUID = h.sop_class_uid
-        item.ReferencedSOPInstanceUID = h.sop_instance_uid
-        refs.append(item)
-    if refs:
-        ds.ReferencedSOPSequence = refs
-    failed = []
-    for cls, inst, reason, _msg in outcome.failed:
-        item = Dataset()
-        if cls:
-            item.ReferencedSOPClassUID = cls
-        if inst:
-            item.ReferencedSOPInstanceUID = inst
-        item.FailureReason = reason
-        failed.append(item)
-    if failed:
-        ds.FailedSOPSequence = failed
-    return ds.to_json_dict()
+    return store_response(
+        ((h.sop_class_uid, h.sop_instance_uid) for h in outcome.stored),
+        ((cls, inst, reason) for cls, inst, reason, _msg in outcome.failed),
+    )

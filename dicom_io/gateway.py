@@ -118,22 +118,13 @@ class Gateway:
             self.scp.start(e.host, e.tls.port, ssl_context=self._tls_context)
         if self.stow is not None:
             self.stow.start()
-        t = threading.Thread(
-            target=self.forwarder.run,
-            args=(self._stop, e.poll_interval_s),
-            name="radbridge-forwarder",
-            daemon=True,
-        )
-        t.start()
-        self._threads.append(t)
-        t = threading.Thread(
-            target=self.deliverer.run,
-            args=(self._stop, e.delivery_poll_s),
-            name="radbridge-delivery",
-            daemon=True,
-        )
-        t.start()
-        self._threads.append(t)
+        for name, loop, interval in (
+            ("radbridge-forwarder", self.forwarder.run, e.poll_interval_s),
+            ("radbridge-delivery", self.deliverer.run, e.delivery_poll_s),
+        ):
+            t = threading.Thread(target=loop, args=(self._stop, interval), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
         log.info(
             "edge gateway %s listening on %s:%d, metrics on %s:%d, forwarding to %s",
             e.ae_title,

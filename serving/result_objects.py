@@ -83,13 +83,7 @@ def build_for_job(
         findings = [
             _finding(inst.sop_instance_uid, f) for r, inst in pairs for f in r.findings["findings"]
         ]
-        algo = AlgorithmInfo(
-            name=manifest.name,
-            version=manifest.version,
-            manufacturer=MANUFACTURER,
-            model_sha256=manifest.sha256,
-            intended_use=manifest.intended_use,
-        )
+        algo = _algorithm(manifest)
         sr = classification_sr(sources, findings, algo, version=version, previous=prior)
         made.append(_save(store, sr, "sr", agreement_id, study_uid, version, job_id))
     with db.session() as s:
@@ -134,6 +128,16 @@ def object_path(db: Database, object_id: int) -> str:
         if row is None:
             raise NotFoundError("unknown result object")
         return row.path
+
+
+def _algorithm(manifest: ModelManifest) -> AlgorithmInfo:
+    return AlgorithmInfo(
+        name=manifest.name,
+        version=manifest.version,
+        manufacturer=MANUFACTURER,
+        model_sha256=manifest.sha256,
+        intended_use=manifest.intended_use,
+    )
 
 
 def _previous_sr(s: Session, study: StudyRow, version: int) -> str | None:
@@ -222,13 +226,7 @@ def save_segmentation_objects(
         previous_path = _previous_sr(s, study, job.version)
         agreement_id, study_uid, version = study.agreement_id, study.study_uid, job.version
     prior = pydicom.dcmread(store.path(previous_path)) if previous_path else None
-    algo = AlgorithmInfo(
-        name=manifest.name,
-        version=manifest.version,
-        manufacturer=MANUFACTURER,
-        model_sha256=manifest.sha256,
-        intended_use=manifest.intended_use,
-    )
+    algo = _algorithm(manifest)
     nodules = [
         Nodule(
             centre_mm=tuple(n.centre_mm),  # type: ignore[arg-type]

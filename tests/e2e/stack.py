@@ -14,7 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dicom_io.identity_map import lookup_pseudonym
+from radbridge.db import Database
 from tests.conftest import REPO, free_port
+
+AGREEMENT = "demo-hospital-to-center"
 
 BIN = Path(sys.executable).parent
 
@@ -28,6 +32,41 @@ def echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         env=dict(os.environ, TCP_NODELAY="1"),
     )
+
+
+def storescu(
+    port: int, files: list[Path], timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu (verbose) pushing ``files`` to the edge as the PACS would."""
+    return subprocess.run(
+        ["storescu", "-v", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
+
+
+def wait_for_results(
+    stack: dict[str, object], study_uid: str, timeout_s: float = 300
+) -> dict[str, object]:
+    """The center's results of the study the edge forwarded (original ``study_uid``), once its
+    job is done or failed; fails the test with the stack's log tail if none in time."""
+    data, base = Path(str(stack["data"])), str(stack["base"])
+    edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
+            if pseudo:
+                r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
+                if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
+                    return dict(r.json())
+            time.sleep(1)
+    finally:
+        edge_db.dispose()
+    pytest.fail(f"no results in time: {Path(str(stack['log'])).read_text()[-4000:]}")
 
 
 @contextmanager

@@ -10,20 +10,17 @@ and SR of the result wait at the center for the edge.
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pydicom
 import pytest
 
-from dicom_io.identity_map import lookup_pseudonym
 from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
-from radbridge.db import Database
-from tests.e2e.stack import running_stack
+from tests.e2e.stack import running_stack, storescu, wait_for_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 AGREEMENT = "demo-hospital-to-center"
@@ -46,25 +43,9 @@ def test_nodule_centre_within_one_voxel_through_the_gateway(tmp_path: Path) -> N
     with running_stack(data) as stack:
         ports, base = stack["ports"], str(stack["base"])
         assert isinstance(ports, dict)
-        out = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(ports["edge"])]
-            + [str(f) for f in files],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        out = storescu(ports["edge"], files)
         assert out.returncode == 0, out.stdout + out.stderr
-        edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
-        deadline, results = time.monotonic() + 400, None
-        while time.monotonic() < deadline:
-            pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
-            if pseudo:
-                r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
-                if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
-                    results = r.json()
-                    break
-            time.sleep(2)
-        assert results is not None, Path(str(stack["log"])).read_text()[-4000:]
+        results: Any = wait_for_results(stack, study_uid, timeout_s=400)
         assert results["job"]["state"] == "done", results["job"]
         listed = httpx.get(f"{base}/v1/agreements/{AGREEMENT}/result-objects", timeout=10)
         kinds = sorted(

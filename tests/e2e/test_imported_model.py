@@ -10,20 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pydicom
 import pytest
 import torch
 import yaml
 from monai.networks.nets import DenseNet
 
-from dicom_io.identity_map import lookup_pseudonym
 from models.phantom_dicom import write_cxr_study
-from radbridge.db import Database
-from tests.e2e.stack import running_stack
+from tests.e2e.stack import running_stack, storescu, wait_for_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
@@ -113,26 +110,11 @@ def test_imported_model_is_served(tmp_path: Path) -> None:
     data = tmp_path / "stack"
     data.mkdir()
     with running_stack(data, models=repo) as stack:
-        ports, base = stack["ports"], str(stack["base"])
+        ports = stack["ports"]
         assert isinstance(ports, dict)
-        sent = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(ports["edge"])]
-            + [str(f) for f in files],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        sent = storescu(ports["edge"], files)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
-        deadline, results = time.monotonic() + 300, None
-        while time.monotonic() < deadline:
-            pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
-            if pseudo:
-                r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
-                if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
-                    results = r.json()
-                    break
-            time.sleep(1)
+        results: Any = wait_for_results(stack, study_uid, timeout_s=300)
     assert results is not None and results["job"]["state"] == "done", results
     assert len(results["results"]) == 2
     for r in results["results"]:

@@ -9,7 +9,6 @@ patient's name, ID, birth date or any original UID.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -18,18 +17,18 @@ import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
-from dicom_io.identity_map import lookup_pseudonym
 from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
 from tests.conftest import free_port
 from tests.e2e.stack import echo as _echo
-from tests.e2e.stack import running_stack
+from tests.e2e.stack import running_stack, storescu, wait_for_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 AGREEMENT = "demo-hospital-to-center"
@@ -113,26 +112,6 @@ def _targets_up(prom: str, timeout_s: float = 30) -> set[str]:
     return up
 
 
-def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "storescu",
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "RADBRIDGE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, TCP_NODELAY="1"),
-    )
-
-
 def _histogram_counts(text: str) -> dict[str, float]:
     counts: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
@@ -158,21 +137,11 @@ def test_push_deidentify_infer_and_measure(
         accession="ACC-5521",
     )
     originals = [dcmread(f) for f in files]
-    pushed = _storescu(ports["edge"], files)
+    pushed = storescu(ports["edge"], files)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     study_uid = str(originals[0].StudyInstanceUID)
 
-    edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
-    deadline, results = time.monotonic() + 240, None
-    while time.monotonic() < deadline:
-        pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
-        if pseudo:
-            r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
-            if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
-                results = r.json()
-                break
-        time.sleep(1)
-    assert results is not None, Path(str(stack["log"])).read_text()[-4000:]
+    results: Any = wait_for_results(stack, study_uid, timeout_s=240)
     assert results["job"]["state"] == "done", results["job"]
     assert "not for diagnostic use" in results["notice"]
     assert len(results["results"]) == 2
@@ -265,7 +234,7 @@ def test_malformed_dataset_fails_and_leaves_nothing(
     del ds.StudyInstanceUID
     ds.save_as(files[0], enforce_file_format=True)
     before = set((data / "edge" / "store").rglob("*.dcm"))
-    out = _storescu(ports["edge"], files[:1])
+    out = storescu(ports["edge"], files[:1])
     text = out.stdout + out.stderr
     squashed = text.lower().replace(" ", "")
     assert "0xc000" in squashed or "cannotunderstand" in squashed, text

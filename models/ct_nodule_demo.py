@@ -451,13 +451,9 @@ def build(
     t_build = time.perf_counter()
     repo = ModelRepository(Path(repo_root))
     version_dir = repo.root / MANIFEST_TEMPLATE["name"] / MANIFEST_TEMPLATE["version"]
-    if not force and (version_dir / MANIFEST_FILE).is_file():
-        try:
-            existing = repo.validate(version_dir)
-            log(f"{existing.key}: valid model present at {version_dir}; not retraining")
-            return existing
-        except ModelError as exc:
-            log(f"existing model invalid, rebuilding: {exc}")
+    existing = None if force else repo.installed(version_dir, log)
+    if existing is not None:
+        return existing
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     deterministic = torch.are_deterministic_algorithms_enabled()

@@ -199,13 +199,9 @@ def build(
     t_build = time.perf_counter()
     repo = ModelRepository(Path(repo_root))
     version_dir = repo.root / MANIFEST_TEMPLATE["name"] / MANIFEST_TEMPLATE["version"]
-    if not force and (version_dir / MANIFEST_FILE).is_file():
-        try:
-            existing = repo.validate(version_dir)
-            log(f"{existing.key}: valid model present at {version_dir}; not retraining")
-            return existing
-        except ModelError as exc:
-            log(f"existing model invalid, rebuilding: {exc}")
+    existing = None if force else repo.installed(version_dir, log)
+    if existing is not None:
+        return existing
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     specs = [TransformSpec.model_validate(s) for s in MANIFEST_TEMPLATE["preprocessing"]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,21 @@ class ModelRepository:
         _check_tensor(key, "input", manifest.input, inputs[0])
         _check_tensor(key, "output", manifest.output, graph.output[0])
         return LoadedModel(manifest=manifest, onnx_path=onnx_path)
+
+    def installed(
+        self, version_dir: Path, log: Callable[[str], None] = print
+    ) -> LoadedModel | None:
+        """The valid model already installed at ``version_dir``, or None (absent or invalid:
+        a build then replaces it)."""
+        if not (version_dir / MANIFEST_FILE).is_file():
+            return None
+        try:
+            existing = self.validate(version_dir)
+        except ModelError as exc:
+            log(f"existing model invalid, rebuilding: {exc}")
+            return None
+        log(f"{existing.key}: valid model present at {version_dir}; not retraining")
+        return existing
 
     def _version_dirs(self, name: str | None = None) -> builtins.list[Path]:
         if not self.root.is_dir():

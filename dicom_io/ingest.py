@@ -36,13 +36,18 @@ class Ingestor:
         self._lock = threading.Lock()  # serialises index updates of one gateway process
 
     def accept(
-        self, agreement: Agreement, encoded: bytes, declared_sop_class: str | None = None
+        self,
+        agreement: Agreement,
+        encoded: bytes,
+        declared_sop_class: str | None = None,
+        header: InstanceHeader | None = None,
     ) -> tuple[str, InstanceHeader]:
         """The one receive path of C-STORE and STOW-RS: validate, check policy, store durably.
 
+        ``header`` may be passed when the caller already parsed ``encoded``.
         Raises ``DatasetError`` / ``StorageError``; each protocol maps them through its table.
         """
-        header = parse_header(encoded, declared_sop_class)
+        header = header or parse_header(encoded, declared_sop_class)
         if header.modality not in agreement.modalities:
             raise DatasetError(
                 "modality_not_allowed",

@@ -203,7 +203,7 @@ def _accept_all(
                 if header.study_uid != study_uid:
                     _fail(metrics, agreement, result, header, STUDY_UID_MISMATCH, "study_mismatch")
                     continue
-            outcome, header = ingestor.accept(agreement, part)
+            outcome, header = ingestor.accept(agreement, part, header=header)
         except RadbridgeError as exc:
             reason = str(getattr(exc, "reason", type(exc).__name__))
             _fail(metrics, agreement, result, header or _try_header(part), status_for(exc), reason)

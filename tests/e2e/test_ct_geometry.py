@@ -51,6 +51,15 @@ def test_nodule_centre_within_one_voxel_through_the_gateway(tmp_path: Path) -> N
         kinds = sorted(
             o["kind"] for o in listed.json()["objects"] if o["study_uid"] == results["study_uid"]
         )
+        # The volume, its SEG and SR at the center: no byte of the patient's identity.
+        needles = {"CT-GEO-0001", "李^娜", "Li^Na", study_uid}
+        needles |= {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        for f in (data / "center").rglob("*"):
+            if f.is_file():
+                blob = f.read_bytes()
+                assert not any(n.encode() in blob for n in needles), f
+        log = Path(str(stack["log"])).read_text(encoding="utf-8", errors="replace")
+        assert not any(n in log for n in needles)
     (result,) = results["results"]
     assert result["model"]["name"] == "ct-lung-nodule-demo"
     assert result["findings"][0]["present"] is True

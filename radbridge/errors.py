@@ -14,6 +14,7 @@ __all__ = [
     "ForwardError",
     "ModelError",
     "NotFoundError",
+    "OverloadedError",
     "PeerError",
     "PolicyError",
     "RadbridgeError",
@@ -71,7 +72,25 @@ class PeerError(RadbridgeError):
 
 
 class ForwardError(RadbridgeError):
-    """Forwarding to the center failed; the outbox retries."""
+    """Forwarding to the center failed; the outbox retries (not before ``retry_after_s``)."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class OverloadedError(RadbridgeError):
+    """The center's bounded queue is full; try again after ``retry_after_s`` (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ModelError(RadbridgeError):

@@ -173,6 +173,57 @@ class CenterMetrics:
             buckets=_SLOW,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "radbridge_center_queue_wait_seconds",
+            "Wait in the ModelRunner's priority gate before an instance entered the batcher.",
+            ["model", "version", "priority"],
+            buckets=(*_FAST, 10.0, 30.0, 120.0),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "radbridge_center_batch_size",
+            "Size of the batch each inference request ran in.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.request = Histogram(
+            "radbridge_center_request_seconds",
+            "One inference request, received -> answered (sync endpoint) or result saved (study).",
+            ["model", "version", "priority", "path"],
+            buckets=(*_FAST, 10.0, 30.0, 120.0),
+            registry=r,
+        )
+        self.provider_info = Gauge(
+            "radbridge_center_model_provider_info",
+            "1 for the ONNX Runtime execution provider that actually ran a model version.",
+            ["model", "version", "provider"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "radbridge_center_rejected_total",
+            "Requests answered 503 + Retry-After because a bounded queue was full.",
+            ["endpoint", "priority"],
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "radbridge_center_backlog_instances",
+            "Instances of queued or running study jobs (the bound of STOW-RS admission).",
+            registry=r,
+        )
+        self.shadow = Counter(
+            "radbridge_center_shadow_results_total",
+            "Shadow-version results recorded, by whether every finding's call agreed.",
+            ["model", "version", "shadow_version", "agree"],
+            registry=r,
+        )
+        self.shadow_diff = Histogram(
+            "radbridge_center_shadow_abs_diff",
+            "Largest |probability difference| between the answering and the shadow version.",
+            ["model", "version", "shadow_version"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
         self.jobs = Counter(
             "radbridge_center_jobs_total",
             "Inference jobs finished, by outcome.",

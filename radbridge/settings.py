@@ -23,7 +23,6 @@ from radbridge.errors import ConfigError
 
 __all__ = ["DEV_SECRET", "CenterSettings", "EdgeSettings", "Settings", "load_settings"]
 
-Provider = Literal["tensorrt", "cuda", "cpu"]
 DEV_SECRET = "radbridge-local-development-secret"
 DEFAULT_AGREEMENTS = Path(__file__).parent / "defaults" / "agreements.yaml"
 
@@ -91,13 +90,11 @@ class CenterSettings(BaseModel):
     store_dir: Path | None = Field(None, description="Default: data_dir/center/store.")
     ray_address: str | None = Field(None, description="None starts a local Ray instance.")
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray.")
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
-    providers: list[Provider] = Field(
-        default_factory=lambda: list[Provider](["cuda", "cpu"]),
-        description="ONNX Runtime providers in preference order; unavailable ones are skipped.",
+    serve_config: Path | None = Field(
+        None,
+        description="Ray Serve config file (replicas, autoscaling, batching, providers, model "
+        "versions); default: serving/serve.yaml. host/port above override its http_options.",
     )
-    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime decide.")
 
 
 class Settings(BaseSettings):

@@ -1,41 +1,47 @@
-"""Build the center's Serve application graph from settings and the model repository."""
+"""The center's Serve application graph: Api → Preprocessor → ModelRunner (all model versions).
+
+``build`` is the application builder named by the Serve config (``import_path:
+serving.app:build``); `serve run serving/serve.yaml`, KubeRay and `radbridge center` all reach
+the application through it, so they run the same graph. Deployment options (replicas,
+autoscaling, actor resources, user_config) come from the config file, not from here.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from ray.serve import Application
 
 from models.repository import ModelRepository
-from radbridge.errors import ModelError
+from radbridge.errors import ConfigError, ModelError
 from radbridge.settings import Settings
+from serving.config import AppArgs
 from serving.ingress import Api
 from serving.preprocess import Preprocessor
 from serving.runner import ModelRunner
 
-__all__ = ["APP_NAME", "build_app"]
+__all__ = ["APP_NAME", "build", "build_app"]
 
 APP_NAME = "radbridge-center"
 
 
+def build(args: dict[str, Any]) -> Application:
+    """Application builder for the Serve config: ``args`` is :class:`AppArgs`."""
+    parsed = AppArgs.model_validate(args or {})
+    try:
+        settings = (
+            Settings.model_validate(parsed.settings) if parsed.settings is not None else Settings()
+        )
+    except Exception as exc:  # pydantic's ValidationError, named for the operator
+        raise ConfigError(f"application args.settings: {exc}") from None
+    return build_app(settings)
+
+
 def build_app(settings: Settings) -> Application:
-    """Api -> Preprocessor -> one ModelRunner per model version found in the repository."""
     models = ModelRepository(settings.models_dir).list()
     if not models:
         raise ModelError(f"no models in {settings.models_dir}: run `radbridge models build` first")
-    c = settings.center
-    manifests = {m.key: m.manifest.model_dump(mode="json") for m in models}
-    runners = {
-        m.key: ModelRunner.options(  # type: ignore[attr-defined]
-            name=f"runner-{m.manifest.name}-v{m.manifest.version}"
-        ).bind(
-            str(settings.models_dir),
-            m.manifest.name,
-            m.manifest.version,
-            list(c.providers),
-            c.max_batch_size,
-            c.batch_wait_timeout_s,
-            c.intra_op_threads,
-        )
-        for m in models
-    }
-    preprocessor = Preprocessor.bind(manifests)  # type: ignore[attr-defined]
-    return Api.bind(settings, manifests, preprocessor, runners)  # type: ignore[attr-defined,no-any-return]
+    repository = str(settings.models_dir)
+    runner = ModelRunner.bind(repository)  # type: ignore[attr-defined]
+    preprocessor = Preprocessor.bind(repository)  # type: ignore[attr-defined]
+    return Api.bind(settings, preprocessor, runner)  # type: ignore[attr-defined,no-any-return]

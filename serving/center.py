@@ -1,10 +1,18 @@
-"""Run the center: a local (or given) Ray cluster, Serve's HTTP proxy, the application."""
+"""Run the center: a local (or given) Ray cluster, Serve's HTTP proxy, the app from the config.
+
+The application is deployed from the Serve config file (:mod:`serving.config`) exactly as
+`serve deploy` and KubeRay do — Serve's controller builds it with ``serving.app:build`` and
+applies the file's deployment options — with the installation's bind address and settings
+filled in.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
+from radbridge.errors import ModelError
 from radbridge.settings import Settings
 
 __all__ = ["start_center", "stop_center"]
@@ -12,16 +20,17 @@ __all__ = ["start_center", "stop_center"]
 log = logging.getLogger("radbridge.center")
 
 
-def start_center(settings: Settings) -> None:
+def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     """Start Ray (local unless ``center.ray_address``) and deploy the app; returns when ready."""
     # Ray must not pick the host's interface address: loopback only unless told otherwise.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from ray import serve
+    from ray.serve._private.api import serve_start
 
-    from serving.app import APP_NAME, build_app
+    from serving.config import load_serve_config
 
     c = settings.center
+    config = load_serve_config(c.serve_config)  # fails here, naming the field, if invalid
     if not ray.is_initialized():
         if c.ray_address:
             ray.init(address=c.ray_address, log_to_driver=True)
@@ -32,9 +41,37 @@ def start_center(settings: Settings) -> None:
                 include_dashboard=False,
                 log_to_driver=True,
             )
-    serve.start(http_options={"host": c.host, "port": c.port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    schema = config.deploy_schema(
+        host=c.host, port=c.port, settings=settings.model_dump(mode="json", exclude={"edge"})
+    )
+    client = serve_start(
+        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+    )
+    client.deploy_apps(schema)
+    _wait_running(config.app.name, timeout_s)
     log.info("center serving on http://%s:%d", c.host, c.port)
+
+
+def _wait_running(app_name: str, timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status in (
+            ApplicationStatus.DEPLOY_FAILED,
+            ApplicationStatus.UNHEALTHY,
+        ):
+            problems = [
+                f"{name}: {d.message}" for name, d in app.deployments.items() if d.message
+            ] or [app.message]
+            raise ModelError(f"center {app.status.value}: {'; '.join(problems)[:2000]}")
+        if time.monotonic() > deadline:
+            raise ModelError(f"center not running after {timeout_s:.0f}s")
+        time.sleep(0.5)
 
 
 def stop_center() -> None:

@@ -10,6 +10,7 @@ from radbridge.errors import (
     DatasetError,
     ModelError,
     NotFoundError,
+    OverloadedError,
     PolicyError,
     RadbridgeError,
     StorageError,
@@ -22,6 +23,7 @@ _TABLE: tuple[tuple[type[RadbridgeError], int], ...] = (
     (NotFoundError, 404),
     (PolicyError, 409),
     (StorageError, 507),
+    (OverloadedError, 503),
     (ModelError, 503),
     (ConfigError, 500),
 )
@@ -41,4 +43,7 @@ async def radbridge_error_handler(_request: Request, exc: Exception) -> JSONResp
     body: dict[str, str] = {"error": type(exc).__name__, "detail": str(exc)}
     if isinstance(exc, DatasetError):
         body["reason"] = exc.reason
-    return JSONResponse(body, status_code=http_status_for(exc))
+    headers = {}
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return JSONResponse(body, status_code=http_status_for(exc), headers=headers)

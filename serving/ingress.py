@@ -1,12 +1,17 @@
-"""Api ingress deployment (FastAPI): STOW-RS intake, study completion, results, metrics.
+"""Api ingress deployment (FastAPI): STOW-RS intake, study completion, results, sync inference.
 
 Handlers are thin: they validate, call one function, answer. A completed study becomes a job
 that runs on this replica's event loop: preprocessing and inference go through the other
-deployments' handles, so concurrent instances form batches in the ModelRunner.
+deployments' handles, so concurrent instances form batches in the ModelRunner. Study work is
+dispatched by priority (STAT first, routine waits capped) through a :class:`PriorityGate`;
+STOW-RS answers 503 + Retry-After while the backlog is over its bound (the edge's outbox
+retries; nothing acknowledged is dropped). ``user_config`` (:class:`ApiConfig`) pins model
+versions and shadows and is hot-reloaded.
 """
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import time
@@ -14,30 +19,38 @@ from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from dicom_io.header import parse_header
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
-from models.manifest import ModelManifest
-from radbridge.agreements import load_agreements
+from radbridge.agreements import Priority, load_agreements
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.db.tables import utcnow
-from radbridge.errors import NotFoundError, PolicyError, RadbridgeError
-from radbridge.metrics import CenterMetrics, batch_bucket, safe_label
+from radbridge.errors import (
+    DatasetError,
+    NotFoundError,
+    OverloadedError,
+    PolicyError,
+    RadbridgeError,
+)
+from radbridge.metrics import CenterMetrics, safe_label
 from radbridge.settings import Settings
 from serving import jobs, result_objects
+from serving.config import ApiConfig
 from serving.errors import radbridge_error_handler
+from serving.inference import Inference
 from serving.intake import receive_instances, stow_response
-from serving.postprocess import findings_from_logits
-from serving.routing import route
+from serving.scheduling import PriorityGate
 from serving.schemas import (
     CompleteRequest,
     Finding,
+    InferResponse,
     InstanceResult,
     JobOut,
     ResultObjectList,
@@ -52,33 +65,71 @@ api = FastAPI(title="radbridge center", version="0.1.0")
 api.add_exception_handler(RadbridgeError, radbridge_error_handler)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+_NPY = ("application/x-npy", "application/octet-stream")
+_BACKLOG_TTL_S = 1.0
+
+
+def _tensor(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A .npy body → a float32 array of the model's input shape (no pickles, ever)."""
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetError("unparseable", f"not a .npy array: {exc}") from None
+    if tuple(arr.shape) != shape:
+        raise DatasetError("wrong_shape", f"tensor shape {tuple(arr.shape)}, model takes {shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DatasetError("wrong_dtype", f"tensor dtype {arr.dtype} is not numeric")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+@serve.deployment(name="Api", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Api:
     def __init__(
         self,
         settings: Settings,
-        manifests: dict[str, dict[str, Any]],
         preprocessor: DeploymentHandle,
-        runners: dict[str, DeploymentHandle],
+        runner: DeploymentHandle,
     ) -> None:
         self.settings = settings
         self.agreements = load_agreements(settings.agreements_file)
         self.db = Database(settings.center_db_url)
         sync_agreements(self.db, self.agreements)
         self.store = DurableStore(settings.center_store)
-        self.manifests = {k: ModelManifest.model_validate(m) for k, m in manifests.items()}
-        self.preprocessor = preprocessor
-        self.runners = runners
         self.metrics = CenterMetrics()
+        self.inference = Inference(
+            settings.models_dir, preprocessor, runner, self.metrics, self.store
+        )
+        self.dispatch = PriorityGate(capacity=64, max_waiting=0)
+        self.config = ApiConfig()
+        self._backlog = (0, 0.0)  # (instances, monotonic time counted)
         self._tasks: set[asyncio.Task[None]] = set()
         self._resumed = False
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's user_config, also on a live redeploy."""
+        cfg = ApiConfig.model_validate(user_config or {})
+        self.inference.reload(cfg)  # ConfigError for a pin to a version not installed
+        self.config = cfg
+        self.dispatch.capacity = cfg.dispatch_concurrency
+        self.dispatch.max_wait_s = {str(p): s for p, s in cfg.max_wait_s.items()}
+
+    @property
+    def manifests(self) -> dict[str, Any]:
+        return self.inference.manifests
 
     # -- routes ---------------------------------------------------------------------------
 
     @api.post("/v1/studies")
-    async def stow(self, request: Request, x_radbridge_agreement: str = Header(...)) -> Response:
+    async def stow(
+        self,
+        request: Request,
+        x_radbridge_agreement: str = Header(...),
+        x_radbridge_priority: Priority = Header(Priority.ROUTINE),
+    ) -> Response:
         agreement = self._agreement(x_radbridge_agreement)
+        await self._admit(x_radbridge_priority)
         parts = decode_multipart(await request.body(), request.headers.get("content-type", ""))
         outcome = await asyncio.to_thread(receive_instances, self.db, self.store, agreement, parts)
         for h in outcome.stored:
@@ -127,6 +178,56 @@ class Api:
         path = await asyncio.to_thread(result_objects.object_path, self.db, object_id)
         return FileResponse(self.store.path(path), media_type="application/dicom")
 
+    @api.post("/v1/models/{name}/infer")
+    async def infer(
+        self,
+        request: Request,
+        name: str = Path(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$"),
+        version: str | None = Query(None, pattern=r"^[A-Za-z0-9._-]{1,32}$"),
+        x_radbridge_agreement: str = Header(...),
+        x_radbridge_priority: Priority = Header(Priority.ROUTINE),
+    ) -> InferResponse:
+        """One DICOM instance (application/dicom) or one input tensor (application/x-npy, the
+        model's input shape without the batch axis) → the model's findings. Sheddable: 503 +
+        Retry-After when the runner's queue is full."""
+        self._agreement(x_radbridge_agreement)
+        t0 = time.perf_counter()
+        key = self.inference.key_for(name, version)
+        manifest = self.manifests[key]
+        if manifest.task == "segmentation":
+            raise PolicyError(f"{name} is a {manifest.task} model: send the study (STOW-RS)")
+        body = await request.body()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        prio = x_radbridge_priority.value
+        try:
+            if ctype == "application/dicom":
+                if not (await asyncio.to_thread(parse_header, body)).identity_removed:
+                    raise DatasetError(
+                        "not_deidentified", "PatientIdentityRemoved is not YES: no identity here"
+                    )
+                out = await self.inference.classify_encoded(key, body, prio, shed=True)
+            elif ctype in _NPY:
+                tensor = _tensor(body, tuple(manifest.input.shape[1:]))
+                out = await self.inference.classify_tensor(key, tensor, prio, shed=True)
+            else:
+                raise DatasetError(
+                    "unsupported_media_type",
+                    "send application/dicom (one instance) or application/x-npy (one tensor)",
+                )
+        except OverloadedError:
+            self.metrics.rejected.labels("infer", prio).inc()
+            raise
+        seconds = time.perf_counter() - t0
+        self.metrics.request.labels(manifest.name, manifest.version, prio, "sync").observe(seconds)
+        return InferResponse(
+            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            provider=out.provider,
+            priority=x_radbridge_priority,
+            findings=out.findings,
+            timings_ms={**out.timings_ms, "total": round(seconds * 1000, 3)},
+            intended_use=manifest.intended_use,
+        )
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         self._resume()
@@ -140,6 +241,22 @@ class Api:
         self._resume()
 
     # -- jobs -----------------------------------------------------------------------------
+
+    async def _admit(self, priority: Priority) -> None:
+        """Refuse new studies with 503 + Retry-After while the backlog is over its bound
+        (STAT up to twice the bound); acknowledged work is never refused, only queued."""
+        count, at = self._backlog
+        if time.monotonic() - at > _BACKLOG_TTL_S:
+            count = await asyncio.to_thread(jobs.backlog, self.db)
+            self._backlog = (count, time.monotonic())
+            self.metrics.backlog.set(count)
+        bound = self.config.max_queued_instances * (2 if priority == Priority.STAT else 1)
+        if count >= bound:
+            self.metrics.rejected.labels("stow", priority.value).inc()
+            raise OverloadedError(
+                f"{count} instances waiting for inference (bound {bound})",
+                retry_after_s=self.config.retry_after_s,
+            )
 
     def _agreement(self, agreement_id: str) -> str:
         a = self.agreements.get(agreement_id)
@@ -165,7 +282,8 @@ class Api:
             jobs.start_job, self.db, job_id
         )
         instances = await asyncio.to_thread(jobs.job_instances, self.db, job_id)
-        outcomes = await asyncio.gather(*self._work(job_id, instances), return_exceptions=True)
+        work = self._work(job_id, instances, priority)
+        outcomes = await asyncio.gather(*work, return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         error = None
         if errors:
@@ -189,40 +307,59 @@ class Api:
             )
 
     def _work(
-        self, job_id: int, instances: list[jobs.JobInstance]
+        self, job_id: int, instances: list[jobs.JobInstance], priority: str
     ) -> list[Coroutine[Any, Any, None]]:
-        """Per series: a classifier runs per instance, a segmenter once on the whole volume."""
+        """Per series: a classifier runs per instance, a segmenter once on the whole volume.
+        Each unit waits for a dispatch slot: STAT jobs' units go first."""
         by_series: dict[int, list[jobs.JobInstance]] = {}
         for inst in instances:
             by_series.setdefault(inst.series_id, []).append(inst)
         work: list[Coroutine[Any, Any, None]] = []
         for series in by_series.values():
-            key = route(self.manifests, series[0].modality, series[0].body_part)
+            key = self.inference.route(series[0].modality, series[0].body_part)
             if key is None:
                 work.append(self._unrouted(series[0].modality))
             elif self.manifests[key].task == "segmentation":
-                work.append(self._segment_series(job_id, key, series))
+                work.append(
+                    self._dispatched(priority, self._segment_series(job_id, key, series, priority))
+                )
             else:
-                work.extend(self._infer_instance(job_id, key, inst) for inst in series)
+                work.extend(
+                    self._dispatched(priority, self._infer_instance(job_id, key, inst, priority))
+                    for inst in series
+                )
         return work
+
+    async def _dispatched(self, priority: str, unit: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with self.dispatch.slot(priority):
+                await unit
+        finally:
+            unit.close()  # never started when the wait was cancelled: no "never awaited"
 
     @staticmethod
     async def _unrouted(modality: str | None) -> None:
         raise NotFoundError(f"no model serves modality {safe_label(modality)}")
 
-    async def _segment_series(self, job_id: int, key: str, series: list[jobs.JobInstance]) -> None:
+    async def _segment_series(
+        self, job_id: int, key: str, series: list[jobs.JobInstance], priority: str
+    ) -> None:
         """Sliding-window inference on the series' volume; its windows go through the runner."""
         manifest = self.manifests[key]
-        runner, loop = self.runners[key], asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         encoded = await asyncio.to_thread(lambda: [self.store.read(i.path) for i in series])
-        stats: dict[str, Any] = {"windows": 0, "seconds": 0.0, "provider": "", "batch": 0}
+        stats: dict[str, Any] = {"windows": 0, "seconds": 0.0, "provider": ""}
 
         async def windows(batch: np.ndarray) -> np.ndarray:
-            outs = await asyncio.gather(*(runner.remote(batch[i]) for i in range(len(batch))))
+            outs = await asyncio.gather(
+                *(
+                    self.inference.run(key, batch[i], priority, shed=False)
+                    for i in range(len(batch))
+                )
+            )
             stats["windows"] += len(outs)
             stats["seconds"] += max(o["seconds"] for o in outs)
             stats["provider"] = outs[0]["provider"]
-            stats["batch"] = max(stats["batch"], *(o["batch_size"] for o in outs))
             return np.stack([o["logits"] for o in outs])
 
         def predict(batch: np.ndarray) -> np.ndarray:  # called from the worker thread
@@ -231,9 +368,9 @@ class Api:
         t0 = time.perf_counter()
         seg = await asyncio.to_thread(segment_series, encoded, manifest, predict)
         total = time.perf_counter() - t0
-        self.metrics.inference.labels(
-            manifest.name, manifest.version, batch_bucket(stats["batch"]), stats["provider"]
-        ).observe(stats["seconds"])
+        self.metrics.request.labels(manifest.name, manifest.version, priority, "study").observe(
+            total
+        )
         label = manifest.labels[0]
         finding = Finding(
             label=label.key,
@@ -263,32 +400,23 @@ class Api:
             result_objects.save_segmentation_objects, self.db, self.store, job_id, seg, manifest
         )
 
-    async def _infer_instance(self, job_id: int, key: str, inst: jobs.JobInstance) -> None:
-        manifest = self.manifests[key]
-        data = await asyncio.to_thread(self.store.read, inst.path)
-        pre = await self.preprocessor.remote(data, key)
-        out = await self.runners[key].remote(pre["tensor"])
+    async def _infer_instance(
+        self, job_id: int, key: str, inst: jobs.JobInstance, priority: str
+    ) -> None:
         t0 = time.perf_counter()
-        findings = findings_from_logits(out["logits"], manifest)
-        post_s = time.perf_counter() - t0
-        mod = safe_label(pre["modality"])
-        self.metrics.preprocess.labels(key, mod).observe(pre["seconds"])
-        self.metrics.inference.labels(
-            manifest.name, manifest.version, batch_bucket(out["batch_size"]), out["provider"]
-        ).observe(out["seconds"])
-        self.metrics.postprocess.labels(key).observe(post_s)
+        data = await asyncio.to_thread(self.store.read, inst.path)
+        out = await self.inference.classify_encoded(key, data, priority, shed=False)
+        m = out.manifest
         result = InstanceResult(
             sop_instance_uid=inst.sop_instance_uid,
-            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            model={"name": m.name, "version": m.version, "sha256": m.sha256},
             input_sha256=hashlib.sha256(data).hexdigest(),
-            provider=out["provider"],
-            findings=findings,
-            timings_ms={
-                "preprocess": round(pre["seconds"] * 1000, 3),
-                "inference": round(out["seconds"] * 1000, 3),
-                "postprocess": round(post_s * 1000, 3),
-                "batch_size": out["batch_size"],
-            },
-            intended_use=manifest.intended_use,
+            provider=out.provider,
+            findings=out.findings,
+            timings_ms=out.timings_ms,
+            intended_use=m.intended_use,
         )
         await asyncio.to_thread(jobs.save_result, self.db, job_id, inst.instance_id, result)
+        self.metrics.request.labels(m.name, m.version, priority, "study").observe(
+            time.perf_counter() - t0
+        )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from radbridge.db.engine import Database
 from radbridge.db.tables import (
@@ -24,6 +24,7 @@ from serving.schemas import CompleteRequest, InstanceResult, JobOut, StudyResult
 
 __all__ = [
     "JobInstance",
+    "backlog",
     "complete_study",
     "finish_job",
     "job_instances",
@@ -107,6 +108,18 @@ def pending_jobs(db: Database) -> list[int]:
                 select(JobRow.id).where(JobRow.state.in_([JobState.QUEUED, JobState.RUNNING]))
             )
         )
+
+
+def backlog(db: Database) -> int:
+    """Instances of studies whose job is queued or running: the center's inference queue."""
+    with db.session() as s:
+        n = s.scalar(
+            select(func.count(InstanceRow.id))
+            .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+            .join(JobRow, JobRow.study_id == SeriesRow.study_id)
+            .where(JobRow.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        )
+        return int(n or 0)
 
 
 def start_job(db: Database, job_id: int) -> tuple[str, str | None, str, datetime | None]:

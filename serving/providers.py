@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import onnxruntime as ort
 
-__all__ = ["gpu_present", "resolve_providers"]
+__all__ = ["gpu_present", "resolve_providers", "session_providers"]
 
 _NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -35,4 +35,26 @@ def resolve_providers(wanted: Sequence[str]) -> list[str]:
         out.append(provider)
     if "CPUExecutionProvider" not in out:
         out.append("CPUExecutionProvider")
+    return out
+
+
+def session_providers(
+    resolved: Sequence[str], trt_engine_cache_dir: str | None = None
+) -> list[str | tuple[str, dict[str, object]]]:
+    """Provider entries for ``ort.InferenceSession``; TensorRT keeps built engines on disk."""
+    out: list[str | tuple[str, dict[str, object]]] = []
+    for provider in resolved:
+        if provider == "TensorrtExecutionProvider" and trt_engine_cache_dir:
+            out.append(
+                (
+                    provider,
+                    {
+                        "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": trt_engine_cache_dir,
+                        "trt_timing_cache_enable": True,
+                    },
+                )
+            )
+        else:
+            out.append(provider)
     return out

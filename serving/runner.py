@@ -1,15 +1,27 @@
-"""ModelRunner deployment: one ONNX Runtime session per model version, dynamically batched.
+"""ModelRunner deployment: ONNX Runtime sessions per model version, dynamically batched.
 
-``max_ongoing_requests`` is kept above ``max_batch_size`` (with Serve's default of 5 batches
-never form), and ``session.run`` runs in a worker thread so the replica's event loop keeps
-answering health checks while a batch computes.
+- **Versions:** one deployment serves every installed model version through Serve's model
+  multiplexing (the caller names ``name:version`` as the multiplexed model id); ``@serve.batch``
+  splits batches by model id, so a batch never mixes versions, and a new version is loaded
+  beside the old on its first request — switching versions fails no request.
+- **Priority:** a :class:`~serving.scheduling.PriorityGate` in front of the batcher admits STAT
+  work first, caps how long routine work may wait, and sheds sheddable work with 503 beyond
+  ``max_queued``. ``max_ongoing_requests`` (checked by :mod:`serving.config`) is large enough for
+  requests to reach the gate instead of queueing FIFO in Serve's router.
+- **Event loop:** ``session.run`` runs in a worker thread, so the replica keeps answering health
+  checks while a batch computes.
+- **Providers:** TensorRT (engine cache on disk) → CUDA → CPU from ``user_config``; the provider
+  that actually runs is reported with every result and by :meth:`info`; the health check fails
+  when ``require_provider`` asks for a GPU provider that is not the one running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -18,58 +30,124 @@ import onnxruntime as ort
 from ray import serve
 
 from models.repository import ModelRepository
-from serving.providers import resolve_providers
+from radbridge.errors import ModelError
+from serving.config import RunnerConfig
+from serving.providers import resolve_providers, session_providers
+from serving.scheduling import PriorityGate
 
 __all__ = ["ModelRunner"]
 
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
-class ModelRunner:
-    def __init__(
-        self,
-        repository: str,
-        name: str,
-        version: str,
-        providers: list[str],
-        max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
-        intra_op_threads: int = 0,
-    ) -> None:
-        model = ModelRepository(Path(repository)).get(name, version)  # verifies sha256 + signature
-        self.key = model.key
+class _Session:
+    def __init__(self, key: str, path: Path, cfg: RunnerConfig) -> None:
         opts = ort.SessionOptions()
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        wanted = resolve_providers(providers)
-        self.session = ort.InferenceSession(str(model.onnx_path), opts, providers=wanted)
+        if cfg.intra_op_threads:
+            opts.intra_op_num_threads = cfg.intra_op_threads
+        wanted = resolve_providers(cfg.providers)
+        self.key = key
+        self.session = ort.InferenceSession(
+            str(path), opts, providers=session_providers(wanted, cfg.trt_engine_cache_dir)
+        )
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         if self.provider != wanted[0]:
-            log.warning("%s: asked for %s but %s runs", self.key, wanted[0], self.provider)
-        log.info("%s: ONNX Runtime provider in use: %s", self.key, self.provider)
-        self.infer.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+            log.warning("%s: asked for %s but %s runs", key, wanted[0], self.provider)
+        log.info("%s: ONNX Runtime provider in use: %s", key, self.provider)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+
+
+@serve.deployment(name="ModelRunner", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=320)
+class ModelRunner:
+    def __init__(self, repository: str) -> None:
+        self.repository = ModelRepository(Path(repository))
+        self.config = RunnerConfig()
+        self.gate = PriorityGate(self.config.admitted, self.config.max_queued)
+        # weak: the multiplexer's LRU owns sessions; an evicted one leaves this view too
+        self.sessions: weakref.WeakValueDictionary[str, _Session] = weakref.WeakValueDictionary()
+        self._batches = itertools.count(1)
+        self._problem: str | None = None
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's user_config, also on a live redeploy."""
+        cfg = RunnerConfig.model_validate(user_config or {})
+        self.config = cfg
+        self.infer.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
+        self.infer.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.gate.capacity = cfg.admitted
+        self.gate.max_waiting = cfg.max_queued
+        self.gate.max_wait_s = {str(p): s for p, s in cfg.max_wait_s.items()}
+        self._problem = self._provider_problem()
+        if self._problem:
+            log.error("ModelRunner unhealthy: %s", self._problem)
+
+    def _provider_problem(self) -> str | None:
+        need = self.config.require_provider
+        if need is None:
+            return None
+        wanted = resolve_providers(self.config.providers)
+        required = resolve_providers([need])[0]
+        if required == "CPUExecutionProvider":
+            return f"require_provider {need}: not available on this node (only {wanted})"
+        other = sorted({s.provider for s in self.sessions.values() if s.provider != required})
+        if other:
+            return f"require_provider {need}: sessions run on {other}"
+        return None
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def session(self, model_id: str) -> _Session:
+        name, _, version = model_id.partition(":")
+        model = await asyncio.to_thread(self.repository.get, name, version or None)
+        sess = await asyncio.to_thread(_Session, model.key, model.onnx_path, self.config)
+        self.sessions[model_id] = sess
+        self._problem = self._provider_problem()
+        return sess
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, tensors: list[np.ndarray]) -> list[dict[str, Any]]:
+        sess = await self.session(serve.get_multiplexed_model_id())
         batch = np.stack(tensors).astype(np.float32, copy=False)
         t0 = time.perf_counter()
-        logits = await asyncio.to_thread(self._run, batch)
+        logits = await asyncio.to_thread(sess.run, batch)
         seconds = time.perf_counter() - t0
-        n = len(tensors)
+        n, seq = len(tensors), next(self._batches)
         return [
-            {"logits": logits[i], "batch_size": n, "seconds": seconds, "provider": self.provider}
+            {
+                "logits": logits[i],
+                "batch_size": n,
+                "batch_seq": seq,
+                "seconds": seconds,
+                "provider": sess.provider,
+                "model": sess.key,
+            }
             for i in range(n)
         ]
 
-    async def __call__(self, tensor: np.ndarray) -> dict[str, Any]:
-        return await self.infer(tensor)
+    async def __call__(
+        self, tensor: np.ndarray, priority: str = "routine", shed: bool = False
+    ) -> dict[str, Any]:
+        if not serve.get_multiplexed_model_id():
+            raise ModelError("no model named: call with multiplexed_model_id='name:version'")
+        async with self.gate.slot(priority, shed=shed) as waited:
+            out = await self.infer(tensor)
+        return {**out, "queue_wait": waited}
+
+    async def info(self) -> dict[str, Any]:
+        """What runs here: providers per loaded model, the gate's state, any health problem."""
+        return {
+            "sessions": {k: s.provider for k, s in self.sessions.items()},
+            "problem": self._problem,
+            "waiting": self.gate.waiting,
+            "running": self.gate.running,
+            "admitted": dict(self.gate.stats.admitted),
+            "shed": dict(self.gate.stats.shed),
+            "promoted": self.gate.stats.promoted,
+        }
 
     def check_health(self) -> None:
-        if self.session is None:
-            raise RuntimeError("no ONNX Runtime session")
+        if self._problem:
+            raise ModelError(self._problem)

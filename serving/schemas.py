@@ -12,6 +12,7 @@ from radbridge.agreements import Priority
 __all__ = [
     "CompleteRequest",
     "Finding",
+    "InferResponse",
     "InstanceResult",
     "JobOut",
     "ResultObjectList",
@@ -63,6 +64,17 @@ class InstanceResult(BaseModel):
         default_factory=list,
         description="Segmentation models: each nodule's centre (patient mm), diameter, volume.",
     )
+
+
+class InferResponse(BaseModel):
+    """Answer of the synchronous ``POST /v1/models/{name}/infer``."""
+
+    model: dict[str, str]
+    provider: str
+    priority: Priority
+    findings: list[Finding]
+    timings_ms: dict[str, float]
+    intended_use: str
 
 
 class StudyResults(BaseModel):

@@ -5,26 +5,30 @@ Table E.1-1 under the agreement's options (:mod:`dicom_io.deid_profile`), or, wh
 does not list it, an action judged by its VR (:mod:`dicom_io.deid_walk`). UIDs are remapped with
 keyed pseudonyms; patient identity is replaced by a keyed pseudonym; free text is removed or, with
 Clean Descriptors, cleaned (:mod:`dicom_io.deid_text`). File meta and preamble are rebuilt.
-Before returning, the output is checked for any original identifying value; a hit raises.
+An instance whose pixels may show identity is quarantined or, when the agreement asks and it is
+safe, masked (:mod:`dicom_io.deid_burned_in`). Before returning, the output is checked for any
+original identifying value (:mod:`dicom_io.deid_leak`); a hit raises.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from dicom_io.deid_burned_in import BurnedInAnnotationError, burned_in_risk, plan_mask, quarantine
+from dicom_io.deid_leak import assert_no_leak, identifying_values
 from dicom_io.deid_text import identity_terms
 from dicom_io.deid_walk import NON_REMAPPED_UIDS, WalkContext, walk
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError
 
-__all__ = ["DEID_METHOD", "DeidOutcome", "deidentify"]
+__all__ = ["DEID_METHOD", "BurnedInAnnotationError", "DeidOutcome", "deidentify"]
 
 DEID_METHOD = "radbridge: PS3.15-2024b Table E.1-1 + VR rules"
 
@@ -39,7 +43,12 @@ _OPTION_CODES = (
     (DeidOption.RETAIN_DEVICE_IDENTITY, "113109", "Retain Device Identity Option"),
     (DeidOption.RETAIN_INSTITUTION_IDENTITY, "113112", "Retain Institution Identity Option"),
     (DeidOption.CLEAN_DESCRIPTORS, "113105", "Clean Descriptors Option"),
+    (DeidOption.RETAIN_UIDS, "113110", "Retain UIDs Option"),
+    (DeidOption.RETAIN_SAFE_PRIVATE, "113111", "Retain Safe Private Option"),
+    (DeidOption.CLEAN_STRUCTURED_CONTENT, "113104", "Clean Structured Content Option"),
+    (DeidOption.CLEAN_GRAPHICS, "113103", "Clean Graphics Option"),
 )
+_CLEAN_PIXEL_DATA = ("113101", "Clean Pixel Data Option")  # declared when pixels were masked
 # Type 2 attributes emptied when the walk left them out.
 _TYPE2_EMPTY: tuple[str, ...] = (
     "PatientBirthDate",
@@ -48,6 +57,9 @@ _TYPE2_EMPTY: tuple[str, ...] = (
     "StudyID",
 )
 _TYPE2_EMPTY += ("StudyDate", "StudyTime")
+# Type 2 attributes the VR rule removes as free text (Frame of Reference module): emptied when
+# the input had them, so the output stays a valid IOD.
+_TYPE2_EMPTY_IF_PRESENT = ("PositionReferenceIndicator",)
 
 
 @dataclass
@@ -57,13 +69,32 @@ class DeidOutcome:
 
 
 def deidentify(
-    ds: Dataset, pseudo: Pseudonymizer, options: Iterable[DeidOption] = ()
+    ds: Dataset,
+    pseudo: Pseudonymizer,
+    options: Iterable[DeidOption] = (),
+    *,
+    burned_in: Literal["quarantine", "mask"] = "quarantine",
+    top_band_rows: int = 0,
 ) -> DeidOutcome:
-    """Return a de-identified copy of ``ds`` (with new file meta) and the pseudonyms issued."""
+    """Return a de-identified copy of ``ds`` (with new file meta) and the pseudonyms issued.
+
+    Raises :class:`BurnedInAnnotationError` for an instance to keep at the edge (its pixels may
+    show identity and were not masked) and :class:`DeidentificationError` for anything else
+    that cannot be guaranteed.
+    """
     opts = frozenset(DeidOption(o) for o in options)
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-        raise DeidentificationError("BurnedInAnnotation is YES: pixel data may show identity")
-    needles = _identifying_values(ds)
+    if (DeidOption.RETAIN_UIDS in opts) != pseudo.retain_uids:
+        raise DeidentificationError(
+            "Retain UIDs is selected for the agreement or for its pseudonymizer, not both; "
+            "use Pseudonymizer.for_agreement"
+        )
+    risk = burned_in_risk(ds)
+    mask = None
+    if risk is not None:
+        if burned_in != "mask":
+            raise quarantine(risk, "the agreement quarantines such instances at the edge")
+        mask = plan_mask(ds, risk, top_band_rows)
+    needles = identifying_values(ds, pseudo.retain_uids, NON_REMAPPED_UIDS)
     pid = str(ds.get("PatientID", "") or "")
     patient_pseudonym = pseudo.token("patient_id", pid, "RB")
     ctx = WalkContext(pseudo, opts, identity_terms(ds), pid, patient_pseudonym)
@@ -74,6 +105,11 @@ def deidentify(
     for kw in _TYPE2_EMPTY:
         if kw not in out:
             setattr(out, kw, "")
+    for kw in _TYPE2_EMPTY_IF_PRESENT:
+        if kw in ds and kw not in out:
+            setattr(out, kw, "")
+    if mask is not None:
+        mask.apply(out)
     acc = str(ds.get("AccessionNumber", "") or "")
     out.AccessionNumber = pseudo.token("accession", acc, "A") if acc else ""
     if "ContentDate" in ds and "ContentDate" not in out:  # Type 1 in some IODs (e.g. DX)
@@ -84,7 +120,7 @@ def deidentify(
     out.PatientIdentityRemoved = "YES"
     out.LongitudinalTemporalInformationModified = "MODIFIED" if ctx.longitudinal else "REMOVED"
     out.DeidentificationMethod = DEID_METHOD
-    out.DeidentificationMethodCodeSequence = Sequence(_method_codes(opts))
+    out.DeidentificationMethodCodeSequence = Sequence(_method_codes(opts, mask is not None))
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = out.SOPClassUID
@@ -94,13 +130,14 @@ def deidentify(
     meta.ImplementationVersionName = "RADBRIDGE_010"
     out.file_meta = meta
     out.preamble = b"\x00" * 128
-    _assert_no_leak(out, needles)
+    assert_no_leak(out, needles)
     return DeidOutcome(out, dict(pseudo.issued))
 
 
-def _method_codes(opts: frozenset[DeidOption]) -> list[Dataset]:
+def _method_codes(opts: frozenset[DeidOption], masked: bool) -> list[Dataset]:
     codes = [("113100", "Basic Application Confidentiality Profile")]
     codes += [(value, meaning) for opt, value, meaning in _OPTION_CODES if opt in opts]
+    codes += [_CLEAN_PIXEL_DATA] if masked else []
     items = []
     for value, meaning in codes:
         item = Dataset()
@@ -109,37 +146,3 @@ def _method_codes(opts: frozenset[DeidOption]) -> list[Dataset]:
         item.CodeMeaning = meaning
         items.append(item)
     return items
-
-
-def _identifying_values(ds: Dataset) -> set[str]:
-    """Original values that must not appear anywhere in the output."""
-    needles: set[str] = set()
-    name = ds.get("PatientName")
-    if name:
-        for comp in str(name).replace("=", "^").split("^"):
-            if len(comp.strip()) >= 2:
-                needles.add(comp.strip())
-    for kw in ("PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs"):
-        v = ds.get(kw)
-        if v and len(str(v).strip()) >= 2:
-            needles.add(str(v).strip())
-    for elem in ds.iterall():
-        if elem.VR == "UI" and elem.value and keyword_for_tag(elem.tag) not in NON_REMAPPED_UIDS:
-            values = elem.value if isinstance(elem.value, list) else [elem.value]
-            for v in values:
-                if UID(str(v)).name == str(v):
-                    needles.add(str(v))
-    return needles
-
-
-def _assert_no_leak(out: Dataset, needles: set[str]) -> None:
-    for elem in out.iterall():
-        if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"):
-            continue
-        text = str(elem.value)
-        for needle in needles:
-            if needle in text:
-                raise DeidentificationError(
-                    f"output still holds an identifying value in {elem.tag} "
-                    f"({keyword_for_tag(elem.tag) or 'unknown'})"
-                )

@@ -8,7 +8,9 @@ Combined codes are resolved conservatively, to the action that keeps the dataset
 removing the content: ``X/Z`` → ``Z``, ``X/D``, ``X/Z/D`` and ``Z/D`` → ``D``, ``X/Z/U*`` → ``U``
 (the listed sequences are kept and every UID in them is remapped). A selected option overrides
 the basic action where its column has an entry; when two selected options disagree, ``K`` wins
-over ``C`` (the agreement asked to retain that attribute).
+over ``C`` (the agreement asked to retain that attribute). Every option column of the table is
+supported except Retain Longitudinal Temporal Information with Full Dates (``rtnLongFullDatesOpt``),
+which no agreement may select: dates cross the border only shifted.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ OPTION_COLUMNS: dict[DeidOption, str] = {
     DeidOption.RETAIN_DEVICE_IDENTITY: "rtnDevIdOpt",
     DeidOption.RETAIN_INSTITUTION_IDENTITY: "rtnInstIdOpt",
     DeidOption.CLEAN_DESCRIPTORS: "cleanDescOpt",
+    DeidOption.RETAIN_UIDS: "rtnUIDsOpt",
+    DeidOption.RETAIN_SAFE_PRIVATE: "rtnSafePrivOpt",
+    DeidOption.CLEAN_STRUCTURED_CONTENT: "cleanStructContOpt",
+    DeidOption.CLEAN_GRAPHICS: "cleanGraphOpt",
 }
 _COLUMNS = (
     "rtnSafePrivOpt",

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
 
-__all__ = ["clean_text", "identity_terms", "looks_identifying"]
+__all__ = ["clean_text", "date_spellings", "identity_terms", "looks_identifying"]
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _PATTERNS = [
@@ -67,13 +67,19 @@ def identity_terms(ds: Dataset) -> list[str]:
         for v in values:
             if v and len(str(v).strip()) >= 2:
                 terms.add(str(v).strip())
-    birth = str(ds.get("PatientBirthDate", "") or "")
-    if re.fullmatch(r"[0-9]{8}", birth):
-        y, m, d = birth[:4], birth[4:6], birth[6:]
-        terms.update(f.format(y=y, m=m, d=d) for f in _DATE_FORMATS)
-        terms.add(f"{y}年{int(m)}月{int(d)}日")
-        terms.add(f"{y}年{m}月{d}日")
+    terms.update(date_spellings(str(ds.get("PatientBirthDate", "") or "")))
     return sorted(terms, key=len, reverse=True)
+
+
+def date_spellings(value: str) -> set[str]:
+    """Common spellings of a DA value (``19650412``: ``1965-04-12``, ``12.04.1965``, ...)."""
+    if not re.fullmatch(r"[0-9]{8}", value):
+        return set()
+    y, m, d = value[:4], value[4:6], value[6:]
+    out = {f.format(y=y, m=m, d=d) for f in _DATE_FORMATS}
+    out.add(f"{y}年{int(m)}月{int(d)}日")
+    out.add(f"{y}年{m}月{d}日")
+    return out
 
 
 def _term_pattern(term: str) -> re.Pattern[str]:

@@ -51,7 +51,7 @@ def dummy_value(vr: str, original: Any, pseudo: Pseudonymizer) -> Any:
     if vr == "UI":
         return remap_uids(original, pseudo)
     if vr == "SQ":
-        return []  # a dummy item could keep coded identity; an empty sequence cannot
+        return []  # the walk gives D on a sequence its items with dummies; this is a fallback
     if vr in NUMERIC_VRS:
         return 0
     if vr in BINARY_VRS:

@@ -3,14 +3,24 @@
 Listed attributes follow PS3.15 2024b Table E.1-1 (:mod:`dicom_io.deid_profile`); unlisted ones
 are judged by VR, which is safer than the table: PN emptied, DA/DT/TM removed, UI remapped,
 free text removed unless on a short allowlist of technical attributes, numbers kept. Overlays
-(60xx), Original/Request Attributes and Icon Image sequences are always removed.
+(60xx), Original/Request Attributes and Icon Image sequences are always removed (Clean Graphics
+cannot prove an overlay bitmap free of text, so its ``C`` falls back to the basic ``X``).
+
+Sequences follow PS3.15 E.1 (``K`` keeps a sequence and cleans its items): ``X`` removes it,
+``Z`` leaves it with no items, ``K``/``U`` walk its items as usual, ``D`` keeps its items with
+dummy values (the *dummy* scope: unlisted text, names, dates and codes get dummies of their VR;
+UIDs are remapped; coded strings and numbers stay, so the items keep their structure) and ``C``
+(Clean Structured Content, Clean Graphics, Clean Descriptors) keeps its items cleaned (the
+*clean* scope: unlisted free text is cleaned, dates shifted or given dummies, names given
+dummies). Within either scope listed attributes still follow the table. Private attributes go,
+unless Retain Safe Private is selected and they are on the safe-list (:mod:`dicom_io.deid_private`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
@@ -19,6 +29,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
+from dicom_io.deid_private import retained_private
 from dicom_io.deid_profile import action_for
 from dicom_io.deid_text import clean_text
 from dicom_io.deid_values import (
@@ -40,6 +51,8 @@ KEEP = frozenset(
     [
         "SOPClassUID",
         "Modality",
+        "Manufacturer",  # device make and model: not in Table E.1-1, Type 1 in some sequences
+        "ManufacturerModelName",
         "BodyPartExamined",
         "ViewPosition",
         "ImageType",
@@ -113,6 +126,8 @@ _ALWAYS_REMOVE = frozenset(
 )
 _CS = re.compile(r"[A-Z0-9_ ]{0,16}")
 _CLEANABLE = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "AE", "PN", "CS"})
+_FREE_TEXT = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
+Scope = Literal["plain", "dummy", "clean"]
 
 
 @dataclass
@@ -124,6 +139,7 @@ class WalkContext:
     terms: list[str]
     patient_id: str
     patient_pseudonym: str
+    scope: Scope = "plain"  # inside a sequence whose action was D ("dummy") or C ("clean")
     _offset: int | None = field(default=None, repr=False)
 
     @property
@@ -142,12 +158,16 @@ class WalkContext:
 def walk(src: Dataset, ctx: WalkContext) -> Dataset:
     """Return a new dataset holding the de-identified elements of ``src``, recursively."""
     dst = Dataset()
+    safe = _safe_private(src, ctx)
     for elem in src:
         tag = elem.tag
         if tag.group in (0x0000, 0x0002) or tag.element == 0:  # commands, meta, group lengths
             continue
         kw = keyword_for_tag(tag)
-        value = _apply(_action(tag, elem, kw, ctx), tag, elem, kw, ctx)
+        action = _action(tag, elem, kw, ctx)
+        if tag.is_private:  # the table's private row: X, or C with Retain Safe Private
+            action = "K" if action == "C" and int(tag) in safe else "X"
+        value = _apply(action, tag, elem, kw, ctx)
         if value is not _DROP:
             dst.add(DataElement(tag, elem.VR, value))
     return dst
@@ -156,27 +176,44 @@ def walk(src: Dataset, ctx: WalkContext) -> Dataset:
 _DROP = object()
 
 
+def _safe_private(src: Dataset, ctx: WalkContext) -> frozenset[int]:
+    if DeidOption.RETAIN_SAFE_PRIVATE not in ctx.options:
+        return frozenset()
+    return retained_private(src)
+
+
 def _action(tag: BaseTag, elem: DataElement, kw: str, ctx: WalkContext) -> str:
     if kw in _ALWAYS_REMOVE or 0x6000 <= tag.group <= 0x60FF:
         return "X"
     listed = action_for(tag, ctx.options)
-    return listed if listed is not None else _judge_by_vr(elem, kw)
+    return listed if listed is not None else _judge_by_vr(elem, kw, ctx.scope)
 
 
-def _judge_by_vr(elem: DataElement, kw: str) -> str:
+def _judge_by_vr(elem: DataElement, kw: str, scope: Scope) -> str:
     vr = elem.VR
-    if kw in KEEP or vr in ("SQ", "UI"):
+    if vr in ("SQ", "UI"):
         return "U" if vr == "UI" else "K"
-    if vr == "PN":
-        return "Z"
     if vr == "CS":
         values = list(elem.value) if isinstance(elem.value, list | MultiValue) else [elem.value]
-        return "K" if all(_CS.fullmatch(str(v or "")) for v in values) else "X"
+        if all(_CS.fullmatch(str(v or "")) for v in values):
+            return "K"  # a code, not text: enumerated values keep the items valid in every scope
     if vr in NUMERIC_VRS or vr in ("DS", "IS"):
         return "K"
+    if scope == "dummy":  # D on the enclosing sequence: nothing of the original text stays
+        return "X" if vr in BINARY_VRS else "D"
+    if kw in KEEP:
+        return "K"
+    if scope == "clean":
+        if vr in _FREE_TEXT or vr in ("DA", "DT", "TM"):
+            return "C"
+        if vr == "PN":
+            return "D"
+        return "X"
+    if vr == "PN":
+        return "Z"
     if vr in BINARY_VRS:
         return "K" if kw and vr != "UN" else "X"
-    return "X"  # DA, DT, TM, free text, anything unknown
+    return "X"  # DA, DT, TM, free text, non-code CS, anything unknown
 
 
 def _apply(action: str, tag: BaseTag, elem: DataElement, kw: str, ctx: WalkContext) -> Any:
@@ -184,11 +221,9 @@ def _apply(action: str, tag: BaseTag, elem: DataElement, kw: str, ctx: WalkConte
     if action == "X":
         return _DROP
     if vr == "SQ":
-        if action in ("Z", "D"):
-            return Sequence([])
-        return Sequence([walk(item, ctx) for item in value])
+        return _sequence(action, value, ctx)
     if vr == "UI" and action in ("K", "U", "C", "D"):
-        return remap_uids(value, ctx.pseudo)  # UIDs are never retained (no Retain UIDs option)
+        return remap_uids(value, ctx.pseudo)  # kept as-is only by a Retain UIDs pseudonymizer
     if action == "Z":
         return empty_value(vr)
     if action == "D":
@@ -202,8 +237,21 @@ def _apply(action: str, tag: BaseTag, elem: DataElement, kw: str, ctx: WalkConte
         if cleaned is not _DROP:
             return cleaned
         basic = action_for(tag, ())
-        return _apply(basic or "X", tag, elem, kw, ctx)
+        if basic is None:  # unlisted: removed, or a dummy inside a cleaned sequence's items
+            basic = "X" if ctx.scope == "plain" else "D"
+        return _apply(basic, tag, elem, kw, ctx)
     return dummy_value(vr, value, ctx.pseudo)  # U on a non-UI value: replace it
+
+
+def _sequence(action: str, items: Any, ctx: WalkContext) -> Sequence:
+    """PS3.15 E.1 on a sequence: Z empties it; D and C keep its items, de-identified."""
+    if action == "Z":
+        return Sequence([])
+    scope: Scope = "dummy" if action == "D" else "clean" if action == "C" else ctx.scope
+    if ctx.scope == "dummy" and scope == "clean":
+        scope = "dummy"  # a cleaned sequence inside dummy items is dummied as well
+    inner = ctx if scope == ctx.scope else replace(ctx, scope=scope)
+    return Sequence([walk(item, inner) for item in items])
 
 
 def _clean(vr: str, value: Any, ctx: WalkContext) -> Any:

@@ -12,7 +12,7 @@ import re
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,6 +62,10 @@ class DeidOption(StrEnum):
     RETAIN_DEVICE_IDENTITY = "retain_device_identity"
     RETAIN_INSTITUTION_IDENTITY = "retain_institution_identity"
     CLEAN_DESCRIPTORS = "clean_descriptors"
+    RETAIN_UIDS = "retain_uids"
+    RETAIN_SAFE_PRIVATE = "retain_safe_private"
+    CLEAN_STRUCTURED_CONTENT = "clean_structured_content"
+    CLEAN_GRAPHICS = "clean_graphics"
 
 
 class DicomNode(_Strict):
@@ -167,6 +171,20 @@ class TransferBasis(_Strict):
 class Deidentification(_Strict):
     profile: str = Field("basic", pattern="^basic$")
     options: list[DeidOption] = Field(default_factory=list)
+    burned_in: Literal["quarantine", "mask"] = Field(
+        "quarantine",
+        description="Instances that may show identity in their pixels (BurnedInAnnotation YES, "
+        "ultrasound, secondary capture): 'quarantine' keeps them at the edge, unsent; 'mask' "
+        "blacks out ultrasound pixels outside the data regions and quarantines what it cannot "
+        "mask.",
+    )
+    burned_in_top_band_rows: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="With burned_in 'mask': rows blacked out at the top of an ultrasound image "
+        "that has no Sequence of Ultrasound Regions; 0 quarantines such images instead.",
+    )
     secret_env: str | None = Field(
         None,
         description="Environment variable holding this agreement's pseudonym key; "

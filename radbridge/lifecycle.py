@@ -11,7 +11,9 @@ class EdgeStudyState(StrEnum):
     RECEIVING = "receiving"  # instances arriving; stable after the agreement's quiet period
     FORWARDING = "forwarding"  # claimed by the forwarder (reset to receiving on restart)
     FORWARDED = "forwarded"  # the center accepted every instance and the completion
-    BLOCKED = "blocked"  # the agreement allows no transfer now (no legal basis in force)
+    # Held at the edge; last_error says why: no legal basis in force now (retried when it is),
+    # or de-identification refused / quarantined instances (burned-in annotation): a person.
+    BLOCKED = "blocked"
 
 
 class CenterStudyState(StrEnum):

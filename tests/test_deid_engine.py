@@ -48,7 +48,7 @@ def test_retain_and_clean_options() -> None:
     ds = make_instance()
     ds.PatientAge = "061Y"
     ds.DeviceSerialNumber = "SN-4411"
-    opts = list(DeidOption)
+    opts = [o for o in DeidOption if o is not DeidOption.RETAIN_UIDS]  # UIDs: test_deid_options
     out = deidentify(ds, Pseudonymizer(KEY), opts).dataset
     assert out.PatientSex == "M" and out.PatientAge == "061Y"  # K (characteristics)
     assert out.DeviceSerialNumber == "SN-4411"  # K (device identity)
@@ -56,7 +56,10 @@ def test_retain_and_clean_options() -> None:
     assert out.StudyDescription == "CHEST PA for"  # C (clean descriptors)
     assert out.StudyDate != ds.StudyDate and len(out.StudyDate) == 8  # C (modified dates)
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
-    assert _codes(out) == ["113100", "113107", "113108", "113109", "113112", "113105"]
+    assert _codes(out) == [
+        *("113100", "113107", "113108", "113109", "113112", "113105"),
+        *("113111", "113104", "113103"),  # safe private, structured content, graphics
+    ]
     raw, _ = _roundtrip(out)
     for needle in ("XiaoDong", "王", "小东", "PID-7788123", "20261120", "19650412"):
         assert needle.encode() not in raw, needle
@@ -137,9 +140,9 @@ def test_two_studies_of_one_patient_shift_alike() -> None:
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
-@pytest.mark.parametrize("opts", [(), tuple(DeidOption)])
+@pytest.mark.parametrize("opts", [(), tuple(o for o in DeidOption if o != "retain_uids")])
 def test_pydicom_test_files(name: str, opts: tuple[DeidOption, ...]) -> None:
-    ds = pydicom.dcmread(get_testdata_file(name))
+    ds = pydicom.dcmread(str(get_testdata_file(name)))
     uids = [str(e.value) for e in ds.iterall() if e.VR == "UI" and e.value]
     uids = [u for u in uids if UID(u).name == u]
     out = deidentify(ds, Pseudonymizer(KEY), opts).dataset
@@ -153,8 +156,10 @@ def test_pydicom_test_files(name: str, opts: tuple[DeidOption, ...]) -> None:
 def test_burned_in_annotation_still_refused_with_options() -> None:
     ds = make_instance()
     ds.BurnedInAnnotation = "YES"
-    with pytest.raises(DeidentificationError):
-        deidentify(ds, Pseudonymizer(KEY), list(DeidOption))
+    with pytest.raises(DeidentificationError, match="BurnedInAnnotation"):
+        deidentify(ds, Pseudonymizer(KEY, retain_uids=True), list(DeidOption))
+    with pytest.raises(DeidentificationError, match="BurnedInAnnotation"):
+        deidentify(ds, Pseudonymizer(KEY), [], burned_in="mask")  # a DX cannot be masked
 
 
 @pytest.mark.parametrize(

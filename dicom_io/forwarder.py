@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from io import BytesIO
 
 import httpx
 import pydicom
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
-from dicom_io.deid import deidentify
+from dicom_io.deid import BurnedInAnnotationError, deidentify
 from dicom_io.identity_map import record_pseudonyms
-from dicom_io.pseudonyms import Pseudonymizer, agreement_key
+from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from dicom_io.stow import encode_multipart
 from radbridge.agreements import Agreement, AgreementSet
@@ -125,13 +126,15 @@ class Forwarder:
 
     def _forward_claimed(self, study: StudyRow, agreement: Agreement, stable_at: datetime) -> int:
         try:
-            self._forward(study, agreement)
+            sent, held = self._forward(study, agreement)
         except DeidentificationError as exc:
             self._block(study, f"de-identification refused: {exc}")
             return 0
         except ForwardError as exc:
-            self._retry(study, agreement, str(exc))
+            self._retry(study, agreement, str(exc), exc.retry_after_s)
             return 0
+        if held:
+            return self._quarantine(study, agreement, sent, held)
         with self.db.session() as s:
             s.execute(
                 update(StudyRow)
@@ -151,16 +154,19 @@ class Forwarder:
         log.info("study %s forwarded (agreement %s)", study.id, agreement.id)
         return 1
 
-    def _forward(self, study: StudyRow, agreement: Agreement) -> None:
-        pseudo = Pseudonymizer(agreement_key(agreement, self._secret))
+    def _forward(self, study: StudyRow, agreement: Agreement) -> tuple[int, list[str]]:
+        """Send the study's instances; returns how many were sent and why others were held."""
+        pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
         with self.db.session() as s:
-            paths = s.scalars(
-                select(InstanceRow.path)
+            rows = s.execute(
+                select(InstanceRow.id, InstanceRow.path)
                 .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
                 .where(SeriesRow.study_id == study.id)
                 .order_by(InstanceRow.id)
             ).all()
-        parts = [self._deidentify(path, pseudo, agreement) for path in paths]
+        parts, held = self._deidentify_study(study, rows, pseudo, agreement)
+        if not parts:
+            return 0, held
         pseudo_study_uid = pseudo.uid(study.study_uid)
         # The identity map is committed before any byte leaves the edge.
         record_pseudonyms(self.db, agreement.id, pseudo.issued)
@@ -169,7 +175,11 @@ class Forwarder:
             self._post(
                 "/v1/studies",
                 content=body,
-                headers={"Content-Type": content_type, "X-Radbridge-Agreement": agreement.id},
+                headers={
+                    "Content-Type": content_type,
+                    "X-Radbridge-Agreement": agreement.id,
+                    "X-Radbridge-Priority": study.priority,
+                },
             )
         elapsed = (utcnow() - study.first_received_at).total_seconds()
         self._post(
@@ -181,11 +191,39 @@ class Forwarder:
                 "edge_elapsed_s": max(elapsed, 0.0),
             },
         )
+        return len(parts), held
+
+    def _deidentify_study(
+        self,
+        study: StudyRow,
+        rows: Sequence[Row[int, str]],
+        pseudo: Pseudonymizer,
+        agreement: Agreement,
+    ) -> tuple[list[bytes], list[str]]:
+        """De-identify every instance; one whose pixels may show identity stays at the edge."""
+        parts: list[bytes] = []
+        held: list[str] = []
+        for instance_id, path in rows:
+            try:
+                parts.append(self._deidentify(path, pseudo, agreement))
+            except BurnedInAnnotationError as exc:
+                held.append(exc.reason)
+                self._metrics.forward_failures.labels(agreement.id, exc.reason).inc()
+                log.warning(
+                    "study %s instance %s quarantined at the edge (%s)",
+                    study.id,
+                    instance_id,
+                    exc.reason,
+                )
+        return parts, held
 
     def _deidentify(self, relpath: str, pseudo: Pseudonymizer, agreement: Agreement) -> bytes:
         t0 = utcnow()
         ds = pydicom.dcmread(BytesIO(self.store.read(relpath)))
-        out = deidentify(ds, pseudo, agreement.deidentification.options).dataset
+        d = agreement.deidentification
+        out = deidentify(
+            ds, pseudo, d.options, burned_in=d.burned_in, top_band_rows=d.burned_in_top_band_rows
+        ).dataset
         buf = BytesIO()
         out.save_as(buf, enforce_file_format=True)
         self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())
@@ -199,13 +237,18 @@ class Forwarder:
         if resp.status_code >= 300:
             detail = resp.text[:300].replace("\n", " ")  # the center's answer holds no identity
             raise ForwardError(
-                f"center answered {resp.status_code} to {path.split('/')[2]}: {detail}"
+                f"center answered {resp.status_code} to {path.split('/')[2]}: {detail}",
+                retry_after_s=_retry_after(resp) if resp.status_code in (429, 503) else 0.0,
             )
         return resp
 
-    def _retry(self, study: StudyRow, agreement: Agreement, reason: str) -> None:
+    def _retry(
+        self, study: StudyRow, agreement: Agreement, reason: str, retry_after_s: float = 0.0
+    ) -> None:
+        """Back off exponentially, and never sooner than the center's Retry-After."""
         attempts = study.attempts + 1
         delay = min(self._retry_base_s * 2 ** (attempts - 1), self._retry_max_s)
+        delay = max(delay, min(retry_after_s, self._retry_max_s))
         log.warning(
             "study %s forward failed (%s); retry %d in %.0fs", study.id, reason, attempts, delay
         )
@@ -231,6 +274,25 @@ class Forwarder:
                 .values(state=EdgeStudyState.BLOCKED, last_error=reason)
             )
 
+    def _quarantine(self, study: StudyRow, agreement: Agreement, sent: int, held: list[str]) -> int:
+        """Some instances stay at the edge: block the study with a reason a person can act on.
+
+        What was sent is recorded as forwarded (the center has it); the study stays blocked,
+        like any study de-identification refused, until a person deals with the held instances.
+        """
+        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(Counter(held).items()))
+        reason = (
+            f"quarantined at the edge: {len(held)} of {sent + len(held)} instance(s) not "
+            f"forwarded, pixels may show identity ({kinds}); {sent} forwarded; needs a person"
+        )
+        log.warning("study %s blocked: %s", study.id, reason)
+        values: dict[str, object] = {"state": EdgeStudyState.BLOCKED, "last_error": reason}
+        if sent:
+            values.update(forwarded_at=utcnow(), version=StudyRow.version + 1, attempts=0)
+        with self.db.session() as s:
+            s.execute(update(StudyRow).where(StudyRow.id == study.id).values(**values))
+        return 1 if sent else 0
+
     def _update_depth(self) -> None:
         with self.db.session() as s:
             for state in (EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED):
@@ -255,3 +317,14 @@ def _chunks(parts: list[bytes], limit: int) -> list[list[bytes]]:
         out[-1].append(p)
         size += len(p)
     return [c for c in out if c]
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """Seconds of a Retry-After header (delta-seconds form; an HTTP date counts as 60 s)."""
+    value = resp.headers.get("retry-after", "").strip()
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 60.0

@@ -13,16 +13,19 @@ from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
 import uvicorn
 import yaml
 from fastapi import FastAPI, Header, Request, Response
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicom_io.forwarder import Forwarder
 from dicom_io.header import parse_header
 from dicom_io.identity_map import lookup_pseudonym
 from dicom_io.ingest import Ingestor
+from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart
 from radbridge.agreements import load_agreements, parse_agreements
@@ -48,10 +51,19 @@ class Center:
         self.store_dir = tmp / "center-store"
         self.store = DurableStore(self.store_dir)
         self.port = free_port()
+        self.overloaded = False  # answer STOW-RS like the Serve center over its backlog bound
+        self.priorities: list[str] = []
         app = FastAPI()
 
         @app.post("/v1/studies")
-        async def stow(request: Request, x_radbridge_agreement: str = Header(...)) -> Response:
+        async def stow(
+            request: Request,
+            x_radbridge_agreement: str = Header(...),
+            x_radbridge_priority: str = Header("routine"),
+        ) -> Response:
+            self.priorities.append(x_radbridge_priority)
+            if self.overloaded:
+                return Response(status_code=503, headers={"Retry-After": "60"})
             parts = decode_multipart(await request.body(), request.headers["content-type"])
             out = receive_instances(self.db, self.store, x_radbridge_agreement, parts)
             return Response(status_code=409 if out.failed else 200)
@@ -81,7 +93,9 @@ def edge(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[Database, Dura
     yield migrated_db, DurableStore(tmp_path / "edge-store")
 
 
-def _forwarder(db: Database, store: DurableStore, port: int, agreements=None) -> Forwarder:  # type: ignore[no-untyped-def]
+def _forwarder(
+    db: Database, store: DurableStore, port: int, agreements=None, retry_max_s: float = 4
+) -> Forwarder:  # type: ignore[no-untyped-def]
     aset = agreements or load_agreements(AGREEMENTS)
     from radbridge.metrics import EdgeMetrics
 
@@ -94,7 +108,7 @@ def _forwarder(db: Database, store: DurableStore, port: int, agreements=None) ->
         EdgeMetrics(),
         timeout_s=5,
         retry_base_s=1,
-        retry_max_s=4,
+        retry_max_s=retry_max_s,
     )
 
 
@@ -159,6 +173,36 @@ def test_center_down_then_up_forwards_once_without_identity(
     for blob in blobs:
         for needle in needles:
             assert needle not in blob
+
+
+def test_center_over_its_bound_503_retry_after_then_forwarded_without_loss(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    instances = _ingest(db, store, n=3)
+    center = Center(tmp_path)
+    center.overloaded = True
+    fwd = _forwarder(db, store, center.port, retry_max_s=300)
+    later = utcnow() + timedelta(seconds=5)
+    center.start()
+    try:
+        before = utcnow()
+        assert fwd.tick(later) == 0  # 503: kept at the edge, retried not before Retry-After
+        st = _state(db)
+        assert st.state == "receiving" and st.attempts == 1 and "503" in (st.last_error or "")
+        assert st.next_attempt_at is not None
+        assert st.next_attempt_at >= before + timedelta(seconds=59)  # not the 1 s backoff
+        assert fwd.tick(later + timedelta(seconds=30)) == 0  # not due yet
+        center.overloaded = False
+        assert fwd.tick(later + timedelta(seconds=61)) == 1
+    finally:
+        center.stop()
+    assert _state(db).state == "forwarded"
+    assert center.priorities and set(center.priorities) == {"routine"}
+    with center.db.session() as s:
+        from radbridge.db.tables import InstanceRow
+
+        assert len(s.scalars(select(InstanceRow)).all()) == len(instances)  # none lost
 
 
 def test_no_transfer_basis_blocks_the_study(
@@ -228,3 +272,101 @@ def test_without_a_stated_count_the_quiet_period_decides(
     _ingest(db, store, n=2, expected=3)  # 2 of 3 in: not complete
     fwd = _forwarder(db, store, free_port())
     assert fwd.tick(utcnow()) == 0 and _state(db).attempts == 0  # not even tried
+
+
+# -- burned-in annotation: quarantine at the edge, or mask --------------------------------
+
+
+def _ingest_us(db: Database, store: DurableStore, study_uid: str, **kwargs: object) -> Dataset:
+    from tests.test_deid_burned_in import make_us
+
+    us = make_us(**kwargs)  # type: ignore[arg-type]
+    us.StudyInstanceUID = study_uid
+    buf = BytesIO()
+    us.save_as(buf, enforce_file_format=True)
+    Ingestor(db, store).ingest(
+        "demo-hospital-to-center", parse_header(buf.getvalue()), buf.getvalue()
+    )
+    return us
+
+
+def _center_files(center: Center) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in center.store_dir.rglob("*.dcm")]
+
+
+def test_burned_in_instance_is_quarantined_and_the_rest_forwarded(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    instances = _ingest(db, store, n=2)
+    us = _ingest_us(db, store, str(instances[0].StudyInstanceUID))
+    center = Center(tmp_path)
+    center.start()
+    fwd = _forwarder(db, store, center.port)
+    try:
+        assert fwd.tick(utcnow() + timedelta(seconds=5)) == 1
+        assert fwd.tick(utcnow() + timedelta(seconds=60)) == 0  # held: a person, not a retry
+    finally:
+        center.stop()
+    st = _state(db)
+    assert st.state == "blocked" and st.forwarded_at is not None and st.version == 1
+    reason = st.last_error or ""
+    assert reason.startswith("quarantined at the edge: 1 of 3 instance(s) not forwarded")
+    assert "burned_in_ultrasound x1" in reason and "2 forwarded" in reason
+    for secret in ("PID-7788123", "XiaoDong", str(us.SOPInstanceUID), str(us.StudyInstanceUID)):
+        assert secret not in reason
+    # The PACS admin sees it in `radbridge gateway status` (blocked, with the reason).
+    status = gateway_status(db, store, None)
+    assert [(r.state, r.last_error) for r in status.stuck] == [("blocked", reason)]
+    # The center got the two DX instances and a completion for two; no ultrasound.
+    files = _center_files(center)
+    assert sorted(f.Modality for f in files) == ["DX", "DX"]
+    with center.db.session() as s:
+        assert s.scalars(select(StudyRow)).one().instance_count == 2
+    metric = fwd._metrics.registry.get_sample_value(
+        "radbridge_edge_forward_failures_total",
+        {"agreement": "demo-hospital-to-center", "reason": "burned_in_ultrasound"},
+    )
+    assert metric == 1.0
+
+
+def test_a_study_of_only_burned_in_instances_sends_nothing(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    _ingest_us(db, store, "1.2.826.0.1.3680043.8.498.42")
+    center = Center(tmp_path)
+    center.start()
+    try:
+        assert _forwarder(db, store, center.port).tick(utcnow() + timedelta(seconds=5)) == 0
+    finally:
+        center.stop()
+    st = _state(db)
+    assert (
+        st.state == "blocked" and st.forwarded_at is None and "0 forwarded" in (st.last_error or "")
+    )
+    assert _center_files(center) == []
+    with center.db.session() as s:
+        assert s.scalars(select(StudyRow)).all() == []  # no completion either
+
+
+def test_mask_agreement_forwards_masked_ultrasound(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    raw = yaml.safe_load(AGREEMENTS.read_text())
+    raw["agreements"][0]["deidentification"] = {"burned_in": "mask"}
+    instances = _ingest(db, store, n=1)
+    _ingest_us(db, store, str(instances[0].StudyInstanceUID))
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port, parse_agreements(raw))
+        assert fwd.tick(utcnow() + timedelta(seconds=5)) == 1
+    finally:
+        center.stop()
+    assert _state(db).state == "forwarded"
+    (us,) = [f for f in _center_files(center) if f.Modality == "US"]
+    assert us.BurnedInAnnotation == "NO"
+    assert "113101" in [c.CodeValue for c in us.DeidentificationMethodCodeSequence]
+    assert (us.pixel_array[:20] == 0).all()  # above the region (rows 20..59): black

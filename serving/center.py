@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 from radbridge.errors import ModelError
@@ -18,6 +19,7 @@ from radbridge.settings import Settings
 __all__ = ["start_center", "stop_center"]
 
 log = logging.getLogger("radbridge.center")
+_RADBRIDGE_ERROR = re.compile(r"radbridge\.errors\.(\w+Error: [^\n]+)")
 
 
 def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
@@ -41,24 +43,31 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
                 include_dashboard=False,
                 log_to_driver=True,
             )
-    schema = config.deploy_schema(
-        host=c.host, port=c.port, settings=settings.model_dump(mode="json", exclude={"edge"})
+    # The app's args: the settings it needs, not the config file's path — a redeploy whose
+    # only change is user_config then reconfigures replicas in place instead of replacing them.
+    app_settings = settings.model_dump(
+        mode="json", exclude={"edge": True, "center": {"serve_config"}}
     )
+    schema = config.deploy_schema(host=c.host, port=c.port, settings=app_settings)
     client = serve_start(
         http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
     )
+    deployed_at = time.time()
     client.deploy_apps(schema)
-    _wait_running(config.app.name, timeout_s)
+    _wait_running(config.app.name, deployed_at, timeout_s)
     log.info("center serving on http://%s:%d", c.host, c.port)
 
 
-def _wait_running(app_name: str, timeout_s: float) -> None:
+def _wait_running(app_name: str, deployed_at: float, timeout_s: float) -> None:
+    """Until this deployment (not a previous one still listed as RUNNING) runs or fails."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
     deadline = time.monotonic() + timeout_s
     while True:
         app = serve.status().applications.get(app_name)
+        if app is not None and app.last_deployed_time_s < deployed_at - 1:
+            app = None  # the controller has not taken this config yet
         if app is not None and app.status == ApplicationStatus.RUNNING:
             return
         if app is not None and app.status in (
@@ -66,12 +75,18 @@ def _wait_running(app_name: str, timeout_s: float) -> None:
             ApplicationStatus.UNHEALTHY,
         ):
             problems = [
-                f"{name}: {d.message}" for name, d in app.deployments.items() if d.message
-            ] or [app.message]
+                f"{name}: {_reason(d.message)}" for name, d in app.deployments.items() if d.message
+            ] or [_reason(app.message)]
             raise ModelError(f"center {app.status.value}: {'; '.join(problems)[:2000]}")
         if time.monotonic() > deadline:
             raise ModelError(f"center not running after {timeout_s:.0f}s")
         time.sleep(0.5)
+
+
+def _reason(message: str) -> str:
+    """The radbridge error at the bottom of a replica's traceback, else Serve's first line."""
+    found = _RADBRIDGE_ERROR.findall(message or "")
+    return found[-1] if found else (message or "").strip().splitlines()[0][:300]
 
 
 def stop_center() -> None:

@@ -14,17 +14,19 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dicom_io.store import DurableStore
 from models.manifest import ModelManifest
 from models.repository import ModelRepository
-from radbridge.errors import ConfigError, NotFoundError
+from radbridge.errors import ConfigError, NotFoundError, RadbridgeError
 from radbridge.metrics import CenterMetrics, batch_bucket, safe_label
 from serving.config import ApiConfig
 from serving.postprocess import findings_from_logits
@@ -101,7 +103,7 @@ class Inference:
         self, key: str, encoded: bytes, priority: str, *, shed: bool
     ) -> Classified:
         """A DICOM instance → the model's findings (preprocessing with the manifest pipeline)."""
-        pre = await self.preprocessor.remote(encoded, key)
+        pre = await _unwrapped(self.preprocessor.remote(encoded, key))
         self.metrics.preprocess.labels(key, safe_label(pre["modality"])).observe(pre["seconds"])
         out = await self.classify_tensor(key, pre["tensor"], priority, shed=shed)
         out.timings_ms["preprocess"] = round(pre["seconds"] * 1000, 3)
@@ -136,7 +138,7 @@ class Inference:
         """One tensor through the ModelRunner's gate and batcher; records the runner metrics."""
         m = self.manifests[key]
         handle = self.runner.options(multiplexed_model_id=key)
-        out: dict[str, Any] = await handle.remote(tensor, priority, shed)
+        out: dict[str, Any] = await _unwrapped(handle.remote(tensor, priority, shed))
         labels = (m.name, m.version)
         self.metrics.queue_wait.labels(*labels, priority).observe(out["queue_wait"])
         self.metrics.batch_size.labels(*labels).observe(out["batch_size"])
@@ -192,6 +194,17 @@ class Inference:
         }
         name = f"shadow/{manifest.name}/{shadow_manifest.version}/{time.time_ns()}.json"
         await asyncio.to_thread(self.store.write, name, json.dumps(record).encode())
+
+
+async def _unwrapped(call: Awaitable[Any]) -> Any:
+    """Await a handle call; a radbridge error raised in the replica comes back as itself
+    (Ray wraps it in RayTaskError), so the Api's error table answers it (e.g. 503)."""
+    try:
+        return await call
+    except RayTaskError as exc:
+        if isinstance(exc.cause, RadbridgeError):
+            raise exc.cause from None
+        raise
 
 
 def _version_order(v: str) -> tuple[int, str]:

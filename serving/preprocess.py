@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,13 @@ class Preprocessor:
     def __init__(self, repository: str) -> None:
         self._repository = ModelRepository(Path(repository))
         self._pipelines: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        self._lock = threading.Lock()  # Serve may run __call__ in several threads at once
 
     def _pipeline(self, model_key: str) -> Callable[[np.ndarray], np.ndarray]:
+        with self._lock:
+            return self._pipelines.get(model_key) or self._build(model_key)
+
+    def _build(self, model_key: str) -> Callable[[np.ndarray], np.ndarray]:
         if model_key not in self._pipelines:
             name, _, version = model_key.partition(":")
             manifest = self._repository.get(name, version or None).manifest

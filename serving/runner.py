@@ -70,6 +70,7 @@ class ModelRunner:
         self.sessions: weakref.WeakValueDictionary[str, _Session] = weakref.WeakValueDictionary()
         self._batches = itertools.count(1)
         self._problem: str | None = None
+        self._loading = asyncio.Lock()
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -82,18 +83,23 @@ class ModelRunner:
         self.gate.max_waiting = cfg.max_queued
         self.gate.max_wait_s = {str(p): s for p, s in cfg.max_wait_s.items()}
         self._problem = self._provider_problem()
-        if self._problem:
+        if self._problem:  # fails the deploy (and readiness) at once, naming the reason
             log.error("ModelRunner unhealthy: %s", self._problem)
+            raise ModelError(self._problem)
 
     def _provider_problem(self) -> str | None:
+        """Healthy unless a GPU provider is required and neither it nor a provider listed
+        before it (e.g. TensorRT before a required CUDA) is what runs."""
         need = self.config.require_provider
         if need is None:
             return None
-        wanted = resolve_providers(self.config.providers)
-        required = resolve_providers([need])[0]
-        if required == "CPUExecutionProvider":
-            return f"require_provider {need}: not available on this node (only {wanted})"
-        other = sorted({s.provider for s in self.sessions.values() if s.provider != required})
+        names = self.config.providers
+        acceptable = set(resolve_providers(names[: names.index(need) + 1])) - {
+            "CPUExecutionProvider"
+        }
+        if not acceptable:
+            return f"require_provider {need}: not available on this node"
+        other = sorted({s.provider for s in self.sessions.values()} - acceptable)
         if other:
             return f"require_provider {need}: sessions run on {other}"
         return None
@@ -101,8 +107,9 @@ class ModelRunner:
     @serve.multiplexed(max_num_models_per_replica=4)
     async def session(self, model_id: str) -> _Session:
         name, _, version = model_id.partition(":")
-        model = await asyncio.to_thread(self.repository.get, name, version or None)
-        sess = await asyncio.to_thread(_Session, model.key, model.onnx_path, self.config)
+        async with self._loading:  # sub-batches of two versions may ask at once
+            model = await asyncio.to_thread(self.repository.get, name, version or None)
+            sess = await asyncio.to_thread(_Session, model.key, model.onnx_path, self.config)
         self.sessions[model_id] = sess
         self._problem = self._provider_problem()
         return sess

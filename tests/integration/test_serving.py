@@ -1,0 +1,366 @@
+"""The center's Serve application on a local Ray instance, deployed from a Serve config file.
+
+One center per module (starting Ray + Serve costs ~30 s on 2 cores); the tests run in file
+order and the last one leaves the application broken on purpose (a required GPU provider).
+Covers: batches > 1 under concurrent load, STAT before routine under overload, 503 +
+Retry-After on the sync endpoint and on STOW-RS with retries losing nothing, a model-version
+switch (and shadow) by config without a failed request, and the failing GPU health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from models.importer import import_model
+from radbridge.db import Database, upgrade
+from radbridge.db.tables import InstanceRow, JobRow, SeriesRow, StudyRow, utcnow
+from radbridge.errors import ModelError
+from radbridge.settings import Settings
+from serving.config import DEFAULT_SERVE_CONFIG
+from tests.conftest import REPO, free_port, make_instance
+
+pytestmark = pytest.mark.slow
+
+AGREEMENT = "demo-hospital-to-center"
+MODEL = "chest-xray-demo"
+MODELS = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
+RUNNER_CONFIG = {
+    "max_batch_size": 4,
+    "batch_wait_timeout_s": 0.02,
+    "providers": ["cpu"],
+    "capacity": 4,
+    "max_queued": 12,
+    "max_wait_s": {"urgent": 30, "routine": 120},
+}
+
+
+class Center:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.models = root / "models"
+        shutil.copytree(MODELS / MODEL / "1", self.models / MODEL / "1")
+        v1 = self.models / MODEL / "1"
+        manifest = yaml.safe_load((v1 / "manifest.yaml").read_text())
+        manifest["version"] = "2"
+        (root / "v2.yaml").write_text(yaml.safe_dump(manifest, allow_unicode=True))
+        import_model(self.models, v1 / "model.onnx", root / "v2.yaml")
+        self.settings = Settings(
+            data_dir=root / "data",
+            model_repository=self.models,
+            center={"port": self.port, "ray_num_cpus": 4},
+        )
+        upgrade(self.settings.center_db_url)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.shape = tuple(manifest["input"]["shape"][1:])
+
+    def deploy(
+        self, *, runner: dict[str, Any] | None = None, api: dict[str, Any] | None = None
+    ) -> None:
+        from serving.center import start_center
+
+        raw = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text())
+        raw = copy.deepcopy(raw)
+        for d in raw["applications"][0]["deployments"]:
+            if d["name"] == "ModelRunner":
+                d["user_config"] = {**RUNNER_CONFIG, **(runner or {})}
+                d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+            elif d["name"] == "Api":
+                d["user_config"] = {**d["user_config"], **(api or {})}
+                d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+        path = self.root / f"serve-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        self.settings.center.serve_config = path
+        start_center(self.settings, timeout_s=240)
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@pytest.fixture(scope="module")
+def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Center]:
+    from serving.center import stop_center
+
+    c = Center(tmp_path_factory.mktemp("center"))
+    try:
+        c.deploy()
+        yield c
+    finally:
+        stop_center()
+
+
+def _npy(shape: tuple[int, ...], seed: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(seed).random(shape, dtype=np.float32))
+    return buf.getvalue()
+
+
+async def _post(
+    client: httpx.AsyncClient, url: str, body: bytes, priority: str = "routine"
+) -> httpx.Response:
+    return await client.post(
+        url,
+        content=body,
+        headers={
+            "content-type": "application/x-npy",
+            "x-radbridge-agreement": AGREEMENT,
+            "x-radbridge-priority": priority,
+        },
+    )
+
+
+def test_sync_endpoint_forms_batches_under_concurrent_load(center: Center) -> None:
+    url = f"{center.url}/v1/models/{MODEL}/infer"
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            await _post(client, url, _npy(center.shape, 0))  # loads the model version
+            sem = asyncio.Semaphore(12)  # within capacity + max_queued: nothing is shed
+
+            async def one(i: int) -> httpx.Response:
+                async with sem:
+                    return await _post(client, url, _npy(center.shape, i))
+
+            return await asyncio.gather(*(one(i) for i in range(48)))
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 48
+    bodies = [r.json() for r in responses]
+    sizes = [b["timings_ms"]["batch_size"] for b in bodies]
+    assert max(sizes) > 1 and max(sizes) <= RUNNER_CONFIG["max_batch_size"]
+    assert {b["provider"] for b in bodies} == {"CPUExecutionProvider"}
+    assert {b["model"]["version"] for b in bodies} == {"2"}  # no pin: the newest version
+    assert len(bodies[0]["findings"]) == 4
+    assert center.metric("radbridge_center_batch_size_count", model=MODEL) >= 48
+    assert (
+        center.metric(
+            "radbridge_center_model_provider_info", model=MODEL, provider="CPUExecutionProvider"
+        )
+        >= 1
+    )
+
+
+def test_bad_requests_name_the_problem(center: Center) -> None:
+    url = f"{center.url}/v1/models/{MODEL}/infer"
+    h = {"x-radbridge-agreement": AGREEMENT}
+    wrong = httpx.post(
+        url, content=_npy((1, 8, 8), 0), headers={**h, "content-type": "application/x-npy"}
+    )
+    assert wrong.status_code == 400 and wrong.json()["reason"] == "wrong_shape"
+    pickle = httpx.post(
+        url, content=b"\x80\x04junk", headers={**h, "content-type": "application/x-npy"}
+    )
+    assert pickle.status_code == 400 and pickle.json()["reason"] == "unparseable"
+    text = httpx.post(url, content=b"hi", headers={**h, "content-type": "text/plain"})
+    assert text.status_code == 415
+    unknown = httpx.post(f"{center.url}/v1/models/nope/infer", content=b"", headers=h)
+    assert unknown.status_code == 404
+    no_version = httpx.post(url + "?version=9", content=b"", headers=h)
+    assert no_version.status_code == 404
+    # DICOM with identity is refused: the center takes de-identified data only.
+    buf = io.BytesIO()
+    make_instance().save_as(buf, enforce_file_format=True)
+    ident = httpx.post(
+        url, content=buf.getvalue(), headers={**h, "content-type": "application/dicom"}
+    )
+    assert ident.status_code == 400 and ident.json()["reason"] == "not_deidentified"
+
+
+def test_stat_is_served_before_earlier_routine_work_under_overload(center: Center) -> None:
+    from ray import serve
+
+    # Two slots feeding batches of up to 4 that wait 0.2 s to fill: ~10 requests/s, so the
+    # routine flood queues in the gate whatever the speed of this machine.
+    center.deploy(runner={"capacity": 2, "batch_wait_timeout_s": 0.2})
+    handle = serve.get_deployment_handle("ModelRunner", app_name="radbridge-center").options(
+        multiplexed_model_id=f"{MODEL}:1"
+    )
+    tensor = np.random.default_rng(1).random(center.shape, dtype=np.float32)
+    handle.remote(tensor, "routine", False).result(timeout_s=60)  # version 1 loaded
+
+    info = serve.get_deployment_handle("ModelRunner", app_name="radbridge-center").info
+    routine = [handle.remote(tensor, "routine", False) for _ in range(80)]
+    deadline = time.monotonic() + 30
+    while (waiting := info.remote().result(timeout_s=30)["waiting"]) < 40:
+        assert time.monotonic() < deadline, "the routine flood never queued in the gate"
+        time.sleep(0.01)
+    stat = [handle.remote(tensor, "stat", False) for _ in range(4)]
+    r_out = [r.result(timeout_s=120) for r in routine]
+    s_out = [r.result(timeout_s=120) for r in stat]
+
+    assert max(o["queue_wait"] for o in s_out) < statistics.median(o["queue_wait"] for o in r_out)
+    last_stat = max(o["batch_seq"] for o in s_out)
+    after_stat = [o for o in r_out if o["batch_seq"] > last_stat]
+    # The routine requests still waiting when STAT came (all but a couple of batches'
+    # worth of in-flight slots) were served after every STAT request.
+    assert len(after_stat) >= waiting - 4
+
+
+def test_overload_answers_503_retry_after_and_retries_lose_nothing(center: Center) -> None:
+    center.deploy()
+    url = f"{center.url}/v1/models/{MODEL}/infer"
+    refused: list[float] = []
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            timeout=60, limits=httpx.Limits(max_connections=200)
+        ) as client:
+
+            async def one(i: int) -> httpx.Response:
+                for _ in range(50):
+                    r = await _post(client, url, _npy(center.shape, i))
+                    if r.status_code != 503:
+                        return r
+                    refused.append(float(r.headers["retry-after"]))
+                    await asyncio.sleep(0.2)  # sooner than Retry-After: keeps the test short
+                return r
+
+            return await asyncio.gather(*(one(i) for i in range(100)))
+
+    before = center.metric("radbridge_center_rejected_total", endpoint="infer")
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 100  # every request answered in the end
+    assert refused and min(refused) >= 1
+    assert center.metric("radbridge_center_rejected_total", endpoint="infer") - before == len(
+        refused
+    )
+
+
+def test_stow_over_the_backlog_bound_is_503_then_accepted(center: Center) -> None:
+    center.deploy(api={"max_queued_instances": 2, "retry_after_s": 7})
+    db = Database(center.settings.center_db_url)
+    with db.session() as s:  # a backlog of 2 instances in a queued job no replica is running
+        study = StudyRow(
+            agreement_id=AGREEMENT,
+            study_uid="2.25.1",
+            modality="DX",
+            state="complete",
+            first_received_at=utcnow(),
+            last_received_at=utcnow(),
+        )
+        s.add(study)
+        s.flush()
+        series = SeriesRow(study_id=study.id, series_uid="2.25.2", modality="DX")
+        s.add(series)
+        s.flush()
+        for i in range(2):
+            s.add(
+                InstanceRow(
+                    series_id=series.id,
+                    sop_instance_uid=f"2.25.3{i}",
+                    sop_class_uid="1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"x/{i}.dcm",
+                    size=1,
+                    sha256="0" * 64,
+                )
+            )
+        job = JobRow(study_id=study.id, state="queued", priority="routine")
+        s.add(job)
+    from dicom_io.stow import encode_multipart
+
+    ds = make_instance()
+    ds.PatientIdentityRemoved = "YES"
+    ds.PatientName, ds.PatientID = "", "PSEUDO1"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    body, ctype = encode_multipart([buf.getvalue()])
+    h = {"content-type": ctype, "x-radbridge-agreement": AGREEMENT}
+    time.sleep(1.1)  # the Api counts the backlog at most once a second
+    r = httpx.post(f"{center.url}/v1/studies", content=body, headers=h, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "7"
+    stat = httpx.post(
+        f"{center.url}/v1/studies",
+        content=body,
+        headers={**h, "x-radbridge-priority": "stat"},
+        timeout=30,
+    )
+    assert stat.status_code == 200  # STAT may use twice the bound
+    with db.session() as s:
+        s.query(JobRow).filter(JobRow.state == "queued").delete()
+    time.sleep(1.1)
+    assert (
+        httpx.post(f"{center.url}/v1/studies", content=body, headers=h, timeout=30).status_code
+        == 200
+    )
+    db.dispose()
+
+
+def test_version_switch_and_shadow_by_config_fail_no_request(center: Center) -> None:
+    url = f"{center.url}/v1/models/{MODEL}/infer"
+    center.deploy(api={"models": {MODEL: {"version": "1"}}})
+    seen: list[tuple[float, int, str]] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def worker(w: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    r = await _post(client, url, _npy(center.shape, w * 1000 + i))
+                    version = r.json()["model"]["version"] if r.status_code == 200 else ""
+                    seen.append((time.monotonic(), r.status_code, version))
+                    i += 1
+
+            await asyncio.gather(*(worker(w) for w in range(4)))
+
+    async def main() -> float:
+        async with httpx.AsyncClient(timeout=60) as client:  # version 1 loaded before the load
+            assert (await _post(client, url, _npy(center.shape, 0))).status_code == 200
+        task = asyncio.create_task(load())
+        await asyncio.sleep(3)
+        await asyncio.to_thread(
+            center.deploy, api={"models": {MODEL: {"version": "2", "shadow": "1"}}}
+        )
+        switched = time.monotonic()
+        await asyncio.sleep(6)  # includes loading version 2 on its first request
+        stop.set()
+        await task
+        return switched
+
+    switched = asyncio.run(main())
+    assert len(seen) > 20
+    assert {code for _, code, _ in seen} == {200}  # not one request failed during the switch
+    assert seen[0][2] == "1"
+    after = [v for t, _, v in seen if t > switched + 0.5]  # answered after the switch
+    assert after and set(after) == {"2"}
+    shadows = center.metric(
+        "radbridge_center_shadow_results_total", model=MODEL, version="2", shadow_version="1"
+    )
+    assert shadows >= 1
+    records = list((center.settings.center_store / "shadow" / MODEL / "1").glob("*.json"))
+    assert records
+    rec = json.loads(records[0].read_text())
+    assert rec["version"] == "2" and rec["shadow_version"] == "1" and rec["agree"] is True
+
+
+def test_required_gpu_provider_missing_fails_the_health_check(center: Center) -> None:
+    """Last: leaves the application failed. On this CPU-only machine CUDA cannot run."""
+    with pytest.raises(ModelError) as err:
+        center.deploy(runner={"providers": ["cuda", "cpu"], "require_provider": "cuda"})
+    assert "require_provider cuda" in str(err.value)

@@ -15,7 +15,13 @@ from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
 
-__all__ = ["clean_text", "date_spellings", "identity_terms", "looks_identifying"]
+__all__ = [
+    "clean_text",
+    "date_spellings",
+    "identity_terms",
+    "looks_identifying",
+    "strip_escapes",
+]
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _PATTERNS = [
@@ -24,7 +30,8 @@ _PATTERNS = [
     re.compile(r"(?<![0-9])[0-9]{11}(?![0-9])"),  # SNILS digits only / CN mobile
     re.compile(r"(?<![0-9])[0-9]{2} ?[0-9]{2} ?[0-9]{6}(?![0-9])"),  # RU passport
     re.compile(r"\+7[\s(-]*[0-9]{3}[\s)-]*[0-9]{3}[\s-]*[0-9]{2}[\s-]*[0-9]{2}(?![0-9])"),
-    re.compile(r"(?<![0-9])8[\s(-]*9[0-9]{2}[\s)-]*[0-9]{3}[\s-]*[0-9]{2}[\s-]*[0-9]{2}(?![0-9])"),
+    # RU numbers dialled with 8: mobiles 8 (9xx) and landlines 8 (495) 123-45-67
+    re.compile(r"(?<![0-9])8[\s(-]*[0-9]{3}[\s)-]*[0-9]{3}[\s-]*[0-9]{2}[\s-]*[0-9]{2}(?![0-9])"),
     re.compile(r"\+86[\s-]*1[0-9]{2}[\s-]*[0-9]{4}[\s-]*[0-9]{4}(?![0-9])"),
     re.compile(r"(?<![0-9])1[3-9][0-9]{9}(?![0-9])"),  # CN mobile
     # CN landline with area code: 010-1234 5678, (0755) 1234-5678, 021 12345678
@@ -50,6 +57,17 @@ _DATE_FORMATS: tuple[str, ...] = ("{y}{m}{d}", "{y}-{m}-{d}", "{y}/{m}/{d}", "{y
 _DATE_FORMATS += ("{d}.{m}.{y}", "{d}/{m}/{y}", "{m}/{d}/{y}", "{d}-{m}-{y}")
 
 
+# ISO 2022 escape sequences (e.g. ESC $ ) A of ISO 2022 IR 58) that pydicom may leave inside a
+# decoded value: they are encoding, not text; left in, they split names and reach the output.
+_ESCAPES = re.compile(r"\x1b[\x20-\x2f]*[\x30-\x7e]")
+# Russian surnames decline (Смирнова -> Смирновой, Иванов -> Ивановым): match on the stem.
+_CYRILLIC_ENDING = re.compile(r"(?<=[А-Яа-яЁё]{4})[аяоеыиуюйь]$")
+
+
+def strip_escapes(text: str) -> str:
+    return _ESCAPES.sub("", text)
+
+
 def identity_terms(ds: Dataset) -> list[str]:
     """The instance's own identifying values, longest first, for :func:`clean_text`."""
     terms: set[str] = set()
@@ -57,7 +75,7 @@ def identity_terms(ds: Dataset) -> list[str]:
         if elem.VR == "PN" and elem.value:
             values = elem.value if elem.VM > 1 else [elem.value]
             for v in values:
-                for comp in re.split(r"[=^]", str(v)):
+                for comp in re.split(r"[=^]", strip_escapes(str(v))):
                     comp = comp.strip()
                     if len(comp) >= 2 or re.fullmatch(rf"[{_CJK}]", comp):
                         terms.add(comp)
@@ -86,6 +104,8 @@ def date_spellings(value: str) -> set[str]:
 
 
 def _term_pattern(term: str) -> re.Pattern[str]:
+    if len(term) >= 5:
+        term = _CYRILLIC_ENDING.sub("", term)
     escaped = re.escape(term)
     if re.search(rf"[{_CJK}]", term):
         return re.compile(escaped)
@@ -100,6 +120,7 @@ def looks_identifying(text: str) -> bool:
 
 def clean_text(value: str, terms: Iterable[str]) -> str | None:
     """Return ``value`` with identity cut out, or ``None`` when it must be removed entirely."""
+    value = strip_escapes(value)
     text = value
     for term in terms:
         text = _term_pattern(term).sub(" ", text)

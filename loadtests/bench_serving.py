@@ -1,0 +1,876 @@
+"""Serving benchmark: raw ONNX Runtime vs the Serve app (handle, HTTP), same model, one run.
+
+    .venv/bin/python -m loadtests.bench_serving [--model densenet121|demo] [--rounds 3]
+        [--requests 400] [--seconds 60] [--concurrency 32] [--max-batch-size 16]
+        [--batch-wait-ms 10] [--intra-op-threads 0] [--ray-num-cpus N] [--out DIR]
+
+Model: by default a MONAI ``DenseNet121(spatial_dims=2, in_channels=1, out_channels=4)`` with
+random weights (seed 0) at 1x224x224, exported here with ``torch.onnx.export`` (opset 17,
+dynamic batch axis, ``dynamo=False``) and installed with ``models.importer.import_model`` into a
+temporary model repository, with the demo chest model's manifest as the template (name, input
+shape, resize and sha256 changed). ``--model demo`` installs the demo chest-xray model
+(var/models/chest-xray-demo/1, 1x128x128) instead. Every path gets the same inputs: 64 fixed
+random tensors (seed 0), cycled.
+
+Paths, measured on that model in one run, interleaved round by round (a, b, c, a, b, c, ...):
+
+- (a) raw ONNX Runtime in this process (CUDA when a GPU is present, else CPU; its own thread
+  default unless ``--raw-threads``) at batch sizes 1, 4, 8, 16; the best batch size (highest
+  median img/s) is the baseline.
+- (b) the Serve app through a DeploymentHandle to the ModelRunner
+  (``multiplexed_model_id=name:version``), ``--handle-in-flight`` requests in flight
+  (default: ``--concurrency``).
+- (c) HTTP ``POST /v1/models/{name}/infer`` (application/x-npy, one tensor) through Serve's
+  proxy and the Api, from an httpx async client with ``--concurrency`` requests in flight.
+
+Each phase is preceded by an untimed warm-up and bounded by ``--requests`` (images, for (a) per
+batch size ``--raw-images``) or ``--seconds``, whichever comes first. The center runs as
+``radbridge center`` would (``serving.center.start_center``) with a temporary data dir and
+model repository, a free loopback port, and a temporary copy of serving/serve.yaml whose
+ModelRunner ``user_config`` carries the tuning knobs.
+
+Prints, per path: median img/s over the rounds, pooled p50/p99 latency (per request; per
+batch call for (a)), the ratio to (a) and the paired per-round ratio; how busy the
+ModelRunner's ONNX Runtime was (sum of its batch times / wall time) and how fast it ran while
+busy; CPU time per image by process (driver = client + raw ORT, ModelRunner, Api, proxy,
+Ray); the CPU the rest of the machine used meanwhile; the batch sizes Serve formed; the load
+average at start and end. Saves ``bench_serving.png`` (matplotlib, when installed) and
+``bench_serving.json`` to ``--out`` (default: a new temporary folder, printed).
+
+Loopback only; Serve and Ray are shut down at the end (also on error or Ctrl-C), and the
+temporary model repository and data dir are deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Before Ray is imported anywhere: never treat the host's interfaces as a cluster.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import numpy as np
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+if not __package__:  # run as a file (python loadtests/bench_serving.py): the repo's packages
+    sys.path.insert(0, str(REPO))
+DEMO_MODEL = REPO / "var" / "models" / "chest-xray-demo" / "1"
+APP_NAME = "radbridge-center"
+AGREEMENT = "demo-hospital-to-center"
+BENCH_MODEL = "densenet121-bench"
+N_INPUTS = 64  # distinct input tensors, cycled (the largest raw batch size)
+SEED = 0
+REQUEST_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 300.0
+
+
+# -- model ------------------------------------------------------------------------------------
+
+
+def export_densenet121(path: Path, size: int) -> dict[str, Any]:
+    """MONAI DenseNet121 (2D, 1 channel, 4 outputs), random weights, to ONNX at ``path``."""
+    import torch
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(SEED)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=4).eval()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 1, size, size),),
+            str(path),
+            opset_version=17,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+    return {
+        "network": {
+            "class": "monai.networks.nets.DenseNet121",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 4,
+        },
+        "weights": f"random (torch.manual_seed({SEED})), untrained",
+        "torch": str(torch.__version__),
+        "opset": 17,
+        "export_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def bench_manifest(path: Path, onnx_file: Path, size: int, provenance: dict[str, Any]) -> None:
+    """The demo chest model's manifest with this model's name, shape, resize and sha256."""
+    from models.repository import file_sha256
+
+    raw = yaml.safe_load((DEMO_MODEL / "manifest.yaml").read_text(encoding="utf-8"))
+    raw.update(
+        name=BENCH_MODEL,
+        version="1",
+        sha256=file_sha256(onnx_file),
+        provenance={"source": "loadtests/bench_serving.py", **provenance},
+        metrics={},
+    )
+    raw["input"]["shape"] = ["batch", 1, size, size]
+    for step in raw["preprocessing"]:
+        if step["name"] == "Resize":
+            step["args"]["spatial_size"] = [size, size]
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def install_model(which: str, repo: Path, work: Path) -> tuple[str, tuple[int, ...], Path]:
+    """Install the benchmark's model into ``repo``; returns (name:version, input shape, onnx)."""
+    from models.importer import import_model
+
+    if which == "demo":
+        if not (DEMO_MODEL / "model.onnx").is_file():
+            raise SystemExit(f"{DEMO_MODEL}: no demo model; run `radbridge models build` first")
+        onnx_file, manifest_file = DEMO_MODEL / "model.onnx", DEMO_MODEL / "manifest.yaml"
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        onnx_file, manifest_file = work / "model.onnx", work / "manifest.yaml"
+        provenance = export_densenet121(onnx_file, 224)
+        bench_manifest(manifest_file, onnx_file, 224, provenance)
+    model = import_model(repo, onnx_file, manifest_file)
+    shape = tuple(int(d) for d in model.manifest.input.shape[1:])
+    return model.key, shape, model.onnx_path
+
+
+def make_inputs(shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(SEED)
+    return rng.random((N_INPUTS, *shape), dtype=np.float32)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# -- measurement ------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One timed phase of one path in one round."""
+
+    path: str
+    round: int
+    images: int
+    seconds: float
+    latencies_ms: list[float]
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # requests per Serve batch size
+    busy_s: float = 0.0  # sum of the ModelRunner's batch compute times (Serve paths)
+    errors: dict[str, int] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role
+    others_cores: float = 0.0  # CPU the rest of the machine used meanwhile, in cores
+    loadavg: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def loadavg() -> tuple[float, float, float]:
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def _role(proc: psutil.Process, me: int) -> str:
+    if proc.pid == me:
+        return "driver"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    for key, role in (
+        ("ModelRunner", "ModelRunner"),
+        (":Api", "Api"),
+        ("Preprocessor", "Preprocessor"),
+        ("ProxyActor", "proxy"),
+        ("ServeController", "controller"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+    ):
+        if key in cmd:
+            return role
+    return "other Ray"
+
+
+def niceness() -> dict[str, int]:
+    """Scheduling niceness per process role (Ray starts its workers at RAY_worker_niceness)."""
+    me = psutil.Process()
+    out: dict[str, int] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            out.setdefault(_role(proc, me.pid), proc.nice())
+    return out
+
+
+def renice_driver(how: str) -> dict[str, int]:
+    """Give every thread of this process (client, raw ORT) the niceness ``how`` asks for:
+    ``workers`` (the ModelRunner replica's, i.e. RAY_worker_niceness), ``keep``, or a number.
+    Returns the niceness per process role afterwards."""
+    nice = niceness()
+    if how != "keep":
+        target = nice.get("ModelRunner", 0) if how == "workers" else int(how)
+        for tid in os.listdir("/proc/self/task"):  # setpriority(2) is per thread on Linux
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), target)
+        nice = niceness()
+    return nice
+
+
+def _busy_jiffies() -> int:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+
+
+@dataclass
+class CpuSnapshot:
+    per_pid: dict[int, tuple[str, float]]
+    busy: int
+    at: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """CPU seconds of this process and every descendant (Ray's processes), by role."""
+    me = psutil.Process()
+    per_pid: dict[int, tuple[str, float]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            per_pid[proc.pid] = (_role(proc, me.pid), float(t.user + t.system))
+    return CpuSnapshot(per_pid, _busy_jiffies(), time.monotonic())
+
+
+def cpu_delta(a: CpuSnapshot, b: CpuSnapshot) -> tuple[dict[str, float], float]:
+    """CPU seconds per role between two snapshots, and other processes' use in cores."""
+    roles: dict[str, float] = collections.defaultdict(float)
+    for pid, (role, cpu) in b.per_pid.items():
+        before = a.per_pid.get(pid, (role, 0.0))[1]
+        roles[role] += max(0.0, cpu - before)
+    elapsed = max(b.at - a.at, 1e-9)
+    busy = (b.busy - a.busy) / os.sysconf("SC_CLK_TCK")
+    return dict(roles), max(0.0, busy - sum(roles.values())) / elapsed
+
+
+@contextlib.contextmanager
+def measured(phase: Phase) -> Iterator[Phase]:
+    before = cpu_snapshot()
+    yield phase
+    phase.cpu_s, phase.others_cores = cpu_delta(before, cpu_snapshot())
+    phase.loadavg = loadavg()[0]
+
+
+def raw_ort_session(onnx_path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    from serving.providers import resolve_providers
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(
+        str(onnx_path), opts, providers=[resolve_providers(["cuda", "cpu"])[0]]
+    )
+
+
+def run_raw(
+    session: Any, inputs: np.ndarray, batch: int, images: int, seconds: float, rnd: int
+) -> Phase:
+    """(a): ``session.run`` on batches of ``batch`` until ``images`` or ``seconds``."""
+    name = session.get_inputs()[0].name
+    batches = [inputs[i : i + batch] for i in range(0, len(inputs) - batch + 1, batch)]
+    for b in batches[:2]:  # warm-up (first call allocates, a new batch shape plans)
+        session.run(None, {name: b})
+    phase = Phase(f"raw ORT b={batch}", rnd, 0, 0.0, [])
+    with measured(phase):
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        i = 0
+        while phase.images < images and time.perf_counter() < deadline:
+            s = time.perf_counter()
+            session.run(None, {name: batches[i % len(batches)]})
+            phase.latencies_ms.append(1000 * (time.perf_counter() - s))
+            phase.images += batch
+            i += 1
+        phase.seconds = time.perf_counter() - t0
+    return phase
+
+
+Call = Callable[[int], Awaitable[dict[str, Any]]]
+
+
+async def closed_loop(
+    call: Call, n: int, seconds: float, concurrency: int, phase: Phase | None
+) -> None:
+    """``concurrency`` workers send requests ``0..n-1`` (or until ``seconds``), each awaiting
+    its answer before sending the next; fills ``phase`` when given (else a warm-up)."""
+    next_i = 0
+    batch_sizes: collections.Counter[int] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < n and time.perf_counter() < deadline:
+            i, next_i = next_i, next_i + 1
+            s = time.perf_counter()
+            try:
+                info = await asyncio.wait_for(call(i), REQUEST_TIMEOUT_S)
+            except Exception as exc:
+                errors[_error_name(exc)] += 1
+                continue
+            if phase is not None:
+                phase.latencies_ms.append(1000 * (time.perf_counter() - s))
+                phase.images += 1
+                bs = int(info["batch_size"])
+                batch_sizes[bs] += 1
+                phase.busy_s += float(info["seconds"]) / bs
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if phase is not None:
+        phase.seconds = time.perf_counter() - t0
+        phase.batch_sizes = dict(batch_sizes)
+        phase.errors = dict(errors)
+    elif errors:
+        print(f"    warm-up errors: {dict(errors)}", flush=True)
+
+
+def _error_name(exc: BaseException) -> str:
+    if isinstance(exc, HttpStatusError):
+        return f"HTTP {exc.status}"
+    return type(exc).__name__
+
+
+class HttpStatusError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:200]}")
+        self.status = status
+
+
+async def run_serve_path(
+    path: str,
+    call: Call,
+    args: argparse.Namespace,
+    in_flight: int,
+    rnd: int,
+) -> Phase:
+    await closed_loop(call, in_flight, args.seconds, in_flight, None)  # warm-up
+    phase = Phase(path, rnd, 0, 0.0, [])
+    with measured(phase):
+        await closed_loop(call, args.requests, args.seconds, in_flight, phase)
+    return phase
+
+
+def handle_call(handle: Any, inputs: np.ndarray) -> Call:
+    async def call(i: int) -> dict[str, Any]:
+        out: dict[str, Any] = await handle.remote(inputs[i % len(inputs)], "routine", False)
+        return out
+
+    return call
+
+
+def http_call(client: Any, url: str, bodies: list[bytes]) -> Call:
+    headers = {"Content-Type": "application/x-npy", "X-Radbridge-Agreement": AGREEMENT}
+
+    async def call(i: int) -> dict[str, Any]:
+        r = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
+        if r.status_code != 200:
+            raise HttpStatusError(r.status_code, r.text)
+        t = r.json()["timings_ms"]
+        return {"batch_size": t["batch_size"], "seconds": t["inference"] / 1000}
+
+    return call
+
+
+# -- the center -------------------------------------------------------------------------------
+
+
+def write_serve_config(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """A copy of serving/serve.yaml with the knobs in the ModelRunner's user_config."""
+    from serving.config import DEFAULT_SERVE_CONFIG, RunnerConfig, load_serve_config
+
+    raw = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text(encoding="utf-8"))
+    (app,) = [a for a in raw["applications"] if a.get("import_path") == "serving.app:build"]
+    (runner,) = [d for d in app["deployments"] if d["name"] == "ModelRunner"]
+    user = runner.setdefault("user_config", {})
+    user["max_batch_size"] = args.max_batch_size
+    user["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+    user["intra_op_threads"] = args.intra_op_threads
+    cfg = RunnerConfig.model_validate(user)
+    runner["max_ongoing_requests"] = max(
+        int(runner.get("max_ongoing_requests", 0)), cfg.admitted + cfg.max_queued
+    )
+    if args.no_access_log:
+        app["logging_config"] = {"enable_access_log": False}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    load_serve_config(path)  # fails here, naming the field, if a knob is out of range
+    return dict(user, max_ongoing_requests=runner["max_ongoing_requests"])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def center(args: argparse.Namespace, root: Path, serve_yaml: Path) -> Iterator[Any]:
+    """The center on a free loopback port with a temp data dir; always shut down after."""
+    from radbridge.db.migrate import upgrade
+    from radbridge.settings import Settings
+
+    center_cfg: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "serve_config": str(serve_yaml),
+    }
+    if args.ray_num_cpus:
+        center_cfg["ray_num_cpus"] = args.ray_num_cpus
+    settings = Settings(
+        data_dir=root / "data",
+        model_repository=root / "models",
+        log_level="WARNING",
+        center=center_cfg,
+    )
+    upgrade(settings.center_db_url)
+    try:
+        import ray
+
+        from serving.center import start_center
+
+        # start_center's own ray.init, with two differences: always a new local Ray (never a
+        # cluster someone else started here), and replica logs (a line per request) stay in
+        # Ray's log files instead of this terminal unless --ray-logs.
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            num_cpus=settings.center.ray_num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=args.ray_logs,
+        )
+        start_center(settings, timeout_s=START_TIMEOUT_S)
+        yield settings
+    finally:
+        shutdown_ray()
+
+
+def shutdown_ray() -> None:
+    """serve.shutdown + ray.shutdown, then make sure no process of ours is left behind."""
+    if "ray" in sys.modules:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+    kids = psutil.Process().children(recursive=True)
+    _gone, alive = psutil.wait_procs(kids, timeout=15)
+    for proc in alive:  # only our own descendants, by pid
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(alive, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if alive:
+        print(f"killed {len(alive)} leftover process(es) of this run", flush=True)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+@dataclass
+class Row:
+    path: str
+    rates: list[float]
+    p50: float
+    p99: float
+    ratio: float
+    paired: float
+    busy: float  # ModelRunner ORT busy fraction (Serve paths)
+    busy_rate: float  # img/s while ORT was busy
+    cores: dict[str, float]  # CPU cores used per process role (CPU s / wall s)
+    cpu_ms: float  # CPU ms per image, all processes of this run
+    others: float
+    errors: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+
+def summarize(phases: list[Phase]) -> tuple[list[Row], str]:
+    by_path: dict[str, list[Phase]] = collections.defaultdict(list)
+    for p in phases:
+        by_path[p.path].append(p)
+    raw = {k: v for k, v in by_path.items() if k.startswith("raw")}
+    best = max(raw, key=lambda k: statistics.median(p.rate for p in raw[k]))
+    base = statistics.median(p.rate for p in raw[best])
+    base_by_round = {p.round: p.rate for p in raw[best]}
+    rows = []
+    for path, ps in by_path.items():
+        lat = [x for p in ps for x in p.latencies_ms]
+        images = sum(p.images for p in ps) or 1
+        roles: dict[str, float] = collections.defaultdict(float)
+        errors: collections.Counter[str] = collections.Counter()
+        for p in ps:
+            for role, s in p.cpu_s.items():
+                roles[role] += s
+            errors.update(p.errors)
+        busy = sum(p.busy_s for p in ps)
+        wall = sum(p.seconds for p in ps) or 1.0
+        rows.append(
+            Row(
+                path=path,
+                rates=[p.rate for p in ps],
+                p50=_pct(lat, 50),
+                p99=_pct(lat, 99),
+                ratio=statistics.median(p.rate for p in ps) / base,
+                paired=statistics.median(p.rate / base_by_round[p.round] for p in ps),
+                busy=busy / wall if busy else float("nan"),
+                busy_rate=images / busy if busy else float("nan"),
+                cores={r: s / wall for r, s in roles.items()},
+                cpu_ms=1000 * sum(roles.values()) / images,
+                others=statistics.median(p.others_cores for p in ps),
+                errors=dict(errors),
+            )
+        )
+    return rows, best
+
+
+ROLES = ("driver", "ModelRunner", "Api", "proxy", "controller", "raylet", "gcs", "other Ray")
+ROLE_HEAD = ("driver", "Runner", "Api", "proxy", "control", "raylet", "gcs", "Ray etc")
+
+
+def print_report(rows: list[Row], best: str, phases: list[Phase], meta: dict[str, Any]) -> None:
+    print()
+    print(
+        f"Serving benchmark: {meta['model']} input {meta['shape']}, {meta['provider']}; "
+        f"{meta['rounds']} interleaved rounds, medians"
+    )
+    print(
+        f"  ModelRunner user_config: {json.dumps(meta['runner'], sort_keys=True)}\n"
+        f"  handle in flight {meta['handle_in_flight']}, HTTP concurrency {meta['concurrency']}, "
+        f"requests {meta['requests']} or {meta['seconds']:.0f} s per phase; raw ORT threads "
+        f"{meta['raw_threads'] or 'ORT default'}; Ray num_cpus {meta['ray_num_cpus']}; "
+        f"{os.cpu_count()} CPUs\n"
+        f"  niceness: {', '.join(f'{k} {v}' for k, v in meta['nice'].items())}"
+    )
+    print()
+    head = (
+        f"  {'path':15s} {'img/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'vs (a)':>7s} "
+        f"{'paired':>7s} {'ORT busy':>8s} {'busy img/s':>10s}   per round"
+    )
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for r in rows:
+        mark = " *" if r.path == best else ""
+        busy = f"{100 * r.busy:7.0f}%" if r.busy == r.busy else f"{'':8s}"
+        busy_rate = f"{r.busy_rate:10.1f}" if r.busy_rate == r.busy_rate else f"{'':10s}"
+        print(
+            f"  {r.path + mark:15s} {r.rate:7.1f} {r.p50:8.1f} {r.p99:8.1f} {r.ratio:6.2f}x "
+            f"{r.paired:6.2f}x {busy} {busy_rate}   "
+            + " ".join(f"{x:.1f}" for x in r.rates)
+            + (f"   errors {r.errors}" if r.errors else "")
+        )
+    print(
+        "  * baseline (a). p50/p99: per request (Serve), per batch call (raw). paired: median of\n"
+        "  per-round ratios. ORT busy: ModelRunner batch compute time / wall time; busy img/s:\n"
+        "  images / that compute time."
+    )
+    print()
+    print("  CPU cores used per process during each path (driver = client + raw ORT):")
+    print(
+        "  "
+        + f"{'path':15s}"
+        + "".join(f"{h:>8s}" for h in ROLE_HEAD)
+        + f"{'total':>8s}{'others':>8s}{'ms/img':>8s}"
+    )
+    for r in rows:
+        cells = "".join(f"{r.cores.get(role, 0.0):8.2f}" for role in ROLES)
+        total = sum(r.cores.values())
+        print(f"  {r.path:15s}{cells}{total:8.2f}{r.others:8.2f}{r.cpu_ms:8.1f}")
+    print("  ms/img: CPU of every process of this run per image; others: the rest of the machine")
+    print()
+    for r in rows:
+        if r.path.startswith("raw"):
+            continue
+        hist: collections.Counter[int] = collections.Counter()
+        for p in phases:
+            if p.path == r.path:
+                hist.update(p.batch_sizes)
+        total = sum(hist.values()) or 1
+        mean = sum(b * n for b, n in hist.items()) / total
+        print(f"  batch sizes Serve formed, {r.path} (requests per size; mean {mean:.1f}):")
+        for b in sorted(hist):
+            share = hist[b] / total
+            print(
+                f"    {b:4d} {hist[b]:6d} {100 * share:5.1f}% ≈{hist[b] / b:5.0f} batches "
+                + "#" * round(40 * share)
+            )
+
+
+def plot(rows: list[Row], best: str, phases: list[Phase], out: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (the table above has every figure)")
+        return None
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
+    names = [r.path for r in rows]
+    colors = [
+        "tab:green" if n == best else "tab:gray" if n.startswith("raw") else "tab:blue"
+        for n in names
+    ]
+    ax1.bar(names, [r.rate for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax1.scatter([i] * len(r.rates), r.rates, color="black", s=10, zorder=3)
+        ax1.annotate(f"{r.ratio:.2f}x", (i, r.rate), ha="center", va="bottom", fontsize=9)
+    ax1.set_ylabel("images/s (median; dots: rounds)")
+    ax1.set_title("throughput, ratio vs best raw ORT")
+    ax1.tick_params(axis="x", rotation=30)
+    x = np.arange(len(rows))
+    ax2.bar(x - 0.2, [r.p50 for r in rows], 0.4, label="p50")
+    ax2.bar(x + 0.2, [r.p99 for r in rows], 0.4, label="p99")
+    ax2.set_xticks(x, names, rotation=30)
+    ax2.set_ylabel("ms (per request; raw: per batch call)")
+    ax2.set_title("latency")
+    ax2.legend()
+    serve_rows = [r for r in rows if not r.path.startswith("raw")]
+    width = 0.8 / max(1, len(serve_rows))
+    sizes = sorted({b for p in phases for b in p.batch_sizes})
+    for k, r in enumerate(serve_rows):
+        hist: collections.Counter[int] = collections.Counter()
+        for p in phases:
+            if p.path == r.path:
+                hist.update(p.batch_sizes)
+        total = sum(hist.values()) or 1
+        xs = np.arange(len(sizes)) + (k - (len(serve_rows) - 1) / 2) * width
+        ax3.bar(xs, [hist[b] / total for b in sizes], width, label=r.path)
+    ax3.set_xticks(np.arange(len(sizes)), [str(b) for b in sizes])
+    ax3.set_xlabel("batch size formed by @serve.batch")
+    ax3.set_ylabel("share of requests")
+    ax3.set_title("Serve batch sizes")
+    ax3.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png = out / "bench_serving.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+async def run_rounds(
+    args: argparse.Namespace,
+    key: str,
+    inputs: np.ndarray,
+    session: Any,
+    base_url: str,
+    phases: list[Phase],
+) -> None:
+    import httpx
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelRunner", app_name=APP_NAME).options(
+        multiplexed_model_id=key
+    )
+    name, _, version = key.partition(":")
+    url = f"{base_url}/v1/models/{name}/infer?version={version}"
+    bodies = [npy_bytes(x) for x in inputs]
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
+    in_flight = args.handle_in_flight or args.concurrency
+
+    def report(p: Phase) -> None:
+        phases.append(p)
+        errs = f"  errors {p.errors}" if p.errors else ""
+        print(
+            f"  round {p.round + 1}/{args.rounds} {p.path:13s} {p.images:4d} img in "
+            f"{p.seconds:5.1f} s = {p.rate:6.1f} img/s  p50 {_pct(p.latencies_ms, 50):7.1f} ms  "
+            f"load {p.loadavg:.2f}{errs}",
+            flush=True,
+        )
+
+    # First requests load the model version in the replica (multiplexing): not timed.
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        await closed_loop(http_call(client, url, bodies), 2, START_TIMEOUT_S, 1, None)
+    await closed_loop(handle_call(handle, inputs), 2, START_TIMEOUT_S, 1, None)
+
+    for rnd in range(args.rounds):
+        for b in args.raw_batches:
+            report(run_raw(session, inputs, b, args.raw_images, args.seconds, rnd))
+        report(
+            await run_serve_path("serve handle", handle_call(handle, inputs), args, in_flight, rnd)
+        )
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+            call = http_call(client, url, bodies)
+            report(await run_serve_path("serve HTTP", call, args, args.concurrency, rnd))
+
+
+def parse_args() -> argparse.Namespace:
+    doc = __doc__ or ""
+    ap = argparse.ArgumentParser(
+        description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", choices=("densenet121", "demo"), default="densenet121")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (1..9)")
+    ap.add_argument("--requests", type=int, default=400, help="images per Serve phase")
+    ap.add_argument("--raw-images", type=int, default=192, help="images per raw batch size")
+    ap.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
+    ap.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
+    ap.add_argument("--handle-in-flight", type=int, default=0, help="0: --concurrency")
+    ap.add_argument("--max-batch-size", type=int, default=16, help="ModelRunner user_config")
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="ModelRunner user_config")
+    ap.add_argument("--intra-op-threads", type=int, default=0, help="0: ORT decides")
+    ap.add_argument(
+        "--raw-batches", default="1,4,8,16", help="raw ORT batch sizes, comma-separated"
+    )
+    ap.add_argument("--raw-threads", type=int, default=0, help="raw ORT threads; 0: ORT decides")
+    ap.add_argument("--ray-num-cpus", type=int, default=0, help="0: radbridge's default")
+    ap.add_argument(
+        "--no-access-log", action="store_true", help="Serve logging_config without access log"
+    )
+    ap.add_argument(
+        "--ray-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for Ray and Serve processes (e.g. RAY_SERVE_...); repeatable",
+    )
+    ap.add_argument(
+        "--driver-nice",
+        default="workers",
+        help="niceness of this process (client + raw ORT) once the center is up: 'workers' "
+        "(the replicas', RAY_worker_niceness), 'keep', or a number",
+    )
+    ap.add_argument("--ray-logs", action="store_true", help="print the replicas' logs here")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the PNG and JSON")
+    args = ap.parse_args()
+    args.rounds = max(1, min(args.rounds, 9))
+    try:
+        args.raw_batches = sorted({int(b) for b in args.raw_batches.split(",") if b.strip()})
+    except ValueError:
+        raise SystemExit("--raw-batches: comma-separated integers, e.g. 1,4,8,16") from None
+    if not args.raw_batches or not 1 <= min(args.raw_batches) <= max(args.raw_batches) <= 64:
+        raise SystemExit(f"--raw-batches: batch sizes 1..{N_INPUTS}")
+    if args.driver_nice not in ("workers", "keep") and not args.driver_nice.lstrip("-").isdigit():
+        raise SystemExit("--driver-nice: 'workers', 'keep' or a number")
+    for opt in ("requests", "raw_images", "concurrency", "max_batch_size"):
+        if getattr(args, opt) < 1:
+            raise SystemExit(f"--{opt.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    for item in args.ray_env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--ray-env {item!r}: expected NAME=VALUE")
+        os.environ[k] = v
+    for k in [k for k in os.environ if k.startswith("RADBRIDGE_")]:
+        del os.environ[k]  # the benchmark's settings only
+    os.environ.pop("RAY_ADDRESS", None)  # it would override ray.init(address="local")
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = loadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}", flush=True)
+    phases: list[Phase] = []
+    with tempfile.TemporaryDirectory(prefix="bench-serving-work-") as tmp:
+        root = Path(tmp)
+        t0 = time.monotonic()
+        key, shape, onnx_path = install_model(args.model, root / "models", root / "export")
+        print(f"model {key} {list(shape)} installed in {time.monotonic() - t0:.1f} s", flush=True)
+        inputs = make_inputs(shape)
+        session = raw_ort_session(onnx_path, args.raw_threads)
+        provider = session.get_providers()[0]
+        runner_cfg = write_serve_config(args, root / "serve.yaml")
+        t0 = time.monotonic()
+        with center(args, root, root / "serve.yaml") as settings:
+            import ray
+
+            print(f"center up in {time.monotonic() - t0:.1f} s", flush=True)
+            base_url = f"http://127.0.0.1:{settings.center.port}"
+            meta = {
+                "model": key,
+                "shape": list(shape),
+                "provider": provider,
+                "rounds": args.rounds,
+                "runner": runner_cfg,
+                "handle_in_flight": args.handle_in_flight or args.concurrency,
+                "concurrency": args.concurrency,
+                "requests": args.requests,
+                "raw_images": args.raw_images,
+                "seconds": args.seconds,
+                "raw_threads": args.raw_threads,
+                "ray_num_cpus": int(ray.cluster_resources().get("CPU", 0)),
+                "ray_env": args.ray_env,
+                "no_access_log": args.no_access_log,
+            }
+            meta["nice"] = renice_driver(args.driver_nice)
+            asyncio.run(run_rounds(args, key, inputs, session, base_url, phases))
+    load_end = loadavg()
+    rows, best = summarize(phases)
+    print_report(rows, best, phases, meta)
+    print()
+    print(
+        f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}; "
+        f"at end: {' '.join(f'{x:.2f}' for x in load_end)}"
+    )
+    title = (
+        f"{key} {list(shape)} {provider}; batch {args.max_batch_size}, wait "
+        f"{args.batch_wait_ms:g} ms, intra_op {args.intra_op_threads}, concurrency "
+        f"{args.concurrency}; load {load_start[0]:.2f}->{load_end[0]:.2f}"
+    )
+    png = plot(rows, best, phases, out, title)
+    result = {
+        "meta": meta,
+        "loadavg": {"start": load_start, "end": load_end},
+        "baseline": best,
+        "rows": [dict(asdict(r), rate=r.rate) for r in rows],
+        "phases": [dict(asdict(p), latencies_ms=None, rate=p.rate) for p in phases],
+    }
+    (out / "bench_serving.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"results in {out}" + (f" (plot {png.name})" if png else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        shutdown_ray()

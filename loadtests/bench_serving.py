@@ -4,6 +4,8 @@
         [--requests 400] [--seconds 60] [--concurrency 32] [--max-batch-size 16]
         [--batch-wait-ms 10] [--intra-op-threads 0] [--ray-num-cpus N] [--out DIR]
 
+(``python loadtests/bench_serving.py ...`` works too; ``--help`` lists every option.)
+
 Model: by default a MONAI ``DenseNet121(spatial_dims=2, in_channels=1, out_channels=4)`` with
 random weights (seed 0) at 1x224x224, exported here with ``torch.onnx.export`` (opset 17,
 dynamic batch axis, ``dynamo=False``) and installed with ``models.importer.import_model`` into a
@@ -15,27 +17,41 @@ random tensors (seed 0), cycled.
 Paths, measured on that model in one run, interleaved round by round (a, b, c, a, b, c, ...):
 
 - (a) raw ONNX Runtime in this process (CUDA when a GPU is present, else CPU; its own thread
-  default unless ``--raw-threads``) at batch sizes 1, 4, 8, 16; the best batch size (highest
-  median img/s) is the baseline.
+  default unless ``--raw-threads``) at the batch sizes ``--raw-batches`` (1, 4, 8, 16); the
+  best one (highest median img/s) is the baseline.
 - (b) the Serve app through a DeploymentHandle to the ModelRunner
   (``multiplexed_model_id=name:version``), ``--handle-in-flight`` requests in flight
   (default: ``--concurrency``).
 - (c) HTTP ``POST /v1/models/{name}/infer`` (application/x-npy, one tensor) through Serve's
   proxy and the Api, from an httpx async client with ``--concurrency`` requests in flight.
 
-Each phase is preceded by an untimed warm-up and bounded by ``--requests`` (images, for (a) per
-batch size ``--raw-images``) or ``--seconds``, whichever comes first. The center runs as
-``radbridge center`` would (``serving.center.start_center``) with a temporary data dir and
-model repository, a free loopback port, and a temporary copy of serving/serve.yaml whose
-ModelRunner ``user_config`` carries the tuning knobs.
+Each phase is preceded by an untimed warm-up and bounded by ``--requests`` (images; for (a)
+``--raw-images`` per batch size) or ``--seconds``, whichever comes first. The center runs as
+``radbridge center`` runs it (``serving.center.start_center``: the app deployed from the Serve
+config) with a temporary data dir (center DB migrated first) and model repository, a free
+loopback port, and a temporary copy of serving/serve.yaml whose ModelRunner ``user_config``
+carries the knobs (``--max-batch-size``, ``--batch-wait-ms``, ``--intra-op-threads``;
+``max_ongoing_requests`` raised to capacity + max_queued when needed). Ray is initialised here
+with start_center's own arguments (loopback, ``num_cpus`` = ``--ray-num-cpus`` or radbridge's
+default) except that it is always a new local instance and the replicas' per-request log lines
+stay in Ray's log files (``--ray-logs`` prints them). ``--ray-env NAME=VALUE`` sets environment
+variables for Ray and Serve (e.g. ``RAY_SERVE_...``, ``RAY_worker_niceness``) before Ray starts;
+``--no-access-log`` turns Serve's access log off in the config copy.
 
-Prints, per path: median img/s over the rounds, pooled p50/p99 latency (per request; per
-batch call for (a)), the ratio to (a) and the paired per-round ratio; how busy the
-ModelRunner's ONNX Runtime was (sum of its batch times / wall time) and how fast it ran while
-busy; CPU time per image by process (driver = client + raw ORT, ModelRunner, Api, proxy,
-Ray); the CPU the rest of the machine used meanwhile; the batch sizes Serve formed; the load
-average at start and end. Saves ``bench_serving.png`` (matplotlib, when installed) and
-``bench_serving.json`` to ``--out`` (default: a new temporary folder, printed).
+Fairness: Ray runs its workers (replicas, proxy, controller) at niceness 15
+(``RAY_worker_niceness``); once the center is up this process (the client and raw ORT) takes the
+same niceness (``--driver-nice``), so on a shared machine the raw baseline and the replicas
+compete alike with everything else. The client runs on the same machine as the server: its CPU
+is counted (column ``driver``).
+
+Prints, per path: median img/s over the rounds, pooled p50/p99 latency (per request; per batch
+call for (a)), the ratio of medians to (a) and the median of per-round (paired) ratios; how busy
+the ModelRunner's ONNX Runtime was (sum of its batch times / wall time) and its img/s while
+busy; the CPU cores each process role used (driver = client + raw ORT), CPU ms per image over
+every process of the run, and the cores the rest of the machine used meanwhile (``others``,
+from /proc/stat); the batch sizes @serve.batch formed; the load average at start and end.
+Saves ``bench_serving.png`` (matplotlib, when installed; otherwise a note) and
+``bench_serving.json`` to ``--out`` (default: a new temporary folder; printed at the end).
 
 Loopback only; Serve and Ray are shut down at the end (also on error or Ctrl-C), and the
 temporary model repository and data dir are deleted.

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from dicom_io.deid_burned_in import BurnedInAnnotationError, burned_in_risk, plan_mask, quarantine
 from dicom_io.deid_leak import assert_no_leak, identifying_values
-from dicom_io.deid_text import identity_terms
-from dicom_io.deid_walk import NON_REMAPPED_UIDS, WalkContext, walk
+from dicom_io.deid_raw import EXPLICIT_LITTLE, Element, Encoding, encode, new_dataset, text_of
+from dicom_io.deid_walk import NON_REMAPPED_UIDS, WalkContext, walk_items
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError
@@ -95,54 +99,105 @@ def deidentify(
             raise quarantine(risk, "the agreement quarantines such instances at the edge")
         mask = plan_mask(ds, risk, top_band_rows)
     needles = identifying_values(ds, pseudo.retain_uids, NON_REMAPPED_UIDS)
-    pid = str(ds.get("PatientID", "") or "")
+    pid = text_of(ds, 0x00100020)
     patient_pseudonym = pseudo.token("patient_id", pid, "RB")
-    ctx = WalkContext(pseudo, opts, identity_terms(ds), pid, patient_pseudonym)
-    out = walk(ds, ctx)
+    ctx = WalkContext(pseudo, opts, ds, pid, patient_pseudonym, _encoding(ds))
+    items = walk_items(ds, ctx)
 
-    out.PatientID = patient_pseudonym
-    out.PatientName = patient_pseudonym
+    def put(keyword: str, value: object) -> None:
+        tag = _tag(keyword)
+        items[tag] = encode(tag, dictionary_VR(tag), value, ctx.encoding)
+
+    put("PatientID", patient_pseudonym)
+    put("PatientName", patient_pseudonym)
     for kw in _TYPE2_EMPTY:
-        if kw not in out:
-            setattr(out, kw, "")
+        if _tag(kw) not in items:
+            put(kw, "")
     for kw in _TYPE2_EMPTY_IF_PRESENT:
-        if kw in ds and kw not in out:
-            setattr(out, kw, "")
+        if kw in ds and _tag(kw) not in items:
+            put(kw, "")
+    acc = text_of(ds, 0x00080050)
+    put("AccessionNumber", pseudo.token("accession", acc, "A") if acc else "")
+    for kw, dummy in (("ContentDate", "19000101"), ("ContentTime", "000000")):
+        if kw in ds and _tag(kw) not in items:  # Type 1 in some IODs (e.g. DX)
+            put(kw, dummy)
+    put("SpecificCharacterSet", "ISO_IR 192")
+    put("PatientIdentityRemoved", "YES")
+    put("LongitudinalTemporalInformationModified", "MODIFIED" if ctx.longitudinal else "REMOVED")
+    put("DeidentificationMethod", DEID_METHOD)
+    codes = _tag("DeidentificationMethodCodeSequence")
+    items[codes] = DataElement(
+        codes,
+        "SQ",
+        Sequence(
+            new_dataset(dict(item), ctx.encoding)
+            for item in _method_codes(opts, mask is not None, ctx.encoding)
+        ),
+    )
+    out = new_dataset(items, ctx.encoding)
     if mask is not None:
         mask.apply(out)
-    acc = str(ds.get("AccessionNumber", "") or "")
-    out.AccessionNumber = pseudo.token("accession", acc, "A") if acc else ""
-    if "ContentDate" in ds and "ContentDate" not in out:  # Type 1 in some IODs (e.g. DX)
-        out.ContentDate = "19000101"
-    if "ContentTime" in ds and "ContentTime" not in out:
-        out.ContentTime = "000000"
-    out.SpecificCharacterSet = "ISO_IR 192"
-    out.PatientIdentityRemoved = "YES"
-    out.LongitudinalTemporalInformationModified = "MODIFIED" if ctx.longitudinal else "REMOVED"
-    out.DeidentificationMethod = DEID_METHOD
-    out.DeidentificationMethodCodeSequence = Sequence(_method_codes(opts, mask is not None))
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = out.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-    meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "RADBRIDGE_010"
-    out.file_meta = meta
+    out.file_meta = _file_meta(
+        text_of(out, 0x00080016),  # SOP Class and Instance UIDs, read raw: they stay raw in out
+        text_of(out, 0x00080018),
+        str(ds.file_meta.TransferSyntaxUID),
+    )
     out.preamble = b"\x00" * 128
     assert_no_leak(out, needles)
     return DeidOutcome(out, dict(pseudo.issued))
 
 
-def _method_codes(opts: frozenset[DeidOption], masked: bool) -> list[Dataset]:
+def _file_meta(sop_class: str, sop_instance: str, syntax: str) -> FileMetaDataset:
+    """File Meta Information, built of raw elements (group 0002 is explicit VR little endian)."""
+    items: dict[BaseTag, Element] = {}
+    for keyword, value in (
+        ("MediaStorageSOPClassUID", sop_class),
+        ("MediaStorageSOPInstanceUID", sop_instance),
+        ("TransferSyntaxUID", syntax),
+        ("ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID),
+        ("ImplementationVersionName", "RADBRIDGE_010"),
+    ):
+        tag = _tag(keyword)
+        items[tag] = encode(tag, dictionary_VR(tag), value, EXPLICIT_LITTLE)
+    return FileMetaDataset(items)
+
+
+def _encoding(ds: Dataset) -> Encoding:
+    """The output's encoding: the input's transfer syntax is kept."""
+    try:
+        ts = ds.file_meta.TransferSyntaxUID
+        return Encoding(bool(ts.is_implicit_VR), bool(ts.is_little_endian))
+    except (AttributeError, ValueError):  # no or an unknown transfer syntax: as it was read
+        implicit, little = ds.original_encoding
+        return Encoding(bool(implicit), little is not False)
+
+
+@lru_cache(maxsize=256)
+def _method_codes(
+    opts: frozenset[DeidOption], masked: bool, enc: Encoding
+) -> tuple[dict[BaseTag, Element], ...]:
+    """The items of De-identification Method Code Sequence (CID 7050), encoded once."""
     codes = [("113100", "Basic Application Confidentiality Profile")]
     codes += [(value, meaning) for opt, value, meaning in _OPTION_CODES if opt in opts]
     codes += [_CLEAN_PIXEL_DATA] if masked else []
     items = []
     for value, meaning in codes:
-        item = Dataset()
-        item.CodeValue = value
-        item.CodingSchemeDesignator = "DCM"
-        item.CodeMeaning = meaning
+        item: dict[BaseTag, Element] = {}
+        for kw, text in (
+            ("CodeValue", value),
+            ("CodingSchemeDesignator", "DCM"),
+            ("CodeMeaning", meaning),
+        ):
+            tag = _tag(kw)
+            item[tag] = encode(tag, dictionary_VR(tag), text, enc)
         items.append(item)
-    return items
+    return tuple(items)
+
+
+@lru_cache(maxsize=256)
+def _tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return BaseTag(tag)

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.uid import UID
 
+from dicom_io.deid_raw import text_of
 from radbridge.errors import DeidentificationError
 
 __all__ = [
@@ -80,17 +81,20 @@ class BurnedInAnnotationError(DeidentificationError):
         self.reason = reason
 
 
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float
+
+
 def burned_in_risk(ds: Dataset) -> str | None:
     """Why ``ds``'s pixels may show identity (a reason code), or ``None`` when they should not."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if all(ds.get_item(tag) is None for tag in _PIXEL_TAGS):
         return None
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    modality = str(ds.get("Modality", "") or "").strip().upper()
+    sop_class = text_of(ds, 0x00080016)
+    modality = text_of(ds, 0x00080060).strip().upper()
     if modality == "US" or sop_class in _ULTRASOUND_CLASSES:
         return ULTRASOUND
     if modality == "SC" or sop_class in _SECONDARY_CAPTURE_CLASSES:
         return SECONDARY_CAPTURE
-    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+    if text_of(ds, 0x00280301).strip().upper() == "YES":  # Burned In Annotation
         return FLAGGED
     return None
 

@@ -25,17 +25,17 @@ and occurs everywhere (a sex code ``M``, a patient ID ``12`` inside ``512``, ``A
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
-from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.uid import UID
 
+from dicom_io.deid_raw import Element, iter_all, numbers, strings
 from dicom_io.deid_text import date_spellings
-from dicom_io.deid_values import BINARY_VRS, NUMERIC_VRS
+from dicom_io.deid_values import BINARY_VRS, NUMERIC_VRS, is_standard_uid
 from radbridge.errors import DeidentificationError
 
 __all__ = [
@@ -49,11 +49,18 @@ __all__ = [
     "identifying_values",
 ]
 
+CACHED_TEXT = 256  # values up to this long are cached by content (bounded memory)
 LONG = 6  # needles this long match anywhere in text
 SHORTEST = 3  # Latin/digit needles shorter than this are ignored
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WHOLE_VALUES = NUMERIC_VRS | {"DS", "IS", "UI"}  # numbers and UIDs: compared value by value
 _NOT_TEXT = BINARY_VRS | {"SQ"}
+_SEPARATORS = re.compile(r"[\^=\\]")
+_SPACES = re.compile(r"\s+")
+_NUMBER = re.compile(r"[-+]?[0-9.]+(?:e[-+]?[0-9]+)?")
+_PATIENT_NAME = 0x00100010
+_BIRTH_DATE = 0x00100030
+_IDS = frozenset({0x00100020, 0x00101000, 0x00080050})  # PatientID, OtherPatientIDs, Accession
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,19 @@ class Needles:
     anywhere: tuple[str, ...]  # plain substring tests: as fast as the needles are many (UIDs)
     tokens: re.Pattern[str] | None
     whole: frozenset[str]
+    numeric: bool = False  # whether a whole-value needle could be a number (a digit ID)
 
 
 def fold(text: str) -> str:
     """PN separators and runs of white space as one space, trimmed."""
-    return re.sub(r"\s+", " ", re.sub(r"[\^=\\]", " ", text)).strip()
+    return _fold_short(text) if len(text) <= CACHED_TEXT else _fold(text)
+
+
+def _fold(text: str) -> str:
+    return _SPACES.sub(" ", _SEPARATORS.sub(" ", text)).strip()
+
+
+_fold_short = lru_cache(maxsize=16384)(_fold)  # short values repeat across a series
 
 
 def identifying_values(
@@ -76,21 +91,22 @@ def identifying_values(
 ) -> Needles:
     """The needles of ``ds``; UIDs too unless ``retain_uids`` (standard ones never)."""
     raw: set[str] = set()
-    skip = frozenset(standard_uid_keywords)
-    for elem in ds.iterall():
-        kw = keyword_for_tag(elem.tag)
-        if kw == "PatientName" and elem.value:
-            for name in _values(elem):
-                for group in str(name).split("="):
+    skip = frozenset(tag_for_keyword(kw) for kw in standard_uid_keywords)
+    for parent, elem, vr in iter_all(ds):
+        t = int(elem.tag)
+        if t == _PATIENT_NAME:
+            for name in strings(parent, elem, vr):
+                for group in name.split("="):
                     raw.add(group)
                     raw.update(re.split(r"[\^\s]+", group))
-        elif kw in ("PatientID", "OtherPatientIDs", "AccessionNumber") and elem.value:
-            raw.update(str(v) for v in _values(elem))
-        elif kw == "PatientBirthDate" and elem.value:
-            raw.add(str(elem.value))
-            raw.update(date_spellings(str(elem.value).strip()))
-        elif elem.VR == "UI" and elem.value and not retain_uids and kw not in skip:
-            raw.update(str(v) for v in _values(elem) if UID(str(v)).name == str(v))
+        elif t in _IDS:
+            raw.update(strings(parent, elem, vr))
+        elif t == _BIRTH_DATE:
+            for value in strings(parent, elem, vr):
+                raw.add(value)
+                raw.update(date_spellings(value.strip()))
+        elif vr == "UI" and not retain_uids and t not in skip:
+            raw.update(v for v in strings(parent, elem, vr) if not is_standard_uid(v))
     return compile_needles(raw)
 
 
@@ -106,6 +122,7 @@ def compile_needles(raw: Iterable[str]) -> Needles:
         anywhere,
         re.compile(rf"(?<!\w)(?:{tokens})(?!\w)") if short else None,
         frozenset(n for n in folded if len(n) >= LONG),
+        any(len(n) >= LONG and _NUMBER.fullmatch(n) for n in folded),
     )
 
 
@@ -115,25 +132,72 @@ def _counts(needle: str) -> bool:
     return len(needle) >= SHORTEST
 
 
-def _values(elem: DataElement) -> list[object]:
-    value = elem.value
-    return list(value) if isinstance(value, list | MultiValue) else [value]
+def find_leak(out: Dataset, needles: Needles) -> DataElement | RawDataElement | None:
+    """The first element of ``out`` (any depth) holding a needle, or ``None``.
 
-
-def find_leak(out: Dataset, needles: Needles) -> DataElement | None:
-    """The first element of ``out`` (any depth) holding a needle, or ``None``."""
-    for elem in out.iterall():
-        if elem.VR in _NOT_TEXT or elem.value is None:
+    One pass folds every value; the needles are then searched once in all the text together
+    (a newline between values: no needle holds one) and once in the set of whole values.
+    Only when that finds something are the elements searched one by one, to name the holder.
+    """
+    texts: list[str] = []
+    wholes: set[str] = set()
+    for parent, elem, vr in iter_all(out):
+        text = _folded(parent, elem, vr, needles.numeric)
+        if text is None:
             continue
-        text = fold(" ".join(str(v) for v in _values(elem))).casefold()
-        if elem.VR in _WHOLE_VALUES:
-            if needles.whole.intersection(text.split(" ")):
-                return elem
-        elif any(n in text for n in needles.anywhere) or (
-            needles.tokens is not None and needles.tokens.search(text)
-        ):
+        if vr in _WHOLE_VALUES:
+            wholes.update(text.split(" "))
+        else:
+            texts.append(text)
+    if not _holds(needles, "\n".join(texts), wholes):
+        return None
+    for parent, elem, vr in iter_all(out):
+        text = _folded(parent, elem, vr, needles.numeric)
+        if text is None:
+            continue
+        whole = vr in _WHOLE_VALUES
+        if _holds(needles, "" if whole else text, set(text.split(" ")) if whole else set()):
             return elem
     return None
+
+
+def _holds(needles: Needles, text: str, wholes: set[str]) -> bool:
+    if not wholes.isdisjoint(needles.whole):
+        return True
+    if any(n in text for n in needles.anywhere):
+        return True
+    return needles.tokens is not None and needles.tokens.search(text) is not None
+
+
+def _folded(parent: Dataset, elem: Element, vr: str, numeric: bool) -> str | None:
+    """An element's values as one folded, case-folded string; ``None`` for nothing to search."""
+    if vr in _NOT_TEXT:
+        return None
+    if vr in NUMERIC_VRS:
+        if not numeric:
+            return None  # no needle is a number: no number can be one
+        values: list[object] = numbers(parent, elem, vr)
+    elif isinstance(elem, RawDataElement) and elem.value is not None:
+        if not elem.value.isascii():
+            return _fold_all(strings(parent, elem, vr))
+        if len(elem.value) <= CACHED_TEXT:
+            return _folded_short(elem.value)
+        return _folded_ascii(elem.value)
+    else:
+        values = list(strings(parent, elem, vr))
+    return _fold_all(values) if values else None
+
+
+def _folded_ascii(raw: bytes) -> str | None:
+    text = raw.decode("ascii").strip("\x00 ")
+    return fold(text).casefold() if text else None
+
+
+_folded_short = lru_cache(maxsize=8192)(_folded_ascii)  # values repeat across a series
+
+
+def _fold_all(values: Sequence[object]) -> str | None:
+    return fold(" ".join(str(v) for v in values)).casefold() if values else None
 
 
 def assert_no_leak(out: Dataset, needles: Needles) -> None:

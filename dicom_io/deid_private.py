@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 __all__ = ["SAFE_PRIVATE", "SAFE_VRS", "SafePrivate", "retained_private"]
 
@@ -58,19 +59,24 @@ _CODE = re.compile(r"[A-Z0-9_ ]{0,16}")
 
 def retained_private(ds: Dataset) -> frozenset[int]:
     """Tags of the private elements (and their creators) of ``ds`` to keep, this level only."""
+    # ds.keys(), not ds: iterating a Dataset converts every element; only private ones are here
+    private = [BaseTag(t) for t in ds.keys() if (t >> 16) & 1]  # noqa: SIM118
     creators: dict[tuple[int, int], str] = {}
-    for elem in ds:
-        tag = elem.tag
-        if tag.is_private and 0x10 <= tag.element <= 0xFF and isinstance(elem.value, str):
-            creators[(tag.group, tag.element)] = elem.value.strip()
+    for tag in private:
+        if 0x10 <= tag.element <= 0xFF:
+            value = ds[tag].value
+            if isinstance(value, str):
+                creators[(tag.group, tag.element)] = value.strip()
     kept: set[int] = set()
-    for elem in ds:
-        tag = elem.tag
-        if not tag.is_private or tag.element < 0x1000:
+    for tag in private:
+        if tag.element < 0x1000:
             continue
         block = (tag.group, tag.element >> 8)
         entry = _INDEX.get((creators.get(block, ""), tag.group, tag.element & 0xFF))
-        if entry is None or entry.vr != elem.VR or not _plain(elem.VR, elem.value):
+        if entry is None:
+            continue
+        elem = ds[tag]
+        if entry.vr != elem.VR or not _plain(elem.VR, elem.value):
             continue
         kept.add(int(tag))
         kept.add((tag.group << 16) | block[1])

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
 
+from dicom_io.deid_raw import iter_all, strings
+
 __all__ = [
     "clean_text",
     "date_spellings",
@@ -71,10 +73,9 @@ def strip_escapes(text: str) -> str:
 def identity_terms(ds: Dataset) -> list[str]:
     """The instance's own identifying values, longest first, for :func:`clean_text`."""
     terms: set[str] = set()
-    for elem in ds.iterall():
-        if elem.VR == "PN" and elem.value:
-            values = elem.value if elem.VM > 1 else [elem.value]
-            for v in values:
+    for parent, elem, vr in iter_all(ds):
+        if vr == "PN":
+            for v in strings(parent, parent[elem.tag], vr):
                 for comp in re.split(r"[=^]", strip_escapes(str(v))):
                     comp = comp.strip()
                     if len(comp) >= 2 or re.fullmatch(rf"[{_CJK}]", comp):

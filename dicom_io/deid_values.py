@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from functools import lru_cache
 from typing import Any
 
 from pydicom.uid import UID
@@ -16,6 +17,8 @@ __all__ = [
     "date_offset_days",
     "dummy_value",
     "empty_value",
+    "is_standard_uid",
+    "remap_uid",
     "remap_uids",
     "shift_dates",
 ]
@@ -64,14 +67,21 @@ def remap_uids(value: Any, pseudo: Pseudonymizer) -> Any:
     if value is None or value == "":
         return value
     if isinstance(value, str):
-        return _remap_one(value, pseudo)
-    return [_remap_one(str(v), pseudo) for v in value]
+        return remap_uid(value, pseudo)
+    return [remap_uid(str(v), pseudo) for v in value]
 
 
-def _remap_one(uid: str, pseudo: Pseudonymizer) -> str:
-    if not uid or UID(uid).name != uid:  # a UID defined by the standard: keep
+def remap_uid(uid: str, pseudo: Pseudonymizer) -> str:
+    """One UID's keyed pseudonym; a UID defined by the standard (a SOP class...) stays."""
+    if not uid or is_standard_uid(uid):
         return uid
     return pseudo.uid(uid)
+
+
+@lru_cache(maxsize=4096)
+def is_standard_uid(uid: str) -> bool:
+    """Whether ``uid`` is defined by the standard (pydicom's UID dictionary names it)."""
+    return UID(uid).name != uid
 
 
 def date_offset_days(pseudo: Pseudonymizer, patient_id: str) -> int:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -31,20 +32,31 @@ from pydicom.tag import BaseTag
 
 from dicom_io.deid_private import retained_private
 from dicom_io.deid_profile import action_for
-from dicom_io.deid_text import clean_text
+from dicom_io.deid_raw import (
+    EXPLICIT_LITTLE,
+    Element,
+    Encoding,
+    can_pass,
+    encode,
+    new_dataset,
+    raw_elements,
+    resolve,
+    strings,
+)
+from dicom_io.deid_text import clean_text, identity_terms
 from dicom_io.deid_values import (
     BINARY_VRS,
     NUMERIC_VRS,
     date_offset_days,
     dummy_value,
     empty_value,
-    remap_uids,
+    remap_uid,
     shift_dates,
 )
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 
-__all__ = ["KEEP", "NON_REMAPPED_UIDS", "WalkContext", "walk"]
+__all__ = ["KEEP", "NON_REMAPPED_UIDS", "WalkContext", "walk", "walk_items"]
 
 # Unlisted attributes kept verbatim: image geometry and pixel description, coded context.
 KEEP = frozenset(
@@ -136,11 +148,20 @@ class WalkContext:
 
     pseudo: Pseudonymizer
     options: frozenset[DeidOption]
-    terms: list[str]
+    source: Dataset  # the instance: its identity terms are read from it when text is cleaned
     patient_id: str
     patient_pseudonym: str
+    encoding: Encoding = EXPLICIT_LITTLE  # the output's
     scope: Scope = "plain"  # inside a sequence whose action was D ("dummy") or C ("clean")
     _offset: int | None = field(default=None, repr=False)
+    _terms: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def terms(self) -> list[str]:
+        """The instance's identifying values for Clean Descriptors (computed on first use)."""
+        if self._terms is None:
+            self._terms = identity_terms(self.source)
+        return self._terms
 
     @property
     def offset(self) -> int:
@@ -156,24 +177,42 @@ class WalkContext:
 
 
 def walk(src: Dataset, ctx: WalkContext) -> Dataset:
-    """Return a new dataset holding the de-identified elements of ``src``, recursively."""
-    dst = Dataset()
+    """Return a new dataset holding the de-identified elements of ``src``, recursively.
+
+    Elements are read and written raw where possible (:mod:`dicom_io.deid_raw`); the result is
+    a UTF-8 dataset in ``ctx.encoding``.
+    """
+    return new_dataset(walk_items(src, ctx), ctx.encoding)
+
+
+def walk_items(src: Dataset, ctx: WalkContext) -> dict[BaseTag, Element]:
+    """The de-identified elements of ``src`` by tag (see :func:`walk`)."""
+    out: dict[BaseTag, Element] = {}
     safe = _safe_private(src, ctx)
-    for elem in src:
-        tag = elem.tag
-        if tag.group in (0x0000, 0x0002) or tag.element == 0:  # commands, meta, group lengths
+    for raw in raw_elements(src):
+        tag = raw.tag
+        t = int(tag)
+        if t >> 16 in (0x0000, 0x0002) or not t & 0xFFFF:  # commands, meta, group lengths
             continue
-        kw = keyword_for_tag(tag)
-        action = _action(tag, elem, kw, ctx)
-        if tag.is_private:  # the table's private row: X, or C with Retain Safe Private
-            action = "K" if action == "C" and int(tag) in safe else "X"
-        value = _apply(action, tag, elem, kw, ctx)
+        if (t >> 16) & 1:  # the table's private row: X, or C with Retain Safe Private
+            if t not in safe or _plan(t, "UN", ctx.scope, ctx.options)[0] != "C":
+                continue
+            kept = src[tag]
+            out[tag] = DataElement(tag, kept.VR, kept.value)
+            continue
+        elem, vr = resolve(src, raw)
+        action, kw = _plan(t, vr, ctx.scope, ctx.options)
+        if action is None:  # CS: a code or text, by its value
+            action = _judge_cs(strings(src, elem, vr), kw, ctx.scope)
+        if action == "X":
+            continue
+        value = _apply(action, src, elem, vr, kw, ctx)
         if value is not _DROP:
-            dst.add(DataElement(tag, elem.VR, value))
-    return dst
+            out[tag] = value
+    return out
 
 
-_DROP = object()
+_DROP: Any = object()
 
 
 def _safe_private(src: Dataset, ctx: WalkContext) -> frozenset[int]:
@@ -182,21 +221,30 @@ def _safe_private(src: Dataset, ctx: WalkContext) -> frozenset[int]:
     return retained_private(src)
 
 
-def _action(tag: BaseTag, elem: DataElement, kw: str, ctx: WalkContext) -> str:
+@lru_cache(maxsize=16384)
+def _plan(t: int, vr: str, scope: Scope, options: frozenset[DeidOption]) -> tuple[str | None, str]:
+    """The action for a tag and VR in a scope, and its keyword; ``None`` if the value decides."""
+    tag = BaseTag(t)
+    kw = keyword_for_tag(tag)
     if kw in _ALWAYS_REMOVE or 0x6000 <= tag.group <= 0x60FF:
-        return "X"
-    listed = action_for(tag, ctx.options)
-    return listed if listed is not None else _judge_by_vr(elem, kw, ctx.scope)
+        return "X", kw
+    listed = action_for(tag, options)
+    if listed is not None:
+        return listed, kw
+    if vr == "CS":
+        return None, kw
+    return _judge_by_vr(vr, kw, scope), kw
 
 
-def _judge_by_vr(elem: DataElement, kw: str, scope: Scope) -> str:
-    vr = elem.VR
+def _judge_cs(values: list[str], kw: str, scope: Scope) -> str:
+    if all(_CS.fullmatch(v) for v in values):
+        return "K"  # a code, not text: enumerated values keep the items valid in every scope
+    return _judge_by_vr("CS", kw, scope)
+
+
+def _judge_by_vr(vr: str, kw: str, scope: Scope) -> str:
     if vr in ("SQ", "UI"):
         return "U" if vr == "UI" else "K"
-    if vr == "CS":
-        values = list(elem.value) if isinstance(elem.value, list | MultiValue) else [elem.value]
-        if all(_CS.fullmatch(str(v or "")) for v in values):
-            return "K"  # a code, not text: enumerated values keep the items valid in every scope
     if vr in NUMERIC_VRS or vr in ("DS", "IS"):
         return "K"
     if scope == "dummy":  # D on the enclosing sequence: nothing of the original text stays
@@ -216,31 +264,55 @@ def _judge_by_vr(elem: DataElement, kw: str, scope: Scope) -> str:
     return "X"  # DA, DT, TM, free text, non-code CS, anything unknown
 
 
-def _apply(action: str, tag: BaseTag, elem: DataElement, kw: str, ctx: WalkContext) -> Any:
-    vr, value = elem.VR, elem.value
+def _apply(action: str, src: Dataset, elem: Element, vr: str, kw: str, ctx: WalkContext) -> Any:
+    tag = elem.tag
     if action == "X":
         return _DROP
     if vr == "SQ":
-        return _sequence(action, value, ctx)
+        return DataElement(tag, vr, _sequence(action, src[tag].value, ctx))
+    enc = ctx.encoding
     if vr == "UI" and action in ("K", "U", "C", "D"):
-        return remap_uids(value, ctx.pseudo)  # kept as-is only by a Retain UIDs pseudonymizer
+        # kept as-is only by a Retain UIDs pseudonymizer
+        return encode(tag, vr, [remap_uid(u, ctx.pseudo) for u in strings(src, elem, vr)], enc)
     if action == "Z":
-        return empty_value(vr)
-    if action == "D":
+        return _constant(tag, vr, "Z", ctx)
+    if action == "K" and can_pass(elem, vr, enc):
+        return elem  # the same bytes: pixel data, numbers, plain-ASCII codes and text
+    if action == "D" or (action == "U" and vr != "UI"):
         if kw == "PatientName":
-            return ctx.patient_pseudonym
-        return dummy_value(vr, value, ctx.pseudo)
-    if action == "K":
-        return value
-    if action == "C":
-        cleaned = _clean(vr, value, ctx)
-        if cleaned is not _DROP:
-            return cleaned
-        basic = action_for(tag, ())
-        if basic is None:  # unlisted: removed, or a dummy inside a cleaned sequence's items
-            basic = "X" if ctx.scope == "plain" else "D"
-        return _apply(basic, tag, elem, kw, ctx)
-    return dummy_value(vr, value, ctx.pseudo)  # U on a non-UI value: replace it
+            return encode(tag, vr, ctx.patient_pseudonym, enc)
+        return _constant(tag, vr, "D", ctx)  # a dummy never depends on the original
+    if isinstance(elem, RawDataElement):
+        elem = src[tag]
+    value = elem.value
+    if action == "K":  # encapsulated pixel data keeps its undefined length
+        return encode(tag, vr, value, enc, undefined_length=elem.is_undefined_length)
+    cleaned = _clean(vr, value, ctx)  # C
+    if cleaned is not _DROP:
+        return encode(tag, vr, cleaned, enc)
+    basic = action_for(tag, ())
+    if basic is None:  # unlisted: removed, or a dummy inside a cleaned sequence's items
+        basic = "X" if ctx.scope == "plain" else "D"
+    return _apply(basic, src, elem, vr, kw, ctx)
+
+
+_CONSTANTS: dict[tuple[BaseTag, str, str, Encoding], RawDataElement] = {}
+
+
+def _constant(tag: BaseTag, vr: str, action: str, ctx: WalkContext) -> Element:
+    """The element an empty (Z) or dummy (D) value gives; a raw element is immutable, so one
+    serves every instance."""
+    enc = ctx.encoding
+    key = (tag, vr, action, enc)
+    hit = _CONSTANTS.get(key)
+    if hit is not None:
+        return hit
+    # never a UI here (the walk remaps UIDs first), so the pseudonymizer is not used
+    value = empty_value(vr) if action == "Z" else dummy_value(vr, None, ctx.pseudo)
+    elem = encode(tag, vr, value, enc)
+    if isinstance(elem, RawDataElement) and len(_CONSTANTS) < 8192:
+        _CONSTANTS[key] = elem
+    return elem
 
 
 def _sequence(action: str, items: Any, ctx: WalkContext) -> Sequence:
@@ -251,7 +323,7 @@ def _sequence(action: str, items: Any, ctx: WalkContext) -> Sequence:
     if ctx.scope == "dummy" and scope == "clean":
         scope = "dummy"  # a cleaned sequence inside dummy items is dummied as well
     inner = ctx if scope == ctx.scope else replace(ctx, scope=scope)
-    return Sequence([walk(item, inner) for item in items])
+    return Sequence([walk(item, inner) for item in items or ()])
 
 
 def _clean(vr: str, value: Any, ctx: WalkContext) -> Any:

@@ -22,6 +22,7 @@ from sqlalchemy import Row, select, update
 
 from dicom_io.deid import BurnedInAnnotationError, deidentify
 from dicom_io.identity_map import record_pseudonyms
+from dicom_io.part10 import to_part10
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from dicom_io.stow import encode_multipart
@@ -224,10 +225,9 @@ class Forwarder:
         out = deidentify(
             ds, pseudo, d.options, burned_in=d.burned_in, top_band_rows=d.burned_in_top_band_rows
         ).dataset
-        buf = BytesIO()
-        out.save_as(buf, enforce_file_format=True)
+        data = to_part10(out)
         self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())
-        return buf.getvalue()
+        return data
 
     def _post(self, path: str, **kwargs: object) -> httpx.Response:
         try:

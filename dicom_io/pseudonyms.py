@@ -58,6 +58,9 @@ class Pseudonymizer:
 
         With ``retain_uids`` the original itself (Retain UIDs Option), recorded all the same.
         """
+        cached = self.issued.get(("uid", original))
+        if cached is not None:
+            return cached
         if self.retain_uids:
             value = original
         else:
@@ -67,6 +70,9 @@ class Pseudonymizer:
 
     def token(self, kind: str, original: str, prefix: str, length: int = 12) -> str:
         """An opaque identifier such as ``RB7K2Q...`` for patient IDs or accession numbers."""
+        cached = self.issued.get((kind, original))
+        if cached is not None and cached.startswith(prefix) and len(cached) == len(prefix) + length:
+            return cached
         digest = base64.b32encode(self._mac(kind, original)).decode().rstrip("=")
         value = prefix + digest[:length]
         self.issued[(kind, original)] = value

@@ -44,8 +44,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-from dicom_io.deid import deidentify
-from dicom_io.pseudonyms import Pseudonymizer
+from loadtests import deid_tools
 from radbridge.agreements import DeidOption
 from tests.conftest import PATIENT, REPO, identity_needles, make_instance
 from tests.test_deid_property import (
@@ -201,26 +200,6 @@ def corpus() -> list[CorpusFile]:
 Tool = Callable[[Dataset], Dataset]
 
 
-def _radbridge(options: tuple[DeidOption, ...]) -> Callable[[], Tool]:
-    def make() -> Tool:
-        pseudo = Pseudonymizer(KEY)
-        return lambda ds: deidentify(ds, pseudo, options).dataset
-
-    return make
-
-
-def _dicognito() -> Tool:
-    from dicognito.anonymizer import Anonymizer
-
-    anonymizer = Anonymizer(seed="radbridge-comparison")
-
-    def run(ds: Dataset) -> Dataset:
-        anonymizer.anonymize(ds)
-        return ds
-
-    return run
-
-
 def _deid() -> Tool:
     from deid.dicom import replace_identifiers
     from deid.logger import bot
@@ -242,9 +221,9 @@ def _unchanged() -> Tool:
 
 
 TOOLS: dict[str, tuple[str, Callable[[], Tool]]] = {
-    "radbridge": ("radbridge", _radbridge(())),
-    "radbridge+options": ("radbridge", _radbridge(ALL_OPTIONS)),
-    "dicognito": ("dicognito", _dicognito),
+    "radbridge": ("radbridge", deid_tools.radbridge((), KEY)),
+    "radbridge+options": ("radbridge", deid_tools.radbridge(ALL_OPTIONS, KEY)),
+    "dicognito": ("dicognito", deid_tools.dicognito("radbridge-comparison")),
     "deid": ("deid", _deid),
     "unchanged (control)": ("pydicom", _unchanged),
 }

@@ -220,7 +220,9 @@ def serializations(ds: Dataset) -> dict[str, bytes]:
         for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian):
             ds.file_meta.TransferSyntaxUID = syntax
             buf = BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
+            # dcmwrite, not save_as: the engine's output holds raw little endian elements,
+            # which save_as refuses to re-encode as big endian; dcmwrite converts them
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
             out[syntax.name] = buf.getvalue()
     finally:
         ds.file_meta.TransferSyntaxUID = original

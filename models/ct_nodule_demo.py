@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from models.nodules import (
     patient_to_voxel,
     sliding_window_probabilities,
 )
+from models.onnx_export import export_onnx
 from models.repository import MANIFEST_FILE, MODEL_FILE, LoadedModel, ModelRepository, file_sha256
 from models.transforms import CT_HU_WINDOW, CT_PREPROCESSING, prepare_volume, resample_to_spacing
 from radbridge.errors import ModelError
@@ -356,19 +356,7 @@ def _export_and_verify(
 ) -> tuple[float, dict[str, float]]:
     """Export with dynamic batch and spatial axes; compare ORT with torch on three shapes."""
     dummy = torch.from_numpy(np.ascontiguousarray(probe[:1, :, :64, :64, :64]))
-    axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is asked for
-        torch.onnx.export(
-            model.eval(),
-            (dummy,),
-            str(path),
-            opset_version=17,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": axes, "logits": axes},
-            dynamo=False,
-        )
+    export_onnx(model, dummy, path, axes={0: "batch", 2: "z", 3: "y", 4: "x"})
     onnx.checker.check_model(str(path))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     torch_predict = _torch_predictor(model)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from monai.networks.nets import DenseNet
 
 from models.manifest import DEMO_INTENDED_USE, ModelManifest, TransformSpec, dump_manifest
 from models.metrics import auroc, sens_spec, youden_threshold
+from models.onnx_export import export_onnx
 from models.phantoms import FINDINGS, sample_dataset
 from models.repository import MANIFEST_FILE, MODEL_FILE, LoadedModel, ModelRepository, file_sha256
 from models.transforms import DEMO_PREPROCESSING, build_pipeline
@@ -142,19 +142,7 @@ def _train(
 def _export_and_verify(
     model: torch.nn.Module, probe: np.ndarray, path: Path
 ) -> tuple[float, dict[str, float]]:
-    dummy = torch.from_numpy(probe[:1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is asked for
-        torch.onnx.export(
-            model.eval(),
-            (dummy,),
-            str(path),
-            opset_version=17,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
+    export_onnx(model, torch.from_numpy(probe[:1]), path)
     onnx.checker.check_model(str(path))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs = {}

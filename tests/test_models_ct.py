@@ -36,6 +36,7 @@ from models.nodules import (
     segmentation_validation_inference,
     voxel_to_patient,
 )
+from models.onnx_export import export_onnx
 from models.repository import LoadedModel, ModelRepository, file_sha256
 from models.transforms import build_pipeline, prepare_volume, resample_to_spacing
 from radbridge.errors import DatasetError, ModelError
@@ -329,16 +330,7 @@ def tiny_segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     torch.manual_seed(0)
     axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
-    torch.onnx.export(
-        _TinySegmenter().eval(),
-        (torch.zeros(1, 1, 8, 8, 8),),
-        str(path),
-        opset_version=17,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": axes, "logits": axes},
-        dynamo=False,
-    )
+    export_onnx(_TinySegmenter(), torch.zeros(1, 1, 8, 8, 8), path, axes=axes)
     return path
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.manifest import DEMO_INTENDED_USE, ModelManifest, dump_manifest
+from models.onnx_export import export_onnx
 from models.repository import LoadedModel, ModelRepository, file_sha256
 from radbridge.errors import ModelError
 
@@ -28,16 +29,7 @@ class _OneConv(torch.nn.Module):
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     torch.manual_seed(0)
-    torch.onnx.export(
-        _OneConv().eval(),
-        (torch.zeros(1, 1, 16, 16),),
-        str(path),
-        opset_version=17,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
+    export_onnx(_OneConv(), torch.zeros(1, 1, 16, 16), path)
     return path
 
 

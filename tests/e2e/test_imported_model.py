@@ -19,6 +19,7 @@ import torch
 import yaml
 from monai.networks.nets import DenseNet
 
+from models.onnx_export import export_onnx
 from models.phantom_dicom import write_cxr_study
 from tests.e2e.stack import running_stack, storescu, wait_for_results
 
@@ -37,17 +38,8 @@ def _export(path: Path) -> None:
         init_features=8,
         growth_rate=8,
         block_config=(2, 2),
-    ).eval()
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 1, 64, 64),),
-        str(path),
-        opset_version=17,
-        input_names=["pixels"],
-        output_names=["scores"],
-        dynamic_axes={"pixels": {0: "batch"}, "scores": {0: "batch"}},
-        dynamo=False,
     )
+    export_onnx(net, torch.zeros(1, 1, 64, 64), path, input_name="pixels", output_name="scores")
 
 
 def _manifest(path: Path) -> None:

@@ -67,8 +67,21 @@ class RunnerConfig(_Strict):
         None, description="TensorRT engine cache (built engines survive restarts)."
     )
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime decide.")
+    allow_spinning: bool = Field(
+        False,
+        description="ONNX Runtime's intra/inter-op threads spin-wait for work between runs "
+        "(ORT's own default). Off on a small CPU host: spinning threads take the cores from the "
+        "replica's event loop, Serve's proxy and the Api, so requests reach the batcher one at "
+        "a time. Applies to sessions built after the change.",
+    )
     capacity: int = Field(
-        0, ge=0, description="Requests admitted to the batcher at once; 0 = 2 x max_batch_size."
+        0, ge=0, description="Requests admitted to the batcher at once; 0 = max_batch_size."
+    )
+    hold_while_computing: bool = Field(
+        True,
+        description="Requests admitted while a batch computes wait for it to end and then form "
+        "the next batch together; off, @serve.batch cuts them into small batches queued behind "
+        "the running one.",
     )
     max_queued: int = Field(
         256, ge=0, description="Sheddable requests waiting beyond capacity before 503."
@@ -86,7 +99,7 @@ class RunnerConfig(_Strict):
 
     @property
     def admitted(self) -> int:
-        return self.capacity or 2 * self.max_batch_size
+        return self.capacity or self.max_batch_size
 
 
 class ModelPin(_Strict):

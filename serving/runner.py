@@ -8,6 +8,12 @@
   work first, caps how long routine work may wait, and sheds sheddable work with 503 beyond
   ``max_queued``. ``max_ongoing_requests`` (checked by :mod:`serving.config`) is large enough for
   requests to reach the gate instead of queueing FIFO in Serve's router.
+- **Batch formation:** ``@serve.batch`` forms the next batch from whatever reached its queue
+  within ``batch_wait_timeout_s`` and parks it until the running batch ends, so under load it
+  would cut a stream of requests into many one- or two-image batches queued behind each other.
+  With ``hold_while_computing`` (default) requests admitted while a batch computes wait for it
+  to end and then enter together: the next batch is as full as the waiting requests allow (up to
+  ``max_batch_size``; the gate admits ``max_batch_size`` by default, highest priority first).
 - **Event loop:** ``session.run`` runs in a worker thread, so the replica keeps answering health
   checks while a batch computes.
 - **Providers:** TensorRT (engine cache on disk) → CUDA → CPU from ``user_config``; the provider
@@ -45,6 +51,9 @@ class _Session:
         opts = ort.SessionOptions()
         if cfg.intra_op_threads:
             opts.intra_op_num_threads = cfg.intra_op_threads
+        spin = "1" if cfg.allow_spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         wanted = resolve_providers(cfg.providers)
         self.key = key
         self.session = ort.InferenceSession(
@@ -71,6 +80,9 @@ class ModelRunner:
         self._batches = itertools.count(1)
         self._problem: str | None = None
         self._loading = asyncio.Lock()
+        self._computing = 0  # batches in session.run now
+        self._batcher_open = asyncio.Event()  # set: no batch computing (or holding is off)
+        self._batcher_open.set()
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -82,6 +94,8 @@ class ModelRunner:
         self.gate.capacity = cfg.admitted
         self.gate.max_waiting = cfg.max_queued
         self.gate.max_wait_s = {str(p): s for p, s in cfg.max_wait_s.items()}
+        if not cfg.hold_while_computing or not self._computing:
+            self._batcher_open.set()
         self._problem = self._provider_problem()
         if self._problem:  # fails the deploy (and readiness) at once, naming the reason
             log.error("ModelRunner unhealthy: %s", self._problem)
@@ -118,9 +132,17 @@ class ModelRunner:
     async def infer(self, tensors: list[np.ndarray]) -> list[dict[str, Any]]:
         sess = await self.session(serve.get_multiplexed_model_id())
         batch = np.stack(tensors).astype(np.float32, copy=False)
-        t0 = time.perf_counter()
-        logits = await asyncio.to_thread(sess.run, batch)
-        seconds = time.perf_counter() - t0
+        self._computing += 1
+        if self.config.hold_while_computing:
+            self._batcher_open.clear()
+        try:
+            t0 = time.perf_counter()
+            logits = await asyncio.to_thread(sess.run, batch)
+            seconds = time.perf_counter() - t0
+        finally:
+            self._computing -= 1
+            if not self._computing:
+                self._batcher_open.set()
         n, seq = len(tensors), next(self._batches)
         return [
             {
@@ -140,8 +162,11 @@ class ModelRunner:
         if not serve.get_multiplexed_model_id():
             raise ModelError("no model named: call with multiplexed_model_id='name:version'")
         async with self.gate.slot(priority, shed=shed) as waited:
+            t0 = time.monotonic()
+            await self._batcher_open.wait()  # hold_while_computing: join the next batch
+            held = time.monotonic() - t0
             out = await self.infer(tensor)
-        return {**out, "queue_wait": waited}
+        return {**out, "queue_wait": waited + held}
 
     async def info(self) -> dict[str, Any]:
         """What runs here: providers per loaded model, the gate's state, any health problem."""

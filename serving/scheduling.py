@@ -1,7 +1,7 @@
 """Priority admission in front of a batcher: STAT first, routine never starved, queue bounded.
 
-A :class:`PriorityGate` lets at most ``capacity`` requests through at a time (enough to keep the
-batcher's next batch full while one computes). Waiting requests are admitted highest priority
+A :class:`PriorityGate` lets at most ``capacity`` requests through at a time (the runner's
+default: one full batch, see :mod:`serving.runner`). Waiting requests are admitted highest priority
 first, first come first served within a priority; a request that has waited longer than its
 priority's cap (``max_wait_s``) jumps the queue, so routine work under a flood of STAT work
 still progresses. Beyond ``max_waiting`` waiting requests, sheddable requests are refused with

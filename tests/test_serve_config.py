@@ -28,7 +28,8 @@ def _with(change: Any) -> dict[str, Any]:
 def test_default_config_is_valid_and_typed() -> None:
     cfg = load_serve_config()
     assert cfg.app.import_path == "serving.app:build"
-    assert cfg.runner.max_batch_size == 16 and cfg.runner.admitted == 32
+    assert cfg.runner.max_batch_size == 16 and cfg.runner.admitted == 16
+    assert cfg.runner.allow_spinning is False and cfg.runner.hold_while_computing is True
     assert cfg.api.max_queued_instances == 5000
     runner = next(d for d in cfg.app.deployments if d.name == "ModelRunner")
     assert runner.max_ongoing_requests >= cfg.runner.admitted + cfg.runner.max_queued
@@ -64,6 +65,16 @@ def test_deploy_schema_fills_bind_address_and_settings() -> None:
         (
             lambda r: _deployment(r, "ModelRunner")["user_config"].update(surprise=1),
             "user_config.surprise",
+        ),
+        (
+            lambda r: _deployment(r, "ModelRunner")["user_config"].update(allow_spinning="maybe"),
+            "deployments[ModelRunner].user_config.allow_spinning",
+        ),
+        (
+            lambda r: _deployment(r, "ModelRunner")["user_config"].update(
+                hold_while_computing="sometimes"
+            ),
+            "deployments[ModelRunner].user_config.hold_while_computing",
         ),
         (
             lambda r: _deployment(r, "ModelRunner").update(max_ongoing_requests=5),
@@ -115,3 +126,11 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_serve_config(bad)
+
+
+def test_runner_admits_one_batch_by_default() -> None:
+    from serving.config import RunnerConfig
+
+    assert RunnerConfig(max_batch_size=8).admitted == 8
+    assert RunnerConfig(max_batch_size=8, capacity=40).admitted == 40
+    assert RunnerConfig.model_validate({"allow_spinning": True}).allow_spinning is True

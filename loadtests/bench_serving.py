@@ -1,8 +1,9 @@
 """Serving benchmark: raw ONNX Runtime vs the Serve app (handle, HTTP), same model, one run.
 
     .venv/bin/python -m loadtests.bench_serving [--model densenet121|demo] [--rounds 3]
-        [--requests 400] [--seconds 60] [--concurrency 32] [--max-batch-size 16]
-        [--batch-wait-ms 10] [--intra-op-threads 0] [--ray-num-cpus N] [--out DIR]
+        [--requests 400] [--seconds 60] [--concurrency 32] [--max-batch-size N]
+        [--batch-wait-ms MS] [--intra-op-threads N] [--allow-spinning 0|1]
+        [--raw-spinning on|off|both] [--ray-num-cpus N] [--out DIR]
 
 (``python loadtests/bench_serving.py ...`` works too; ``--help`` lists every option.)
 
@@ -17,8 +18,10 @@ random tensors (seed 0), cycled.
 Paths, measured on that model in one run, interleaved round by round (a, b, c, a, b, c, ...):
 
 - (a) raw ONNX Runtime in this process (CUDA when a GPU is present, else CPU; its own thread
-  default unless ``--raw-threads``) at the batch sizes ``--raw-batches`` (1, 4, 8, 16); the
-  best one (highest median img/s) is the baseline.
+  default unless ``--raw-threads``) at the batch sizes ``--raw-batches`` (1, 4, 8, 16), with
+  ORT's thread spin-waiting on (its default; rows ``raw ORT b=N``) and/or off (rows
+  ``raw ORT b=N nospin``) per ``--raw-spinning`` (default both); the best row (highest median
+  img/s) is the baseline, so raw ORT is measured at its best whatever the runner uses.
 - (b) the Serve app through a DeploymentHandle to the ModelRunner
   (``multiplexed_model_id=name:version``), ``--handle-in-flight`` requests in flight
   (default: ``--concurrency``).
@@ -29,8 +32,9 @@ Each phase is preceded by an untimed warm-up and bounded by ``--requests`` (imag
 ``--raw-images`` per batch size) or ``--seconds``, whichever comes first. The center runs as
 ``radbridge center`` runs it (``serving.center.start_center``: the app deployed from the Serve
 config) with a temporary data dir (center DB migrated first) and model repository, a free
-loopback port, and a temporary copy of serving/serve.yaml whose ModelRunner ``user_config``
-carries the knobs (``--max-batch-size``, ``--batch-wait-ms``, ``--intra-op-threads``;
+loopback port, and a temporary copy of serving/serve.yaml: the ModelRunner ``user_config``
+is serve.yaml's (the local CPU default) except for the knobs given (``--max-batch-size``,
+``--batch-wait-ms``, ``--intra-op-threads``, ``--capacity``, ``--allow-spinning``, ``--hold``;
 ``max_ongoing_requests`` raised to capacity + max_queued when needed). Ray is initialised here
 with start_center's own arguments (loopback, ``num_cpus`` = ``--ray-num-cpus`` or radbridge's
 default) except that it is always a new local instance and the replicas' per-request log lines
@@ -66,13 +70,11 @@ import contextlib
 import io
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 if not __package__:  # run as a file (python loadtests/bench_serving.py): the repo's packages
     sys.path.insert(0, str(REPO))
+from loadtests.cpu_roles import cpu_delta, cpu_snapshot, loadavg, renice_driver  # noqa: E402
+from loadtests.serving_report import Phase, pct, plot, print_report, summarize  # noqa: E402
+
 DEMO_MODEL = REPO / "var" / "models" / "chest-xray-demo" / "1"
 APP_NAME = "radbridge-center"
 AGREEMENT = "demo-hospital-to-center"
@@ -104,21 +109,12 @@ def export_densenet121(path: Path, size: int) -> dict[str, Any]:
     import torch
     from monai.networks.nets import DenseNet121
 
+    from models.onnx_export import export_onnx
+
     torch.manual_seed(SEED)
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=4).eval()
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            net,
-            (torch.zeros(1, 1, size, size),),
-            str(path),
-            opset_version=17,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
+    export_onnx(net, torch.zeros(1, 1, size, size), path)
     return {
         "network": {
             "class": "monai.networks.nets.DenseNet121",
@@ -184,112 +180,6 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 # -- measurement ------------------------------------------------------------------------------
 
 
-@dataclass
-class Phase:
-    """One timed phase of one path in one round."""
-
-    path: str
-    round: int
-    images: int
-    seconds: float
-    latencies_ms: list[float]
-    batch_sizes: dict[int, int] = field(default_factory=dict)  # requests per Serve batch size
-    busy_s: float = 0.0  # sum of the ModelRunner's batch compute times (Serve paths)
-    errors: dict[str, int] = field(default_factory=dict)
-    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role
-    others_cores: float = 0.0  # CPU the rest of the machine used meanwhile, in cores
-    loadavg: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def loadavg() -> tuple[float, float, float]:
-    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
-    return float(one), float(five), float(fifteen)
-
-
-def _role(proc: psutil.Process, me: int) -> str:
-    if proc.pid == me:
-        return "driver"
-    try:
-        cmd = " ".join(proc.cmdline())
-    except psutil.Error:
-        return "other"
-    for key, role in (
-        ("ModelRunner", "ModelRunner"),
-        (":Api", "Api"),
-        ("Preprocessor", "Preprocessor"),
-        ("ProxyActor", "proxy"),
-        ("ServeController", "controller"),
-        ("raylet", "raylet"),
-        ("gcs_server", "gcs"),
-    ):
-        if key in cmd:
-            return role
-    return "other Ray"
-
-
-def niceness() -> dict[str, int]:
-    """Scheduling niceness per process role (Ray starts its workers at RAY_worker_niceness)."""
-    me = psutil.Process()
-    out: dict[str, int] = {}
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            out.setdefault(_role(proc, me.pid), proc.nice())
-    return out
-
-
-def renice_driver(how: str) -> dict[str, int]:
-    """Give every thread of this process (client, raw ORT) the niceness ``how`` asks for:
-    ``workers`` (the ModelRunner replica's, i.e. RAY_worker_niceness), ``keep``, or a number.
-    Returns the niceness per process role afterwards."""
-    nice = niceness()
-    if how != "keep":
-        target = nice.get("ModelRunner", 0) if how == "workers" else int(how)
-        for tid in os.listdir("/proc/self/task"):  # setpriority(2) is per thread on Linux
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, int(tid), target)
-        nice = niceness()
-    return nice
-
-
-def _busy_jiffies() -> int:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-
-
-@dataclass
-class CpuSnapshot:
-    per_pid: dict[int, tuple[str, float]]
-    busy: int
-    at: float
-
-
-def cpu_snapshot() -> CpuSnapshot:
-    """CPU seconds of this process and every descendant (Ray's processes), by role."""
-    me = psutil.Process()
-    per_pid: dict[int, tuple[str, float]] = {}
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            per_pid[proc.pid] = (_role(proc, me.pid), float(t.user + t.system))
-    return CpuSnapshot(per_pid, _busy_jiffies(), time.monotonic())
-
-
-def cpu_delta(a: CpuSnapshot, b: CpuSnapshot) -> tuple[dict[str, float], float]:
-    """CPU seconds per role between two snapshots, and other processes' use in cores."""
-    roles: dict[str, float] = collections.defaultdict(float)
-    for pid, (role, cpu) in b.per_pid.items():
-        before = a.per_pid.get(pid, (role, 0.0))[1]
-        roles[role] += max(0.0, cpu - before)
-    elapsed = max(b.at - a.at, 1e-9)
-    busy = (b.busy - a.busy) / os.sysconf("SC_CLK_TCK")
-    return dict(roles), max(0.0, busy - sum(roles.values())) / elapsed
-
-
 @contextlib.contextmanager
 def measured(phase: Phase) -> Iterator[Phase]:
     before = cpu_snapshot()
@@ -298,7 +188,8 @@ def measured(phase: Phase) -> Iterator[Phase]:
     phase.loadavg = loadavg()[0]
 
 
-def raw_ort_session(onnx_path: Path, threads: int) -> Any:
+def raw_ort_session(onnx_path: Path, threads: int, spinning: bool = True) -> Any:
+    """Plain ORT session; ``spinning`` False turns the thread pools' spin-waiting off."""
     import onnxruntime as ort
 
     from serving.providers import resolve_providers
@@ -306,20 +197,29 @@ def raw_ort_session(onnx_path: Path, threads: int) -> Any:
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(
         str(onnx_path), opts, providers=[resolve_providers(["cuda", "cpu"])[0]]
     )
 
 
 def run_raw(
-    session: Any, inputs: np.ndarray, batch: int, images: int, seconds: float, rnd: int
+    session: Any,
+    inputs: np.ndarray,
+    batch: int,
+    images: int,
+    seconds: float,
+    rnd: int,
+    suffix: str = "",
 ) -> Phase:
     """(a): ``session.run`` on batches of ``batch`` until ``images`` or ``seconds``."""
     name = session.get_inputs()[0].name
     batches = [inputs[i : i + batch] for i in range(0, len(inputs) - batch + 1, batch)]
     for b in batches[:2]:  # warm-up (first call allocates, a new batch shape plans)
         session.run(None, {name: b})
-    phase = Phase(f"raw ORT b={batch}", rnd, 0, 0.0, [])
+    phase = Phase(f"raw ORT b={batch}{suffix}", rnd, 0, 0.0, [])
     with measured(phase):
         t0 = time.perf_counter()
         deadline = t0 + seconds
@@ -432,18 +332,49 @@ def write_serve_config(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     (app,) = [a for a in raw["applications"] if a.get("import_path") == "serving.app:build"]
     (runner,) = [d for d in app["deployments"] if d["name"] == "ModelRunner"]
     user = runner.setdefault("user_config", {})
-    user["max_batch_size"] = args.max_batch_size
-    user["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
-    user["intra_op_threads"] = args.intra_op_threads
+    for knob, value in (
+        ("max_batch_size", args.max_batch_size),
+        ("batch_wait_timeout_s", None if args.batch_wait_ms is None else args.batch_wait_ms / 1000),
+        ("intra_op_threads", args.intra_op_threads),
+        ("capacity", args.capacity),
+        ("allow_spinning", None if args.allow_spinning is None else bool(args.allow_spinning)),
+        ("hold_while_computing", None if args.hold is None else bool(args.hold)),
+    ):
+        if value is not None:  # else serve.yaml's value (or RunnerConfig's default)
+            user[knob] = value
     cfg = RunnerConfig.model_validate(user)
+    user.update(
+        cfg.model_dump(
+            mode="json",
+            include={
+                "max_batch_size",
+                "batch_wait_timeout_s",
+                "intra_op_threads",
+                "capacity",
+                "allow_spinning",
+                "hold_while_computing",
+            },
+        )
+    )
+    user["admitted"] = cfg.admitted  # reported only; removed from the file below
     runner["max_ongoing_requests"] = max(
         int(runner.get("max_ongoing_requests", 0)), cfg.admitted + cfg.max_queued
     )
+    if args.runner_replicas:
+        scaling = runner.setdefault("autoscaling_config", {})
+        scaling["min_replicas"] = scaling["max_replicas"] = args.runner_replicas
+        scaling.pop("initial_replicas", None)
     if args.no_access_log:
         app["logging_config"] = {"enable_access_log": False}
+    admitted = user.pop("admitted")
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     load_serve_config(path)  # fails here, naming the field, if a knob is out of range
-    return dict(user, max_ongoing_requests=runner["max_ongoing_requests"])
+    return dict(
+        user,
+        admitted=admitted,
+        max_ongoing_requests=runner["max_ongoing_requests"],
+        replicas=args.runner_replicas or runner.get("autoscaling_config", {}).get("max_replicas"),
+    )
 
 
 def free_port() -> int:
@@ -518,197 +449,6 @@ def shutdown_ray() -> None:
         print(f"killed {len(alive)} leftover process(es) of this run", flush=True)
 
 
-# -- report -----------------------------------------------------------------------------------
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-@dataclass
-class Row:
-    path: str
-    rates: list[float]
-    p50: float
-    p99: float
-    ratio: float
-    paired: float
-    busy: float  # ModelRunner ORT busy fraction (Serve paths)
-    busy_rate: float  # img/s while ORT was busy
-    cores: dict[str, float]  # CPU cores used per process role (CPU s / wall s)
-    cpu_ms: float  # CPU ms per image, all processes of this run
-    others: float
-    errors: dict[str, int]
-
-    @property
-    def rate(self) -> float:
-        return statistics.median(self.rates)
-
-
-def summarize(phases: list[Phase]) -> tuple[list[Row], str]:
-    by_path: dict[str, list[Phase]] = collections.defaultdict(list)
-    for p in phases:
-        by_path[p.path].append(p)
-    raw = {k: v for k, v in by_path.items() if k.startswith("raw")}
-    best = max(raw, key=lambda k: statistics.median(p.rate for p in raw[k]))
-    base = statistics.median(p.rate for p in raw[best])
-    base_by_round = {p.round: p.rate for p in raw[best]}
-    rows = []
-    for path, ps in by_path.items():
-        lat = [x for p in ps for x in p.latencies_ms]
-        images = sum(p.images for p in ps) or 1
-        roles: dict[str, float] = collections.defaultdict(float)
-        errors: collections.Counter[str] = collections.Counter()
-        for p in ps:
-            for role, s in p.cpu_s.items():
-                roles[role] += s
-            errors.update(p.errors)
-        busy = sum(p.busy_s for p in ps)
-        wall = sum(p.seconds for p in ps) or 1.0
-        rows.append(
-            Row(
-                path=path,
-                rates=[p.rate for p in ps],
-                p50=_pct(lat, 50),
-                p99=_pct(lat, 99),
-                ratio=statistics.median(p.rate for p in ps) / base,
-                paired=statistics.median(p.rate / base_by_round[p.round] for p in ps),
-                busy=busy / wall if busy else float("nan"),
-                busy_rate=images / busy if busy else float("nan"),
-                cores={r: s / wall for r, s in roles.items()},
-                cpu_ms=1000 * sum(roles.values()) / images,
-                others=statistics.median(p.others_cores for p in ps),
-                errors=dict(errors),
-            )
-        )
-    return rows, best
-
-
-ROLES = ("driver", "ModelRunner", "Api", "proxy", "controller", "raylet", "gcs", "other Ray")
-ROLE_HEAD = ("driver", "Runner", "Api", "proxy", "control", "raylet", "gcs", "Ray etc")
-
-
-def print_report(rows: list[Row], best: str, phases: list[Phase], meta: dict[str, Any]) -> None:
-    print()
-    print(
-        f"Serving benchmark: {meta['model']} input {meta['shape']}, {meta['provider']}; "
-        f"{meta['rounds']} interleaved rounds, medians"
-    )
-    print(
-        f"  ModelRunner user_config: {json.dumps(meta['runner'], sort_keys=True)}\n"
-        f"  handle in flight {meta['handle_in_flight']}, HTTP concurrency {meta['concurrency']}, "
-        f"requests {meta['requests']} or {meta['seconds']:.0f} s per phase; raw ORT threads "
-        f"{meta['raw_threads'] or 'ORT default'}; Ray num_cpus {meta['ray_num_cpus']}; "
-        f"{os.cpu_count()} CPUs\n"
-        f"  niceness: {', '.join(f'{k} {v}' for k, v in meta['nice'].items())}"
-    )
-    print()
-    head = (
-        f"  {'path':15s} {'img/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'vs (a)':>7s} "
-        f"{'paired':>7s} {'ORT busy':>8s} {'busy img/s':>10s}   per round"
-    )
-    print(head)
-    print("  " + "-" * (len(head) - 2))
-    for r in rows:
-        mark = " *" if r.path == best else ""
-        busy = f"{100 * r.busy:7.0f}%" if r.busy == r.busy else f"{'':8s}"
-        busy_rate = f"{r.busy_rate:10.1f}" if r.busy_rate == r.busy_rate else f"{'':10s}"
-        print(
-            f"  {r.path + mark:15s} {r.rate:7.1f} {r.p50:8.1f} {r.p99:8.1f} {r.ratio:6.2f}x "
-            f"{r.paired:6.2f}x {busy} {busy_rate}   "
-            + " ".join(f"{x:.1f}" for x in r.rates)
-            + (f"   errors {r.errors}" if r.errors else "")
-        )
-    print(
-        "  * baseline (a). p50/p99: per request (Serve), per batch call (raw). paired: median of\n"
-        "  per-round ratios. ORT busy: ModelRunner batch compute time / wall time; busy img/s:\n"
-        "  images / that compute time."
-    )
-    print()
-    print("  CPU cores used per process during each path (driver = client + raw ORT):")
-    print(
-        "  "
-        + f"{'path':15s}"
-        + "".join(f"{h:>8s}" for h in ROLE_HEAD)
-        + f"{'total':>8s}{'others':>8s}{'ms/img':>8s}"
-    )
-    for r in rows:
-        cells = "".join(f"{r.cores.get(role, 0.0):8.2f}" for role in ROLES)
-        total = sum(r.cores.values())
-        print(f"  {r.path:15s}{cells}{total:8.2f}{r.others:8.2f}{r.cpu_ms:8.1f}")
-    print("  ms/img: CPU of every process of this run per image; others: the rest of the machine")
-    print()
-    for r in rows:
-        if r.path.startswith("raw"):
-            continue
-        hist: collections.Counter[int] = collections.Counter()
-        for p in phases:
-            if p.path == r.path:
-                hist.update(p.batch_sizes)
-        total = sum(hist.values()) or 1
-        mean = sum(b * n for b, n in hist.items()) / total
-        print(f"  batch sizes Serve formed, {r.path} (requests per size; mean {mean:.1f}):")
-        for b in sorted(hist):
-            share = hist[b] / total
-            print(
-                f"    {b:4d} {hist[b]:6d} {100 * share:5.1f}% ≈{hist[b] / b:5.0f} batches "
-                + "#" * round(40 * share)
-            )
-
-
-def plot(rows: list[Row], best: str, phases: list[Phase], out: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (the table above has every figure)")
-        return None
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
-    names = [r.path for r in rows]
-    colors = [
-        "tab:green" if n == best else "tab:gray" if n.startswith("raw") else "tab:blue"
-        for n in names
-    ]
-    ax1.bar(names, [r.rate for r in rows], color=colors)
-    for i, r in enumerate(rows):
-        ax1.scatter([i] * len(r.rates), r.rates, color="black", s=10, zorder=3)
-        ax1.annotate(f"{r.ratio:.2f}x", (i, r.rate), ha="center", va="bottom", fontsize=9)
-    ax1.set_ylabel("images/s (median; dots: rounds)")
-    ax1.set_title("throughput, ratio vs best raw ORT")
-    ax1.tick_params(axis="x", rotation=30)
-    x = np.arange(len(rows))
-    ax2.bar(x - 0.2, [r.p50 for r in rows], 0.4, label="p50")
-    ax2.bar(x + 0.2, [r.p99 for r in rows], 0.4, label="p99")
-    ax2.set_xticks(x, names, rotation=30)
-    ax2.set_ylabel("ms (per request; raw: per batch call)")
-    ax2.set_title("latency")
-    ax2.legend()
-    serve_rows = [r for r in rows if not r.path.startswith("raw")]
-    width = 0.8 / max(1, len(serve_rows))
-    sizes = sorted({b for p in phases for b in p.batch_sizes})
-    for k, r in enumerate(serve_rows):
-        hist: collections.Counter[int] = collections.Counter()
-        for p in phases:
-            if p.path == r.path:
-                hist.update(p.batch_sizes)
-        total = sum(hist.values()) or 1
-        xs = np.arange(len(sizes)) + (k - (len(serve_rows) - 1) / 2) * width
-        ax3.bar(xs, [hist[b] / total for b in sizes], width, label=r.path)
-    ax3.set_xticks(np.arange(len(sizes)), [str(b) for b in sizes])
-    ax3.set_xlabel("batch size formed by @serve.batch")
-    ax3.set_ylabel("share of requests")
-    ax3.set_title("Serve batch sizes")
-    ax3.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png = out / "bench_serving.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -716,7 +456,7 @@ async def run_rounds(
     args: argparse.Namespace,
     key: str,
     inputs: np.ndarray,
-    session: Any,
+    sessions: dict[str, Any],
     base_url: str,
     phases: list[Phase],
 ) -> None:
@@ -736,8 +476,8 @@ async def run_rounds(
         phases.append(p)
         errs = f"  errors {p.errors}" if p.errors else ""
         print(
-            f"  round {p.round + 1}/{args.rounds} {p.path:13s} {p.images:4d} img in "
-            f"{p.seconds:5.1f} s = {p.rate:6.1f} img/s  p50 {_pct(p.latencies_ms, 50):7.1f} ms  "
+            f"  round {p.round + 1}/{args.rounds} {p.path:19s} {p.images:4d} img in "
+            f"{p.seconds:5.1f} s = {p.rate:6.1f} img/s  p50 {pct(p.latencies_ms, 50):7.1f} ms  "
             f"load {p.loadavg:.2f}{errs}",
             flush=True,
         )
@@ -748,8 +488,9 @@ async def run_rounds(
     await closed_loop(handle_call(handle, inputs), 2, START_TIMEOUT_S, 1, None)
 
     for rnd in range(args.rounds):
-        for b in args.raw_batches:
-            report(run_raw(session, inputs, b, args.raw_images, args.seconds, rnd))
+        for suffix, session in sessions.items():
+            for b in args.raw_batches:
+                report(run_raw(session, inputs, b, args.raw_images, args.seconds, rnd, suffix))
         report(
             await run_serve_path("serve handle", handle_call(handle, inputs), args, in_flight, rnd)
         )
@@ -770,11 +511,48 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
     ap.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
     ap.add_argument("--handle-in-flight", type=int, default=0, help="0: --concurrency")
-    ap.add_argument("--max-batch-size", type=int, default=16, help="ModelRunner user_config")
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="ModelRunner user_config")
-    ap.add_argument("--intra-op-threads", type=int, default=0, help="0: ORT decides")
+    ap.add_argument(
+        "--max-batch-size", type=int, default=None, help="ModelRunner user_config; serve.yaml's"
+    )
+    ap.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="ModelRunner user_config; serve.yaml's"
+    )
+    ap.add_argument(
+        "--intra-op-threads", type=int, default=None, help="0: ORT decides; serve.yaml's"
+    )
+    ap.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="ModelRunner user_config: requests admitted to the batcher (0: its default); "
+        "serve.yaml's",
+    )
+    ap.add_argument(
+        "--allow-spinning",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="ModelRunner's ORT threads spin-wait (1) or not (0); serve.yaml's",
+    )
+    ap.add_argument(
+        "--hold",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="ModelRunner hold_while_computing (1: the next batch forms when one ends); "
+        "serve.yaml's",
+    )
+    ap.add_argument(
+        "--raw-spinning",
+        choices=("on", "off", "both"),
+        default="both",
+        help="raw ORT with spin-waiting on (ORT's default), off, or both (rows '... nospin')",
+    )
     ap.add_argument(
         "--raw-batches", default="1,4,8,16", help="raw ORT batch sizes, comma-separated"
+    )
+    ap.add_argument(
+        "--runner-replicas", type=int, default=0, help="ModelRunner replicas; 0: serve.yaml's"
     )
     ap.add_argument("--raw-threads", type=int, default=0, help="raw ORT threads; 0: ORT decides")
     ap.add_argument("--ray-num-cpus", type=int, default=0, help="0: radbridge's default")
@@ -807,7 +585,7 @@ def parse_args() -> argparse.Namespace:
     if args.driver_nice not in ("workers", "keep") and not args.driver_nice.lstrip("-").isdigit():
         raise SystemExit("--driver-nice: 'workers', 'keep' or a number")
     for opt in ("requests", "raw_images", "concurrency", "max_batch_size"):
-        if getattr(args, opt) < 1:
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
             raise SystemExit(f"--{opt.replace('_', '-')} must be >= 1")
     return args
 
@@ -833,8 +611,11 @@ def main() -> None:
         key, shape, onnx_path = install_model(args.model, root / "models", root / "export")
         print(f"model {key} {list(shape)} installed in {time.monotonic() - t0:.1f} s", flush=True)
         inputs = make_inputs(shape)
-        session = raw_ort_session(onnx_path, args.raw_threads)
-        provider = session.get_providers()[0]
+        spin = {"on": [True], "off": [False], "both": [True, False]}[args.raw_spinning]
+        sessions = {
+            "" if s else " nospin": raw_ort_session(onnx_path, args.raw_threads, s) for s in spin
+        }
+        provider = next(iter(sessions.values())).get_providers()[0]
         runner_cfg = write_serve_config(args, root / "serve.yaml")
         t0 = time.monotonic()
         with center(args, root, root / "serve.yaml") as settings:
@@ -854,12 +635,13 @@ def main() -> None:
                 "raw_images": args.raw_images,
                 "seconds": args.seconds,
                 "raw_threads": args.raw_threads,
+                "raw_spinning": args.raw_spinning,
                 "ray_num_cpus": int(ray.cluster_resources().get("CPU", 0)),
                 "ray_env": args.ray_env,
                 "no_access_log": args.no_access_log,
             }
             meta["nice"] = renice_driver(args.driver_nice)
-            asyncio.run(run_rounds(args, key, inputs, session, base_url, phases))
+            asyncio.run(run_rounds(args, key, inputs, sessions, base_url, phases))
     load_end = loadavg()
     rows, best = summarize(phases)
     print_report(rows, best, phases, meta)
@@ -869,9 +651,10 @@ def main() -> None:
         f"at end: {' '.join(f'{x:.2f}' for x in load_end)}"
     )
     title = (
-        f"{key} {list(shape)} {provider}; batch {args.max_batch_size}, wait "
-        f"{args.batch_wait_ms:g} ms, intra_op {args.intra_op_threads}, concurrency "
-        f"{args.concurrency}; load {load_start[0]:.2f}->{load_end[0]:.2f}"
+        f"{key} {list(shape)} {provider}; batch {runner_cfg['max_batch_size']}, wait "
+        f"{1000 * runner_cfg['batch_wait_timeout_s']:g} ms, intra_op "
+        f"{runner_cfg['intra_op_threads']}, spin {int(runner_cfg['allow_spinning'])}, "
+        f"concurrency {args.concurrency}; load {load_start[0]:.2f}->{load_end[0]:.2f}"
     )
     png = plot(rows, best, phases, out, title)
     result = {

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from dicom_io.identity_map import lookup_pseudonym
 from radbridge.db import Database
+from radbridge.db.tables import StudyRow
+from radbridge.lifecycle import EdgeStudyState
 from tests.conftest import REPO, free_port
 
 AGREEMENT = "demo-hospital-to-center"
@@ -51,15 +54,22 @@ def storescu(
 def wait_for_results(
     stack: dict[str, object], study_uid: str, timeout_s: float = 300
 ) -> dict[str, object]:
-    """The center's results of the study the edge forwarded (original ``study_uid``), once its
-    job is done or failed; fails the test with the stack's log tail if none in time."""
+    """The center's results of the study the edge forwarded (original ``study_uid``), once the
+    job of its latest version is done or failed; fails the test with the stack's log tail if
+    none in time.
+
+    A sender that stalls past the agreement's quiet period makes the edge forward part of the
+    study, then re-open it for the late instances (version 2): the results of version 1 are not
+    the study's. So this waits until the edge holds the study as forwarded (every instance the
+    test sent was acknowledged, so a late one has re-opened it by now) and the center's latest
+    job, which then covers every instance, is done."""
     data, base = Path(str(stack["data"])), str(stack["base"])
     edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
-            if pseudo:
+            if pseudo and _edge_state(edge_db, study_uid) == EdgeStudyState.FORWARDED:
                 r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
                 if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
                     return dict(r.json())
@@ -67,6 +77,16 @@ def wait_for_results(
     finally:
         edge_db.dispose()
     pytest.fail(f"no results in time: {Path(str(stack['log'])).read_text()[-4000:]}")
+
+
+def _edge_state(db: Database, study_uid: str) -> str | None:
+    """The edge's state of the study (original UID), if it holds it."""
+    with db.session() as s:
+        return s.scalars(
+            select(StudyRow.state).where(
+                StudyRow.agreement_id == AGREEMENT, StudyRow.study_uid == study_uid
+            )
+        ).first()
 
 
 @contextmanager

@@ -127,6 +127,13 @@ class ApiConfig(_Strict):
         64, ge=1, description="Instances of study jobs in flight at once per Api replica."
     )
     max_wait_s: dict[Priority, float] = Field(default_factory=_default_max_wait)
+    max_batch_images: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Images one POST /v1/models/{name}/infer-batch may carry (the ModelRunner "
+        "must have room for them: capacity + max_queued).",
+    )
 
 
 class AppArgs(_Strict):
@@ -166,6 +173,7 @@ class ServeConfig:
         self.args = _typed(AppArgs, self.app.args or {}, f"{where}.args")
         self.runner = RunnerConfig()
         self.api = ApiConfig()
+        api_at = f"{where}.deployments[Api].user_config"
         for d in self.app.deployments:
             at = f"{where}.deployments[{d.name}]"
             if d.name not in _USER_CONFIG:
@@ -181,7 +189,13 @@ class ServeConfig:
                 self.runner = typed
                 _check_runner_concurrency(d, typed, at)
             elif isinstance(typed, ApiConfig):
-                self.api = typed
+                self.api, api_at = typed, f"{at}.user_config"
+        room = self.runner.admitted + self.runner.max_queued
+        if self.api.max_batch_images > room:
+            raise ConfigError(
+                f"{api_at}.max_batch_images: {self.api.max_batch_images} > the ModelRunner's "
+                f"capacity + max_queued ({room}): such a request could never be admitted"
+            )
 
     def deploy_schema(self, *, host: str, port: int, settings: dict[str, Any] | None) -> Any:
         """Ray's schema with the installation's bind address and settings filled in."""

@@ -112,8 +112,23 @@ class Inference:
     async def classify_tensor(
         self, key: str, tensor: np.ndarray, priority: str, *, shed: bool
     ) -> Classified:
-        manifest = self.manifests[key]
         out = await self.run(key, tensor, priority, shed=shed)
+        return self._classified(key, tensor, out)
+
+    async def classify_tensors(
+        self, key: str, tensors: np.ndarray, priority: str, *, shed: bool
+    ) -> list[Classified]:
+        """The images of one request (axis 0) in one runner call: served whole or refused
+        whole (:class:`OverloadedError` when sheddable and the runner has no room for all)."""
+        handle = self.runner.options(multiplexed_model_id=key)
+        outs: list[dict[str, Any]] = await _unwrapped(handle.many.remote(tensors, priority, shed))
+        for out in outs:
+            self._observe(key, priority, out)
+        return [self._classified(key, t, out) for t, out in zip(tensors, outs, strict=True)]
+
+    def _classified(self, key: str, tensor: np.ndarray, out: dict[str, Any]) -> Classified:
+        """A runner answer → findings (postprocessing), and the shadow run if one is pinned."""
+        manifest = self.manifests[key]
         t0 = time.perf_counter()
         findings = findings_from_logits(out["logits"], manifest)
         post_s = time.perf_counter() - t0
@@ -136,9 +151,14 @@ class Inference:
         self, key: str, tensor: np.ndarray, priority: str, *, shed: bool
     ) -> dict[str, Any]:
         """One tensor through the ModelRunner's gate and batcher; records the runner metrics."""
-        m = self.manifests[key]
         handle = self.runner.options(multiplexed_model_id=key)
         out: dict[str, Any] = await _unwrapped(handle.remote(tensor, priority, shed))
+        self._observe(key, priority, out)
+        return out
+
+    def _observe(self, key: str, priority: str, out: dict[str, Any]) -> None:
+        """The runner metrics of one image's answer."""
+        m = self.manifests[key]
         labels = (m.name, m.version)
         self.metrics.queue_wait.labels(*labels, priority).observe(out["queue_wait"])
         self.metrics.batch_size.labels(*labels).observe(out["batch_size"])
@@ -146,7 +166,6 @@ class Inference:
             *labels, batch_bucket(out["batch_size"]), out["provider"]
         ).observe(out["seconds"])
         self.metrics.provider_info.labels(*labels, out["provider"]).set(1)
-        return out
 
     # -- shadow ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from dicom_io.header import parse_header
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
+from models.manifest import ModelManifest
 from radbridge.agreements import Priority, load_agreements
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
@@ -50,6 +51,8 @@ from serving.scheduling import PriorityGate
 from serving.schemas import (
     CompleteRequest,
     Finding,
+    InferBatchResponse,
+    InferItem,
     InferResponse,
     InstanceResult,
     JobOut,
@@ -69,16 +72,40 @@ _NPY = ("application/x-npy", "application/octet-stream")
 _BACKLOG_TTL_S = 1.0
 
 
-def _tensor(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """A .npy body → a float32 array of the model's input shape (no pickles, ever)."""
+def _image_shape(manifest: ModelManifest) -> tuple[int | str, ...]:
+    """The model's input shape without its batch axis. A named (dynamic) axis there matches
+    no tensor: the runner stacks a batch, so every image must have the same, fixed shape."""
+    return tuple(manifest.input.shape[1:])
+
+
+def _npy(body: bytes) -> np.ndarray:
+    """A .npy body → its numeric array (no pickles, ever)."""
     try:
         arr = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DatasetError("unparseable", f"not a .npy array: {exc}") from None
-    if tuple(arr.shape) != shape:
-        raise DatasetError("wrong_shape", f"tensor shape {tuple(arr.shape)}, model takes {shape}")
     if not np.issubdtype(arr.dtype, np.number):
         raise DatasetError("wrong_dtype", f"tensor dtype {arr.dtype} is not numeric")
+    return arr
+
+
+def _tensor(body: bytes, shape: tuple[int | str, ...]) -> np.ndarray:
+    """A .npy body → a float32 array of the model's input shape."""
+    arr = _npy(body)
+    if tuple(arr.shape) != shape:
+        raise DatasetError("wrong_shape", f"tensor shape {tuple(arr.shape)}, model takes {shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _tensors(body: bytes, shape: tuple[int | str, ...], most: int) -> np.ndarray:
+    """A .npy body → float32 images of the model's input shape stacked on axis 0 (1..most)."""
+    arr = _npy(body)
+    if arr.ndim == 0 or tuple(arr.shape[1:]) != shape:
+        raise DatasetError(
+            "wrong_shape", f"tensor shape {tuple(arr.shape)}, model takes (N, *{shape})"
+        )
+    if not 1 <= len(arr) <= most:
+        raise DatasetError("wrong_count", f"{len(arr)} images: send 1 to {most} per request")
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -118,6 +145,14 @@ class Api:
     @property
     def manifests(self) -> dict[str, Any]:
         return self.inference.manifests
+
+    def _classifier(self, name: str, version: str | None) -> tuple[str, ModelManifest]:
+        """The version that answers for ``name`` on the sync endpoints (not a segmenter)."""
+        key = self.inference.key_for(name, version)
+        manifest = self.manifests[key]
+        if manifest.task == "segmentation":
+            raise PolicyError(f"{name} is a {manifest.task} model: send the study (STOW-RS)")
+        return key, manifest
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -192,10 +227,7 @@ class Api:
         Retry-After when the runner's queue is full."""
         self._agreement(x_radbridge_agreement)
         t0 = time.perf_counter()
-        key = self.inference.key_for(name, version)
-        manifest = self.manifests[key]
-        if manifest.task == "segmentation":
-            raise PolicyError(f"{name} is a {manifest.task} model: send the study (STOW-RS)")
+        key, manifest = self._classifier(name, version)
         body = await request.body()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         prio = x_radbridge_priority.value
@@ -207,7 +239,7 @@ class Api:
                     )
                 out = await self.inference.classify_encoded(key, body, prio, shed=True)
             elif ctype in _NPY:
-                tensor = _tensor(body, tuple(manifest.input.shape[1:]))
+                tensor = _tensor(body, _image_shape(manifest))
                 out = await self.inference.classify_tensor(key, tensor, prio, shed=True)
             else:
                 raise DatasetError(
@@ -225,6 +257,46 @@ class Api:
             priority=x_radbridge_priority,
             findings=out.findings,
             timings_ms={**out.timings_ms, "total": round(seconds * 1000, 3)},
+            intended_use=manifest.intended_use,
+        )
+
+    @api.post("/v1/models/{name}/infer-batch")
+    async def infer_batch(
+        self,
+        request: Request,
+        name: str = Path(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$"),
+        version: str | None = Query(None, pattern=r"^[A-Za-z0-9._-]{1,32}$"),
+        x_radbridge_agreement: str = Header(...),
+        x_radbridge_priority: Priority = Header(Priority.ROUTINE),
+    ) -> InferBatchResponse:
+        """Input tensors stacked on a first axis (application/x-npy, shape (N, *input shape),
+        N up to ``max_batch_images``) → each one's findings, in order. One HTTP request and one
+        runner call for N images. Sheddable, whole: 503 + Retry-After, nothing computed, when
+        the runner's queue cannot take all N."""
+        self._agreement(x_radbridge_agreement)
+        t0 = time.perf_counter()
+        key, manifest = self._classifier(name, version)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in _NPY:
+            raise DatasetError(
+                "unsupported_media_type", "send application/x-npy: tensors stacked on axis 0"
+            )
+        most = self.config.max_batch_images
+        tensors = _tensors(await request.body(), _image_shape(manifest), most)
+        prio = x_radbridge_priority.value
+        try:
+            outs = await self.inference.classify_tensors(key, tensors, prio, shed=True)
+        except OverloadedError:
+            self.metrics.rejected.labels("infer", prio).inc()
+            raise
+        seconds = time.perf_counter() - t0
+        self.metrics.request.labels(manifest.name, manifest.version, prio, "sync").observe(seconds)
+        return InferBatchResponse(
+            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            provider=outs[0].provider,
+            priority=x_radbridge_priority,
+            results=[InferItem(findings=o.findings, timings_ms=o.timings_ms) for o in outs],
+            timings_ms={"total": round(seconds * 1000, 3)},
             intended_use=manifest.intended_use,
         )
 

@@ -159,14 +159,27 @@ class ModelRunner:
     async def __call__(
         self, tensor: np.ndarray, priority: str = "routine", shed: bool = False
     ) -> dict[str, Any]:
-        if not serve.get_multiplexed_model_id():
-            raise ModelError("no model named: call with multiplexed_model_id='name:version'")
+        """One input tensor (the model's shape without the batch axis) → its logits, with the
+        batch it ran in, the provider and the time it waited."""
+        _model_named()
         async with self.gate.slot(priority, shed=shed) as waited:
             t0 = time.monotonic()
             await self._batcher_open.wait()  # hold_while_computing: join the next batch
             held = time.monotonic() - t0
             out = await self.infer(tensor)
         return {**out, "queue_wait": waited + held}
+
+    async def many(
+        self, tensors: np.ndarray, priority: str = "routine", shed: bool = False
+    ) -> list[dict[str, Any]]:
+        """The images of one request (axis 0), as :meth:`__call__` answers each. Sheddable work
+        is admitted whole or refused whole (503 before any compute); each image then passes the
+        gate and joins batches like a request of its own, beside other requests' images. One
+        handle call instead of one per image: the Api and Ray's transport pay once."""
+        _model_named()
+        if shed:
+            self.gate.check_room(len(tensors), priority)
+        return list(await asyncio.gather(*(self(t, priority, False) for t in tensors)))
 
     async def info(self) -> dict[str, Any]:
         """What runs here: providers per loaded model, the gate's state, any health problem."""
@@ -183,3 +196,8 @@ class ModelRunner:
     def check_health(self) -> None:
         if self._problem:
             raise ModelError(self._problem)
+
+
+def _model_named() -> None:
+    if not serve.get_multiplexed_model_id():
+        raise ModelError("no model named: call with multiplexed_model_id='name:version'")

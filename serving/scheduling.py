@@ -70,6 +70,18 @@ class PriorityGate:
         """A hint for clients: the wait of the whole queue at one batch per second, 1-30 s."""
         return float(min(30, max(1, self.waiting // max(self.capacity, 1))))
 
+    def check_room(self, n: int, priority: str) -> None:
+        """Sheddable work of ``n`` requests that must be served whole (one HTTP request's
+        images): refused with :class:`OverloadedError` unless free slots and the bounded queue
+        hold all of them now. Once admitted they queue as durable work, so such a request is
+        never refused half-served."""
+        room = max(0, self.capacity - self.running) + max(0, self.max_waiting - self.waiting)
+        if n > room:
+            self._count(self.stats.shed, priority)
+            raise OverloadedError(
+                f"{n} requests do not fit: room for {room}", retry_after_s=self.retry_after_s()
+            )
+
     @asynccontextmanager
     async def slot(self, priority: str, *, shed: bool = False) -> AsyncIterator[float]:
         """Hold one of ``capacity`` slots; yields the seconds spent waiting for it."""

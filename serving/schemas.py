@@ -77,6 +77,24 @@ class InferResponse(BaseModel):
     intended_use: str
 
 
+class InferItem(BaseModel):
+    """One image's answer within :class:`InferBatchResponse`."""
+
+    findings: list[Finding]
+    timings_ms: dict[str, float]
+
+
+class InferBatchResponse(BaseModel):
+    """Answer of the synchronous ``POST /v1/models/{name}/infer-batch``."""
+
+    model: dict[str, str]
+    provider: str
+    priority: Priority
+    results: list[InferItem] = Field(description="One per image, in the request's order.")
+    timings_ms: dict[str, float] = Field(description="total: the request, received → answered.")
+    intended_use: str
+
+
 class StudyResults(BaseModel):
     study_uid: str
     job: JobOut

@@ -130,3 +130,31 @@ def test_capacity_is_never_exceeded() -> None:
         return peak
 
     assert asyncio.run(main()) == 3
+
+
+def test_room_for_a_whole_request_counts_free_slots_and_queue() -> None:
+    async def main() -> None:
+        gate = PriorityGate(capacity=2, max_waiting=3)
+        gate.check_room(5, "routine")  # 2 free slots + 3 queue places
+        with pytest.raises(OverloadedError, match="room for 5"):
+            gate.check_room(6, "routine")
+        order: list[str] = []
+        release = asyncio.Event()
+        holders = [asyncio.create_task(_hold(gate, "routine", order, "h1", release))]
+        await asyncio.sleep(0)
+        gate.check_room(4, "stat")  # 1 free slot + 3 queue places
+        holders += [
+            asyncio.create_task(_hold(gate, "routine", order, f"h{i}", release)) for i in (2, 3)
+        ]
+        await asyncio.sleep(0)
+        assert (gate.running, gate.waiting) == (2, 1)
+        gate.check_room(2, "stat")  # no free slot, 2 queue places
+        with pytest.raises(OverloadedError) as refused:
+            gate.check_room(3, "stat")
+        assert refused.value.retry_after_s >= 1
+        assert gate.stats.shed == {"routine": 1, "stat": 1}
+        release.set()
+        await asyncio.gather(*holders)
+        assert gate.running == 0 and order == ["h1", "h2", "h3"]
+
+    asyncio.run(main())

@@ -77,6 +77,15 @@ def test_deploy_schema_fills_bind_address_and_settings() -> None:
             "deployments[ModelRunner].user_config.hold_while_computing",
         ),
         (
+            lambda r: _deployment(r, "Api")["user_config"].update(max_batch_images=300),
+            "deployments[Api].user_config.max_batch_images: 300 > the ModelRunner's capacity "
+            "+ max_queued (272)",
+        ),
+        (
+            lambda r: _deployment(r, "Api")["user_config"].update(max_batch_images=0),
+            "deployments[Api].user_config.max_batch_images",
+        ),
+        (
             lambda r: _deployment(r, "ModelRunner").update(max_ongoing_requests=5),
             "deployments[ModelRunner].max_ongoing_requests: 5 < capacity",
         ),

@@ -3,7 +3,8 @@
 One center per module (starting Ray + Serve costs ~30 s on 2 cores); the tests run in file
 order and the last one leaves the application broken on purpose (a required GPU provider).
 Covers: batches > 1 under concurrent load, STAT before routine under overload, 503 +
-Retry-After on the sync endpoint and on STOW-RS with retries losing nothing, a model-version
+Retry-After on the sync endpoint and on STOW-RS with retries losing nothing, the batch endpoint
+(answers as the single one, refused whole under overload), a model-version
 switch (and shadow) by config without a failed request, and the failing GPU health check.
 """
 
@@ -50,6 +51,9 @@ RUNNER_CONFIG = {
     "max_queued": 12,
     "max_wait_s": {"urgent": 30, "routine": 120},
 }
+# Within the smallest runner queue a test deploys (room for 2): the config check refuses a
+# batch request size the runner could never admit.
+API_CONFIG = {"max_batch_images": 2}
 
 
 class Center:
@@ -84,7 +88,7 @@ class Center:
                 d["user_config"] = {**RUNNER_CONFIG, **(runner or {})}
                 d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
             elif d["name"] == "Api":
-                d["user_config"] = {**d["user_config"], **(api or {})}
+                d["user_config"] = {**d["user_config"], **API_CONFIG, **(api or {})}
                 d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
         path = self.root / f"serve-{time.monotonic_ns()}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -189,6 +193,86 @@ def test_bad_requests_name_the_problem(center: Center) -> None:
         url, content=buf.getvalue(), headers={**h, "content-type": "application/dicom"}
     )
     assert ident.status_code == 400 and ident.json()["reason"] == "not_deidentified"
+
+
+def _npy_of(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _images(shape: tuple[int, ...], n: int) -> np.ndarray:
+    return np.stack([np.random.default_rng(i).random(shape, dtype=np.float32) for i in range(n)])
+
+
+def test_batch_endpoint_answers_each_image_as_the_single_endpoint_does(center: Center) -> None:
+    center.deploy(api={"max_batch_images": 8})
+    base = f"{center.url}/v1/models/{MODEL}"
+    h = {"x-radbridge-agreement": AGREEMENT, "content-type": "application/x-npy"}
+    images = _images(center.shape, 8)
+    singles = [
+        httpx.post(f"{base}/infer", content=_npy_of(images[i]), headers=h, timeout=60).json()
+        for i in (0, 5, 7)
+    ]
+    r = httpx.post(f"{base}/infer-batch", content=_npy_of(images), headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["version"] == "2" and body["provider"] == "CPUExecutionProvider"
+    assert len(body["results"]) == 8 and body["timings_ms"]["total"] > 0
+    for i, single in zip((0, 5, 7), singles, strict=True):  # in the request's order
+        got = {f["label"]: f["probability"] for f in body["results"][i]["findings"]}
+        want = {f["label"]: f["probability"] for f in single["findings"]}
+        assert got.keys() == want.keys()
+        assert all(abs(got[k] - want[k]) < 1e-4 for k in want)
+    sizes = [x["timings_ms"]["batch_size"] for x in body["results"]]
+    assert max(sizes) == RUNNER_CONFIG["max_batch_size"]  # one request's images share batches
+
+    def bad(content: bytes, ctype: str = "application/x-npy") -> httpx.Response:
+        return httpx.post(
+            f"{base}/infer-batch", content=content, headers={**h, "content-type": ctype}
+        )
+
+    too_many = bad(_npy_of(_images(center.shape, 9)))
+    assert too_many.status_code == 400 and too_many.json()["reason"] == "wrong_count"
+    one_image = bad(_npy_of(images[0]))  # no batch axis
+    assert one_image.status_code == 400 and one_image.json()["reason"] == "wrong_shape"
+    empty = bad(_npy_of(images[:0]))
+    assert empty.status_code == 400 and empty.json()["reason"] == "wrong_count"
+    assert bad(b"dicom?", "application/dicom").status_code == 415
+
+
+def test_batch_request_is_refused_whole_when_the_queue_cannot_take_it(center: Center) -> None:
+    from ray import serve
+
+    # As in the STAT test: two slots feeding slow-filling batches, so a flood of durable
+    # requests through the handle waits in the gate, filling the queue past max_queued.
+    center.deploy(runner={"capacity": 2, "batch_wait_timeout_s": 0.2})
+    runner = serve.get_deployment_handle("ModelRunner", app_name="radbridge-center")
+    handle = runner.options(multiplexed_model_id=f"{MODEL}:2")
+
+    def gate() -> tuple[int, int]:
+        info = runner.info.remote().result(timeout_s=30)
+        return sum(info["admitted"].values()), sum(info["shed"].values())
+
+    admitted, shed = gate()
+    tensor = np.random.default_rng(1).random(center.shape, dtype=np.float32)
+    handle.remote(tensor, "routine", False).result(timeout_s=60)
+    flood = [handle.remote(tensor, "routine", False) for _ in range(40)]
+    deadline = time.monotonic() + 30
+    while runner.info.remote().result(timeout_s=30)["waiting"] < 20:
+        assert time.monotonic() < deadline, "the flood never queued in the gate"
+        time.sleep(0.01)
+    url = f"{center.url}/v1/models/{MODEL}/infer-batch"
+    h = {"x-radbridge-agreement": AGREEMENT, "content-type": "application/x-npy"}
+    refused = httpx.post(url, content=_npy_of(_images(center.shape, 2)), headers=h, timeout=60)
+    assert refused.status_code == 503 and float(refused.headers["retry-after"]) >= 1
+    for f in flood:
+        f.result(timeout_s=120)
+    # Refused whole: not one of its images entered the gate; one refusal counted.
+    assert gate() == (admitted + 41, shed + 1)
+    again = httpx.post(url, content=_npy_of(_images(center.shape, 2)), headers=h, timeout=60)
+    assert again.status_code == 200 and len(again.json()["results"]) == 2
+    assert gate() == (admitted + 43, shed + 1)
 
 
 def test_stat_is_served_before_earlier_routine_work_under_overload(center: Center) -> None:

@@ -1,8 +1,8 @@
 """Serving benchmark: raw ONNX Runtime vs the Serve app (handle, HTTP), same model, one run.
 
     .venv/bin/python -m loadtests.bench_serving [--model densenet121|demo] [--rounds 3]
-        [--requests 400] [--seconds 60] [--concurrency 32] [--max-batch-size N]
-        [--batch-wait-ms MS] [--intra-op-threads N] [--allow-spinning 0|1]
+        [--requests 400] [--seconds 60] [--concurrency 32] [--images-per-request 16]
+        [--max-batch-size N] [--batch-wait-ms MS] [--intra-op-threads N] [--allow-spinning 0|1]
         [--raw-spinning on|off|both] [--ray-num-cpus N] [--out DIR]
 
 (``python loadtests/bench_serving.py ...`` works too; ``--help`` lists every option.)
@@ -27,6 +27,9 @@ Paths, measured on that model in one run, interleaved round by round (a, b, c, a
   (default: ``--concurrency``).
 - (c) HTTP ``POST /v1/models/{name}/infer`` (application/x-npy, one tensor) through Serve's
   proxy and the Api, from an httpx async client with ``--concurrency`` requests in flight.
+- (d) HTTP ``POST /v1/models/{name}/infer-batch`` with ``--images-per-request`` N tensors
+  stacked in one .npy (default 16; 0 skips it), ``--concurrency`` / N requests in flight (the
+  same images in flight as (c)); row ``serve HTTP xN``.
 
 Each phase is preceded by an untimed warm-up and bounded by ``--requests`` (images; for (a)
 ``--raw-images`` per batch size) or ``--seconds``, whichever comes first. The center runs as
@@ -234,14 +237,15 @@ def run_raw(
     return phase
 
 
-Call = Callable[[int], Awaitable[dict[str, Any]]]
+Call = Callable[[int], Awaitable[list[dict[str, Any]]]]  # one request → each image's info
 
 
 async def closed_loop(
     call: Call, n: int, seconds: float, concurrency: int, phase: Phase | None
 ) -> None:
     """``concurrency`` workers send requests ``0..n-1`` (or until ``seconds``), each awaiting
-    its answer before sending the next; fills ``phase`` when given (else a warm-up)."""
+    its answer before sending the next; fills ``phase`` when given (else a warm-up). Latency
+    is per request; images, batch sizes and busy time per image of the answers."""
     next_i = 0
     batch_sizes: collections.Counter[int] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
@@ -254,16 +258,17 @@ async def closed_loop(
             i, next_i = next_i, next_i + 1
             s = time.perf_counter()
             try:
-                info = await asyncio.wait_for(call(i), REQUEST_TIMEOUT_S)
+                infos = await asyncio.wait_for(call(i), REQUEST_TIMEOUT_S)
             except Exception as exc:
                 errors[_error_name(exc)] += 1
                 continue
             if phase is not None:
                 phase.latencies_ms.append(1000 * (time.perf_counter() - s))
-                phase.images += 1
-                bs = int(info["batch_size"])
-                batch_sizes[bs] += 1
-                phase.busy_s += float(info["seconds"]) / bs
+                for info in infos:
+                    phase.images += 1
+                    bs = int(info["batch_size"])
+                    batch_sizes[bs] += 1
+                    phase.busy_s += float(info["seconds"]) / bs
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     if phase is not None:
@@ -292,18 +297,21 @@ async def run_serve_path(
     args: argparse.Namespace,
     in_flight: int,
     rnd: int,
+    per_request: int = 1,
 ) -> Phase:
+    """One Serve path: a warm-up, then ``--requests`` images (``per_request`` per request)."""
     await closed_loop(call, in_flight, args.seconds, in_flight, None)  # warm-up
     phase = Phase(path, rnd, 0, 0.0, [])
     with measured(phase):
-        await closed_loop(call, args.requests, args.seconds, in_flight, phase)
+        n = max(1, args.requests // per_request)
+        await closed_loop(call, n, args.seconds, in_flight, phase)
     return phase
 
 
 def handle_call(handle: Any, inputs: np.ndarray) -> Call:
-    async def call(i: int) -> dict[str, Any]:
+    async def call(i: int) -> list[dict[str, Any]]:
         out: dict[str, Any] = await handle.remote(inputs[i % len(inputs)], "routine", False)
-        return out
+        return [out]
 
     return call
 
@@ -311,14 +319,19 @@ def handle_call(handle: Any, inputs: np.ndarray) -> Call:
 def http_call(client: Any, url: str, bodies: list[bytes]) -> Call:
     headers = {"Content-Type": "application/x-npy", "X-Radbridge-Agreement": AGREEMENT}
 
-    async def call(i: int) -> dict[str, Any]:
+    async def call(i: int) -> list[dict[str, Any]]:
         r = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
         if r.status_code != 200:
             raise HttpStatusError(r.status_code, r.text)
-        t = r.json()["timings_ms"]
-        return {"batch_size": t["batch_size"], "seconds": t["inference"] / 1000}
+        body = r.json()
+        # /infer answers one image's timings; /infer-batch one entry per image
+        return [_timing(x["timings_ms"]) for x in body.get("results", [body])]
 
     return call
+
+
+def _timing(t: dict[str, float]) -> dict[str, Any]:
+    return {"batch_size": t["batch_size"], "seconds": t["inference"] / 1000}
 
 
 # -- the center -------------------------------------------------------------------------------
@@ -468,7 +481,10 @@ async def run_rounds(
     )
     name, _, version = key.partition(":")
     url = f"{base_url}/v1/models/{name}/infer?version={version}"
+    batch_url = f"{base_url}/v1/models/{name}/infer-batch?version={version}"
     bodies = [npy_bytes(x) for x in inputs]
+    per = args.images_per_request
+    stacked = [npy_bytes(np.roll(inputs, -i * per, axis=0)[:per]) for i in range(4)] if per else []
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
     in_flight = args.handle_in_flight or args.concurrency
 
@@ -497,6 +513,11 @@ async def run_rounds(
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
             call = http_call(client, url, bodies)
             report(await run_serve_path("serve HTTP", call, args, args.concurrency, rnd))
+            if per:
+                call = http_call(client, batch_url, stacked)
+                batches_in_flight = max(1, args.concurrency // per)  # same images in flight
+                path = f"serve HTTP x{per}"
+                report(await run_serve_path(path, call, args, batches_in_flight, rnd, per))
 
 
 def parse_args() -> argparse.Namespace:
@@ -511,6 +532,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
     ap.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
     ap.add_argument("--handle-in-flight", type=int, default=0, help="0: --concurrency")
+    ap.add_argument(
+        "--images-per-request",
+        type=int,
+        default=16,
+        choices=range(0, 65),
+        metavar="N",
+        help="path (d): POST /v1/models/{name}/infer-batch with N images per request, "
+        "--concurrency/N requests in flight (0: skip it)",
+    )
     ap.add_argument(
         "--max-batch-size", type=int, default=None, help="ModelRunner user_config; serve.yaml's"
     )

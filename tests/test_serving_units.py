@@ -108,3 +108,34 @@ def test_metric_labels_never_carry_free_text() -> None:
         "17-32",
         "33+",
     ]
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_batch_body_is_one_to_most_images_of_the_model_shape() -> None:
+    from serving.ingress import _tensors
+
+    images = _tensors(_npy(np.ones((3, 1, 4, 4), np.float64)), (1, 4, 4), 8)
+    assert images.shape == (3, 1, 4, 4) and images.dtype == np.float32
+    assert images.flags.c_contiguous
+    for body, reason in (
+        (_npy(np.ones((1, 4, 4))), "wrong_shape"),  # one image without the batch axis
+        (_npy(np.ones((3, 1, 4, 5))), "wrong_shape"),
+        (_npy(np.float32(1.0)), "wrong_shape"),
+        (_npy(np.ones((0, 1, 4, 4))), "wrong_count"),
+        (_npy(np.ones((9, 1, 4, 4))), "wrong_count"),
+        (_npy(np.array([["a"] * 4] * 4)), "wrong_dtype"),
+        (b"\x80\x04not npy", "unparseable"),
+    ):
+        with pytest.raises(DatasetError) as err:
+            _tensors(body, (1, 4, 4), 8)
+        assert err.value.reason == reason
+    with pytest.raises(DatasetError) as err:  # a named (dynamic) axis matches no tensor
+        _tensors(_npy(np.ones((2, 1, 4, 4))), (1, "h", 4), 8)
+    assert err.value.reason == "wrong_shape"

@@ -28,8 +28,8 @@ def _with(change: Any) -> dict[str, Any]:
 def test_default_config_is_valid_and_typed() -> None:
     cfg = load_serve_config()
     assert cfg.app.import_path == "serving.app:build"
-    assert cfg.runner.max_batch_size == 16 and cfg.runner.admitted == 16
-    assert cfg.runner.allow_spinning is False and cfg.runner.hold_while_computing is True
+    assert cfg.runner.max_batch_size == 8 and cfg.runner.admitted == 8
+    assert cfg.runner.allow_spinning is True and cfg.runner.hold_while_computing is True
     assert cfg.api.max_queued_instances == 5000
     runner = next(d for d in cfg.app.deployments if d.name == "ModelRunner")
     assert runner.max_ongoing_requests >= cfg.runner.admitted + cfg.runner.max_queued
@@ -79,7 +79,7 @@ def test_deploy_schema_fills_bind_address_and_settings() -> None:
         (
             lambda r: _deployment(r, "Api")["user_config"].update(max_batch_images=300),
             "deployments[Api].user_config.max_batch_images: 300 > the ModelRunner's capacity "
-            "+ max_queued (272)",
+            "+ max_queued (264)",
         ),
         (
             lambda r: _deployment(r, "Api")["user_config"].update(max_batch_images=0),

@@ -78,6 +78,14 @@ def _image_shape(manifest: ModelManifest) -> tuple[int | str, ...]:
     return tuple(manifest.input.shape[1:])
 
 
+def _model_ref(manifest: ModelManifest) -> dict[str, str]:
+    return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _npy(body: bytes) -> np.ndarray:
     """A .npy body → its numeric array (no pickles, ever)."""
     try:
@@ -145,6 +153,13 @@ class Api:
     @property
     def manifests(self) -> dict[str, Any]:
         return self.inference.manifests
+
+    def _answered(self, manifest: ModelManifest, priority: str, t0: float) -> float:
+        """Seconds since ``t0``, recorded as one sync request of ``manifest``."""
+        seconds = time.perf_counter() - t0
+        labels = (manifest.name, manifest.version, priority, "sync")
+        self.metrics.request.labels(*labels).observe(seconds)
+        return seconds
 
     def _classifier(self, name: str, version: str | None) -> tuple[str, ModelManifest]:
         """The version that answers for ``name`` on the sync endpoints (not a segmenter)."""
@@ -229,7 +244,7 @@ class Api:
         t0 = time.perf_counter()
         key, manifest = self._classifier(name, version)
         body = await request.body()
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = _media_type(request)
         prio = x_radbridge_priority.value
         try:
             if ctype == "application/dicom":
@@ -249,10 +264,9 @@ class Api:
         except OverloadedError:
             self.metrics.rejected.labels("infer", prio).inc()
             raise
-        seconds = time.perf_counter() - t0
-        self.metrics.request.labels(manifest.name, manifest.version, prio, "sync").observe(seconds)
+        seconds = self._answered(manifest, prio, t0)
         return InferResponse(
-            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            model=_model_ref(manifest),
             provider=out.provider,
             priority=x_radbridge_priority,
             findings=out.findings,
@@ -276,7 +290,7 @@ class Api:
         self._agreement(x_radbridge_agreement)
         t0 = time.perf_counter()
         key, manifest = self._classifier(name, version)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = _media_type(request)
         if ctype not in _NPY:
             raise DatasetError(
                 "unsupported_media_type", "send application/x-npy: tensors stacked on axis 0"
@@ -289,10 +303,9 @@ class Api:
         except OverloadedError:
             self.metrics.rejected.labels("infer", prio).inc()
             raise
-        seconds = time.perf_counter() - t0
-        self.metrics.request.labels(manifest.name, manifest.version, prio, "sync").observe(seconds)
+        seconds = self._answered(manifest, prio, t0)
         return InferBatchResponse(
-            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            model=_model_ref(manifest),
             provider=outs[0].provider,
             priority=x_radbridge_priority,
             results=[InferItem(findings=o.findings, timings_ms=o.timings_ms) for o in outs],
@@ -455,7 +468,7 @@ class Api:
         first = min(series, key=lambda i: i.instance_id)
         result = InstanceResult(
             sop_instance_uid=first.sop_instance_uid,
-            model={"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+            model=_model_ref(manifest),
             input_sha256=hashlib.sha256(b"".join(sorted(encoded))).hexdigest(),
             provider=stats["provider"],
             findings=[finding],
@@ -481,7 +494,7 @@ class Api:
         m = out.manifest
         result = InstanceResult(
             sop_instance_uid=inst.sop_instance_uid,
-            model={"name": m.name, "version": m.version, "sha256": m.sha256},
+            model=_model_ref(m),
             input_sha256=hashlib.sha256(data).hexdigest(),
             provider=out.provider,
             findings=out.findings,

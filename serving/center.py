@@ -4,39 +4,74 @@ The application is deployed from the Serve config file (:mod:`serving.config`) e
 `serve deploy` and KubeRay do — Serve's controller builds it with ``serving.app:build`` and
 applies the file's deployment options — with the installation's bind address and settings
 filled in.
+
+Start-up is staged so that it survives a small, busy machine (2 cores, model replicas loading):
+
+1. the center's port is checked free before Ray starts (a clear error names the port);
+2. Serve's controller and HTTP proxy start, with proxy health-check limits that suit a loaded
+   machine (:data:`SERVE_ENV_DEFAULTS`), and the start-up waits until the proxy is HEALTHY —
+   if Serve replaced a proxy that was slow to start, the wait simply covers its successor;
+3. only then is the application deployed (model loading no longer starves the proxy's start);
+4. it returns once the application is RUNNING and answers ``/healthz`` through the proxy.
+
+When it cannot start in time, the error says which stage failed and ends with the last lines of
+the proxy's and controller's own logs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import socket
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from radbridge.errors import ModelError
+from radbridge.errors import ConfigError, ModelError
 from radbridge.settings import Settings
 
-__all__ = ["start_center", "stop_center"]
+if TYPE_CHECKING:
+    from ray.serve._private.client import ServeControllerClient
+    from ray.serve.schema import ServeDeploySchema
+
+__all__ = ["SERVE_ENV_DEFAULTS", "start_center", "stop_center"]
 
 log = logging.getLogger("radbridge.center")
 _RADBRIDGE_ERROR = re.compile(r"radbridge\.errors\.(\w+Error: [^\n]+)")
+
+# Serve's defaults declare a proxy dead when its first readiness check takes over 5 s, or when
+# three health checks in a row take over 10 s each; it then kills the proxy and starts another,
+# which may find the port still held. A proxy process importing uvicorn/FastAPI on 2 busy cores
+# takes longer than 5 s. Serve's controller (a process Ray starts) reads these from its
+# environment, so they are set before ray.init; a value already in the environment wins.
+SERVE_ENV_DEFAULTS: dict[str, str] = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10",
+}
+_LOG_TAIL_LINES = 15
 
 
 def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     """Start Ray (local unless ``center.ray_address``) and deploy the app; returns when ready."""
     # Ray must not pick the host's interface address: loopback only unless told otherwise.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for name, value in SERVE_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     import ray
-    from ray.serve._private.api import serve_start
 
     from serving.config import load_serve_config
 
     c = settings.center
     config = load_serve_config(c.serve_config)  # fails here, naming the field, if invalid
+    deadline = time.monotonic() + timeout_s
     if not ray.is_initialized():
         if c.ray_address:
             ray.init(address=c.ray_address, log_to_driver=True)
         else:
+            check_port_free(c.host, c.port)
             ray.init(
                 _node_ip_address="127.0.0.1",
                 num_cpus=c.ray_num_cpus or max(4, os.cpu_count() or 1),
@@ -49,21 +84,72 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
         mode="json", exclude={"edge": True, "center": {"serve_config"}}
     )
     schema = config.deploy_schema(host=c.host, port=c.port, settings=app_settings)
-    client = serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
+    client = _start_serve(schema, deadline)
     deployed_at = time.time()
     client.deploy_apps(schema)
-    _wait_running(config.app.name, deployed_at, timeout_s)
+    _wait_running(config.app.name, deployed_at, deadline)
+    _wait_answers(c.host, c.port, deadline)
     log.info("center serving on http://%s:%d", c.host, c.port)
 
 
-def _wait_running(app_name: str, deployed_at: float, timeout_s: float) -> None:
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` naming the setting when ``host:port`` cannot be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            why = "is in use by another process" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError(
+                f"center.port: {host}:{port} {why}; stop that process or choose another port "
+                "(RADBRIDGE_CENTER__PORT)"
+            ) from None
+
+
+def _start_serve(schema: ServeDeploySchema, deadline: float) -> ServeControllerClient:
+    """Serve's controller and proxy, returned once the proxy is HEALTHY.
+
+    ``serve_start`` waits up to 60 s for the first proxy it made; when Serve replaced that proxy
+    meanwhile (``ActorDiedError``) or it was slow, the controller is up and goes on restarting
+    the proxy by itself, so the wait continues on ``serve.status()`` until ``deadline``.
+    """
+    import ray
+    from ray.serve._private.api import serve_start
+
+    http_options = schema.http_options.model_dump()
+    proxy_location = schema.proxy_location
+    try:
+        client = serve_start(http_options=http_options, proxy_location=proxy_location)
+    except (TimeoutError, ray.exceptions.RayActorError) as exc:
+        log.warning("Serve's first HTTP proxy did not start (%s); waiting for its successor", exc)
+        client = serve_start(http_options=http_options, proxy_location=proxy_location)
+    _wait_proxies_healthy(deadline)
+    return client
+
+
+def _wait_proxies_healthy(deadline: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ProxyStatus
+
+    seen: dict[str, str] = {}
+    while True:
+        proxies = serve.status().proxies
+        seen = {node: str(getattr(st, "value", st)) for node, st in proxies.items()}
+        if proxies and all(st == ProxyStatus.HEALTHY for st in proxies.values()):
+            return
+        if time.monotonic() > deadline:
+            raise ModelError(
+                f"center: Serve's HTTP proxy is not healthy ({seen or 'none started'})"
+                + ray_log_tail()
+            )
+        time.sleep(0.5)
+
+
+def _wait_running(app_name: str, deployed_at: float, deadline: float) -> None:
     """Until this deployment (not a previous one still listed as RUNNING) runs or fails."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    deadline = time.monotonic() + timeout_s
     while True:
         app = serve.status().applications.get(app_name)
         if app is not None and app.last_deployed_time_s < deployed_at - 1:
@@ -79,7 +165,28 @@ def _wait_running(app_name: str, deployed_at: float, timeout_s: float) -> None:
             ] or [_reason(app.message)]
             raise ModelError(f"center {app.status.value}: {'; '.join(problems)[:2000]}")
         if time.monotonic() > deadline:
-            raise ModelError(f"center not running after {timeout_s:.0f}s")
+            state = app.status.value if app is not None else "not deployed yet"
+            raise ModelError(f"center application not running in time ({state})" + ray_log_tail())
+        time.sleep(0.5)
+
+
+def _wait_answers(host: str, port: int, deadline: float) -> None:
+    """Until the app's ``/healthz`` answers 200 through the proxy on ``host:port``."""
+    import httpx
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://{target}:{port}/healthz"
+    last = "no answer"
+    while True:
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        if time.monotonic() > deadline:
+            raise ModelError(f"center: {url} does not answer 200 ({last})" + ray_log_tail())
         time.sleep(0.5)
 
 
@@ -87,6 +194,31 @@ def _reason(message: str) -> str:
     """The radbridge error at the bottom of a replica's traceback, else Serve's first line."""
     found = _RADBRIDGE_ERROR.findall(message or "")
     return found[-1] if found else (message or "").strip().splitlines()[0][:300]
+
+
+def ray_log_tail(lines: int = _LOG_TAIL_LINES) -> str:
+    """The last lines of Serve's proxy and controller logs of this Ray session, for an error."""
+    logs = ray_logs_dir()
+    if logs is None:
+        return ""
+    out = [f"\nRay's logs: {logs}"]
+    for pattern in ("serve/proxy_*.log", "serve/controller_*.log"):
+        files = sorted(logs.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if files:
+            out.append(f"--- {files[-1].name} (last {lines} lines)")
+            out.extend(files[-1].read_text(errors="replace").splitlines()[-lines:])
+    return "\n".join(out)
+
+
+def ray_logs_dir() -> Path | None:
+    """This process's Ray session log folder, when it started or joined one on this machine."""
+    try:
+        import ray._private.worker as worker
+
+        node = worker._global_node
+        return Path(node.get_logs_dir_path()) if node is not None else None
+    except Exception:  # Ray internals moved: no log tail rather than a second failure
+        return None
 
 
 def stop_center() -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,7 +77,7 @@ def wait_for_results(
             time.sleep(1)
     finally:
         edge_db.dispose()
-    pytest.fail(f"no results in time: {Path(str(stack['log'])).read_text()[-4000:]}")
+    pytest.fail(f"no results in time:\n{stack_report(data)}")
 
 
 def _edge_state(db: Database, study_uid: str) -> str | None:
@@ -87,6 +88,24 @@ def _edge_state(db: Database, study_uid: str) -> str | None:
                 StudyRow.agreement_id == AGREEMENT, StudyRow.study_uid == study_uid
             )
         ).first()
+
+
+def stack_report(data: Path, lines: int = 40) -> str:
+    """The last lines of `radbridge up`'s own log and of Ray's (Serve proxy and controller,
+    raylet), for a failing test: why the stack did not start, not only that it did not."""
+    parts = [_tail(data / "up.log", lines)]
+    ray_logs = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    ray_logs = ray_logs / "session_latest" / "logs"
+    for pattern in ("serve/proxy_*.log", "serve/controller_*.log", "raylet.err"):
+        files = sorted(ray_logs.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if files:
+            parts.append(_tail(files[-1], lines // 2))
+    return "\n".join(parts)
+
+
+def _tail(path: Path, lines: int) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(missing)"
+    return f"--- {path} (last {lines} lines)\n" + "\n".join(text.splitlines()[-lines:])
 
 
 @contextmanager
@@ -121,7 +140,7 @@ def running_stack(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                pytest.fail(f"radbridge up exited: {(data / 'up.log').read_text()[-3000:]}")
+                pytest.fail(f"radbridge up exited ({proc.returncode}):\n{stack_report(data)}")
             try:
                 if (
                     httpx.get(f"{base}/healthz", timeout=2).status_code == 200
@@ -132,7 +151,7 @@ def running_stack(
                 pass
             time.sleep(1)
         else:
-            pytest.fail(f"stack not ready: {(data / 'up.log').read_text()[-3000:]}")
+            pytest.fail(f"stack not ready in 300 s:\n{stack_report(data)}")
         yield {"data": data, "ports": ports, "base": base, "env": env, "log": data / "up.log"}
     finally:
         proc.send_signal(signal.SIGINT)

@@ -23,7 +23,7 @@ from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
 from models.phantom_dicom import write_cxr_study
 from tests.conftest import REPO, free_port
-from tests.e2e.stack import running_stack
+from tests.e2e.stack import running_stack, stack_report
 from tests.peers import OrthancPeer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -139,6 +139,5 @@ def _wait_for_sr(
             if tags.get("Modality") == modality:
                 return pydicom.dcmread(BytesIO(pacs.instance_file(inst)))
         time.sleep(2)
-    log = Path(str(stack["log"])).read_text(errors="replace")[-4000:]
-    pytest.fail(f"no SR reached the PACS in time:\n{log}")
+    pytest.fail(f"no SR reached the PACS in time:\n{stack_report(Path(str(stack['data'])))}")
     raise AssertionError  # unreachable

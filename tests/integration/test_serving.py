@@ -138,6 +138,22 @@ async def _post(
     )
 
 
+def test_ray_processes_start_with_the_small_machine_proxy_limits(center: Center) -> None:
+    """Serve's controller reads its proxy health-check limits from the environment of the
+    processes Ray starts: a task on this cluster must see start_center's values."""
+    import ray
+
+    from serving.center import SERVE_ENV_DEFAULTS
+
+    @ray.remote(num_cpus=0)
+    def environment(names: list[str]) -> dict[str, str | None]:
+        return {n: os.environ.get(n) for n in names}
+
+    seen = ray.get(environment.remote(list(SERVE_ENV_DEFAULTS)), timeout=60)
+    assert seen == {n: os.environ.get(n, v) for n, v in SERVE_ENV_DEFAULTS.items()}
+    assert all(v is not None for v in seen.values())
+
+
 def test_sync_endpoint_forms_batches_under_concurrent_load(center: Center) -> None:
     url = f"{center.url}/v1/models/{MODEL}/infer"
 

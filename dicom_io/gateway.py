@@ -14,6 +14,7 @@ from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
 from dicom_io.stow_server import StowServer, build_stow_app
+from dicom_io.structure import Limits
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
 from radbridge.db.agreements import sync_agreements
@@ -50,7 +51,14 @@ class Gateway:
         e = settings.edge
         self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)
         self._tls_context = server_context(e.tls) if e.tls else None  # fails fast on bad files
-        ingestor = Ingestor(self.db, self.store)
+        ingestor = Ingestor(
+            self.db,
+            self.store,
+            max_instance_bytes=e.max_instance_bytes,
+            limits=Limits(
+                max_inflated_bytes=e.max_inflated_bytes, max_pixel_bytes=e.max_pixel_bytes
+            ),
+        )
         self.scp = StorageSCP(
             e.ae_title,
             lambda: self.agreements,

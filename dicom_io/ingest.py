@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
+from dicom_io.structure import Limits, check_structure
 from radbridge.agreements import Agreement
 from radbridge.db.engine import Database
 from radbridge.db.index import find_instance, record_instance, series_for, study_for
@@ -30,9 +31,18 @@ class IngestOutcome:
 
 
 class Ingestor:
-    def __init__(self, db: Database, store: DurableStore) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: DurableStore,
+        *,
+        max_instance_bytes: int = 2 << 30,
+        limits: Limits | None = None,
+    ) -> None:
         self.db = db
         self.store = store
+        self.max_instance_bytes = max_instance_bytes
+        self.limits = limits or Limits()
         self._lock = threading.Lock()  # serialises index updates of one gateway process
 
     def accept(
@@ -44,9 +54,18 @@ class Ingestor:
     ) -> tuple[str, InstanceHeader]:
         """The one receive path of C-STORE and STOW-RS: validate, check policy, store durably.
 
+        Validation first: the size cap, then the whole element structure and the pixel data
+        against the pixel module (:func:`check_structure`), then the header fields the index
+        needs. Nothing that does not parse in full is stored or acknowledged.
         ``header`` may be passed when the caller already parsed ``encoded``.
         Raises ``DatasetError`` / ``StorageError``; each protocol maps them through its table.
         """
+        if len(encoded) > self.max_instance_bytes:
+            raise DatasetError(
+                "instance_too_large",
+                f"instance of {len(encoded)} bytes is over the limit of {self.max_instance_bytes}",
+            )
+        check_structure(encoded, self.limits)
         header = header or parse_header(encoded, declared_sop_class)
         if header.modality not in agreement.modalities:
             raise DatasetError(

@@ -35,7 +35,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_io.ingest import Ingestor
-from dicom_io.statuses import NOT_AUTHORIZED, SUCCESS, status_for
+from dicom_io.statuses import NOT_AUTHORIZED, PROCESSING_FAILURE, SUCCESS, status_for
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.errors import RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label
@@ -219,6 +219,15 @@ class StorageSCP:
             modality = safe_label(header.modality)
         except RadbridgeError as exc:
             return self._failed(agreement, exc, status_for(exc))
+        except Exception as exc:  # never pynetdicom's 0xC211 with a traceback full of values
+            log.error(
+                "C-STORE failed (agreement %s): 0x%04X %s",
+                agreement.id,
+                PROCESSING_FAILURE,
+                type(exc).__name__,
+            )
+            self._metrics.instances.labels(agreement.id, "processing_failure").inc()
+            return PROCESSING_FAILURE
         self._metrics.instance_receive.labels(agreement.id, modality).observe(
             time.perf_counter() - t0
         )

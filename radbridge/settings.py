@@ -74,6 +74,20 @@ class EdgeSettings(BaseModel):
     max_pdu: int = Field(
         262_144, ge=0, description="Largest P-DATA PDU we accept (bytes); 0 means no limit."
     )
+    max_instance_bytes: int = Field(
+        2 << 30, ge=1 << 20, description="Largest encoded instance accepted (0xA701 above)."
+    )
+    max_pixel_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Largest Rows x Columns x Frames x Samples x Bits Allocated / 8 accepted, "
+        "checked before any decoding (0xA702 above).",
+    )
+    max_inflated_bytes: int = Field(
+        32 << 20,
+        ge=1 << 20,
+        description="Largest size a Deflated Explicit VR data set may inflate to (0xA703 above).",
+    )
     stow_port: int = Field(0, ge=0, le=65535, description="DICOMweb STOW-RS port; 0 disables.")
     stow_max_body_bytes: int = Field(
         256 << 20, ge=1 << 20, description="Largest STOW-RS request body accepted (413 above)."

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import subprocess
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ AGREEMENT_ID = "demo-hospital-to-center"
 MAX_CONTEXTS = 128  # presentation contexts in one association (PS3.8: odd IDs 1..255)
 
 SUCCESS, NOT_AUTHORIZED, SOP_CLASS_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0x0124, 0xA900, 0xC000
+TRUNCATED, MALFORMED, PIXEL_MISMATCH = 0xC001, 0xC002, 0xC003
 
 STORAGE_SOP_CLASSES = frozenset(
     str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax
@@ -165,6 +167,11 @@ def expected_status(path: Path, modalities: frozenset[str] = KNOWN_MODALITIES) -
 
     Rules, in the edge's order:
 
+    * 0xC002 when dcmtk's ``dcmdump`` (an independent parser) cannot read the file and meets a
+      non-standard VR on the way, 0xC001 when it cannot for another reason (an element larger
+      than the bytes left);
+    * 0xC003 when pydicom cannot compute the pixel data's expected length from the pixel
+      module, or native Pixel Data is shorter than it;
     * 0xC000 when the SOP Class, SOP Instance, Study Instance or Series Instance UID is
       missing, empty or not a valid UID;
     * 0xA900 when the request's Affected SOP Class UID differs from the dataset's SOP Class
@@ -173,6 +180,11 @@ def expected_status(path: Path, modalities: frozenset[str] = KNOWN_MODALITIES) -
     * 0x0124 when Modality is not one the agreement allows (``modalities``);
     * 0x0000 otherwise.
     """
+    dcmtk = dcmtk_problem(path)
+    if dcmtk is not None:
+        return dcmtk
+    if not _pixel_module_agrees(path):
+        return PIXEL_MISMATCH
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not _valid_uid(ds.get(keyword)):
@@ -184,6 +196,30 @@ def expected_status(path: Path, modalities: frozenset[str] = KNOWN_MODALITIES) -
     if not isinstance(modality, str) or modality.strip() not in modalities:
         return NOT_AUTHORIZED
     return SUCCESS
+
+
+@functools.cache
+def dcmtk_problem(path: Path) -> int | None:
+    """The status dcmtk's dcmdump predicts: None when it reads the file to its end."""
+    done = subprocess.run(["dcmdump", str(path)], capture_output=True, timeout=60)
+    if done.returncode == 0:
+        return None
+    return MALFORMED if b"Non-standard VR" in done.stderr + done.stdout else TRUNCATED
+
+
+def _pixel_module_agrees(path: Path) -> bool:
+    from pydicom.pixels.utils import get_expected_length
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        return True
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+    except (AttributeError, ValueError, TypeError, KeyError):
+        return False
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return True
+    return len(ds.PixelData) >= expected
 
 
 # -- encoded bytes ----------------------------------------------------------------------------

@@ -55,6 +55,9 @@ STATUS_NAMES = {
     0x0124: "refused 0x0124 (modality not in the agreement)",
     0xA900: "refused 0xA900 (SOP class differs from the request's)",
     0xC000: "refused 0xC000 (UID missing or invalid)",
+    0xC001: "refused 0xC001 (truncated: an element runs past the end)",
+    0xC002: "refused 0xC002 (element structure malformed)",
+    0xC003: "refused 0xC003 (Pixel Data disagrees with the pixel module)",
 }
 
 

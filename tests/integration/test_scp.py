@@ -116,7 +116,7 @@ def _send_raw(assoc, dataset_bytes: bytes) -> int:  # type: ignore[no-untyped-de
     return int(rsp.Status)
 
 
-def test_malformed_dataset_gets_c000_and_leaves_nothing(
+def test_malformed_dataset_gets_a_specific_status_and_leaves_nothing(
     scp: tuple[int, Database, Path], tmp_path: Path
 ) -> None:
     port, db, store = scp
@@ -124,15 +124,33 @@ def test_malformed_dataset_gets_c000_and_leaves_nothing(
     del missing.StudyInstanceUID
     missing_path = write_instance(missing, tmp_path / "missing.dcm")
     good = write_instance(make_instance(), tmp_path / "good.dcm")
+    encoded = _dataset_bytes(good)
     assoc = _assoc(port)
-    assert _send_raw(assoc, b"this is not a DICOM data set" * 4) == 0xC000
-    assert _send_raw(assoc, _dataset_bytes(good)[:150]) == 0xC000  # truncated mid-dataset
+    assert _send_raw(assoc, b"this is not a DICOM data set" * 4) == 0xC002  # no valid VR
+    assert _send_raw(assoc, encoded[:150]) == 0xC001  # truncated mid-dataset
+    # Every UID the index needs is there, the pixel data is cut short: parsed in full, refused.
+    assert _send_raw(assoc, encoded[:-100]) == 0xC001
     assert assoc.send_c_store(missing_path).Status == 0xC000
     assoc.release()
     with db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []
         assert s.scalars(select(StudyRow)).all() == []
     assert _dcm_files(store) == [] and list((store / ".staging").iterdir()) == []
+
+
+def test_pixel_data_shorter_than_its_pixel_module_is_refused(
+    scp: tuple[int, Database, Path], tmp_path: Path
+) -> None:
+    port, db, store = scp
+    ds = make_instance()
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]  # well-formed element, half a picture
+    path = write_instance(ds, tmp_path / "half.dcm")
+    assoc = _assoc(port)
+    assert assoc.send_c_store(path).Status == 0xC003
+    assoc.release()
+    with db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []
+    assert _dcm_files(store) == []
 
 
 def test_modality_outside_the_agreement_is_refused(

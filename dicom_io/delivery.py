@@ -128,6 +128,7 @@ class Deliverer:
         timeout_s: float = 60.0,
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
+        auth: httpx.Auth | None = None,
         max_age_s: float = 7 * 86_400.0,
     ) -> None:
         self.db, self.store, self._agreements = db, store, agreements
@@ -139,7 +140,7 @@ class Deliverer:
         # A claimed row is due again after this long: longer than one attempt can take
         # (listing, download, association, store: each bounded by timeout_s).
         self._lease = timedelta(seconds=max(60.0, 5 * timeout_s))
-        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s)
+        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s, auth=auth)
         self._poll_failing: set[str] = set()
 
     def run(self, stop: threading.Event, interval_s: float) -> None:

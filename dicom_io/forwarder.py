@@ -29,7 +29,7 @@ from dicom_io.stow import encode_multipart
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
-from radbridge.errors import DeidentificationError, ForwardError
+from radbridge.errors import DeidentificationError, ForwardError, PolicyError
 from radbridge.lifecycle import EdgeStudyState
 from radbridge.metrics import EdgeMetrics, safe_label
 
@@ -53,12 +53,13 @@ class Forwarder:
         timeout_s: float = 60.0,
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
+        auth: httpx.Auth | None = None,
     ) -> None:
         self.db, self.store, self._agreements = db, store, agreements
         self._secret = master_secret
         self._metrics = metrics
         self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
-        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s)
+        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s, auth=auth)
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -131,6 +132,9 @@ class Forwarder:
         except DeidentificationError as exc:
             self._block(study, f"de-identification refused: {exc}")
             return 0
+        except PolicyError as exc:  # the center refused instances for good: no silent loss
+            self._block(study, str(exc))
+            return 0
         except ForwardError as exc:
             self._retry(study, agreement, str(exc), exc.retry_after_s)
             return 0
@@ -173,7 +177,7 @@ class Forwarder:
         record_pseudonyms(self.db, agreement.id, pseudo.issued)
         for chunk in _chunks(parts, MAX_REQUEST_BYTES):
             body, content_type = encode_multipart(chunk)
-            self._post(
+            resp = self._post(
                 "/v1/studies",
                 content=body,
                 headers={
@@ -181,7 +185,9 @@ class Forwarder:
                     "X-Radbridge-Agreement": agreement.id,
                     "X-Radbridge-Priority": study.priority,
                 },
+                refusals_ok=True,
             )
+            _raise_on_refused_instances(resp)
         elapsed = (utcnow() - study.first_received_at).total_seconds()
         self._post(
             f"/v1/studies/{pseudo_study_uid}/complete",
@@ -229,11 +235,16 @@ class Forwarder:
         self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())
         return data
 
-    def _post(self, path: str, **kwargs: object) -> httpx.Response:
+    def _post(self, path: str, *, refusals_ok: bool = False, **kwargs: object) -> httpx.Response:
+        """POST to the center; ``refusals_ok``: a STOW-RS 409 (every instance refused) is
+        returned for the caller to read, not retried."""
         try:
             resp = self._http.post(path, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise ForwardError(f"center unreachable: {type(exc).__name__}") from None
+        dicom_json = resp.headers.get("content-type", "").startswith("application/dicom+json")
+        if refusals_ok and resp.status_code == 409 and dicom_json:
+            return resp
         if resp.status_code >= 300:
             detail = resp.text[:300].replace("\n", " ")  # the center's answer holds no identity
             raise ForwardError(
@@ -317,6 +328,28 @@ def _chunks(parts: list[bytes], limit: int) -> list[list[bytes]]:
         out[-1].append(p)
         size += len(p)
     return [c for c in out if c]
+
+
+_FAILED_SOP_SEQUENCE, _FAILURE_REASON = "00081198", "00081197"
+
+
+def _raise_on_refused_instances(resp: httpx.Response) -> None:
+    """A STOW-RS answer with a FailedSOPSequence (HTTP 202 some, 409 all): the center refused
+    those instances and will refuse them again, so the study is blocked with the reasons
+    rather than reported forwarded with instances missing."""
+    try:
+        failed = resp.json().get(_FAILED_SOP_SEQUENCE, {}).get("Value", [])
+    except ValueError:
+        raise PolicyError(f"center answered {resp.status_code} without a STOW-RS body") from None
+    if not failed:
+        return
+    reasons = sorted(
+        {f"0x{int(f.get(_FAILURE_REASON, {}).get('Value', [0])[0]):04X}" for f in failed}
+    )
+    raise PolicyError(
+        f"center refused {len(failed)} instance(s) (failure reasons {', '.join(reasons)}; "
+        "0x0111: other bytes under a SOP Instance UID it already holds)"
+    )
 
 
 def _retry_after(resp: httpx.Response) -> float:

@@ -17,6 +17,7 @@ from dicom_io.stow_server import StowServer, build_stow_app
 from dicom_io.structure import Limits
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
+from radbridge.auth import EdgeAuth, ensure_local_identity, load_edge_key
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.metrics import EdgeMetrics
@@ -81,6 +82,14 @@ class Gateway:
             self.stow = StowServer(app, e.host, e.stow_port)
         self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
         self.metrics.disk_free.set_function(self.store.free_bytes)
+        if settings.mode == "local":  # a throwaway identity under the data directory
+            ensure_local_identity(
+                settings.edge_key_file,
+                settings.center_trust_file,
+                e.id,
+                [a.id for a in self.agreements.agreements],
+            )
+        auth = EdgeAuth(load_edge_key(settings.edge_key_file), e.id)
         self.forwarder = Forwarder(
             self.db,
             self.store,
@@ -91,6 +100,7 @@ class Gateway:
             timeout_s=settings.edge.forward_timeout_s,
             retry_base_s=settings.edge.retry_base_s,
             retry_max_s=settings.edge.retry_max_s,
+            auth=auth,
         )
         self.deliverer = Deliverer(
             self.db,
@@ -103,6 +113,7 @@ class Gateway:
             retry_base_s=e.retry_base_s,
             retry_max_s=e.retry_max_s,
             max_age_s=e.delivery_max_age_s,
+            auth=auth,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

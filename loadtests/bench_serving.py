@@ -472,7 +472,9 @@ async def run_rounds(
     sessions: dict[str, Any],
     base_url: str,
     phases: list[Phase],
+    headers: dict[str, str],
 ) -> None:
+    """``headers``: the integration credential the sync endpoints want (radbridge.auth)."""
     import httpx
     from ray import serve
 
@@ -499,7 +501,7 @@ async def run_rounds(
         )
 
     # First requests load the model version in the replica (multiplexing): not timed.
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=headers) as client:
         await closed_loop(http_call(client, url, bodies), 2, START_TIMEOUT_S, 1, None)
     await closed_loop(handle_call(handle, inputs), 2, START_TIMEOUT_S, 1, None)
 
@@ -510,7 +512,9 @@ async def run_rounds(
         report(
             await run_serve_path("serve handle", handle_call(handle, inputs), args, in_flight, rnd)
         )
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async with httpx.AsyncClient(
+            timeout=REQUEST_TIMEOUT_S, limits=limits, headers=headers
+        ) as client:
             call = http_call(client, url, bodies)
             report(await run_serve_path("serve HTTP", call, args, args.concurrency, rnd))
             if per:
@@ -671,7 +675,9 @@ def main() -> None:
                 "no_access_log": args.no_access_log,
             }
             meta["nice"] = renice_driver(args.driver_nice)
-            asyncio.run(run_rounds(args, key, inputs, sessions, base_url, phases))
+            token = (settings.center_trust_file.parent / "integration.token").read_text()
+            auth = {"Authorization": f"Bearer {token}"}
+            asyncio.run(run_rounds(args, key, inputs, sessions, base_url, phases, auth))
     load_end = loadavg()
     rows, best = summarize(phases)
     print_report(rows, best, phases, meta)

@@ -362,7 +362,9 @@ def up() -> None:
     table.add_row("edge /metrics", f"http://{s.edge.metrics_host}:{s.edge.metrics_port}/metrics")
     base = f"http://{s.center.host}:{s.center.port}"
     table.add_row("center API", f"{base}/v1/studies/{{study_uid}}/results")
-    table.add_row("center /metrics", f"{base}/metrics")
+    table.add_row(
+        "center /metrics", f"{base}/metrics (bearer: {s.center_trust_file.parent}/operator.token)"
+    )
     table.add_row("data", str(s.data_dir))
     console.print(table)
     console.print("try: [bold]radbridge demo[/] (in another shell); Ctrl-C stops")
@@ -387,6 +389,7 @@ def demo(
     from dicom_io.scu import send_files
     from models.phantom_dicom import write_cxr_study
     from radbridge.agreements import load_agreements
+    from radbridge.auth import EdgeAuth, load_edge_key
     from radbridge.db.engine import Database
 
     s = _settings()
@@ -420,7 +423,9 @@ def demo(
     deadline = time.monotonic() + timeout
     base = f"http://{s.center.host}:{s.center.port}"
     done: dict[str, dict] = {}
-    with httpx.Client(base_url=base, timeout=10) as http:
+    # The demo reads the results as this machine's edge does: with the edge's own key.
+    auth = EdgeAuth(load_edge_key(s.edge_key_file), s.edge.id)
+    with httpx.Client(base_url=base, timeout=10, auth=auth) as http:
         while pending.keys() - done.keys() and time.monotonic() < deadline:
             for uid in pending.keys() - done.keys():
                 pseudo = lookup_pseudonym(edge_db, agreement.id, "uid", uid)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 __all__ = [
     "AgreementError",
+    "AuthError",
     "ConfigError",
     "DatasetError",
     "DeidentificationError",
+    "ForbiddenError",
     "ForwardError",
     "ModelError",
     "NotFoundError",
@@ -99,3 +101,11 @@ class ModelError(RadbridgeError):
 
 class NotFoundError(RadbridgeError):
     """A requested object does not exist."""
+
+
+class AuthError(RadbridgeError):
+    """The caller did not prove who it is (HTTP 401; one message whatever the reason)."""
+
+
+class ForbiddenError(RadbridgeError):
+    """The caller is known but its role may not use this route (HTTP 403)."""

@@ -206,6 +206,13 @@ class CenterMetrics:
             ["endpoint", "priority"],
             registry=r,
         )
+        self.refused = Counter(
+            "radbridge_center_refused_requests_total",
+            "Requests refused at the trust boundary: unauthenticated (401), forbidden (403: "
+            "role), other_agreement (404: an agreement the caller may not act for).",
+            ["reason"],
+            registry=r,
+        )
         self.backlog = Gauge(
             "radbridge_center_backlog_instances",
             "Instances of queued or running study jobs (the bound of STOW-RS admission).",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
@@ -24,6 +25,8 @@ from radbridge.errors import ConfigError
 __all__ = ["DEV_SECRET", "CenterSettings", "EdgeSettings", "Settings", "load_settings"]
 
 DEV_SECRET = "radbridge-local-development-secret"
+# Example values in the repository (k8s/overlays/dev/example-secrets.yaml) start with these.
+EXAMPLE_PREFIXES = ("example-", "changeme", "change-me")
 DEFAULT_AGREEMENTS = Path(__file__).parent / "defaults" / "agreements.yaml"
 
 
@@ -48,6 +51,16 @@ class EdgeSettings(BaseModel):
     database_url: str | None = Field(None, description="Default: SQLite in data_dir/edge.")
     store_dir: Path | None = Field(None, description="Default: data_dir/edge/store.")
     center_url: str = Field("http://127.0.0.1:8000", description="Where de-identified studies go.")
+    id: str = Field(
+        "local-edge",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="This edge's identity at the center (the trust file's edges[].id).",
+    )
+    key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) this edge signs its requests to the center with; "
+        "default data_dir/keys/edge-ed25519.pem (created in local mode).",
+    )
     master_secret: SecretStr = Field(
         SecretStr(DEV_SECRET), description="Root key of per-agreement pseudonym keys."
     )
@@ -103,6 +116,21 @@ class CenterSettings(BaseModel):
     database_url: str | None = Field(None, description="Default: SQLite in data_dir/center.")
     store_dir: Path | None = Field(None, description="Default: data_dir/center/store.")
     ray_address: str | None = Field(None, description="None starts a local Ray instance.")
+    trust_file: Path | None = Field(
+        None,
+        description="Who may call the center (edges' public keys and agreements, operator and "
+        "integration secret hashes); default data_dir/keys/center-trust.yaml (created in local "
+        "mode, see radbridge.auth).",
+    )
+    auth_max_failures: int = Field(
+        20,
+        ge=1,
+        description="Failed authentications from one address within a minute before it is "
+        "locked out for a minute (every request answered 401, good credentials too).",
+    )
+    max_body_bytes: int = Field(
+        256 << 20, ge=1 << 20, description="Largest request body the center reads (413 above)."
+    )
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray.")
     serve_config: Path | None = Field(
         None,
@@ -156,15 +184,36 @@ class Settings(BaseSettings):
             self.center.store_dir = data / "center" / "store"
         if self.center.database_url is None:
             self.center.database_url = f"sqlite:///{data / 'center' / 'center.db'}"
+        if self.edge.key_file is None:
+            self.edge.key_file = data / "keys" / "edge-ed25519.pem"
+        if self.center.trust_file is None:
+            self.center.trust_file = data / "keys" / "center-trust.yaml"
+        self.edge.key_file = self.edge.key_file.resolve()
+        self.center.trust_file = self.center.trust_file.resolve()
         self.model_repository = self.model_repository.resolve()
         self.edge.store_dir = self.edge.store_dir.resolve()
         self.center.store_dir = self.center.store_dir.resolve()
-        if self.mode != "local" and self.edge.master_secret.get_secret_value() == DEV_SECRET:
-            raise ValueError(
-                "edge.master_secret: the built-in development secret is refused outside "
-                "local mode; set RADBRIDGE_EDGE__MASTER_SECRET"
-            )
+        if self.mode != "local":
+            self._check_production()
         return self
+
+    def _check_production(self) -> None:
+        secret = self.edge.master_secret.get_secret_value()
+        if secret == DEV_SECRET or secret.startswith(EXAMPLE_PREFIXES):
+            raise ValueError(
+                "edge.master_secret: the built-in development secret or an example value from "
+                "the repository is refused outside local mode; set RADBRIDGE_EDGE__MASTER_SECRET"
+            )
+        if len(secret.encode("utf-8")) < 32:
+            raise ValueError("edge.master_secret: at least 32 bytes outside local mode")
+        url = urlparse(self.edge.center_url)
+        same_namespace = url.scheme == "http" and "." not in (url.hostname or ".")
+        if url.scheme != "https" and not same_namespace:
+            raise ValueError(
+                "edge.center_url: outside local mode the edge talks to the center over TLS "
+                "(https://) only; plain http:// is left to a Service name of the same "
+                "Kubernetes namespace (no dots), whose traffic stays inside the cluster"
+            )
 
     # Typed accessors for the derived values (never None after validation).
     @property
@@ -181,6 +230,16 @@ class Settings(BaseSettings):
     def center_db_url(self) -> str:
         assert self.center.database_url is not None
         return self.center.database_url
+
+    @property
+    def edge_key_file(self) -> Path:
+        assert self.edge.key_file is not None
+        return self.edge.key_file
+
+    @property
+    def center_trust_file(self) -> Path:
+        assert self.center.trust_file is not None
+        return self.center.trust_file
 
     @property
     def edge_store(self) -> Path:

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from radbridge.agreements import load_agreements
+from radbridge.auth import ensure_local_identity, load_trust
 from radbridge.errors import ConfigError, ModelError
 from radbridge.settings import Settings
 
@@ -46,7 +48,15 @@ _RADBRIDGE_ERROR = re.compile(r"radbridge\.errors\.(\w+Error: [^\n]+)")
 # which may find the port still held. A proxy process importing uvicorn/FastAPI on 2 busy cores
 # takes longer than 5 s. Serve's controller (a process Ray starts) reads these from its
 # environment, so they are set before ray.init; a value already in the environment wins.
+#
+# And the root of the starvation: Ray starts every worker process (the Serve controller, the
+# HTTP proxy, the replicas) at nice 15, so on a small machine any process at normal priority —
+# the edge gateway in the same `radbridge up`, a test runner, a busy PACS peer — takes the CPU
+# from the proxy while it should answer its health checks (measured: two nice-0 busy loops left
+# the proxy and replicas 3 % of a core). The center's processes are the service, not
+# background work: they run at normal priority (RAY_worker_niceness, Ray's own setting).
 SERVE_ENV_DEFAULTS: dict[str, str] = {
+    "RAY_worker_niceness": "0",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10",
@@ -66,6 +76,14 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
 
     c = settings.center
     config = load_serve_config(c.serve_config)  # fails here, naming the field, if invalid
+    if settings.mode == "local":  # a throwaway identity under the data directory
+        ensure_local_identity(
+            settings.edge_key_file,
+            settings.center_trust_file,
+            settings.edge.id,
+            [a.id for a in load_agreements(settings.agreements_file).agreements],
+        )
+    load_trust(settings.center_trust_file)  # fails here, naming the field, if invalid
     deadline = time.monotonic() + timeout_s
     if not ray.is_initialized():
         if c.ray_address:

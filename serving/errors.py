@@ -6,8 +6,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from radbridge.errors import (
+    AuthError,
     ConfigError,
     DatasetError,
+    ForbiddenError,
     ModelError,
     NotFoundError,
     OverloadedError,
@@ -19,6 +21,8 @@ from radbridge.errors import (
 __all__ = ["http_status_for", "radbridge_error_handler"]
 
 _TABLE: tuple[tuple[type[RadbridgeError], int], ...] = (
+    (AuthError, 401),
+    (ForbiddenError, 403),
     (DatasetError, 400),
     (NotFoundError, 404),
     (PolicyError, 409),
@@ -32,6 +36,8 @@ _TABLE: tuple[tuple[type[RadbridgeError], int], ...] = (
 def http_status_for(exc: RadbridgeError) -> int:
     if isinstance(exc, DatasetError) and exc.reason == "unsupported_media_type":
         return 415
+    if isinstance(exc, DatasetError) and exc.reason == "body_too_large":
+        return 413
     for cls, code in _TABLE:
         if isinstance(exc, cls):
             return code
@@ -46,4 +52,6 @@ async def radbridge_error_handler(_request: Request, exc: Exception) -> JSONResp
     headers = {}
     if isinstance(exc, OverloadedError):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if isinstance(exc, AuthError):
+        headers["WWW-Authenticate"] = 'Bearer realm="radbridge-center"'
     return JSONResponse(body, status_code=http_status_for(exc), headers=headers)

@@ -30,11 +30,13 @@ from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest
 from radbridge.agreements import Priority, load_agreements
+from radbridge.auth import Caller, Role, Verifier, load_trust
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.db.tables import utcnow
 from radbridge.errors import (
     DatasetError,
+    ForbiddenError,
     NotFoundError,
     OverloadedError,
     PolicyError,
@@ -42,7 +44,7 @@ from radbridge.errors import (
 )
 from radbridge.metrics import CenterMetrics, safe_label
 from radbridge.settings import Settings
-from serving import jobs, result_objects
+from serving import boundary, jobs, result_objects
 from serving.config import ApiConfig
 from serving.errors import radbridge_error_handler
 from serving.inference import Inference
@@ -117,6 +119,9 @@ def _tensors(body: bytes, shape: tuple[int | str, ...], most: int) -> np.ndarray
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+api.middleware("http")(boundary.authenticate)
+
+
 @serve.deployment(name="Api", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Api:
@@ -127,11 +132,16 @@ class Api:
         runner: DeploymentHandle,
     ) -> None:
         self.settings = settings
+        self.verifier = Verifier(
+            load_trust(settings.center_trust_file),
+            max_failures=settings.center.auth_max_failures,
+        )
         self.agreements = load_agreements(settings.agreements_file)
         self.db = Database(settings.center_db_url)
         sync_agreements(self.db, self.agreements)
         self.store = DurableStore(settings.center_store)
         self.metrics = CenterMetrics()
+        boundary.install(self.verifier, self.metrics, open_docs=settings.mode == "local")
         self.inference = Inference(
             settings.models_dir, preprocessor, runner, self.metrics, self.store
         )
@@ -178,9 +188,11 @@ class Api:
         x_radbridge_agreement: str = Header(...),
         x_radbridge_priority: Priority = Header(Priority.ROUTINE),
     ) -> Response:
-        agreement = self._agreement(x_radbridge_agreement)
+        caller = self._caller(request, Role.EDGE)
+        agreement = self._agreement(caller, x_radbridge_agreement)
         await self._admit(x_radbridge_priority)
-        parts = decode_multipart(await request.body(), request.headers.get("content-type", ""))
+        body = await self._body(request)
+        parts = decode_multipart(body, request.headers.get("content-type", ""))
         outcome = await asyncio.to_thread(receive_instances, self.db, self.store, agreement, parts)
         for h in outcome.stored:
             self.metrics.instances_received.labels(agreement, safe_label(h.modality)).inc()
@@ -192,8 +204,8 @@ class Api:
         )
 
     @api.post("/v1/studies/{study_uid}/complete", status_code=202)
-    async def complete(self, study_uid: str, body: CompleteRequest) -> JobOut:
-        self._agreement(body.agreement_id)
+    async def complete(self, request: Request, study_uid: str, body: CompleteRequest) -> JobOut:
+        self._agreement(self._caller(request, Role.EDGE), body.agreement_id)
         job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
         if created:
             self._spawn(job.id)
@@ -206,26 +218,31 @@ class Api:
         )
 
     @api.get("/v1/studies/{study_uid}/results")
-    async def results(self, study_uid: str) -> StudyResults:
-        return await asyncio.to_thread(jobs.study_results, self.db, study_uid)
+    async def results(self, request: Request, study_uid: str) -> StudyResults:
+        caller = self._caller(request, Role.EDGE)
+        return await asyncio.to_thread(jobs.study_results, self.db, study_uid, caller.agreements)
 
     @api.get("/v1/agreements/{agreement_id}/result-objects")
     async def list_result_objects(
         self,
+        request: Request,
         agreement_id: str,
         after: int = Query(0, ge=0),
         limit: int = Query(100, ge=1, le=1000),
     ) -> ResultObjectList:
         """Result objects (SR, SEG) after a cursor; the edge pulls them (it opens the link)."""
-        self._agreement(agreement_id)
+        self._agreement(self._caller(request, Role.EDGE), agreement_id)
         objects = await asyncio.to_thread(
             result_objects.list_objects, self.db, agreement_id, after, limit
         )
         return ResultObjectList(objects=objects)
 
     @api.get("/v1/result-objects/{object_id}")
-    async def get_result_object(self, object_id: int) -> FileResponse:
-        path = await asyncio.to_thread(result_objects.object_path, self.db, object_id)
+    async def get_result_object(self, request: Request, object_id: int) -> FileResponse:
+        caller = self._caller(request, Role.EDGE)
+        path = await asyncio.to_thread(
+            result_objects.object_path, self.db, object_id, caller.agreements
+        )
         return FileResponse(self.store.path(path), media_type="application/dicom")
 
     @api.post("/v1/models/{name}/infer")
@@ -239,13 +256,16 @@ class Api:
     ) -> InferResponse:
         """One DICOM instance (application/dicom) or one input tensor (application/x-npy, the
         model's input shape without the batch axis) → the model's findings. Sheddable: 503 +
-        Retry-After when the runner's queue is full."""
-        self._agreement(x_radbridge_agreement)
+        Retry-After when the runner's queue is full. Integrations only; the priority is capped
+        at the caller's ``max_priority``."""
+        caller = self._caller(request, Role.INTEGRATION)
+        self._agreement(caller, x_radbridge_agreement)
         t0 = time.perf_counter()
         key, manifest = self._classifier(name, version)
-        body = await request.body()
+        body = await self._body(request)
         ctype = _media_type(request)
-        prio = x_radbridge_priority.value
+        priority = caller.capped(x_radbridge_priority)
+        prio = priority.value
         try:
             if ctype == "application/dicom":
                 if not (await asyncio.to_thread(parse_header, body)).identity_removed:
@@ -268,7 +288,7 @@ class Api:
         return InferResponse(
             model=_model_ref(manifest),
             provider=out.provider,
-            priority=x_radbridge_priority,
+            priority=priority,
             findings=out.findings,
             timings_ms={**out.timings_ms, "total": round(seconds * 1000, 3)},
             intended_use=manifest.intended_use,
@@ -287,7 +307,8 @@ class Api:
         N up to ``max_batch_images``) → each one's findings, in order. One HTTP request and one
         runner call for N images. Sheddable, whole: 503 + Retry-After, nothing computed, when
         the runner's queue cannot take all N."""
-        self._agreement(x_radbridge_agreement)
+        caller = self._caller(request, Role.INTEGRATION)
+        self._agreement(caller, x_radbridge_agreement)
         t0 = time.perf_counter()
         key, manifest = self._classifier(name, version)
         ctype = _media_type(request)
@@ -296,8 +317,9 @@ class Api:
                 "unsupported_media_type", "send application/x-npy: tensors stacked on axis 0"
             )
         most = self.config.max_batch_images
-        tensors = _tensors(await request.body(), _image_shape(manifest), most)
-        prio = x_radbridge_priority.value
+        tensors = _tensors(await self._body(request), _image_shape(manifest), most)
+        priority = caller.capped(x_radbridge_priority)
+        prio = priority.value
         try:
             outs = await self.inference.classify_tensors(key, tensors, prio, shed=True)
         except OverloadedError:
@@ -307,7 +329,7 @@ class Api:
         return InferBatchResponse(
             model=_model_ref(manifest),
             provider=outs[0].provider,
-            priority=x_radbridge_priority,
+            priority=priority,
             results=[InferItem(findings=o.findings, timings_ms=o.timings_ms) for o in outs],
             timings_ms={"total": round(seconds * 1000, 3)},
             intended_use=manifest.intended_use,
@@ -319,7 +341,8 @@ class Api:
         return {"status": "ok", "models": sorted(self.manifests)}
 
     @api.get("/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
+        self._caller(request, Role.OPERATOR)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def check_health(self) -> None:
@@ -343,11 +366,37 @@ class Api:
                 retry_after_s=self.config.retry_after_s,
             )
 
-    def _agreement(self, agreement_id: str) -> str:
+    def _caller(self, request: Request, *roles: Role) -> Caller:
+        """The caller :func:`authenticate` established, if in one of ``roles`` (else 403)."""
+        caller: Caller = request.state.caller
+        if caller.role not in roles:
+            self.metrics.refused.labels("forbidden").inc()
+            raise ForbiddenError(f"a {caller.role.value} may not use this route")
+        return caller
+
+    def _agreement(self, caller: Caller, agreement_id: str) -> str:
+        """The agreement, if the caller may act for it (else 404, as a missing one)."""
         a = self.agreements.get(agreement_id)
-        if a is None or not a.is_active():
-            raise PolicyError("no active agreement with that id")
+        if a is None or not caller.may_act_for(a.id):
+            self.metrics.refused.labels("other_agreement").inc()
+            raise NotFoundError("no agreement with that id")
+        if not a.is_active():
+            raise PolicyError("the agreement is not active")
         return a.id
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (413) past ``center.max_body_bytes`` before it is read."""
+        limit = self.settings.center.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise DatasetError("body_too_large", f"request body over {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise DatasetError("body_too_large", f"request body over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _resume(self) -> None:
         if self._resumed:

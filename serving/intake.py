@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from dicom_io.header import InstanceHeader, parse_header
@@ -14,8 +15,14 @@ from radbridge.lifecycle import CenterStudyState
 
 __all__ = ["StowOutcome", "receive_instances", "stow_response"]
 
-# PS3.18 Table 10.5.3-1 failure reasons
-_FAILURE_REASON = {"not_deidentified": 0xC000, "unparseable": 0xC000, "missing_uid": 0xC000}
+# PS3.18 Table 10.5.3-1 failure reasons; 0x0111 Duplicate SOP Instance (PS3.7 C.4.2): other
+# bytes under a SOP Instance UID the center already holds.
+_FAILURE_REASON = {
+    "not_deidentified": 0xC000,
+    "unparseable": 0xC000,
+    "missing_uid": 0xC000,
+    "conflict": 0x0111,
+}
 
 
 @dataclass
@@ -29,8 +36,10 @@ def receive_instances(
 ) -> StowOutcome:
     outcome = StowOutcome()
     for part in parts:
+        failed_uids: tuple[str | None, str | None] = (None, None)
         try:
             header = parse_header(part)
+            failed_uids = (header.sop_class_uid, header.sop_instance_uid)
             if not header.identity_removed:
                 raise DatasetError(
                     "not_deidentified",
@@ -39,9 +48,10 @@ def receive_instances(
             _store(db, store, agreement_id, header, part)
             outcome.stored.append(header)
         except DatasetError as exc:
-            outcome.failed.append((None, None, _FAILURE_REASON.get(exc.reason, 0xC000), str(exc)))
+            reason = _FAILURE_REASON.get(exc.reason, 0xC000)
+            outcome.failed.append((*failed_uids, reason, str(exc)))
         except RadbridgeError as exc:
-            outcome.failed.append((None, None, 0xA700, str(exc)))
+            outcome.failed.append((*failed_uids, 0xA700, str(exc)))
     return outcome
 
 
@@ -53,6 +63,15 @@ def _store(
         study = study_for(s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING)
         series = series_for(s, study, h.series_uid, h.modality, h.body_part)
         row = find_instance(s, series, h.sop_instance_uid)
+        if row is not None:
+            if row.sha256 == hashlib.sha256(part).hexdigest():
+                study.state = CenterStudyState.RECEIVING
+                return  # the same bytes again: idempotent, nothing rewritten
+            # Never overwrite what a result may already describe: a forged or altered re-post
+            # under a known UID would otherwise become a new result version for the hospital.
+            raise DatasetError(
+                "conflict", "other bytes under a SOP Instance UID the center already holds"
+            )
         stored = store.write(relpath, part)
         record_instance(
             s,

@@ -47,10 +47,18 @@ class JobInstance:
     series_id: int = 0
 
 
-def _find_study(s: Any, study_uid: str, agreement_id: str | None = None) -> StudyRow:
+def _find_study(
+    s: Any,
+    study_uid: str,
+    agreement_id: str | None = None,
+    agreements: frozenset[str] | None = None,
+) -> StudyRow:
+    """The study; another tenant's (outside ``agreements``) answers as a missing one."""
     q = select(StudyRow).where(StudyRow.study_uid == study_uid)
     if agreement_id:
         q = q.where(StudyRow.agreement_id == agreement_id)
+    if agreements is not None:
+        q = q.where(StudyRow.agreement_id.in_(sorted(agreements)))
     study = s.scalars(q).first()
     if study is None:
         raise NotFoundError("unknown study")
@@ -184,10 +192,12 @@ def finish_job(db: Database, job_id: int, error: str | None = None) -> None:
         job.finished_at = utcnow()
 
 
-def study_results(db: Database, study_uid: str) -> StudyResults:
-    """The latest job of a study and its per-instance results."""
+def study_results(
+    db: Database, study_uid: str, agreements: frozenset[str] | None = None
+) -> StudyResults:
+    """The latest job of a study and its per-instance results (only of ``agreements``)."""
     with db.session() as s:
-        study = _find_study(s, study_uid)
+        study = _find_study(s, study_uid, agreements=agreements)
         job = s.scalars(
             select(JobRow).where(JobRow.study_id == study.id).order_by(JobRow.id.desc())
         ).first()

@@ -122,10 +122,11 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
         ]
 
 
-def object_path(db: Database, object_id: int) -> str:
+def object_path(db: Database, object_id: int, agreements: frozenset[str] | None = None) -> str:
+    """The stored file of a result object; another tenant's answers as a missing one."""
     with db.session() as s:
         row = s.get(ResultObjectRow, object_id)
-        if row is None:
+        if row is None or (agreements is not None and row.agreement_id not in agreements):
             raise NotFoundError("unknown result object")
         return row.path
 

@@ -18,7 +18,13 @@ def test_local_defaults_derive_absolute_paths(monkeypatch: pytest.MonkeyPatch) -
 def test_production_refuses_the_development_secret() -> None:
     with pytest.raises(ConfigError, match=r"edge\.master_secret"):
         load_settings(mode="production")
-    s = load_settings(mode="production", edge={"master_secret": "a-real-secret-from-vault"})
+    s = load_settings(
+        mode="production",
+        edge={
+            "master_secret": "a-real-secret-from-vault-32-bytes-long",
+            "center_url": "https://center.example",
+        },
+    )
     assert s.mode == "production"
 
 

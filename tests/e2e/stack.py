@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_io.identity_map import lookup_pseudonym
+from radbridge.auth import EdgeAuth, load_edge_key
 from radbridge.db import Database
 from radbridge.db.tables import StudyRow
 from radbridge.lifecycle import EdgeStudyState
@@ -71,7 +72,11 @@ def wait_for_results(
         while time.monotonic() < deadline:
             pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
             if pseudo and _edge_state(edge_db, study_uid) == EdgeStudyState.FORWARDED:
-                r = httpx.get(f"{base}/v1/studies/{pseudo}/results", timeout=10)
+                r = httpx.get(
+                    f"{base}/v1/studies/{pseudo}/results",
+                    auth=stack["edge_auth"],  # type: ignore[arg-type]
+                    timeout=10,
+                )
                 if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
                     return dict(r.json())
             time.sleep(1)
@@ -152,7 +157,16 @@ def running_stack(
             time.sleep(1)
         else:
             pytest.fail(f"stack not ready in 300 s:\n{stack_report(data)}")
-        yield {"data": data, "ports": ports, "base": base, "env": env, "log": data / "up.log"}
+        keys = data / "keys"  # the throwaway local identity `radbridge up` made
+        yield {
+            "data": data,
+            "ports": ports,
+            "base": base,
+            "env": env,
+            "log": data / "up.log",
+            "edge_auth": EdgeAuth(load_edge_key(keys / "edge-ed25519.pem"), "local-edge"),
+            "operator": {"authorization": f"Bearer {(keys / 'operator.token').read_text()}"},
+        }
     finally:
         proc.send_signal(signal.SIGINT)
         try:

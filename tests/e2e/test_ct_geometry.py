@@ -47,7 +47,11 @@ def test_nodule_centre_within_one_voxel_through_the_gateway(tmp_path: Path) -> N
         assert out.returncode == 0, out.stdout + out.stderr
         results: Any = wait_for_results(stack, study_uid, timeout_s=400)
         assert results["job"]["state"] == "done", results["job"]
-        listed = httpx.get(f"{base}/v1/agreements/{AGREEMENT}/result-objects", timeout=10)
+        listed = httpx.get(
+            f"{base}/v1/agreements/{AGREEMENT}/result-objects",
+            auth=stack["edge_auth"],  # type: ignore[arg-type]
+            timeout=10,
+        )
         kinds = sorted(
             o["kind"] for o in listed.json()["objects"] if o["study_uid"] == results["study_uid"]
         )

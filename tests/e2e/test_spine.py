@@ -55,10 +55,15 @@ def prometheus(stack: dict[str, object]) -> Iterator[str]:
     port = free_port()
     config = data / "prometheus.yml"
     jobs = {"edge": ports["metrics"], "center": ports["center"]}
+    # The center's /metrics wants the operator's bearer secret (radbridge.auth).
+    auth = {
+        "center": f"    authorization: {{credentials_file: '{data / 'keys' / 'operator.token'}'}}\n"
+    }
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n"
         + "".join(
             f"  - job_name: {job}\n    static_configs: [{{targets: ['127.0.0.1:{p}']}}]\n"
+            + auth.get(job, "")
             for job, p in jobs.items()
         )
     )
@@ -165,10 +170,15 @@ def test_push_deidentify_infer_and_measure(
         assert {"preprocess", "inference", "postprocess"} <= set(r["timings_ms"])
 
     # The job's TID 1500 SR waits at the center for the edge to pull it back.
-    listed = httpx.get(f"{base}/v1/agreements/{AGREEMENT}/result-objects", timeout=10).json()
+    edge_auth: Any = stack["edge_auth"]
+    listed = httpx.get(
+        f"{base}/v1/agreements/{AGREEMENT}/result-objects", auth=edge_auth, timeout=10
+    ).json()
     mine = [o for o in listed["objects"] if o["study_uid"] == results["study_uid"]]
     assert [(o["kind"], o["version"]) for o in mine] == [("sr", 1)]
-    sr_bytes = httpx.get(f"{base}/v1/result-objects/{mine[0]['id']}", timeout=10).content
+    sr_bytes = httpx.get(
+        f"{base}/v1/result-objects/{mine[0]['id']}", auth=edge_auth, timeout=10
+    ).content
     assert hashlib.sha256(sr_bytes).hexdigest() == mine[0]["sha256"]
     sr = dcmread(BytesIO(sr_bytes))
     assert sr.VerificationFlag == "UNVERIFIED" and sr.StudyInstanceUID == results["study_uid"]
@@ -187,7 +197,8 @@ def test_push_deidentify_infer_and_measure(
     assert scanned >= 3
 
     edge_metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).text
-    center_metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    operator: Any = stack["operator"]
+    center_metrics = httpx.get(f"{base}/metrics", headers=operator, timeout=10).text
     e, c = _histogram_counts(edge_metrics), _histogram_counts(center_metrics)
     assert e["radbridge_edge_instance_receive_seconds_count"] >= 2
     assert e["radbridge_edge_study_forward_seconds_count"] >= 1

@@ -6,6 +6,7 @@ FastAPI app (uvicorn on loopback) so outages and restarts can be staged precisel
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -27,13 +28,13 @@ from dicom_io.identity_map import lookup_pseudonym
 from dicom_io.ingest import Ingestor
 from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
-from dicom_io.stow import decode_multipart
+from dicom_io.stow import decode_multipart, store_status
 from radbridge.agreements import load_agreements, parse_agreements
 from radbridge.db import Database, upgrade
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.tables import JobRow, StudyRow, utcnow
 from serving import jobs
-from serving.intake import receive_instances
+from serving.intake import receive_instances, stow_response
 from serving.schemas import CompleteRequest
 from tests.conftest import REPO, free_port, identity_needles, make_instance
 
@@ -66,7 +67,12 @@ class Center:
                 return Response(status_code=503, headers={"Retry-After": "60"})
             parts = decode_multipart(await request.body(), request.headers["content-type"])
             out = receive_instances(self.db, self.store, x_radbridge_agreement, parts)
-            return Response(status_code=409 if out.failed else 200)
+            # The Serve center's answer: the STOW-RS response body and its status.
+            return Response(
+                json.dumps(stow_response(out)),
+                status_code=store_status(len(out.stored), len(out.failed)),
+                media_type="application/dicom+json",
+            )
 
         @app.post("/v1/studies/{uid}/complete", status_code=202)
         async def complete(uid: str, body: CompleteRequest) -> dict[str, int]:
@@ -370,3 +376,35 @@ def test_mask_agreement_forwards_masked_ultrasound(
     assert us.BurnedInAnnotation == "NO"
     assert "113101" in [c.CodeValue for c in us.DeidentificationMethodCodeSequence]
     assert (us.pixel_array[:20] == 0).all()  # above the region (rows 20..59): black
+
+
+def test_other_bytes_under_a_forwarded_uid_block_the_study_instead_of_vanishing(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """The PACS re-sends an instance with other pixels after the study went out: the center
+    keeps what it holds (0x0111 Duplicate SOP Instance, its file untouched, no new job) and the
+    edge blocks the study with that reason instead of calling it forwarded."""
+    db, store = edge
+    instances = _ingest(db, store, n=2)
+    center = Center(tmp_path)
+    fwd = _forwarder(db, store, center.port)
+    later = utcnow() + timedelta(seconds=5)
+    center.start()
+    try:
+        assert fwd.tick(later) == 1
+        held = {p: p.read_bytes() for p in center.store_dir.rglob("*.dcm")}
+        changed = instances[1]
+        changed.PixelData = bytes(len(changed.PixelData))  # other pixels, same SOP UID
+        buf = BytesIO()
+        changed.save_as(buf, enforce_file_format=True)
+        Ingestor(db, store).ingest(
+            "demo-hospital-to-center", parse_header(buf.getvalue()), buf.getvalue()
+        )
+        assert fwd.tick(later + timedelta(seconds=10)) == 0
+    finally:
+        center.stop()
+    st = _state(db)
+    assert st.state == "blocked" and "0x0111" in (st.last_error or ""), st.last_error
+    assert {p: p.read_bytes() for p in center.store_dir.rglob("*.dcm")} == held
+    with center.db.session() as s:
+        assert len(s.scalars(select(JobRow)).all()) == 1

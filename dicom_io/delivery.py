@@ -57,9 +57,16 @@ from dicom_io.store import DurableStore
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.db.engine import Database
 from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
-from radbridge.errors import NotFoundError, PeerError, RadbridgeError, ReidentificationError
+from radbridge.errors import (
+    NotFoundError,
+    PeerError,
+    RadbridgeError,
+    ReidentificationError,
+    SignatureError,
+)
 from radbridge.lifecycle import DeliveryState
 from radbridge.metrics import EdgeMetrics, safe_label
+from radbridge.signing import ResultVerifier
 
 __all__ = ["PACS_OK_STATUSES", "Deliverer", "ListedObject", "resend_delivery"]
 
@@ -87,6 +94,7 @@ class ListedObject(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     size: int = Field(ge=0)
     created_at: datetime
+    signature: str | None = Field(None, max_length=8192, description="radbridge.signing")
 
     @field_validator("created_at")
     @classmethod
@@ -113,6 +121,7 @@ class _Sent:
     sha256: str
     priority: str
     first_received_at: datetime
+    evidence: str  # the center's signature, verified
 
 
 class Deliverer:
@@ -130,7 +139,12 @@ class Deliverer:
         retry_max_s: float = 300.0,
         auth: httpx.Auth | None = None,
         max_age_s: float = 7 * 86_400.0,
+        results: ResultVerifier,
+        edge_id: str,
     ) -> None:
+        """``results`` verifies the center's signature of each object before anything else
+        is done with it; ``edge_id`` is this edge as the center's signatures name it."""
+        self._results, self._edge_id = results, edge_id
         self.db, self.store, self._agreements = db, store, agreements
         self._calling_ae = calling_ae
         self._metrics = metrics
@@ -348,6 +362,7 @@ class Deliverer:
         study = self._study(d, listed)
         original = self._original(study)
         data = self._download(listed)
+        evidence = self._verify(d, listed, data)  # before a byte of it is parsed
         ds = _parse(data, listed)
         out = reidentify(ds, agreement.id, self.db, original, companions).dataset
         buf = BytesIO()
@@ -366,6 +381,7 @@ class Deliverer:
             hashlib.sha256(buf.getvalue()).hexdigest(),
             study.priority,
             study.first_received_at,
+            evidence,
         )
 
     # -- steps ----------------------------------------------------------------------------
@@ -438,6 +454,32 @@ class Deliverer:
                 f"the original instance of the study cannot be read ({type(exc).__name__})"
             ) from None
 
+    def _verify(self, d: DeliveryRow, listed: ListedObject, data: bytes) -> str:
+        """The center's signature of these bytes, verified; else a permanent failure (the
+        delivery is dead with the reason, nothing reaches the PACS)."""
+        try:
+            self._results.verify(
+                listed.signature,
+                edge_id=self._edge_id,
+                agreement_id=d.agreement_id,
+                sha256=hashlib.sha256(data).hexdigest(),
+                expected={
+                    "sop_instance_uid": listed.sop_instance_uid,
+                    "sop_class_uid": listed.sop_class_uid,
+                    "study_uid": listed.study_uid,
+                    "kind": listed.kind,
+                    "version": listed.version,
+                },
+            )
+        except SignatureError as exc:
+            raise _Failed(
+                "signature",
+                f"result object {listed.id} refused: {exc} ({exc.reason})",
+                permanent=True,
+            ) from None
+        assert listed.signature is not None
+        return listed.signature
+
     def _download(self, listed: ListedObject) -> bytes:
         try:
             resp = self._http.get(f"/v1/result-objects/{listed.id}")
@@ -467,6 +509,7 @@ class Deliverer:
                     delivered_at=at,
                     pacs_status=sent.status,
                     delivered_sha256=sent.sha256,
+                    evidence=sent.evidence,
                     next_attempt_at=None,
                     last_error=None,
                 )

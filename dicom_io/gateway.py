@@ -17,11 +17,13 @@ from dicom_io.stow_server import StowServer, build_stow_app
 from dicom_io.structure import Limits
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
-from radbridge.auth import EdgeAuth, ensure_local_identity, load_edge_key
+from radbridge.auth import EdgeAuth, load_edge_key
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
+from radbridge.identity import prepare_local_identity
 from radbridge.metrics import EdgeMetrics
 from radbridge.settings import Settings
+from radbridge.signing import ResultVerifier, load_center_keys
 
 __all__ = ["Gateway", "quiet_value_echoing_warnings"]
 
@@ -82,14 +84,9 @@ class Gateway:
             self.stow = StowServer(app, e.host, e.stow_port)
         self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
         self.metrics.disk_free.set_function(self.store.free_bytes)
-        if settings.mode == "local":  # a throwaway identity under the data directory
-            ensure_local_identity(
-                settings.edge_key_file,
-                settings.center_trust_file,
-                e.id,
-                [a.id for a in self.agreements.agreements],
-            )
+        prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
         auth = EdgeAuth(load_edge_key(settings.edge_key_file), e.id)
+        results = ResultVerifier(load_center_keys(settings.edge_center_keys_file))
         self.forwarder = Forwarder(
             self.db,
             self.store,
@@ -114,6 +111,8 @@ class Gateway:
             retry_max_s=e.retry_max_s,
             max_age_s=e.delivery_max_age_s,
             auth=auth,
+            results=results,
+            edge_id=e.id,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -167,13 +167,14 @@ class EdgeKey:
     jwk: PublicJWK
 
 
-def load_edge_key(path: Path) -> EdgeKey:
+def load_edge_key(path: Path, field: str = "edge.key_file") -> EdgeKey:
+    """An Ed25519 private key (PEM); ``field`` names the setting in errors."""
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"edge.key_file {path}: cannot be read ({type(exc).__name__})") from None
+        raise ConfigError(f"{field} {path}: cannot be read ({type(exc).__name__})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"edge.key_file {path}: not an Ed25519 private key")
+        raise ConfigError(f"{field} {path}: not an Ed25519 private key")
     return EdgeKey(key, public_jwk(key.public_key()))
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "PolicyError",
     "RadbridgeError",
     "ReidentificationError",
+    "SignatureError",
     "StorageError",
 ]
 
@@ -109,3 +110,13 @@ class AuthError(RadbridgeError):
 
 class ForbiddenError(RadbridgeError):
     """The caller is known but its role may not use this route (HTTP 403)."""
+
+
+class SignatureError(RadbridgeError):
+    """A result object's signature is missing, invalid or not for these bytes; nothing of it
+    may reach the PACS. ``reason``: unsigned, unknown_key, invalid, altered, not_ours,
+    mismatch."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

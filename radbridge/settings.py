@@ -61,6 +61,12 @@ class EdgeSettings(BaseModel):
         description="Ed25519 private key (PEM) this edge signs its requests to the center with; "
         "default data_dir/keys/edge-ed25519.pem (created in local mode).",
     )
+    center_keys_file: Path | None = Field(
+        None,
+        description="The center's public result-signing keys (JWKS); a result object whose "
+        "signature they do not verify never reaches the PACS. Default "
+        "data_dir/keys/center-signing.jwks.json (created in local mode).",
+    )
     master_secret: SecretStr = Field(
         SecretStr(DEV_SECRET), description="Root key of per-agreement pseudonym keys."
     )
@@ -121,6 +127,11 @@ class CenterSettings(BaseModel):
         description="Who may call the center (edges' public keys and agreements, operator and "
         "integration secret hashes); default data_dir/keys/center-trust.yaml (created in local "
         "mode, see radbridge.auth).",
+    )
+    signing_key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) the center signs result objects with; kept out "
+        "of its database. Default data_dir/keys/center-signing.pem (created in local mode).",
     )
     auth_max_failures: int = Field(
         20,
@@ -188,6 +199,12 @@ class Settings(BaseSettings):
             self.edge.key_file = data / "keys" / "edge-ed25519.pem"
         if self.center.trust_file is None:
             self.center.trust_file = data / "keys" / "center-trust.yaml"
+        if self.center.signing_key_file is None:
+            self.center.signing_key_file = data / "keys" / "center-signing.pem"
+        if self.edge.center_keys_file is None:
+            self.edge.center_keys_file = data / "keys" / "center-signing.jwks.json"
+        self.center.signing_key_file = self.center.signing_key_file.resolve()
+        self.edge.center_keys_file = self.edge.center_keys_file.resolve()
         self.edge.key_file = self.edge.key_file.resolve()
         self.center.trust_file = self.center.trust_file.resolve()
         self.model_repository = self.model_repository.resolve()
@@ -235,6 +252,16 @@ class Settings(BaseSettings):
     def edge_key_file(self) -> Path:
         assert self.edge.key_file is not None
         return self.edge.key_file
+
+    @property
+    def center_signing_key_file(self) -> Path:
+        assert self.center.signing_key_file is not None
+        return self.center.signing_key_file
+
+    @property
+    def edge_center_keys_file(self) -> Path:
+        assert self.edge.center_keys_file is not None
+        return self.edge.center_keys_file
 
     @property
     def center_trust_file(self) -> Path:

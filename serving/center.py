@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from radbridge.agreements import load_agreements
-from radbridge.auth import ensure_local_identity, load_trust
+from radbridge.auth import load_trust
 from radbridge.errors import ConfigError, ModelError
+from radbridge.identity import prepare_local_identity
 from radbridge.settings import Settings
+from radbridge.signing import load_signer
 
 if TYPE_CHECKING:
     from ray.serve._private.client import ServeControllerClient
@@ -76,14 +77,9 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
 
     c = settings.center
     config = load_serve_config(c.serve_config)  # fails here, naming the field, if invalid
-    if settings.mode == "local":  # a throwaway identity under the data directory
-        ensure_local_identity(
-            settings.edge_key_file,
-            settings.center_trust_file,
-            settings.edge.id,
-            [a.id for a in load_agreements(settings.agreements_file).agreements],
-        )
+    prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
     load_trust(settings.center_trust_file)  # fails here, naming the field, if invalid
+    load_signer(settings.center_signing_key_file)
     deadline = time.monotonic() + timeout_s
     if not ray.is_initialized():
         if c.ray_address:

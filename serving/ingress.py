@@ -44,6 +44,7 @@ from radbridge.errors import (
 )
 from radbridge.metrics import CenterMetrics, safe_label
 from radbridge.settings import Settings
+from radbridge.signing import load_signer
 from serving import boundary, jobs, result_objects
 from serving.config import ApiConfig
 from serving.errors import radbridge_error_handler
@@ -132,10 +133,13 @@ class Api:
         runner: DeploymentHandle,
     ) -> None:
         self.settings = settings
-        self.verifier = Verifier(
-            load_trust(settings.center_trust_file),
-            max_failures=settings.center.auth_max_failures,
-        )
+        trust = load_trust(settings.center_trust_file)
+        self.verifier = Verifier(trust, max_failures=settings.center.auth_max_failures)
+        self.signer = load_signer(settings.center_signing_key_file)
+        self._edges = {
+            a: sorted(e.id for e in trust.edges if a in e.agreements)
+            for a in {a for e in trust.edges for a in e.agreements}
+        }
         self.agreements = load_agreements(settings.agreements_file)
         self.db = Database(settings.center_db_url)
         sync_agreements(self.db, self.agreements)
@@ -366,6 +370,19 @@ class Api:
                 retry_after_s=self.config.retry_after_s,
             )
 
+    def _sign(self, row: Any) -> str:
+        """The center's signature of a result object row, for the edges of its agreement."""
+        return self.signer.sign(
+            agreement_id=row.agreement_id,
+            edges=self._edges.get(row.agreement_id, []),
+            sha256=row.sha256,
+            sop_instance_uid=row.sop_instance_uid,
+            sop_class_uid=row.sop_class_uid,
+            study_uid=row.study_uid,
+            kind=row.kind,
+            version=row.version,
+        )
+
     def _caller(self, request: Request, *roles: Role) -> Caller:
         """The caller :func:`authenticate` established, if in one of ``roles`` (else 403)."""
         caller: Caller = request.state.caller
@@ -426,7 +443,12 @@ class Api:
         else:
             try:
                 await asyncio.to_thread(
-                    result_objects.build_for_job, self.db, self.store, job_id, self.manifests
+                    result_objects.build_for_job,
+                    self.db,
+                    self.store,
+                    job_id,
+                    self.manifests,
+                    self._sign,
                 )
             except Exception as exc:  # the job's findings stay; no object leaves unfinished
                 error = f"result objects: {type(exc).__name__}: {exc}"[:2000]
@@ -531,7 +553,13 @@ class Api:
         )
         await asyncio.to_thread(jobs.save_result, self.db, job_id, first.instance_id, result)
         await asyncio.to_thread(
-            result_objects.save_segmentation_objects, self.db, self.store, job_id, seg, manifest
+            result_objects.save_segmentation_objects,
+            self.db,
+            self.store,
+            job_id,
+            seg,
+            manifest,
+            self._sign,
         )
 
     async def _infer_instance(

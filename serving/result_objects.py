@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
 from io import BytesIO
 
 import pydicom
@@ -34,8 +35,12 @@ from radbridge.lifecycle import JobState
 from serving.schemas import ResultObjectOut
 from serving.segmentation import SeriesSegmentation
 
+# Signs one result object row (radbridge.signing.ResultSigner, bound by the Api).
+Sign = Callable[[ResultObjectRow], str]
+
 __all__ = [
     "MANUFACTURER",
+    "Sign",
     "build_for_job",
     "list_objects",
     "object_path",
@@ -47,7 +52,11 @@ _LOCAL_SCHEME = "99RADBRIDGE"  # private coding scheme for findings without SNOM
 
 
 def build_for_job(
-    db: Database, store: DurableStore, job_id: int, manifests: dict[str, ModelManifest]
+    db: Database,
+    store: DurableStore,
+    job_id: int,
+    manifests: dict[str, ModelManifest],
+    sign: Sign | None = None,
 ) -> list[int]:
     """Write the classification SRs of a job's run; returns their row ids.
 
@@ -86,10 +95,7 @@ def build_for_job(
         algo = _algorithm(manifest)
         sr = classification_sr(sources, findings, algo, version=version, previous=prior)
         made.append(_save(store, sr, "sr", agreement_id, study_uid, version, job_id))
-    with db.session() as s:
-        s.add_all(made)
-        s.flush()
-        return [m.id for m in made]
+    return _record(db, made, sign)
 
 
 def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObjectOut]:
@@ -117,6 +123,7 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
                 sha256=r.sha256,
                 size=r.size,
                 created_at=r.created_at,
+                signature=r.signature,
             )
             for r in rows
         ]
@@ -215,6 +222,7 @@ def save_segmentation_objects(
     job_id: int,
     seg: SeriesSegmentation,
     manifest: ModelManifest,
+    sign: Sign | None = None,
 ) -> list[int]:
     """Write the DICOM SEG and its TID 1500 SR of one segmented series (an SR alone, with
     the finding absent, when nothing was found)."""
@@ -263,6 +271,13 @@ def save_segmentation_objects(
         )
         sr_ds = classification_sr([middle], [absent], algo, version=version, previous=prior)
         made = [_save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id)]
+    return _record(db, made, sign)
+
+
+def _record(db: Database, made: list[ResultObjectRow], sign: Sign | None) -> list[int]:
+    """Index the written objects, each with the center's signature (``sign``) when given."""
+    for row in made:
+        row.signature = sign(row) if sign is not None else None
     with db.session() as s:
         s.add_all(made)
         s.flush()

@@ -116,6 +116,12 @@ class ResultObjectOut(BaseModel):
     sha256: str
     size: int
     created_at: datetime
+    signature: str | None = Field(
+        None,
+        description="The center's JWS (EdDSA) over sha256, UIDs, kind, version, agreement and "
+        "edges, made when the object was written (radbridge.signing); the edge verifies it "
+        "before anything else.",
+    )
 
 
 class ResultObjectList(BaseModel):

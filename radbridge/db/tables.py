@@ -226,6 +226,9 @@ class ResultObjectRow(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    signature: Mapped[str | None] = mapped_column(
+        Text, doc="The center's JWS over sha256, UIDs, agreement and edges (radbridge.signing)."
+    )
 
 
 class DeliveryRow(Base):
@@ -251,6 +254,9 @@ class DeliveryRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
     pacs_status: Mapped[int | None] = mapped_column(Integer, doc="The C-STORE status answered.")
+    evidence: Mapped[str | None] = mapped_column(
+        Text, doc="The center's signature, verified before re-identification (radbridge.signing)."
+    )
     delivered_sha256: Mapped[str | None] = mapped_column(
         String(64), doc="sha256 of the re-identified bytes the PACS acknowledged."
     )

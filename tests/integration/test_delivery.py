@@ -26,6 +26,7 @@ import pydicom
 import pytest
 import uvicorn
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, Response
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -55,6 +56,7 @@ from radbridge.db import Database
 from radbridge.db.tables import DeliveryRow, StudyRow, utcnow
 from radbridge.errors import NotFoundError
 from radbridge.metrics import EdgeMetrics
+from radbridge.signing import ResultSigner, ResultVerifier
 from tests.conftest import PATIENT, REPO, free_port, identity_needles, make_instance
 from tests.peers import OrthancPeer
 
@@ -62,6 +64,8 @@ AGREEMENT = "demo-hospital-to-center"
 ALGO = AlgorithmInfo("cxr-demo", "0.3.1", "radbridge", "ab" * 32, "demo model — not for diagnosis")
 PNEUMONIA = Coded("233604007", "SCT", "Pneumonia")
 OK = 0x0000
+EDGE_ID = "local-edge"
+SIGNER = ResultSigner(Ed25519PrivateKey.generate())  # the fake center's result-signing key
 
 
 # -- peers ------------------------------------------------------------------------------------
@@ -76,6 +80,8 @@ class FakeCenter:
         self.fail_download: int | None = None
         self.corrupt_download = False
         self.downloads = 0
+        # Signs as the Serve center does (radbridge.signing); edges verify with SIGNER.jwk.
+        self.signer = SIGNER
         self.port = free_port()
         app = FastAPI()
 
@@ -122,9 +128,20 @@ class FakeCenter:
     ) -> int:
         data = _part10(ds)
         oid = len(self.objects) + 1
+        signature = self.signer.sign(
+            agreement_id=agreement_id,
+            edges=[EDGE_ID],
+            sha256=hashlib.sha256(data).hexdigest(),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            study_uid=str(ds.StudyInstanceUID),
+            kind=kind,
+            version=version,
+        )
         self.objects[oid] = (
             agreement_id,
             {
+                "signature": signature,
                 "id": oid,
                 "study_uid": str(ds.StudyInstanceUID),
                 "version": version,
@@ -269,6 +286,8 @@ def _deliverer(
         center.url,
         "RADBRIDGE",
         metrics or EdgeMetrics(),
+        results=ResultVerifier([SIGNER.jwk]),
+        edge_id=EDGE_ID,
         **options,  # type: ignore[arg-type]
     )
 
@@ -351,6 +370,8 @@ def test_delivered_reidentified_once_with_status_and_sha256(
 
     (row,) = _rows(db)
     assert row.state == "delivered" and row.pacs_status == 0 and row.attempts == 1
+    # The center's verified signature is kept as the evidence of what was delivered.
+    assert row.evidence == center.objects[1][1]["signature"]
     assert row.delivered_at is not None and row.last_error is None
     with db.session() as s:
         assert row.study_id == s.scalars(select(StudyRow.id)).one()
@@ -468,6 +489,64 @@ def test_center_failures_retry_and_a_corrupt_download_is_never_stored(
             "radbridge_edge_delivery_failures_total", {"agreement": AGREEMENT, "reason": "center"}
         )
         == 3
+    )
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "bytes and listing altered", "other agreement"])
+def test_a_result_without_the_centers_signature_never_reaches_the_pacs(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs, forgery: str
+) -> None:
+    """Whoever changes a result object at the center — its file and its listed sha256 both,
+    as someone with the center's disk and database could — or lists one unsigned or signed for
+    another agreement, gets nothing to the PACS: the delivery is dead with the reason."""
+    db, store = edge
+    study = _send_study(db, store)
+    oid = center.add(_sr(study))
+    aid, meta, data = center.objects[oid]
+    if forgery == "unsigned":
+        meta = {**meta, "signature": None}
+    elif forgery == "bytes and listing altered":
+        forged = _sr(study)
+        forged.ContentDate = "19990101"  # another finding under the listed UIDs
+        forged.SOPInstanceUID = meta["sop_instance_uid"]
+        data = _part10(forged)
+        meta = {**meta, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    else:
+        other = ResultSigner(SIGNER.key)  # the center's own key, for another agreement
+        meta = {
+            **meta,
+            "signature": other.sign(
+                agreement_id="another-agreement",
+                edges=[EDGE_ID],
+                sha256=meta["sha256"],
+                sop_instance_uid=meta["sop_instance_uid"],
+                sop_class_uid=meta["sop_class_uid"],
+                study_uid=meta["study_uid"],
+                kind="sr",
+                version=1,
+            ),
+        }
+    center.objects[oid] = (aid, meta, data)
+    metrics = EdgeMetrics()
+    d = _deliverer(db, store, center, pacs.port, metrics)
+    try:
+        assert d.poll() == 1
+        assert d.tick() == 0
+        assert d.tick(utcnow() + timedelta(hours=1)) == 0  # dead: never tried again
+    finally:
+        d.close()
+    assert pacs.received == []
+    (row,) = _rows(db)
+    why = {"unsigned": "unsigned", "bytes and listing altered": "altered"}
+    assert row.state == "dead", row.last_error
+    assert f"({why.get(forgery, 'not_ours')})" in (row.last_error or ""), row.last_error
+    assert row.evidence is None
+    assert (
+        metrics.registry.get_sample_value(
+            "radbridge_edge_delivery_failures_total",
+            {"agreement": AGREEMENT, "reason": "signature"},
+        )
+        == 1
     )
 
 

@@ -320,11 +320,15 @@ def _check_pixels(w: _Walk, *, native: bool, limits: Limits) -> None:
             raise DatasetError("pixel_module", "a pixel module without Pixel Data")
         return
     rows, cols = _us(w, _ROWS), _us(w, _COLUMNS)
-    samples, bits = _us(w, _SAMPLES) or 1, _us(w, _BITS)
+    samples, bits = _us(w, _SAMPLES), _us(w, _BITS)
     frames = _frames(w)
-    if not rows or not cols or not bits:
-        raise DatasetError("pixel_module", "Pixel Data without Rows, Columns or Bits Allocated")
     photometric = w.pixel.get(_PHOTOMETRIC, b"").rstrip(b"\0 ").decode("ascii", "replace")
+    if not (rows and cols and bits and samples and photometric):
+        raise DatasetError(
+            "pixel_module",
+            "Pixel Data without Rows, Columns, Bits Allocated, Samples per Pixel or "
+            "Photometric Interpretation (Type 1 of the Image Pixel module)",
+        )
     if photometric == "YBR_FULL_422":
         samples = 2  # two samples' worth of bytes per pixel (PS3.3 C.7.6.3.1.2)
     bits_total = rows * cols * frames * samples * bits

@@ -722,6 +722,12 @@ def _references(objs: list[Obj]) -> set[tuple[str, str]]:
                     refs.add(("Secret", ref["name"]))
             for src in c.get("envFrom", []):
                 refs.add(("Secret", src["secretRef"]["name"]))
+    for o in objs:  # a ServiceMonitor's scrape credentials (the center's operator secret)
+        if o["kind"] == "ServiceMonitor":
+            for ep in o["spec"].get("endpoints", []):
+                cred = ep.get("authorization", {}).get("credentials")
+                if cred:
+                    refs.add(("Secret", cred["name"]))
     return refs
 
 
@@ -918,3 +924,39 @@ def test_alerts_use_only_radbridge_metrics_and_labels() -> None:
     assert expected <= used
     on_cpu = next(r for r in alerts if r["alert"] == "RadbridgeModelOnCPU")
     assert 'provider="CPUExecutionProvider"' in on_cpu["expr"]
+
+
+def test_dev_identity_is_consistent_across_edge_and_center(tmp_path: Path) -> None:
+    """The dev overlay's throwaway identity fits together: the edge's key is the one the
+    center's trust file lists for it, the JWKS the edge trusts is the center's signing key,
+    and Prometheus' operator secret hashes to the trust file's entry."""
+    from radbridge.auth import load_edge_key, load_trust, secret_hash
+    from radbridge.signing import load_center_keys
+
+    dev = build("dev")
+    identity = one(dev, "Secret", "radbridge-edge-identity")["stringData"]
+    signing = one(dev, "Secret", "radbridge-center-signing")["stringData"]
+    operator = one(dev, "Secret", "radbridge-center-operator")["stringData"]["token"]
+    trust_text = one(dev, "ConfigMap", "radbridge-center-trust")["data"]["center-trust.yaml"]
+    files = {
+        "edge.pem": identity["edge-ed25519.pem"],
+        "jwks.json": identity["center-signing.jwks.json"],
+        "center.pem": signing["center-signing.pem"],
+        "trust.yaml": trust_text,
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    trust = load_trust(tmp_path / "trust.yaml")
+    edge = load_edge_key(tmp_path / "edge.pem")
+    dep = one(dev, "Deployment", "radbridge-edge")
+    env = {
+        e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    (entry,) = [e for e in trust.edges if e.id == env["RADBRIDGE_EDGE__ID"]]
+    assert entry.keys == [edge.jwk]
+    assert set(entry.agreements) == {
+        a.id for a in load_agreements(K8S / "overlays/dev/agreements.yaml").agreements
+    }
+    center_key = load_edge_key(tmp_path / "center.pem", "center.signing_key_file")
+    assert load_center_keys(tmp_path / "jwks.json") == [center_key.jwk]
+    assert [o.token_sha256 for o in trust.operators] == [secret_hash(operator)]

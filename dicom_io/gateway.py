@@ -81,7 +81,7 @@ class Gateway:
                 self.metrics,
                 max_body_bytes=e.stow_max_body_bytes,
             )
-            self.stow = StowServer(app, e.host, e.stow_port)
+            self.stow = StowServer(app, e.host, e.stow_port, e.tls if e.stow_tls else None)
         self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
         self.metrics.disk_free.set_function(self.store.free_bytes)
         prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys

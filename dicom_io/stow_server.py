@@ -21,10 +21,12 @@ import binascii
 import hmac
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -38,6 +40,7 @@ from dicom_io.stow import DICOM_MEDIA_TYPE, decode_multipart, store_response, st
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label
+from radbridge.settings import EdgeTLS
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "STUDY_UID_MISMATCH", "StowServer", "build_stow_app"]
 
@@ -85,18 +88,23 @@ def build_stow_app(
         return await _store(request, study_uid)
 
     async def _store(request: Request, study_uid: str | None) -> JSONResponse:
-        agreement = _authenticate(request.headers.get("authorization"), agreements(), environ)
-        if agreement is None:
-            log.warning("STOW-RS refused: bad or missing credentials")
-            return _error(401, "authentication required", _UNAUTHORIZED_HEADERS)
+        # Source address first (no credential is even read from an address no agreement
+        # allows), then the credentials, then the agreement's own source and TLS rules: one
+        # 401 for every refusal, so a caller cannot tell which check it failed.
         client = request.client.host if request.client else ""
-        if not agreement.hospital.allows_ip(client):
-            log.warning(
-                "STOW-RS refused: %s is not an allowed source for agreement %s",
-                client,
-                agreement.id,
-            )
-            return _error(403, "source address not allowed for this agreement")
+        current = agreements()
+        agreement = None
+        if any(a.hospital.stow and a.hospital.allows_ip(client) for a in current.agreements):
+            agreement = _authenticate(request.headers.get("authorization"), current, environ)
+        tls = request.url.scheme == "https"
+        if (
+            agreement is None
+            or not agreement.hospital.allows_ip(client)
+            or (agreement.hospital.require_tls and not tls)
+        ):
+            why = "credentials" if agreement is None else "source address or TLS"
+            log.warning("STOW-RS refused from %s: %s", client or "?", why)
+            return _error(401, "authentication required", _UNAUTHORIZED_HEADERS)
         content_type = request.headers.get("content-type", "")
         problem = _media_type_problem(content_type)
         if problem:
@@ -247,8 +255,22 @@ def _error(status: int, detail: str, headers: Mapping[str, str] | None = None) -
 class StowServer:
     """uvicorn serving the STOW-RS app on a daemon thread."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    def __init__(self, app: FastAPI, host: str, port: int, tls: EdgeTLS | None = None) -> None:
+        """With ``tls`` the port speaks HTTPS with the DICOM TLS listener's certificate and
+        client-certificate rule (agreements with ``require_tls`` are served only so)."""
+        ssl_options: dict[str, Any] = {}
+        if tls is not None:
+            ssl_options = {
+                "ssl_certfile": str(tls.cert_file),
+                "ssl_keyfile": str(tls.key_file),
+                "ssl_ca_certs": str(tls.ca_file),
+                "ssl_cert_reqs": ssl.CERT_REQUIRED
+                if tls.require_client_cert
+                else ssl.CERT_OPTIONAL,
+            }
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, **ssl_options
+        )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="radbridge-stow", daemon=True)
 

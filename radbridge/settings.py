@@ -108,10 +108,21 @@ class EdgeSettings(BaseModel):
         description="Largest size a Deflated Explicit VR data set may inflate to (0xA703 above).",
     )
     stow_port: int = Field(0, ge=0, le=65535, description="DICOMweb STOW-RS port; 0 disables.")
+    stow_tls: bool = Field(
+        False,
+        description="Serve STOW-RS over HTTPS with edge.tls's certificate, CA and client-"
+        "certificate rule; agreements with require_tls take STOW-RS only so.",
+    )
     stow_max_body_bytes: int = Field(
         256 << 20, ge=1 << 20, description="Largest STOW-RS request body accepted (413 above)."
     )
     tls: EdgeTLS | None = Field(None, description="DICOM TLS listener (PS3.15 B.1).")
+
+    @model_validator(mode="after")
+    def _stow_tls_needs_tls(self) -> EdgeSettings:
+        if self.stow_tls and self.tls is None:
+            raise ValueError("edge.stow_tls: needs edge.tls (certificate, key, CA)")
+        return self
 
 
 class CenterSettings(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -26,6 +27,8 @@ from radbridge.agreements import AgreementSet, parse_agreements
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow
 from radbridge.metrics import EdgeMetrics
+from radbridge.settings import EdgeTLS
+from tests.certs import TestCA
 from tests.conftest import REPO, free_port, make_instance
 
 USER, PASSWORD_ENV, PASSWORD = "demo-pacs", "RADBRIDGE_TEST_STOW_PASSWORD", "s3cret-pacs-pw"
@@ -200,16 +203,57 @@ def test_bad_credentials_are_401(serve: Serve, auth: tuple[str, str] | None) -> 
     assert edge.rows() == [] and edge.files() == []
 
 
-def test_unset_password_env_is_401_and_foreign_source_is_403(serve: Serve) -> None:
+def test_unset_password_env_and_foreign_source_are_the_same_401(serve: Serve) -> None:
     no_env = serve(environ={})
     with _http() as c:
         r = _post(c, f"{no_env.url}/studies", [_encode(make_instance())])
     assert r.status_code == 401 and "www-authenticate" in r.headers
+    # The source address is checked before the credentials, and answers the same 401.
     elsewhere = serve(_agreements(allowed_source_ips=["10.0.0.0/8"]))
     with _http() as c:
         r = _post(c, f"{elsewhere.url}/studies", [_encode(make_instance())])
-    assert r.status_code == 403
+    assert r.status_code == 401 and "www-authenticate" in r.headers
     assert no_env.rows() == [] and no_env.files() == [] and elsewhere.files() == []
+
+
+def test_an_agreement_requiring_tls_takes_stow_only_over_https(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path / "pki")
+    server_cert, client_cert = ca.issue("radbridge-edge", server=True), ca.issue("demo-pacs")
+    tls = EdgeTLS(cert_file=server_cert.cert, key_file=server_cert.key, ca_file=ca.cert)
+    aset = _agreements(require_tls=True)
+    servers = []
+    try:
+        for scheme, options in (("http", None), ("https", tls)):
+            app = build_stow_app(
+                lambda: aset,
+                Ingestor(migrated_db, DurableStore(tmp_path / scheme)),
+                EdgeMetrics(),
+                environ={PASSWORD_ENV: PASSWORD},
+            )
+            port = free_port()
+            server = StowServer(app, "127.0.0.1", port, options)
+            server.start()
+            servers.append(server)
+            body, ctype = encode_multipart([_encode(make_instance())])
+            verify: Any = False
+            cert: Any = None
+            if scheme == "https":
+                verify = ssl.create_default_context(cafile=str(ca.cert))
+                verify.load_cert_chain(client_cert.cert, client_cert.key)
+            with httpx.Client(auth=(USER, PASSWORD), timeout=30, verify=verify, cert=cert) as c:
+                r = c.post(
+                    f"{scheme}://127.0.0.1:{port}/dicomweb/studies",
+                    content=body,
+                    headers={"Content-Type": ctype},
+                )
+            assert r.status_code == (401 if scheme == "http" else 200), (scheme, r.text)
+    finally:
+        for server in servers:
+            server.stop()
+    assert not list((tmp_path / "http").rglob("*.dcm"))
+    assert len(list((tmp_path / "https").rglob("*.dcm"))) == 1
 
 
 def test_envelope_errors_are_4xx_naming_the_problem(serve: Serve) -> None:

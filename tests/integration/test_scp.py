@@ -226,3 +226,36 @@ def test_resent_instance_with_new_content_is_kept_beside_the_old(
         assert s.scalars(select(StudyRow)).one().instance_count == 1
     assert len(_dcm_files(store)) == 2  # never silently overwritten
     assert _dataset_bytes(store / row.path) == _dataset_bytes(second)
+
+
+def test_deflate_bomb_over_c_store_is_refused_in_bounded_memory(
+    scp: tuple[int, Database, Path],
+) -> None:
+    """0.5 MiB on the wire that would inflate to 512 MiB: refused 0xA703 while the receiving
+    process's Python allocations peak well under 50 MiB (pynetdicom and pydicom would inflate
+    it in one call)."""
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.test_structure import _deflate_bomb
+
+    port, db, store = scp
+    bomb = _deflate_bomb(512)
+    data = bomb[132 + 12 + int.from_bytes(bomb[140:144], "little") :]
+    ae = AE(ae_title="DEMO_PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    assert assoc.is_established
+    tracemalloc.start()
+    try:
+        status = _send_raw(assoc, data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assoc.release()
+    assert status == 0xA703
+    assert peak < 50 << 20, f"peak {peak >> 20} MiB"
+    with db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []
+    assert _dcm_files(store) == []

@@ -79,7 +79,12 @@ class Center:
             data_dir=root / "data",
             model_repository=self.models,
             # The route table test makes dozens of failed calls from 127.0.0.1 on purpose.
-            center={"port": self.port, "ray_num_cpus": 4, "auth_max_failures": 1000},
+            center={
+                "port": self.port,
+                "ray_num_cpus": 4,
+                "auth_max_failures": 1000,
+                "max_body_bytes": 4 << 20,  # small, so the 413 test need not send 256 MiB
+            },
         )
         upgrade(self.settings.center_db_url)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -594,3 +599,26 @@ def test_every_route_refuses_callers_without_the_right_credential(center: Center
         )
     )
     assert center.metric("radbridge_center_refused_requests_total", reason="unauthenticated") >= 24
+
+
+def test_bodies_over_the_cap_are_413_declared_or_streamed(center: Center) -> None:
+    h = {
+        "x-radbridge-agreement": AGREEMENT,
+        "content-type": 'multipart/related; type="application/dicom"; boundary=x',
+    }
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(6):  # 6 MiB without a Content-Length: counted as it arrives
+            yield b"\0" * (1 << 20)
+
+    with httpx.Client(base_url=center.url, timeout=60, auth=center.edge_auth) as http:
+        streamed = http.post("/v1/studies", content=chunks(), headers=h)
+        assert streamed.status_code == 413, streamed.text
+        assert streamed.json()["reason"] == "body_too_large"
+    infer = httpx.post(
+        f"{center.url}/v1/models/{MODEL}/infer",
+        content=chunks(),
+        headers={**h, **center.integration, "content-type": "application/x-npy"},
+        timeout=60,
+    )
+    assert infer.status_code == 413, infer.text

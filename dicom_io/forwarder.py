@@ -13,7 +13,8 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from io import BytesIO
 
 import httpx
@@ -352,12 +353,20 @@ def _raise_on_refused_instances(resp: httpx.Response) -> None:
     )
 
 
-def _retry_after(resp: httpx.Response) -> float:
-    """Seconds of a Retry-After header (delta-seconds form; an HTTP date counts as 60 s)."""
+def _retry_after(resp: httpx.Response, now: datetime | None = None) -> float:
+    """Seconds of a Retry-After header: delta-seconds, or an HTTP-date (RFC 9110 10.2.3)
+    counted from ``now``; unreadable counts as 60 s, a date in the past as 0."""
     value = resp.headers.get("retry-after", "").strip()
     if not value:
         return 0.0
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return 60.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or utcnow())).total_seconds())

@@ -960,3 +960,18 @@ def test_dev_identity_is_consistent_across_edge_and_center(tmp_path: Path) -> No
     center_key = load_edge_key(tmp_path / "center.pem", "center.signing_key_file")
     assert load_center_keys(tmp_path / "jwks.json") == [center_key.jwk]
     assert [o.token_sha256 for o in trust.operators] == [secret_hash(operator)]
+
+
+@pytest.mark.parametrize("name", WITH_APPS)
+def test_network_policy_peers_name_their_namespace(name: str) -> None:
+    """A peer from another namespace is selected by that namespace's name as well as by pod
+    labels: `namespaceSelector: {}` would let a look-alike pod in any namespace in."""
+    policies = [o for o in build(name) if o["kind"] == "NetworkPolicy"]
+    assert policies
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                if "namespaceSelector" in peer:
+                    labels = peer["namespaceSelector"].get("matchLabels", {})
+                    assert labels.get("kubernetes.io/metadata.name"), (name, peer)
+                    assert "podSelector" in peer, (name, peer)

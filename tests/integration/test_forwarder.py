@@ -408,3 +408,22 @@ def test_other_bytes_under_a_forwarded_uid_block_the_study_instead_of_vanishing(
     assert {p: p.read_bytes() for p in center.store_dir.rglob("*.dcm")} == held
     with center.db.session() as s:
         assert len(s.scalars(select(JobRow)).all()) == 1
+
+
+def test_retry_after_in_seconds_or_as_an_http_date() -> None:
+    import httpx
+
+    from dicom_io.forwarder import _retry_after
+
+    now = utcnow()
+
+    def answer(value: str) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": value})
+
+    assert _retry_after(answer("7"), now) == 7.0
+    later = (now + timedelta(seconds=90)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert 88.0 <= _retry_after(answer(later), now) <= 90.0
+    earlier = (now - timedelta(seconds=90)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert _retry_after(answer(earlier), now) == 0.0
+    assert _retry_after(answer("soon"), now) == 60.0
+    assert _retry_after(httpx.Response(503), now) == 0.0

@@ -72,6 +72,46 @@ api.add_exception_handler(RadbridgeError, radbridge_error_handler)
 
 
 _NPY = ("application/x-npy", "application/octet-stream")
+
+
+def _answers(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route besides its success: what each code means here."""
+    meaning = {
+        400: "The body or a header cannot be understood; the reason names the problem.",
+        401: "No valid credential (radbridge.auth); the same answer whatever was wrong.",
+        403: "The caller's role may not use this route.",
+        404: "Unknown, or another agreement's (never told apart).",
+        409: "Refused by policy: an inactive agreement, an incomplete study, every STOW-RS "
+        "instance refused (0x0111: other bytes under a SOP Instance UID the center holds).",
+        413: "The body is over center.max_body_bytes.",
+        415: "The media type is not one this route takes.",
+        503: "A bounded queue is full or a model is not ready: retry after Retry-After.",
+    }
+    body = {
+        "type": "object",
+        "properties": {
+            "error": {"type": "string", "description": "The radbridge error class."},
+            "detail": {"type": "string"},
+            "reason": {"type": "string", "description": "A stable code, for DatasetError."},
+        },
+        "required": ["error", "detail"],
+    }
+    error = {"application/json": {"schema": body}}
+    return {c: {"description": meaning[c], "content": error} for c in (401, *codes)}
+
+
+_EDGE = (403, 404)
+_STOW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            'multipart/related; type="application/dicom"': {
+                "schema": {"type": "string", "format": "binary"},
+            }
+        },
+        "description": "De-identified Part 10 instances, one per part (PS3.18 10.5).",
+    }
+}
 _BACKLOG_TTL_S = 1.0
 
 
@@ -185,7 +225,15 @@ class Api:
 
     # -- routes ---------------------------------------------------------------------------
 
-    @api.post("/v1/studies")
+    @api.post(
+        "/v1/studies",
+        responses={
+            200: {"description": "Every instance stored (STOW-RS response, DICOM JSON)."},
+            202: {"description": "Some instances stored, the others in FailedSOPSequence."},
+            **_answers(400, *_EDGE, 409, 413, 415, 503),
+        },
+        openapi_extra=_STOW_BODY,
+    )
     async def stow(
         self,
         request: Request,
@@ -207,7 +255,11 @@ class Api:
             media_type="application/dicom+json",
         )
 
-    @api.post("/v1/studies/{study_uid}/complete", status_code=202)
+    @api.post(
+        "/v1/studies/{study_uid}/complete",
+        status_code=202,
+        responses=_answers(*_EDGE, 409),
+    )
     async def complete(self, request: Request, study_uid: str, body: CompleteRequest) -> JobOut:
         self._agreement(self._caller(request, Role.EDGE), body.agreement_id)
         job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
@@ -221,12 +273,12 @@ class Api:
             created_at=job.created_at,
         )
 
-    @api.get("/v1/studies/{study_uid}/results")
+    @api.get("/v1/studies/{study_uid}/results", responses=_answers(*_EDGE))
     async def results(self, request: Request, study_uid: str) -> StudyResults:
         caller = self._caller(request, Role.EDGE)
         return await asyncio.to_thread(jobs.study_results, self.db, study_uid, caller.agreements)
 
-    @api.get("/v1/agreements/{agreement_id}/result-objects")
+    @api.get("/v1/agreements/{agreement_id}/result-objects", responses=_answers(*_EDGE, 409))
     async def list_result_objects(
         self,
         request: Request,
@@ -241,7 +293,14 @@ class Api:
         )
         return ResultObjectList(objects=objects)
 
-    @api.get("/v1/result-objects/{object_id}")
+    @api.get(
+        "/v1/result-objects/{object_id}",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/dicom": {}}, "description": "The Part 10 object."},
+            **_answers(*_EDGE),
+        },
+    )
     async def get_result_object(self, request: Request, object_id: int) -> FileResponse:
         caller = self._caller(request, Role.EDGE)
         path = await asyncio.to_thread(
@@ -249,7 +308,7 @@ class Api:
         )
         return FileResponse(self.store.path(path), media_type="application/dicom")
 
-    @api.post("/v1/models/{name}/infer")
+    @api.post("/v1/models/{name}/infer", responses=_answers(400, 403, 404, 409, 413, 415, 503))
     async def infer(
         self,
         request: Request,
@@ -298,7 +357,9 @@ class Api:
             intended_use=manifest.intended_use,
         )
 
-    @api.post("/v1/models/{name}/infer-batch")
+    @api.post(
+        "/v1/models/{name}/infer-batch", responses=_answers(400, 403, 404, 409, 413, 415, 503)
+    )
     async def infer_batch(
         self,
         request: Request,
@@ -344,7 +405,14 @@ class Api:
         self._resume()
         return {"status": "ok", "models": sorted(self.manifests)}
 
-    @api.get("/metrics")
+    @api.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {}}, "description": "Prometheus exposition."},
+            **_answers(403),
+        },
+    )
     async def prometheus(self, request: Request) -> Response:
         self._caller(request, Role.OPERATOR)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -139,3 +139,27 @@ def test_batch_body_is_one_to_most_images_of_the_model_shape() -> None:
     with pytest.raises(DatasetError) as err:  # a named (dynamic) axis matches no tensor
         _tensors(_npy(np.ones((2, 1, 4, 4))), (1, "h", 4), 8)
     assert err.value.reason == "wrong_shape"
+
+
+def test_openapi_documents_every_answer_of_every_route() -> None:
+    """The center's OpenAPI document names each status a route answers (the trust boundary's
+    401/403/404 on every protected route) and STOW-RS's multipart body."""
+    from serving.ingress import api
+
+    doc = api.openapi()
+    answers = {
+        (method.upper(), path): set(op["responses"])
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    }
+    for (method, path), codes in answers.items():
+        if path == "/healthz":
+            assert codes == {"200"}
+            continue
+        assert {"401", "403"} <= codes, (method, path)
+        if path.startswith("/v1/"):
+            assert "404" in codes, (method, path)
+    assert {"200", "202", "400", "409", "413", "415", "503"} <= answers[("POST", "/v1/studies")]
+    assert {"413", "415", "503"} <= answers[("POST", "/v1/models/{name}/infer")]
+    body = doc["paths"]["/v1/studies"]["post"]["requestBody"]["content"]
+    assert any(media.startswith("multipart/related") for media in body)

@@ -463,7 +463,12 @@ def test_services_expose_only_what_they_must(name: str) -> None:
         if exposed:
             # allowed_source_ips is checked against the client address: it must survive.
             assert spec["externalTrafficPolicy"] == "Local", svc_name
-            assert ports <= {"dicom", "dicom-tls", "stow"}, svc_name
+            # Outside the cluster: TLS only (DICOM TLS, STOW-RS over HTTPS).
+            assert ports <= {"dicom-tls", "stow"}, svc_name
+            if "stow" in ports:
+                gw = one(objs, "Deployment", "radbridge-edge")["spec"]["template"]["spec"]
+                env = {e["name"]: e.get("value") for e in gw["containers"][0]["env"]}
+                assert env.get("RADBRIDGE_EDGE__STOW_TLS") == "true", svc_name
         if "metrics" in ports or svc_name.startswith("radbridge-center"):
             assert not exposed, svc_name
     rs = one(objs, "RayService")
@@ -634,7 +639,8 @@ def test_edge_deployment_matches_its_settings(name: str, monkeypatch: pytest.Mon
         )
     ]
     svc_ports = {p["name"]: p for svc in services for p in svc["spec"]["ports"]}
-    assert set(svc_ports) == set(wanted)
+    assert set(svc_ports) <= set(wanted) and "stow" in svc_ports
+    assert ("dicom-tls" in svc_ports) == bool(s.edge.tls)
     for port_name, port in svc_ports.items():
         assert port["targetPort"] in (port_name, wanted[port_name])
         assert port["port"] == wanted[port_name]

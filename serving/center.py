@@ -86,6 +86,9 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
             ray.init(address=c.ray_address, log_to_driver=True)
         else:
             check_port_free(c.host, c.port)
+            # Ray's control plane authenticates with its own token: Ray 2.60 turns token
+            # authentication on for a new local cluster (RAY_AUTH_MODE=token, the token in
+            # ~/.ray/auth_token); tests/integration/test_serving.py checks it stays so.
             ray.init(
                 _node_ip_address="127.0.0.1",
                 num_cpus=c.ray_num_cpus or max(4, os.cpu_count() or 1),

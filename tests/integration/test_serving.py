@@ -180,10 +180,14 @@ def test_ray_processes_start_with_the_small_machine_proxy_limits(center: Center)
     def environment(names: list[str]) -> tuple[dict[str, str | None], int]:
         return {n: os.environ.get(n) for n in names}, os.nice(0)
 
-    seen, niceness = ray.get(environment.remote(list(SERVE_ENV_DEFAULTS)), timeout=60)
-    assert seen == {n: os.environ.get(n, v) for n, v in SERVE_ENV_DEFAULTS.items()}
-    assert all(v is not None for v in seen.values())
+    names = [*SERVE_ENV_DEFAULTS, "RAY_AUTH_MODE"]
+    seen, niceness = ray.get(environment.remote(names), timeout=60)
+    assert {n: seen[n] for n in SERVE_ENV_DEFAULTS} == {
+        n: os.environ.get(n, v) for n, v in SERVE_ENV_DEFAULTS.items()
+    }
     assert niceness == 0
+    # Ray's control plane (GCS, raylets, workers) requires its token on this local cluster.
+    assert seen["RAY_AUTH_MODE"] == "token"
 
 
 def test_sync_endpoint_forms_batches_under_concurrent_load(center: Center) -> None:

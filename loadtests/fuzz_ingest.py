@@ -48,7 +48,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-__all__ = ["FuzzReport", "Seed", "is_corrupt", "load_seeds", "run_fuzz"]
+__all__ = ["FuzzReport", "Seed", "is_corrupt", "load_seeds", "run_fuzz", "send_request"]
 
 SEED_FILES = (
     "CT_small.dcm",
@@ -290,11 +290,18 @@ def _send_raw(assoc: Association, sop_class: str, context_of: Seed, data: bytes)
     )
     if cx is None:
         return None
+    return send_request(assoc, req, cx.context_id)
+
+
+def send_request(assoc: Association, req: C_STORE, context_id: int) -> int | None:
+    """Send one C-STORE request as is (its data set unchecked, as a broken modality would);
+    the response status, or None without one. The association's reactor is paused as
+    pynetdicom's own send_* methods do, or it may take the response off the queue first."""
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:
-        assoc.dimse.send_msg(req, cx.context_id)
+        assoc.dimse.send_msg(req, context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()

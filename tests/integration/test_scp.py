@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -17,6 +16,7 @@ from sqlalchemy import select
 from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
+from loadtests.fuzz_ingest import send_request
 from radbridge.agreements import load_agreements
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow, StudyRow
@@ -103,17 +103,9 @@ def _send_raw(assoc, dataset_bytes: bytes) -> int:  # type: ignore[no-untyped-de
     req.Priority = 2
     req.DataSet = BytesIO(dataset_bytes)
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == req.AffectedSOPClassUID)
-    # Pause the association's reactor as pynetdicom's own send_* methods do, or it may take
-    # the response off the queue first ("unexpected C-STORE service message").
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    try:
-        assoc.dimse.send_msg(req, cx.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()
-    return int(rsp.Status)
+    status = send_request(assoc, req, cx.context_id)
+    assert status is not None, "no C-STORE response"
+    return status
 
 
 def test_malformed_dataset_gets_a_specific_status_and_leaves_nothing(

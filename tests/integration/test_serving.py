@@ -148,6 +148,21 @@ def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Center]:
         stop_center()
 
 
+def _complete_study(s: Any, study_uid: str) -> StudyRow:
+    """A complete DX study of AGREEMENT, written straight into the center's database."""
+    study = StudyRow(
+        agreement_id=AGREEMENT,
+        study_uid=study_uid,
+        modality="DX",
+        state="complete",
+        first_received_at=utcnow(),
+        last_received_at=utcnow(),
+    )
+    s.add(study)
+    s.flush()
+    return study
+
+
 def _npy(shape: tuple[int, ...], seed: int) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(seed).random(shape, dtype=np.float32))
@@ -407,16 +422,7 @@ def test_stow_over_the_backlog_bound_is_503_then_accepted(center: Center) -> Non
     center.deploy(api={"max_queued_instances": 2, "retry_after_s": 7})
     db = Database(center.settings.center_db_url)
     with db.session() as s:  # a backlog of 2 instances in a queued job no replica is running
-        study = StudyRow(
-            agreement_id=AGREEMENT,
-            study_uid="2.25.1",
-            modality="DX",
-            state="complete",
-            first_received_at=utcnow(),
-            last_received_at=utcnow(),
-        )
-        s.add(study)
-        s.flush()
+        study = _complete_study(s, "2.25.1")
         series = SeriesRow(study_id=study.id, series_uid="2.25.2", modality="DX")
         s.add(series)
         s.flush()
@@ -532,16 +538,7 @@ def test_every_route_refuses_callers_without_the_right_credential(center: Center
     of another agreement 404, exactly as for a missing object."""
     db = Database(center.settings.center_db_url)
     with db.session() as s:  # a finished study of AGREEMENT
-        study = StudyRow(
-            agreement_id=AGREEMENT,
-            study_uid="2.25.77",
-            modality="DX",
-            state="complete",
-            first_received_at=utcnow(),
-            last_received_at=utcnow(),
-        )
-        s.add(study)
-        s.flush()
+        study = _complete_study(s, "2.25.77")
         s.add(JobRow(study_id=study.id, state="done", priority="routine", version=1))
     db.dispose()
     stranger = EdgeAuth(generate_edge_key(center.root / "stranger.pem"), "local-edge")

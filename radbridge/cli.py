@@ -352,6 +352,7 @@ def up() -> None:
     stop = _stop_on_signal()
     try:
         _ensure_ready(s, edge=True, center=True)
+        _check_edge_ports(s)  # before Ray starts: a taken port is found in a second, not a minute
         start_center(s)
         gw = Gateway(s)
         gw.start()
@@ -373,6 +374,19 @@ def up() -> None:
     stop.wait()
     gw.stop()
     stop_center()
+
+
+def _check_edge_ports(s: Settings) -> None:
+    from serving.center import check_port_free
+
+    e = s.edge
+    check_port_free(e.host, e.port, "edge.port")
+    if e.metrics_port:
+        check_port_free(e.metrics_host, e.metrics_port, "edge.metrics_port")
+    if e.stow_port:
+        check_port_free(e.host, e.stow_port, "edge.stow_port")
+    if e.tls:
+        check_port_free(e.host, e.tls.port, "edge.tls.port")
 
 
 @app.command()

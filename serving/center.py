@@ -109,17 +109,18 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     log.info("center serving on http://%s:%d", c.host, c.port)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise :class:`ConfigError` naming the setting when ``host:port`` cannot be bound."""
+def check_port_free(host: str, port: int, setting: str = "center.port") -> None:
+    """Raise :class:`ConfigError` naming ``setting`` when ``host:port`` cannot be bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
             why = "is in use by another process" if exc.errno == errno.EADDRINUSE else exc.strerror
+            variable = "RADBRIDGE_" + setting.upper().replace(".", "__")
             raise ConfigError(
-                f"center.port: {host}:{port} {why}; stop that process or choose another port "
-                "(RADBRIDGE_CENTER__PORT)"
+                f"{setting}: {host}:{port} {why}; stop that process or choose another port "
+                f"({variable})"
             ) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import uuid
 from collections.abc import Iterator
@@ -21,10 +22,25 @@ DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 PATIENT = {"name": "Wang^XiaoDong=王^小东", "id": "PID-7788123", "birth": "19650412"}
 
 
+# Ports for the services tests start, outside both the kernel's ephemeral range (32768-60999
+# here: every bind to port 0 and every outgoing connection takes one) and Ray's worker ports
+# (10002-19999). A port taken from the ephemeral range could be handed to one of Ray's own
+# processes before the test's service binds it (seen: the edge's /metrics port taken while
+# `radbridge up` started Ray).
+_TEST_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on now, from the range above (random, checked)."""
+    for _ in range(200):
+        port = random.choice(_TEST_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def make_instance(

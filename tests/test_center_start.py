@@ -55,3 +55,24 @@ def test_center_command_refuses_a_taken_port_before_starting_ray(
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_up_refuses_a_taken_edge_port_before_starting_ray(
+    taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from radbridge.cli import app
+
+    models = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
+    if not any(models.glob("*/*/manifest.yaml")):
+        pytest.fail("demo models are not built (./run test builds them before the tests)")
+    monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RADBRIDGE_MODEL_REPOSITORY", str(models))
+    monkeypatch.setenv("RADBRIDGE_EDGE__METRICS_PORT", str(taken_port))
+    out = CliRunner().invoke(app, ["up"])
+    assert out.exit_code == 2, out.output
+    assert "edge.metrics_port" in out.output and "RADBRIDGE_EDGE__METRICS_PORT" in out.output
+    import ray
+
+    assert not ray.is_initialized()

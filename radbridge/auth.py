@@ -261,7 +261,8 @@ class Verifier:
                 self._keys[k.kid] = (edge, jwt.PyJWK(k.model_dump(), algorithm="EdDSA"))
         self._secrets = [(e, Role.OPERATOR) for e in trust.operators]
         self._secrets += [(e, Role.INTEGRATION) for e in trust.integrations]
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # jti -> exp of the tokens accepted
+        self._pruned = 0.0
         self._failures: dict[str, deque[float]] = {}
         self._locked: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -335,8 +336,10 @@ class Verifier:
             raise AuthError("token is for another request")
         jti = str(claims["jti"])
         with self._lock:
-            for old in [j for j, exp in self._seen.items() if exp < now - LEEWAY_S]:
-                del self._seen[old]
+            if now - self._pruned > 1.0:  # at most once a second, not per request
+                for old in [j for j, exp in self._seen.items() if exp < now - LEEWAY_S]:
+                    del self._seen[old]
+                self._pruned = now
             if jti in self._seen:
                 raise AuthError("token replayed")
             self._seen[jti] = float(claims["exp"])

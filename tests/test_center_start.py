@@ -36,9 +36,11 @@ def test_free_port_passes() -> None:
     check_port_free("127.0.0.1", port)  # released: no error
 
 
-def test_center_command_refuses_a_taken_port_before_starting_ray(
-    taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _run_cli(
+    command: str, setting: str, port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """`radbridge COMMAND` with ``setting`` (an environment variable) on a taken ``port``;
+    asserts it exits 2 without starting Ray, returns its output."""
     from typer.testing import CliRunner
 
     from radbridge.cli import app
@@ -48,31 +50,24 @@ def test_center_command_refuses_a_taken_port_before_starting_ray(
         pytest.fail("demo models are not built (./run test builds them before the tests)")
     monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("RADBRIDGE_MODEL_REPOSITORY", str(models))
-    monkeypatch.setenv("RADBRIDGE_CENTER__PORT", str(taken_port))
-    out = CliRunner().invoke(app, ["center"])
+    monkeypatch.setenv(setting, str(port))
+    out = CliRunner().invoke(app, [command])
     assert out.exit_code == 2, out.output
-    assert "center.port" in out.output and "in use" in out.output
     import ray
 
     assert not ray.is_initialized()
+    return out.output
+
+
+def test_center_command_refuses_a_taken_port_before_starting_ray(
+    taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = _run_cli("center", "RADBRIDGE_CENTER__PORT", taken_port, tmp_path, monkeypatch)
+    assert "center.port" in output and "in use" in output
 
 
 def test_up_refuses_a_taken_edge_port_before_starting_ray(
     taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from typer.testing import CliRunner
-
-    from radbridge.cli import app
-
-    models = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
-    if not any(models.glob("*/*/manifest.yaml")):
-        pytest.fail("demo models are not built (./run test builds them before the tests)")
-    monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("RADBRIDGE_MODEL_REPOSITORY", str(models))
-    monkeypatch.setenv("RADBRIDGE_EDGE__METRICS_PORT", str(taken_port))
-    out = CliRunner().invoke(app, ["up"])
-    assert out.exit_code == 2, out.output
-    assert "edge.metrics_port" in out.output and "RADBRIDGE_EDGE__METRICS_PORT" in out.output
-    import ray
-
-    assert not ray.is_initialized()
+    output = _run_cli("up", "RADBRIDGE_EDGE__METRICS_PORT", taken_port, tmp_path, monkeypatch)
+    assert "edge.metrics_port" in output and "RADBRIDGE_EDGE__METRICS_PORT" in output

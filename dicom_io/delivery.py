@@ -38,13 +38,10 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from io import BytesIO
-from typing import Literal
 
-import httpx
 import pydicom
-from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import ColumnElement, case, func, select, update
@@ -55,9 +52,11 @@ from dicom_io.reidentify import reidentify
 from dicom_io.scu import store_dataset
 from dicom_io.store import DurableStore
 from radbridge.agreements import Agreement, AgreementSet
+from radbridge.contract import CenterClient, ResultObject, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
 from radbridge.errors import (
+    CenterError,
     NotFoundError,
     PeerError,
     RadbridgeError,
@@ -68,7 +67,7 @@ from radbridge.lifecycle import DeliveryState
 from radbridge.metrics import EdgeMetrics, safe_label
 from radbridge.signing import ResultVerifier
 
-__all__ = ["PACS_OK_STATUSES", "Deliverer", "ListedObject", "resend_delivery"]
+__all__ = ["PACS_OK_STATUSES", "Deliverer", "ResultObject", "resend_delivery"]
 
 log = logging.getLogger("radbridge.edge.delivery")
 
@@ -78,32 +77,6 @@ PACS_OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 PAGE_SIZE = 200  # listing page
 BATCH = 200  # due deliveries considered per tick
 _PRIORITY_ORDER = {"stat": 0, "urgent": 1}
-_UID = r"^[0-9.]{1,64}$"
-
-
-class ListedObject(BaseModel):
-    """One entry of ``GET /v1/agreements/{id}/result-objects`` (pseudonymous UIDs only)."""
-
-    id: int = Field(ge=1)
-    study_uid: str = Field(pattern=_UID)
-    version: int = Field(ge=1)
-    kind: Literal["sr", "seg"]
-    sop_class_uid: str = Field(pattern=_UID)
-    sop_instance_uid: str = Field(pattern=_UID)
-    series_instance_uid: str = Field(pattern=_UID)
-    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
-    size: int = Field(ge=0)
-    created_at: datetime
-    signature: str | None = Field(None, max_length=8192, description="radbridge.signing")
-
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
-
-
-class _Listing(BaseModel):
-    objects: list[ListedObject]
 
 
 class _Failed(Exception):
@@ -130,14 +103,13 @@ class Deliverer:
         db: Database,
         store: DurableStore,
         agreements: Callable[[], AgreementSet],
-        center_url: str,
+        center: CenterClient,
         calling_ae: str,
         metrics: EdgeMetrics,
         *,
         timeout_s: float = 60.0,
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
-        auth: httpx.Auth | None = None,
         max_age_s: float = 7 * 86_400.0,
         results: ResultVerifier,
         edge_id: str,
@@ -154,7 +126,7 @@ class Deliverer:
         # A claimed row is due again after this long: longer than one attempt can take
         # (listing, download, association, store: each bounded by timeout_s).
         self._lease = timedelta(seconds=max(60.0, 5 * timeout_s))
-        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s, auth=auth)
+        self._center = center
         self._poll_failing: set[str] = set()
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
@@ -167,7 +139,7 @@ class Deliverer:
             stop.wait(interval_s)
 
     def close(self) -> None:
-        self._http.close()
+        self._center.close()
 
     def resend(self, delivery_id: int) -> None:
         """Put a dead (or delivered) delivery back in the queue, due now."""
@@ -214,7 +186,7 @@ class Deliverer:
                 return added
             after = page[-1].id
 
-    def _queue(self, agreement_id: str, objects: list[ListedObject]) -> int:
+    def _queue(self, agreement_id: str, objects: list[ResultObject]) -> int:
         if not objects:
             return 0
         now = utcnow()
@@ -261,19 +233,11 @@ class Deliverer:
                 )
         return added
 
-    def _list(self, agreement_id: str, after: int, limit: int) -> list[ListedObject]:
-        path = f"/v1/agreements/{agreement_id}/result-objects"
+    def _list(self, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
         try:
-            resp = self._http.get(path, params={"after": after, "limit": limit})
-        except httpx.HTTPError as exc:
-            raise _Failed("center", f"center unreachable: {type(exc).__name__}") from None
-        if resp.status_code != 200:
-            raise _Failed("center", _answer(resp, "result-objects listing"))
-        try:
-            objects = _Listing.model_validate_json(resp.content).objects
-        except ValidationError:
-            raise _Failed("center", "center sent an invalid result-objects listing") from None
-        return sorted(objects, key=lambda o: o.id)
+            return self._center.result_objects(agreement_id, after, limit)
+        except CenterError as exc:
+            raise _Failed("center", str(exc)) from None
 
     def _resolve_study(self, agreement_id: str, pseudo_study_uid: str) -> int | None:
         """The edge's study row behind a pseudonymous study UID, if this edge sent that study."""
@@ -386,7 +350,7 @@ class Deliverer:
 
     # -- steps ----------------------------------------------------------------------------
 
-    def _listed(self, d: DeliveryRow) -> tuple[ListedObject, frozenset[str]]:
+    def _listed(self, d: DeliveryRow) -> tuple[ResultObject, frozenset[str]]:
         """This object's listing entry and the UIDs of every object listed for its study."""
         ids = [d.center_object_id]
         if d.study_id is not None:
@@ -398,7 +362,7 @@ class Deliverer:
                     )
                 ).all()
         lo, hi = min(ids), max(ids)
-        window: dict[int, ListedObject] = {}
+        window: dict[int, ResultObject] = {}
         after = lo - 1
         while True:
             page = self._list(d.agreement_id, after, PAGE_SIZE)
@@ -421,7 +385,7 @@ class Deliverer:
         )
         return listed, companions
 
-    def _study(self, d: DeliveryRow, listed: ListedObject) -> StudyRow:
+    def _study(self, d: DeliveryRow, listed: ResultObject) -> StudyRow:
         study_id = d.study_id
         if study_id is None:  # queued before its study was known here, then resent
             study_id = self._resolve_study(d.agreement_id, listed.study_uid)
@@ -454,7 +418,7 @@ class Deliverer:
                 f"the original instance of the study cannot be read ({type(exc).__name__})"
             ) from None
 
-    def _verify(self, d: DeliveryRow, listed: ListedObject, data: bytes) -> str:
+    def _verify(self, d: DeliveryRow, listed: ResultObject, data: bytes) -> str:
         """The center's signature of these bytes, verified; else a permanent failure (the
         delivery is dead with the reason, nothing reaches the PACS)."""
         try:
@@ -480,18 +444,15 @@ class Deliverer:
         assert listed.signature is not None
         return listed.signature
 
-    def _download(self, listed: ListedObject) -> bytes:
+    def _download(self, listed: ResultObject) -> bytes:
         try:
-            resp = self._http.get(f"/v1/result-objects/{listed.id}")
-        except httpx.HTTPError as exc:
-            raise _Failed("center", f"center unreachable: {type(exc).__name__}") from None
-        if resp.status_code == 404:
-            raise _Failed(
-                "center", f"the center has no result object {listed.id} (404)", permanent=True
-            )
-        if resp.status_code != 200:
-            raise _Failed("center", _answer(resp, "result-object download"))
-        data = resp.content
+            data = self._center.result_object(listed.id)
+        except CenterError as exc:
+            if exc.status == 404:
+                raise _Failed(
+                    "center", f"the center has no result object {listed.id} (404)", permanent=True
+                ) from None
+            raise _Failed("center", str(exc)) from None
         if hashlib.sha256(data).hexdigest() != listed.sha256.lower():
             raise _Failed("center", f"result object {listed.id} does not match its listed sha256")
         return data
@@ -534,7 +495,7 @@ class Deliverer:
     def _retry(
         self, d: DeliveryRow, attempts: int, message: str, reason: str, now: datetime
     ) -> None:
-        delay = min(self._retry_base_s * 2 ** (attempts - 1), self._retry_max_s)
+        delay = backoff_s(attempts, self._retry_base_s, self._retry_max_s)
         log.warning(
             "delivery %d (agreement %s) failed (%s); retry %d in %.0fs",
             d.id,
@@ -622,7 +583,7 @@ def _due(now: datetime) -> ColumnElement[bool]:
     return DeliveryRow.next_attempt_at.is_(None) | (DeliveryRow.next_attempt_at <= now)
 
 
-def _parse(data: bytes, listed: ListedObject) -> Dataset:
+def _parse(data: bytes, listed: ResultObject) -> Dataset:
     try:
         ds = pydicom.dcmread(BytesIO(data))
         matches = (
@@ -639,11 +600,6 @@ def _parse(data: bytes, listed: ListedObject) -> Dataset:
             "center", f"result object {listed.id} does not match its listing", permanent=True
         )
     return ds
-
-
-def _answer(resp: httpx.Response, what: str) -> str:
-    detail = resp.text[:300].replace("\n", " ")  # the center's answer holds no identity
-    return f"center answered {resp.status_code} to {what}: {detail}"
 
 
 def _unknown_study(center_object_id: int) -> str:

@@ -13,8 +13,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 from io import BytesIO
 
 import httpx
@@ -28,9 +27,10 @@ from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from dicom_io.stow import encode_multipart
 from radbridge.agreements import Agreement, AgreementSet
+from radbridge.contract import CenterClient, CompleteStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
-from radbridge.errors import DeidentificationError, ForwardError, PolicyError
+from radbridge.errors import CenterError, DeidentificationError, PolicyError
 from radbridge.lifecycle import EdgeStudyState
 from radbridge.metrics import EdgeMetrics, safe_label
 
@@ -48,19 +48,17 @@ class Forwarder:
         store: DurableStore,
         agreements: Callable[[], AgreementSet],
         master_secret: str,
-        center_url: str,
+        center: CenterClient,
         metrics: EdgeMetrics,
         *,
-        timeout_s: float = 60.0,
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
-        auth: httpx.Auth | None = None,
     ) -> None:
         self.db, self.store, self._agreements = db, store, agreements
         self._secret = master_secret
         self._metrics = metrics
         self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
-        self._http = httpx.Client(base_url=center_url.rstrip("/"), timeout=timeout_s, auth=auth)
+        self._center = center
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -81,7 +79,7 @@ class Forwarder:
             stop.wait(interval_s)
 
     def close(self) -> None:
-        self._http.close()
+        self._center.close()
 
     def tick(self, now: datetime | None = None) -> int:
         """Forward every study that is due; returns how many were forwarded."""
@@ -136,7 +134,7 @@ class Forwarder:
         except PolicyError as exc:  # the center refused instances for good: no silent loss
             self._block(study, str(exc))
             return 0
-        except ForwardError as exc:
+        except CenterError as exc:
             self._retry(study, agreement, str(exc), exc.retry_after_s)
             return 0
         if held:
@@ -178,26 +176,17 @@ class Forwarder:
         record_pseudonyms(self.db, agreement.id, pseudo.issued)
         for chunk in _chunks(parts, MAX_REQUEST_BYTES):
             body, content_type = encode_multipart(chunk)
-            resp = self._post(
-                "/v1/studies",
-                content=body,
-                headers={
-                    "Content-Type": content_type,
-                    "X-Radbridge-Agreement": agreement.id,
-                    "X-Radbridge-Priority": study.priority,
-                },
-                refusals_ok=True,
-            )
+            resp = self._center.store_instances(agreement.id, study.priority, body, content_type)
             _raise_on_refused_instances(resp)
         elapsed = (utcnow() - study.first_received_at).total_seconds()
-        self._post(
-            f"/v1/studies/{pseudo_study_uid}/complete",
-            json={
-                "agreement_id": agreement.id,
-                "priority": study.priority,
-                "instance_count": len(parts),
-                "edge_elapsed_s": max(elapsed, 0.0),
-            },
+        self._center.complete(
+            pseudo_study_uid,
+            CompleteStudy(
+                agreement_id=agreement.id,
+                priority=study.priority,
+                instance_count=len(parts),
+                edge_elapsed_s=max(elapsed, 0.0),
+            ),
         )
         return len(parts), held
 
@@ -236,31 +225,12 @@ class Forwarder:
         self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())
         return data
 
-    def _post(self, path: str, *, refusals_ok: bool = False, **kwargs: object) -> httpx.Response:
-        """POST to the center; ``refusals_ok``: a STOW-RS 409 (every instance refused) is
-        returned for the caller to read, not retried."""
-        try:
-            resp = self._http.post(path, **kwargs)  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
-            raise ForwardError(f"center unreachable: {type(exc).__name__}") from None
-        dicom_json = resp.headers.get("content-type", "").startswith("application/dicom+json")
-        if refusals_ok and resp.status_code == 409 and dicom_json:
-            return resp
-        if resp.status_code >= 300:
-            detail = resp.text[:300].replace("\n", " ")  # the center's answer holds no identity
-            raise ForwardError(
-                f"center answered {resp.status_code} to {path.split('/')[2]}: {detail}",
-                retry_after_s=_retry_after(resp) if resp.status_code in (429, 503) else 0.0,
-            )
-        return resp
-
     def _retry(
         self, study: StudyRow, agreement: Agreement, reason: str, retry_after_s: float = 0.0
     ) -> None:
         """Back off exponentially, and never sooner than the center's Retry-After."""
         attempts = study.attempts + 1
-        delay = min(self._retry_base_s * 2 ** (attempts - 1), self._retry_max_s)
-        delay = max(delay, min(retry_after_s, self._retry_max_s))
+        delay = backoff_s(attempts, self._retry_base_s, self._retry_max_s, retry_after_s)
         log.warning(
             "study %s forward failed (%s); retry %d in %.0fs", study.id, reason, attempts, delay
         )
@@ -351,22 +321,3 @@ def _raise_on_refused_instances(resp: httpx.Response) -> None:
         f"center refused {len(failed)} instance(s) (failure reasons {', '.join(reasons)}; "
         "0x0111: other bytes under a SOP Instance UID it already holds)"
     )
-
-
-def _retry_after(resp: httpx.Response, now: datetime | None = None) -> float:
-    """Seconds of a Retry-After header: delta-seconds, or an HTTP-date (RFC 9110 10.2.3)
-    counted from ``now``; unreadable counts as 60 s, a date in the past as 0."""
-    value = resp.headers.get("retry-after", "").strip()
-    if not value:
-        return 0.0
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return 60.0
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or utcnow())).total_seconds())

@@ -17,7 +17,7 @@ from dicom_io.stow_server import StowServer, build_stow_app
 from dicom_io.structure import Limits
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
-from radbridge.auth import EdgeAuth, load_edge_key
+from radbridge.contract import center_client
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.identity import prepare_local_identity
@@ -85,32 +85,28 @@ class Gateway:
         self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
         self.metrics.disk_free.set_function(self.store.free_bytes)
         prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
-        auth = EdgeAuth(load_edge_key(settings.edge_key_file), e.id)
         results = ResultVerifier(load_center_keys(settings.edge_center_keys_file))
         self.forwarder = Forwarder(
             self.db,
             self.store,
             lambda: self.agreements,
             settings.edge.master_secret.get_secret_value(),
-            settings.edge.center_url,
+            center_client(settings),
             self.metrics,
-            timeout_s=settings.edge.forward_timeout_s,
             retry_base_s=settings.edge.retry_base_s,
             retry_max_s=settings.edge.retry_max_s,
-            auth=auth,
         )
         self.deliverer = Deliverer(
             self.db,
             self.store,
             lambda: self.agreements,
-            e.center_url,
+            center_client(settings),
             e.ae_title,
             self.metrics,
             timeout_s=e.forward_timeout_s,
             retry_base_s=e.retry_base_s,
             retry_max_s=e.retry_max_s,
             max_age_s=e.delivery_max_age_s,
-            auth=auth,
             results=results,
             edge_id=e.id,
         )
@@ -150,7 +146,7 @@ class Gateway:
             e.port,
             e.metrics_host,
             e.metrics_port,
-            e.center_url,
+            self.settings.center_url,
         )
 
     def stop(self) -> None:

@@ -473,8 +473,10 @@ async def run_rounds(
     base_url: str,
     phases: list[Phase],
     headers: dict[str, str],
+    verify: Any = True,
 ) -> None:
-    """``headers``: the integration credential the sync endpoints want (radbridge.auth)."""
+    """``headers``: the integration credential the sync endpoints want (radbridge.auth);
+    ``verify``: the TLS check of the center's certificate (the local CA: radbridge.pki)."""
     import httpx
     from ray import serve
 
@@ -501,7 +503,9 @@ async def run_rounds(
         )
 
     # First requests load the model version in the replica (multiplexing): not timed.
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=headers) as client:
+    async with httpx.AsyncClient(
+        timeout=REQUEST_TIMEOUT_S, headers=headers, verify=verify
+    ) as client:
         await closed_loop(http_call(client, url, bodies), 2, START_TIMEOUT_S, 1, None)
     await closed_loop(handle_call(handle, inputs), 2, START_TIMEOUT_S, 1, None)
 
@@ -513,7 +517,7 @@ async def run_rounds(
             await run_serve_path("serve handle", handle_call(handle, inputs), args, in_flight, rnd)
         )
         async with httpx.AsyncClient(
-            timeout=REQUEST_TIMEOUT_S, limits=limits, headers=headers
+            timeout=REQUEST_TIMEOUT_S, limits=limits, headers=headers, verify=verify
         ) as client:
             call = http_call(client, url, bodies)
             report(await run_serve_path("serve HTTP", call, args, args.concurrency, rnd))
@@ -625,6 +629,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    from radbridge.contract import tls_verify
+
     args = parse_args()
     for item in args.ray_env:
         k, sep, v = item.partition("=")
@@ -656,7 +662,7 @@ def main() -> None:
             import ray
 
             print(f"center up in {time.monotonic() - t0:.1f} s", flush=True)
-            base_url = f"http://127.0.0.1:{settings.center.port}"
+            base_url = settings.center_url  # HTTPS in local mode, as the edge sees it
             meta = {
                 "model": key,
                 "shape": list(shape),
@@ -677,7 +683,8 @@ def main() -> None:
             meta["nice"] = renice_driver(args.driver_nice)
             token = (settings.center_trust_file.parent / "integration.token").read_text()
             auth = {"Authorization": f"Bearer {token}"}
-            asyncio.run(run_rounds(args, key, inputs, sessions, base_url, phases, auth))
+            verify = tls_verify(settings.edge.center_ca_file)
+            asyncio.run(run_rounds(args, key, inputs, sessions, base_url, phases, auth, verify))
     load_end = loadavg()
     rows, best = summarize(phases)
     print_report(rows, best, phases, meta)

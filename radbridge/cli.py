@@ -337,7 +337,8 @@ def center() -> None:
         start_center(s)
     except RadbridgeError as exc:
         raise _fail(exc) from None
-    console.print(f"[green]center ready[/] http://{s.center.host}:{s.center.port}")
+    scheme = "https" if s.center.tls is not None else "http"
+    console.print(f"[green]center ready[/] {scheme}://{s.center.host}:{s.center.port}")
     stop.wait()
     stop_center()
 
@@ -361,7 +362,7 @@ def up() -> None:
     table = Table("component", "address", title=f"radbridge is up (mode: {s.mode})")
     table.add_row("edge DICOM SCP", f"{s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
     table.add_row("edge /metrics", f"http://{s.edge.metrics_host}:{s.edge.metrics_port}/metrics")
-    base = f"http://{s.center.host}:{s.center.port}"
+    base = s.center_url
     table.add_row("center API", f"{base}/v1/studies/{{study_uid}}/results")
     table.add_row(
         "center /metrics", f"{base}/metrics (bearer: {s.center_trust_file.parent}/operator.token)"
@@ -397,13 +398,11 @@ def demo(
     """Push generated chest radiograph studies to the running gateway and print their results."""
     import tempfile
 
-    import httpx
-
     from dicom_io.identity_map import lookup_pseudonym
     from dicom_io.scu import send_files
     from models.phantom_dicom import write_cxr_study
     from radbridge.agreements import load_agreements
-    from radbridge.auth import EdgeAuth, load_edge_key
+    from radbridge.contract import center_client
     from radbridge.db.engine import Database
 
     s = _settings()
@@ -435,20 +434,24 @@ def demo(
             pending[study_uid] = (findings, f"study {i + 1}")
     edge_db = Database(s.edge_db_url)
     deadline = time.monotonic() + timeout
-    base = f"http://{s.center.host}:{s.center.port}"
     done: dict[str, dict] = {}
-    # The demo reads the results as this machine's edge does: with the edge's own key.
-    auth = EdgeAuth(load_edge_key(s.edge_key_file), s.edge.id)
-    with httpx.Client(base_url=base, timeout=10, auth=auth) as http:
+    # The demo reads the results as this machine's edge does: its key, over checked HTTPS.
+    center = center_client(s, timeout_s=10)
+    try:
         while pending.keys() - done.keys() and time.monotonic() < deadline:
             for uid in pending.keys() - done.keys():
                 pseudo = lookup_pseudonym(edge_db, agreement.id, "uid", uid)
                 if pseudo is None:
                     continue
-                r = http.get(f"/v1/studies/{pseudo}/results")
-                if r.status_code == 200 and r.json()["job"]["state"] in ("done", "failed"):
-                    done[uid] = r.json()
+                try:
+                    answer = center.study_results(pseudo)
+                except RadbridgeError:
+                    continue  # not there yet (404) or the center is busy
+                if answer["job"]["state"] in ("done", "failed"):
+                    done[uid] = answer
             time.sleep(1)
+    finally:
+        center.close()
     for uid, (truth, label) in pending.items():
         res = done.get(uid)
         if res is None:

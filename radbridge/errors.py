@@ -9,11 +9,11 @@ from __future__ import annotations
 __all__ = [
     "AgreementError",
     "AuthError",
+    "CenterError",
     "ConfigError",
     "DatasetError",
     "DeidentificationError",
     "ForbiddenError",
-    "ForwardError",
     "ModelError",
     "NotFoundError",
     "OverloadedError",
@@ -74,15 +74,18 @@ class PeerError(RadbridgeError):
         self.reason = reason
 
 
-class ForwardError(RadbridgeError):
-    """Forwarding to the center failed; the outbox retries (not before ``retry_after_s``)."""
+class CenterError(RadbridgeError):
+    """The center could not be reached or did not answer as the contract (radbridge.contract)
+    says; the edge's outboxes retry, not before ``retry_after_s``.
 
-    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
-        super().__init__(message, retry_after_s)
+    ``status`` is the HTTP status (0: no answer). The message holds no identity: the center's
+    answers are about pseudonymous data only.
+    """
+
+    def __init__(self, message: str, *, status: int = 0, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.status = status
         self.retry_after_s = retry_after_s
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class OverloadedError(RadbridgeError):

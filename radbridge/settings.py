@@ -22,7 +22,7 @@ from pydantic_settings import (
 
 from radbridge.errors import ConfigError
 
-__all__ = ["DEV_SECRET", "CenterSettings", "EdgeSettings", "Settings", "load_settings"]
+__all__ = ["DEV_SECRET", "CenterSettings", "CenterTLS", "EdgeSettings", "Settings", "load_settings"]
 
 DEV_SECRET = "radbridge-local-development-secret"
 # Example values in the repository (k8s/overlays/dev/example-secrets.yaml) start with these.
@@ -50,7 +50,17 @@ class EdgeSettings(BaseModel):
     metrics_port: int = Field(9101, ge=0, le=65535, description="0 disables /metrics.")
     database_url: str | None = Field(None, description="Default: SQLite in data_dir/edge.")
     store_dir: Path | None = Field(None, description="Default: data_dir/edge/store.")
-    center_url: str = Field("http://127.0.0.1:8000", description="Where de-identified studies go.")
+    center_url: str | None = Field(
+        None,
+        description="Where de-identified studies go. Default: the local center, "
+        "https://127.0.0.1:<center.port> (http:// with center.plain_http).",
+    )
+    center_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle the center's TLS certificate is checked against. Default: "
+        "data_dir/keys/local-ca.pem in local mode (made with the center's certificate), the "
+        "system's trust store outside it.",
+    )
     id: str = Field(
         "local-edge",
         pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
@@ -125,6 +135,13 @@ class EdgeSettings(BaseModel):
         return self
 
 
+class CenterTLS(BaseModel):
+    """The certificate the center's HTTP proxy serves HTTPS with."""
+
+    cert_file: Path = Field(description="PEM certificate chain of the center.")
+    key_file: Path = Field(description="PEM private key of the center.")
+
+
 class CenterSettings(BaseModel):
     """The reading center's Ray Serve application."""
 
@@ -133,6 +150,16 @@ class CenterSettings(BaseModel):
     database_url: str | None = Field(None, description="Default: SQLite in data_dir/center.")
     store_dir: Path | None = Field(None, description="Default: data_dir/center/store.")
     ray_address: str | None = Field(None, description="None starts a local Ray instance.")
+    tls: CenterTLS | None = Field(
+        None,
+        description="HTTPS on Serve's proxy. Local mode: data_dir/keys/center-tls.{pem,key}, "
+        "made with a throwaway CA on first start (radbridge.pki). Outside local mode none "
+        "means plain HTTP, for a center reached only through a TLS-terminating Service or "
+        "ingress of its own cluster.",
+    )
+    plain_http: bool = Field(
+        False, description="Local mode only: serve plain HTTP instead of the local HTTPS."
+    )
     trust_file: Path | None = Field(
         None,
         description="Who may call the center (edges' public keys and agreements, operator and "
@@ -214,10 +241,29 @@ class Settings(BaseSettings):
             self.center.signing_key_file = data / "keys" / "center-signing.pem"
         if self.edge.center_keys_file is None:
             self.edge.center_keys_file = data / "keys" / "center-signing.jwks.json"
+        if self.mode == "local" and not self.center.plain_http:
+            if self.center.tls is None:
+                self.center.tls = CenterTLS(
+                    cert_file=data / "keys" / "center-tls.pem",
+                    key_file=data / "keys" / "center-tls.key",
+                )
+            if self.edge.center_ca_file is None:
+                self.edge.center_ca_file = data / "keys" / "local-ca.pem"
+        if self.center.plain_http and self.mode != "local":
+            raise ValueError("center.plain_http: only in local mode (set center.tls, or none)")
+        if self.edge.center_url is None:
+            scheme = "https" if self.center.tls is not None else "http"
+            host = "127.0.0.1" if self.center.host in ("0.0.0.0", "") else self.center.host
+            self.edge.center_url = f"{scheme}://{host}:{self.center.port}"
         self.center.signing_key_file = self.center.signing_key_file.resolve()
         self.edge.center_keys_file = self.edge.center_keys_file.resolve()
         self.edge.key_file = self.edge.key_file.resolve()
         self.center.trust_file = self.center.trust_file.resolve()
+        if self.center.tls is not None:
+            self.center.tls.cert_file = self.center.tls.cert_file.resolve()
+            self.center.tls.key_file = self.center.tls.key_file.resolve()
+        if self.edge.center_ca_file is not None:
+            self.edge.center_ca_file = self.edge.center_ca_file.resolve()
         self.model_repository = self.model_repository.resolve()
         self.edge.store_dir = self.edge.store_dir.resolve()
         self.center.store_dir = self.center.store_dir.resolve()
@@ -234,7 +280,7 @@ class Settings(BaseSettings):
             )
         if len(secret.encode("utf-8")) < 32:
             raise ValueError("edge.master_secret: at least 32 bytes outside local mode")
-        url = urlparse(self.edge.center_url)
+        url = urlparse(self.center_url)
         same_namespace = url.scheme == "http" and "." not in (url.hostname or ".")
         if url.scheme != "https" and not same_namespace:
             raise ValueError(
@@ -258,6 +304,11 @@ class Settings(BaseSettings):
     def center_db_url(self) -> str:
         assert self.center.database_url is not None
         return self.center.database_url
+
+    @property
+    def center_url(self) -> str:
+        assert self.edge.center_url is not None
+        return self.edge.center_url
 
     @property
     def edge_key_file(self) -> Path:

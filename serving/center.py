@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from radbridge.auth import load_trust
 from radbridge.errors import ConfigError, ModelError
 from radbridge.identity import prepare_local_identity
+from radbridge.pki import check_server_files
 from radbridge.settings import Settings
 from radbridge.signing import load_signer
 
@@ -80,6 +81,8 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
     load_trust(settings.center_trust_file)  # fails here, naming the field, if invalid
     load_signer(settings.center_signing_key_file)
+    if c.tls is not None:
+        check_server_files(c.tls.cert_file, c.tls.key_file)
     deadline = time.monotonic() + timeout_s
     if not ray.is_initialized():
         if c.ray_address:
@@ -100,13 +103,15 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     app_settings = settings.model_dump(
         mode="json", exclude={"edge": True, "center": {"serve_config"}}
     )
-    schema = config.deploy_schema(host=c.host, port=c.port, settings=app_settings)
+    tls = (str(c.tls.cert_file), str(c.tls.key_file)) if c.tls is not None else None
+    schema = config.deploy_schema(host=c.host, port=c.port, settings=app_settings, tls=tls)
     client = _start_serve(schema, deadline)
     deployed_at = time.time()
     client.deploy_apps(schema)
     _wait_running(config.app.name, deployed_at, deadline)
-    _wait_answers(c.host, c.port, deadline)
-    log.info("center serving on http://%s:%d", c.host, c.port)
+    scheme = "https" if tls is not None else "http"
+    _wait_answers(f"{scheme}://{_loopback(c.host)}:{c.port}/healthz", deadline)
+    log.info("center serving on %s://%s:%d", scheme, c.host, c.port)
 
 
 def check_port_free(host: str, port: int, setting: str = "center.port") -> None:
@@ -188,16 +193,21 @@ def _wait_running(app_name: str, deployed_at: float, deadline: float) -> None:
         time.sleep(0.5)
 
 
-def _wait_answers(host: str, port: int, deadline: float) -> None:
-    """Until the app's ``/healthz`` answers 200 through the proxy on ``host:port``."""
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def _wait_answers(url: str, deadline: float) -> None:
+    """Until the app's ``/healthz`` answers 200 through the proxy at ``url``.
+
+    The certificate is not checked here: this probe of our own proxy sends no credential and
+    reads nothing but the status; the edge checks it (radbridge.contract.tls_verify)."""
     import httpx
 
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{target}:{port}/healthz"
     last = "no answer"
     while True:
         try:
-            r = httpx.get(url, timeout=5)
+            r = httpx.get(url, timeout=5, verify=False)
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}"

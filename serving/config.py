@@ -198,10 +198,20 @@ class ServeConfig:
                 f"capacity + max_queued ({room}): such a request could never be admitted"
             )
 
-    def deploy_schema(self, *, host: str, port: int, settings: dict[str, Any] | None) -> Any:
-        """Ray's schema with the installation's bind address and settings filled in."""
+    def deploy_schema(
+        self,
+        *,
+        host: str,
+        port: int,
+        settings: dict[str, Any] | None,
+        tls: tuple[str, str] | None = None,
+    ) -> Any:
+        """Ray's schema with the installation's bind address, TLS (certificate and key files:
+        Serve's proxy then speaks HTTPS only) and settings filled in."""
         raw = self.schema.model_dump(mode="json", exclude_unset=True)
         raw.setdefault("http_options", {}).update(host=host, port=port)
+        if tls is not None:
+            raw["http_options"].update(ssl_certfile=tls[0], ssl_keyfile=tls[1])
         for app in raw["applications"]:
             if app.get("import_path") == APP_IMPORT_PATH and settings is not None:
                 app["args"] = {**(app.get("args") or {}), "settings": settings}

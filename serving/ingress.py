@@ -31,6 +31,19 @@ from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest
 from radbridge.agreements import Priority, load_agreements
 from radbridge.auth import Caller, Role, Verifier, load_trust
+from radbridge.contract import (
+    AGREEMENT_HEADER,
+    AGREEMENT_ID,
+    AGREEMENT_RESULT_OBJECTS,
+    MAX_LISTING,
+    PRIORITY_HEADER,
+    RESULT_OBJECT,
+    STUDIES,
+    STUDY_COMPLETE,
+    STUDY_RESULTS,
+    CompleteStudy,
+    ResultObjectList,
+)
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.db.tables import utcnow
@@ -52,14 +65,12 @@ from serving.inference import Inference
 from serving.intake import receive_instances, stow_response
 from serving.scheduling import PriorityGate
 from serving.schemas import (
-    CompleteRequest,
     Finding,
     InferBatchResponse,
     InferItem,
     InferResponse,
     InstanceResult,
     JobOut,
-    ResultObjectList,
     StudyResults,
 )
 from serving.segmentation import segment_series
@@ -226,7 +237,7 @@ class Api:
     # -- routes ---------------------------------------------------------------------------
 
     @api.post(
-        "/v1/studies",
+        STUDIES,
         responses={
             200: {"description": "Every instance stored (STOW-RS response, DICOM JSON)."},
             202: {"description": "Some instances stored, the others in FailedSOPSequence."},
@@ -237,8 +248,8 @@ class Api:
     async def stow(
         self,
         request: Request,
-        x_radbridge_agreement: str = Header(...),
-        x_radbridge_priority: Priority = Header(Priority.ROUTINE),
+        x_radbridge_agreement: str = Header(..., alias=AGREEMENT_HEADER, pattern=AGREEMENT_ID),
+        x_radbridge_priority: Priority = Header(Priority.ROUTINE, alias=PRIORITY_HEADER),
     ) -> Response:
         caller = self._caller(request, Role.EDGE)
         agreement = self._agreement(caller, x_radbridge_agreement)
@@ -256,11 +267,11 @@ class Api:
         )
 
     @api.post(
-        "/v1/studies/{study_uid}/complete",
+        STUDY_COMPLETE,
         status_code=202,
         responses=_answers(*_EDGE, 409),
     )
-    async def complete(self, request: Request, study_uid: str, body: CompleteRequest) -> JobOut:
+    async def complete(self, request: Request, study_uid: str, body: CompleteStudy) -> JobOut:
         self._agreement(self._caller(request, Role.EDGE), body.agreement_id)
         job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
         if created:
@@ -273,18 +284,18 @@ class Api:
             created_at=job.created_at,
         )
 
-    @api.get("/v1/studies/{study_uid}/results", responses=_answers(*_EDGE))
+    @api.get(STUDY_RESULTS, responses=_answers(*_EDGE))
     async def results(self, request: Request, study_uid: str) -> StudyResults:
         caller = self._caller(request, Role.EDGE)
         return await asyncio.to_thread(jobs.study_results, self.db, study_uid, caller.agreements)
 
-    @api.get("/v1/agreements/{agreement_id}/result-objects", responses=_answers(*_EDGE, 409))
+    @api.get(AGREEMENT_RESULT_OBJECTS, responses=_answers(*_EDGE, 409))
     async def list_result_objects(
         self,
         request: Request,
         agreement_id: str,
         after: int = Query(0, ge=0),
-        limit: int = Query(100, ge=1, le=1000),
+        limit: int = Query(100, ge=1, le=MAX_LISTING),
     ) -> ResultObjectList:
         """Result objects (SR, SEG) after a cursor; the edge pulls them (it opens the link)."""
         self._agreement(self._caller(request, Role.EDGE), agreement_id)
@@ -294,7 +305,7 @@ class Api:
         return ResultObjectList(objects=objects)
 
     @api.get(
-        "/v1/result-objects/{object_id}",
+        RESULT_OBJECT,
         response_class=FileResponse,
         responses={
             200: {"content": {"application/dicom": {}}, "description": "The Part 10 object."},
@@ -314,8 +325,8 @@ class Api:
         request: Request,
         name: str = Path(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$"),
         version: str | None = Query(None, pattern=r"^[A-Za-z0-9._-]{1,32}$"),
-        x_radbridge_agreement: str = Header(...),
-        x_radbridge_priority: Priority = Header(Priority.ROUTINE),
+        x_radbridge_agreement: str = Header(..., alias=AGREEMENT_HEADER, pattern=AGREEMENT_ID),
+        x_radbridge_priority: Priority = Header(Priority.ROUTINE, alias=PRIORITY_HEADER),
     ) -> InferResponse:
         """One DICOM instance (application/dicom) or one input tensor (application/x-npy, the
         model's input shape without the batch axis) → the model's findings. Sheddable: 503 +
@@ -365,8 +376,8 @@ class Api:
         request: Request,
         name: str = Path(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$"),
         version: str | None = Query(None, pattern=r"^[A-Za-z0-9._-]{1,32}$"),
-        x_radbridge_agreement: str = Header(...),
-        x_radbridge_priority: Priority = Header(Priority.ROUTINE),
+        x_radbridge_agreement: str = Header(..., alias=AGREEMENT_HEADER, pattern=AGREEMENT_ID),
+        x_radbridge_priority: Priority = Header(Priority.ROUTINE, alias=PRIORITY_HEADER),
     ) -> InferBatchResponse:
         """Input tensors stacked on a first axis (application/x-npy, shape (N, *input shape),
         N up to ``max_batch_images``) → each one's findings, in order. One HTTP request and one

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from radbridge.contract import CompleteStudy
 from radbridge.db.engine import Database
 from radbridge.db.tables import (
     InstanceRow,
@@ -20,7 +21,7 @@ from radbridge.db.tables import (
 )
 from radbridge.errors import NotFoundError, PolicyError
 from radbridge.lifecycle import CenterStudyState, JobState
-from serving.schemas import CompleteRequest, InstanceResult, JobOut, StudyResults
+from serving.schemas import InstanceResult, JobOut, StudyResults
 
 __all__ = [
     "JobInstance",
@@ -65,7 +66,7 @@ def _find_study(
     return study
 
 
-def complete_study(db: Database, study_uid: str, req: CompleteRequest) -> tuple[JobRow, bool]:
+def complete_study(db: Database, study_uid: str, req: CompleteStudy) -> tuple[JobRow, bool]:
     """Create the study's inference job (idempotent). Returns (job, created)."""
     with db.session() as s:
         study = _find_study(s, study_uid, req.agreement_id)

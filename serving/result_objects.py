@@ -28,11 +28,11 @@ from dicom_io.results import (
 )
 from dicom_io.store import DurableStore
 from models.manifest import ModelManifest
+from radbridge.contract import ResultObject
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, ResultRow, StudyRow
 from radbridge.errors import NotFoundError
 from radbridge.lifecycle import JobState
-from serving.schemas import ResultObjectOut
 from serving.segmentation import SeriesSegmentation
 
 # Signs one result object row (radbridge.signing.ResultSigner, bound by the Api).
@@ -98,7 +98,7 @@ def build_for_job(
     return _record(db, made, sign)
 
 
-def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObjectOut]:
+def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
     with db.session() as s:
         rows = s.scalars(
             select(ResultObjectRow)
@@ -112,7 +112,7 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
             .limit(limit)
         ).all()
         return [
-            ResultObjectOut(
+            ResultObject(
                 id=r.id,
                 study_uid=r.study_uid,
                 version=r.version,

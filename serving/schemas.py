@@ -1,36 +1,21 @@
-"""Typed request/response bodies of the center's HTTP API."""
+"""Typed request/response bodies of the center's HTTP API (the edge's: radbridge.contract)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from radbridge.agreements import Priority
 
 __all__ = [
-    "CompleteRequest",
     "Finding",
     "InferResponse",
     "InstanceResult",
     "JobOut",
-    "ResultObjectList",
-    "ResultObjectOut",
     "StudyResults",
 ]
-
-
-class CompleteRequest(BaseModel):
-    """Sent by the edge once every instance of a study was accepted."""
-
-    model_config = ConfigDict(extra="forbid")
-    agreement_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
-    priority: Priority = Priority.ROUTINE
-    instance_count: int = Field(ge=1)
-    edge_elapsed_s: float = Field(
-        0.0, ge=0, description="Seconds from the edge's first instance to this request."
-    )
 
 
 class JobOut(BaseModel):
@@ -101,28 +86,3 @@ class StudyResults(BaseModel):
     results: list[InstanceResult]
     skipped: list[dict[str, Any]] = Field(default_factory=list)
     notice: str
-
-
-class ResultObjectOut(BaseModel):
-    """A DICOM result object as the edge's deliverer lists it (pseudonymous UIDs only)."""
-
-    id: int
-    study_uid: str
-    version: int
-    kind: str = Field(description="sr or seg")
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    sha256: str
-    size: int
-    created_at: datetime
-    signature: str | None = Field(
-        None,
-        description="The center's JWS (EdDSA) over sha256, UIDs, kind, version, agreement and "
-        "edges, made when the object was written (radbridge.signing); the edge verifies it "
-        "before anything else.",
-    )
-
-
-class ResultObjectList(BaseModel):
-    objects: list[ResultObjectOut]

@@ -11,11 +11,11 @@ from pydicom.dataset import Dataset
 from dicom_io.deid import deidentify
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
+from radbridge.contract import CompleteStudy
 from radbridge.db import Database
 from radbridge.errors import NotFoundError, PolicyError
 from serving import jobs
 from serving.intake import receive_instances, stow_response
-from serving.schemas import CompleteRequest
 from tests.conftest import make_instance
 
 AGREEMENT = "demo-hospital-to-center"
@@ -53,7 +53,7 @@ def test_complete_creates_one_job_and_is_idempotent(migrated_db: Database, tmp_p
     outcome = receive_instances(migrated_db, store, AGREEMENT, parts)
     assert len(outcome.stored) == 3 and not outcome.failed
     uid = outcome.stored[0].study_uid
-    req = CompleteRequest(agreement_id=AGREEMENT, instance_count=3, edge_elapsed_s=4.5)
+    req = CompleteStudy(agreement_id=AGREEMENT, instance_count=3, edge_elapsed_s=4.5)
     job, created = jobs.complete_study(migrated_db, uid, req)
     again, created_again = jobs.complete_study(migrated_db, uid, req)
     assert created and not created_again and again.id == job.id
@@ -70,14 +70,14 @@ def test_late_instance_makes_a_new_results_version(migrated_db: Database, tmp_pa
     receive_instances(migrated_db, store, AGREEMENT, parts[:2])
     uid = receive_instances(migrated_db, store, AGREEMENT, parts[:1]).stored[0].study_uid
     first, _ = jobs.complete_study(
-        migrated_db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=2)
+        migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
     )
     jobs.start_job(migrated_db, first.id)
     jobs.finish_job(migrated_db, first.id)
     assert first.version == 1
     receive_instances(migrated_db, store, AGREEMENT, parts[2:])  # arrives after completion
     second, created = jobs.complete_study(
-        migrated_db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=3)
+        migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=3)
     )
     assert created and second.id != first.id and second.version == 2
     assert len(jobs.job_instances(migrated_db, second.id)) == 3
@@ -90,11 +90,11 @@ def test_incomplete_or_unknown_study(migrated_db: Database, tmp_path: Path) -> N
     uid = outcome.stored[0].study_uid
     with pytest.raises(PolicyError, match="1 of 2"):
         jobs.complete_study(
-            migrated_db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=2)
+            migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
         )
     with pytest.raises(NotFoundError):
         jobs.complete_study(
-            migrated_db, "2.25.1", CompleteRequest(agreement_id=AGREEMENT, instance_count=1)
+            migrated_db, "2.25.1", CompleteStudy(agreement_id=AGREEMENT, instance_count=1)
         )
     with pytest.raises(NotFoundError, match="no job"):
         jobs.study_results(migrated_db, uid)

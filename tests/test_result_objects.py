@@ -11,17 +11,18 @@ import pydicom
 from dicom_io.deid import deidentify
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
+from radbridge.contract import CompleteStudy
 from radbridge.db import Database
 from serving import jobs, result_objects
 from serving.intake import receive_instances
 from serving.postprocess import findings_from_logits
-from serving.schemas import CompleteRequest, InstanceResult
+from serving.schemas import InstanceResult
 from tests.test_intake_jobs import AGREEMENT, _deid_study
 from tests.test_serving_units import _manifest
 
 
 def _run_job(db: Database, uid: str, n: int) -> int:
-    job, _ = jobs.complete_study(db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=n))
+    job, _ = jobs.complete_study(db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=n))
     jobs.start_job(db, job.id)
     manifest = _manifest()
     for inst in jobs.job_instances(db, job.id):
@@ -93,7 +94,7 @@ def _ct_job(db: Database, store: DurableStore) -> tuple[int, list[pydicom.Datase
         ds.save_as(buf, enforce_file_format=True)
         parts.append(buf.getvalue())
     uid = receive_instances(db, store, AGREEMENT, parts).stored[0].study_uid
-    job, _ = jobs.complete_study(db, uid, CompleteRequest(agreement_id=AGREEMENT, instance_count=8))
+    job, _ = jobs.complete_study(db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=8))
     jobs.start_job(db, job.id)
     jobs.finish_job(db, job.id)
     return job.id, sources

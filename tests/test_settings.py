@@ -41,3 +41,25 @@ def test_bad_field_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RADBRIDGE_EDGE__PORT", "70000")
     with pytest.raises(ConfigError, match=r"edge\.port"):
         load_settings()
+
+
+def test_local_center_speaks_https_with_the_local_ca(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RADBRIDGE_CONFIG", raising=False)
+    s = load_settings(data_dir=Path("d"), center={"port": 8443})
+    assert s.center_url == "https://127.0.0.1:8443"
+    assert s.center.tls is not None and s.center.tls.cert_file.name == "center-tls.pem"
+    assert s.edge.center_ca_file is not None and s.edge.center_ca_file.name == "local-ca.pem"
+    plain = load_settings(data_dir=Path("d"), center={"plain_http": True})
+    assert plain.center_url == "http://127.0.0.1:8000" and plain.center.tls is None
+    given = load_settings(edge={"center_url": "https://center.local:9000"})
+    assert given.center_url == "https://center.local:9000"
+
+
+def test_production_has_no_plain_http_switch_and_no_implicit_ca() -> None:
+    secret = "a-real-secret-from-vault-32-bytes-long"
+    with pytest.raises(ConfigError, match=r"center\.plain_http"):
+        load_settings(mode="production", edge={"master_secret": secret}, center={"plain_http": 1})
+    s = load_settings(
+        mode="production", edge={"master_secret": secret, "center_url": "https://c.example"}
+    )
+    assert s.center.tls is None and s.edge.center_ca_file is None  # the system's trust store

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from dicom_io.identity_map import lookup_pseudonym
 from radbridge.auth import EdgeAuth, load_edge_key
+from radbridge.contract import tls_verify
 from radbridge.db import Database
 from radbridge.db.tables import StudyRow
 from radbridge.lifecycle import EdgeStudyState
@@ -72,7 +73,7 @@ def wait_for_results(
         while time.monotonic() < deadline:
             pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
             if pseudo and _edge_state(edge_db, study_uid) == EdgeStudyState.FORWARDED:
-                r = httpx.get(
+                r = stack["http"].get(  # type: ignore[attr-defined]
                     f"{base}/v1/studies/{pseudo}/results",
                     auth=stack["edge_auth"],  # type: ignore[arg-type]
                     timeout=10,
@@ -130,7 +131,6 @@ def running_stack(
         RADBRIDGE_EDGE__PORT=str(ports["edge"]),
         RADBRIDGE_EDGE__METRICS_PORT=str(ports["metrics"]),
         RADBRIDGE_CENTER__PORT=str(ports["center"]),
-        RADBRIDGE_EDGE__CENTER_URL=f"http://127.0.0.1:{ports['center']}",
         RADBRIDGE_CENTER__RAY_NUM_CPUS="4",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         TCP_NODELAY="1",
@@ -140,15 +140,22 @@ def running_stack(
     proc = subprocess.Popen(
         [str(BIN / "radbridge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data
     )
-    base = f"http://127.0.0.1:{ports['center']}"
+    # The local center speaks HTTPS with a certificate of the throwaway CA `radbridge up`
+    # makes under data/keys; the test's client trusts that CA only, as the edge does.
+    base = f"https://127.0.0.1:{ports['center']}"
+    ca = data / "keys" / "local-ca.pem"
+    http: httpx.Client | None = None
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"radbridge up exited ({proc.returncode}):\n{stack_report(data)}")
+            if http is None and ca.exists():
+                http = httpx.Client(verify=tls_verify(ca), timeout=10)
             try:
                 if (
-                    httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+                    http is not None
+                    and http.get(f"{base}/healthz", timeout=2).status_code == 200
                     and echo(ports["edge"], "STORESCU").returncode == 0
                 ):
                     break
@@ -158,7 +165,10 @@ def running_stack(
         else:
             pytest.fail(f"stack not ready in 300 s:\n{stack_report(data)}")
         keys = data / "keys"  # the throwaway local identity `radbridge up` made
+        assert http is not None
         yield {
+            "http": http,
+            "ca": ca,
             "data": data,
             "ports": ports,
             "base": base,
@@ -168,6 +178,8 @@ def running_stack(
             "operator": {"authorization": f"Bearer {(keys / 'operator.token').read_text()}"},
         }
     finally:
+        if http is not None:
+            http.close()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(60)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -47,7 +46,7 @@ def test_nodule_centre_within_one_voxel_through_the_gateway(tmp_path: Path) -> N
         assert out.returncode == 0, out.stdout + out.stderr
         results: Any = wait_for_results(stack, study_uid, timeout_s=400)
         assert results["job"]["state"] == "done", results["job"]
-        listed = httpx.get(
+        listed = stack["http"].get(  # type: ignore[attr-defined]
             f"{base}/v1/agreements/{AGREEMENT}/result-objects",
             auth=stack["edge_auth"],  # type: ignore[arg-type]
             timeout=10,

@@ -55,9 +55,11 @@ def prometheus(stack: dict[str, object]) -> Iterator[str]:
     port = free_port()
     config = data / "prometheus.yml"
     jobs = {"edge": ports["metrics"], "center": ports["center"]}
-    # The center's /metrics wants the operator's bearer secret (radbridge.auth).
+    # The center's /metrics wants the operator's bearer secret (radbridge.auth), over HTTPS
+    # with the local CA's certificate.
     auth = {
         "center": f"    authorization: {{credentials_file: '{data / 'keys' / 'operator.token'}'}}\n"
+        f"    scheme: https\n    tls_config: {{ca_file: '{stack['ca']}'}}\n"
     }
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n"
@@ -171,14 +173,11 @@ def test_push_deidentify_infer_and_measure(
 
     # The job's TID 1500 SR waits at the center for the edge to pull it back.
     edge_auth: Any = stack["edge_auth"]
-    listed = httpx.get(
-        f"{base}/v1/agreements/{AGREEMENT}/result-objects", auth=edge_auth, timeout=10
-    ).json()
+    http: Any = stack["http"]
+    listed = http.get(f"{base}/v1/agreements/{AGREEMENT}/result-objects", auth=edge_auth).json()
     mine = [o for o in listed["objects"] if o["study_uid"] == results["study_uid"]]
     assert [(o["kind"], o["version"]) for o in mine] == [("sr", 1)]
-    sr_bytes = httpx.get(
-        f"{base}/v1/result-objects/{mine[0]['id']}", auth=edge_auth, timeout=10
-    ).content
+    sr_bytes = http.get(f"{base}/v1/result-objects/{mine[0]['id']}", auth=edge_auth).content
     assert hashlib.sha256(sr_bytes).hexdigest() == mine[0]["sha256"]
     sr = dcmread(BytesIO(sr_bytes))
     assert sr.VerificationFlag == "UNVERIFIED" and sr.StudyInstanceUID == results["study_uid"]
@@ -198,7 +197,7 @@ def test_push_deidentify_infer_and_measure(
 
     edge_metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).text
     operator: Any = stack["operator"]
-    center_metrics = httpx.get(f"{base}/metrics", headers=operator, timeout=10).text
+    center_metrics = http.get(f"{base}/metrics", headers=operator).text
     e, c = _histogram_counts(edge_metrics), _histogram_counts(center_metrics)
     assert e["radbridge_edge_instance_receive_seconds_count"] >= 2
     assert e["radbridge_edge_study_forward_seconds_count"] >= 1

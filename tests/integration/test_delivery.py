@@ -52,6 +52,7 @@ from dicom_io.results import (
 from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from radbridge.agreements import AgreementSet, parse_agreements
+from radbridge.contract import AGREEMENT_RESULT_OBJECTS, RESULT_OBJECT, CenterClient
 from radbridge.db import Database
 from radbridge.db.tables import DeliveryRow, StudyRow, utcnow
 from radbridge.errors import NotFoundError
@@ -85,7 +86,7 @@ class FakeCenter:
         self.port = free_port()
         app = FastAPI()
 
-        @app.get("/v1/agreements/{agreement_id}/result-objects")
+        @app.get(AGREEMENT_RESULT_OBJECTS)
         def listing(agreement_id: str, after: int = 0, limit: int = 100) -> Any:
             if self.fail_listing:
                 return Response("listing unavailable", status_code=self.fail_listing)
@@ -96,7 +97,7 @@ class FakeCenter:
             ]
             return {"objects": objects[:limit]}
 
-        @app.get("/v1/result-objects/{object_id}")
+        @app.get(RESULT_OBJECT)
         def download(object_id: int) -> Response:
             self.downloads += 1
             if self.fail_download:
@@ -283,7 +284,7 @@ def _deliverer(
         db,
         store,
         lambda: aset,
-        center.url,
+        CenterClient(center.url, timeout_s=options["timeout_s"]),
         "RADBRIDGE",
         metrics or EdgeMetrics(),
         results=ResultVerifier([SIGNER.jwk]),
@@ -409,9 +410,11 @@ def test_pacs_down_backs_off_then_delivers_exactly_once(
             assert row.state == "pending" and row.attempts == i + 1
             assert "unreachable" in (row.last_error or "")
             assert row.next_attempt_at is not None
-            delays.append(round((row.next_attempt_at - now).total_seconds()))
+            delays.append((row.next_attempt_at - now).total_seconds())
             assert d.tick(now) == 0 and _rows(db)[0].attempts == i + 1  # not due: untouched
-        assert delays[:3] == [1, 2, 4] and delays[3] == 4  # exponential, capped at retry_max_s
+        # Exponential (1, 2, 4 s), capped at retry_max_s (4), less up to half at random.
+        for delay, full in zip(delays, [1, 2, 4, 4], strict=True):
+            assert full / 2 - 0.01 <= delay <= full + 0.01, delays
         _assert_no_identity(row.last_error or "", study)
         pacs.start()
         try:

@@ -30,12 +30,19 @@ from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from radbridge.agreements import load_agreements, parse_agreements
+from radbridge.contract import (
+    AGREEMENT_HEADER,
+    PRIORITY_HEADER,
+    STUDIES,
+    STUDY_COMPLETE,
+    CenterClient,
+    CompleteStudy,
+)
 from radbridge.db import Database, upgrade
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.tables import JobRow, StudyRow, utcnow
 from serving import jobs
 from serving.intake import receive_instances, stow_response
-from serving.schemas import CompleteRequest
 from tests.conftest import REPO, free_port, identity_needles, make_instance
 
 AGREEMENTS = REPO / "radbridge/defaults/agreements.yaml"
@@ -56,11 +63,11 @@ class Center:
         self.priorities: list[str] = []
         app = FastAPI()
 
-        @app.post("/v1/studies")
+        @app.post(STUDIES)
         async def stow(
             request: Request,
-            x_radbridge_agreement: str = Header(...),
-            x_radbridge_priority: str = Header("routine"),
+            x_radbridge_agreement: str = Header(..., alias=AGREEMENT_HEADER),
+            x_radbridge_priority: str = Header("routine", alias=PRIORITY_HEADER),
         ) -> Response:
             self.priorities.append(x_radbridge_priority)
             if self.overloaded:
@@ -74,9 +81,9 @@ class Center:
                 media_type="application/dicom+json",
             )
 
-        @app.post("/v1/studies/{uid}/complete", status_code=202)
-        async def complete(uid: str, body: CompleteRequest) -> dict[str, int]:
-            job, _ = jobs.complete_study(self.db, uid, body)
+        @app.post(STUDY_COMPLETE, status_code=202)
+        async def complete(study_uid: str, body: CompleteStudy) -> dict[str, int]:
+            job, _ = jobs.complete_study(self.db, study_uid, body)
             return {"job_id": job.id}
 
         self.server = uvicorn.Server(
@@ -110,9 +117,8 @@ def _forwarder(
         store,
         lambda: aset,
         "test-secret",
-        f"http://127.0.0.1:{port}",
+        CenterClient(f"http://127.0.0.1:{port}", timeout_s=5),
         EdgeMetrics(),
-        timeout_s=5,
         retry_base_s=1,
         retry_max_s=retry_max_s,
     )
@@ -408,22 +414,3 @@ def test_other_bytes_under_a_forwarded_uid_block_the_study_instead_of_vanishing(
     assert {p: p.read_bytes() for p in center.store_dir.rglob("*.dcm")} == held
     with center.db.session() as s:
         assert len(s.scalars(select(JobRow)).all()) == 1
-
-
-def test_retry_after_in_seconds_or_as_an_http_date() -> None:
-    import httpx
-
-    from dicom_io.forwarder import _retry_after
-
-    now = utcnow()
-
-    def answer(value: str) -> httpx.Response:
-        return httpx.Response(503, headers={"Retry-After": value})
-
-    assert _retry_after(answer("7"), now) == 7.0
-    later = (now + timedelta(seconds=90)).strftime("%a, %d %b %Y %H:%M:%S GMT")
-    assert 88.0 <= _retry_after(answer(later), now) <= 90.0
-    earlier = (now - timedelta(seconds=90)).strftime("%a, %d %b %Y %H:%M:%S GMT")
-    assert _retry_after(answer(earlier), now) == 0.0
-    assert _retry_after(answer("soon"), now) == 60.0
-    assert _retry_after(httpx.Response(503), now) == 0.0

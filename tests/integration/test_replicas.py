@@ -21,6 +21,7 @@ from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
 from radbridge.agreements import load_agreements
+from radbridge.contract import CenterClient
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow, StudyRow, utcnow
 from radbridge.metrics import EdgeMetrics
@@ -84,7 +85,7 @@ def test_two_replicas_one_study(migrated_db: Database, tmp_path: Path) -> None:
             DurableStore(store_dir),
             lambda: agreements,
             "k",
-            "http://127.0.0.1:9",
+            CenterClient("http://127.0.0.1:9"),
             EdgeMetrics(),
         )
         for db, _ in replicas

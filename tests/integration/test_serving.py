@@ -39,9 +39,11 @@ from radbridge.auth import (
     load_edge_key,
     load_trust,
 )
+from radbridge.contract import tls_verify
 from radbridge.db import Database, upgrade
 from radbridge.db.tables import InstanceRow, JobRow, SeriesRow, StudyRow, utcnow
 from radbridge.errors import ModelError
+from radbridge.identity import prepare_local_identity
 from radbridge.settings import Settings
 from serving.config import DEFAULT_SERVE_CONFIG
 from tests.conftest import REPO, free_port, make_instance
@@ -87,7 +89,8 @@ class Center:
             },
         )
         upgrade(self.settings.center_db_url)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = s_url = self.settings.center_url
+        assert s_url.startswith("https://")  # the local center speaks TLS, checked below
         self.shape = tuple(manifest["input"]["shape"][1:])
         # The local identity start_center would make, plus a second edge bound to another
         # agreement only: a tenant that must not see this one's studies.
@@ -104,6 +107,11 @@ class Center:
         self.integration = {"authorization": f"Bearer {(keys / 'integration.token').read_text()}"}
         self.operator = {"authorization": f"Bearer {(keys / 'operator.token').read_text()}"}
         self.edge_auth = EdgeAuth(load_edge_key(s.edge_key_file), s.edge.id)
+        # Every test call goes through a real TLS handshake, trusting only the local CA that
+        # start_center makes (made here first: the identity above is made the same way).
+        prepare_local_identity(s)
+        self.verify = tls_verify(s.edge.center_ca_file)
+        self.http = httpx.Client(verify=self.verify, timeout=60)
         self.other_edge_auth = EdgeAuth(self.other_key, "other-edge")
 
     def deploy(
@@ -126,7 +134,7 @@ class Center:
         start_center(self.settings, timeout_s=240)
 
     def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", headers=self.operator, timeout=10).text
+        text = self.http.get(f"{self.url}/metrics", headers=self.operator, timeout=10).text
         total = 0.0
         for line in text.splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):
@@ -239,24 +247,24 @@ def test_sync_endpoint_forms_batches_under_concurrent_load(center: Center) -> No
 def test_bad_requests_name_the_problem(center: Center) -> None:
     url = f"{center.url}/v1/models/{MODEL}/infer"
     h = {"x-radbridge-agreement": AGREEMENT, **center.integration}
-    wrong = httpx.post(
+    wrong = center.http.post(
         url, content=_npy((1, 8, 8), 0), headers={**h, "content-type": "application/x-npy"}
     )
     assert wrong.status_code == 400 and wrong.json()["reason"] == "wrong_shape"
-    pickle = httpx.post(
+    pickle = center.http.post(
         url, content=b"\x80\x04junk", headers={**h, "content-type": "application/x-npy"}
     )
     assert pickle.status_code == 400 and pickle.json()["reason"] == "unparseable"
-    text = httpx.post(url, content=b"hi", headers={**h, "content-type": "text/plain"})
+    text = center.http.post(url, content=b"hi", headers={**h, "content-type": "text/plain"})
     assert text.status_code == 415
-    unknown = httpx.post(f"{center.url}/v1/models/nope/infer", content=b"", headers=h)
+    unknown = center.http.post(f"{center.url}/v1/models/nope/infer", content=b"", headers=h)
     assert unknown.status_code == 404
-    no_version = httpx.post(url + "?version=9", content=b"", headers=h)
+    no_version = center.http.post(url + "?version=9", content=b"", headers=h)
     assert no_version.status_code == 404
     # DICOM with identity is refused: the center takes de-identified data only.
     buf = io.BytesIO()
     make_instance().save_as(buf, enforce_file_format=True)
-    ident = httpx.post(
+    ident = center.http.post(
         url, content=buf.getvalue(), headers={**h, "content-type": "application/dicom"}
     )
     assert ident.status_code == 400 and ident.json()["reason"] == "not_deidentified"
@@ -282,10 +290,10 @@ def test_batch_endpoint_answers_each_image_as_the_single_endpoint_does(center: C
     }
     images = _images(center.shape, 8)
     singles = [
-        httpx.post(f"{base}/infer", content=_npy_of(images[i]), headers=h, timeout=60).json()
+        center.http.post(f"{base}/infer", content=_npy_of(images[i]), headers=h, timeout=60).json()
         for i in (0, 5, 7)
     ]
-    r = httpx.post(f"{base}/infer-batch", content=_npy_of(images), headers=h, timeout=60)
+    r = center.http.post(f"{base}/infer-batch", content=_npy_of(images), headers=h, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"]["version"] == "2" and body["provider"] == "CPUExecutionProvider"
@@ -299,7 +307,7 @@ def test_batch_endpoint_answers_each_image_as_the_single_endpoint_does(center: C
     assert max(sizes) == RUNNER_CONFIG["max_batch_size"]  # one request's images share batches
 
     def bad(content: bytes, ctype: str = "application/x-npy") -> httpx.Response:
-        return httpx.post(
+        return center.http.post(
             f"{base}/infer-batch", content=content, headers={**h, "content-type": ctype}
         )
 
@@ -339,13 +347,15 @@ def test_batch_request_is_refused_whole_when_the_queue_cannot_take_it(center: Ce
         "content-type": "application/x-npy",
         **center.integration,
     }
-    refused = httpx.post(url, content=_npy_of(_images(center.shape, 2)), headers=h, timeout=60)
+    refused = center.http.post(
+        url, content=_npy_of(_images(center.shape, 2)), headers=h, timeout=60
+    )
     assert refused.status_code == 503 and float(refused.headers["retry-after"]) >= 1
     for f in flood:
         f.result(timeout_s=120)
     # Refused whole: not one of its images entered the gate; one refusal counted.
     assert gate() == (admitted + 41, shed + 1)
-    again = httpx.post(url, content=_npy_of(_images(center.shape, 2)), headers=h, timeout=60)
+    again = center.http.post(url, content=_npy_of(_images(center.shape, 2)), headers=h, timeout=60)
     assert again.status_code == 200 and len(again.json()["results"]) == 2
     assert gate() == (admitted + 43, shed + 1)
 
@@ -450,11 +460,11 @@ def test_stow_over_the_backlog_bound_is_503_then_accepted(center: Center) -> Non
     body, ctype = encode_multipart([buf.getvalue()])
     h = {"content-type": ctype, "x-radbridge-agreement": AGREEMENT}
     time.sleep(1.1)  # the Api counts the backlog at most once a second
-    r = httpx.post(
+    r = center.http.post(
         f"{center.url}/v1/studies", content=body, headers=h, auth=center.edge_auth, timeout=30
     )
     assert r.status_code == 503 and r.headers["retry-after"] == "7"
-    stat = httpx.post(
+    stat = center.http.post(
         f"{center.url}/v1/studies",
         content=body,
         headers={**h, "x-radbridge-priority": "stat"},
@@ -466,7 +476,7 @@ def test_stow_over_the_backlog_bound_is_503_then_accepted(center: Center) -> Non
         s.query(JobRow).filter(JobRow.state == "queued").delete()
     time.sleep(1.1)
     assert (
-        httpx.post(
+        center.http.post(
             f"{center.url}/v1/studies", content=body, headers=h, auth=center.edge_auth, timeout=30
         ).status_code
         == 200
@@ -558,7 +568,7 @@ def test_every_route_refuses_callers_without_the_right_credential(center: Center
     ]
     base = {"x-radbridge-agreement": AGREEMENT, "content-type": "application/x-npy"}
     table = []
-    with httpx.Client(base_url=center.url, timeout=60) as http:
+    with httpx.Client(base_url=center.url, verify=center.verify, timeout=60) as http:
         for method, path, body, role in routes:
 
             def call(
@@ -612,11 +622,13 @@ def test_bodies_over_the_cap_are_413_declared_or_streamed(center: Center) -> Non
         for _ in range(6):  # 6 MiB without a Content-Length: counted as it arrives
             yield b"\0" * (1 << 20)
 
-    with httpx.Client(base_url=center.url, timeout=60, auth=center.edge_auth) as http:
+    with httpx.Client(
+        base_url=center.url, verify=center.verify, timeout=60, auth=center.edge_auth
+    ) as http:
         streamed = http.post("/v1/studies", content=chunks(), headers=h)
         assert streamed.status_code == 413, streamed.text
         assert streamed.json()["reason"] == "body_too_large"
-    infer = httpx.post(
+    infer = center.http.post(
         f"{center.url}/v1/models/{MODEL}/infer",
         content=chunks(),
         headers={**h, **center.integration, "content-type": "application/x-npy"},

@@ -23,6 +23,7 @@ folder (the trust-boundary note quotes it).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sqlite3
@@ -75,7 +76,7 @@ def _agreements(path: Path, pacs: OrthancPeer) -> None:
         "port": pacs.dicom_port,
     }
     a["hospital"]["stow"] = {"username": "hospital-a", "password_env": "RB_TEST_STOW_A"}
-    b = json.loads(json.dumps(a))
+    b = copy.deepcopy(a)
     b["id"] = AGREEMENT_B
     b["hospital"]["name"] = "Other Hospital"
     b["hospital"]["calling_ae_titles"] = ["OTHER_PACS"]
@@ -102,6 +103,9 @@ def test_intruder_suite_over_tls(tmp_path: Path) -> None:
         env = {
             "RADBRIDGE_AGREEMENTS_FILE": str(agreements),
             "RADBRIDGE_EDGE__DELIVERY_POLL_S": "1",
+            # The table makes ~50 failed calls from 127.0.0.1 on purpose; the lockout after
+            # center.auth_max_failures (tests/test_auth.py) would answer the rest 401 for all.
+            "RADBRIDGE_CENTER__AUTH_MAX_FAILURES": "1000",
             "RADBRIDGE_EDGE__STOW_PORT": str(stow_port),
             "RADBRIDGE_EDGE__STOW_TLS": "true",
             "RADBRIDGE_EDGE__TLS__PORT": str(dicom_tls_port),
@@ -278,7 +282,7 @@ def _stow_probes(
             content=body,
             headers=h,
             auth=("hospital-a", PASSWORDS["RB_TEST_STOW_A"]),
-            verify=tls["verify"],
+            verify=tls_verify(ca.cert),  # a fresh context: httpx loads `cert` into the one given
             timeout=30,
         ).raise_for_status()
     rows.append(("hospital A's password, no client certificate", "TLS handshake refused"))

@@ -62,6 +62,7 @@ from radbridge.errors import (
     RadbridgeError,
     ReidentificationError,
     SignatureError,
+    redacted,
 )
 from radbridge.lifecycle import DeliveryState
 from radbridge.metrics import EdgeMetrics, safe_label
@@ -134,8 +135,8 @@ class Deliverer:
             for step in (self.poll, self.tick):
                 try:
                     step()
-                except Exception:  # the loop must survive anything; rows stay queued
-                    log.exception("delivery %s failed", step.__name__)
+                except Exception as exc:  # the loop must survive anything; rows stay queued
+                    log.error("delivery %s failed: %s", step.__name__, redacted(exc))
             stop.wait(interval_s)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from radbridge.agreements import Agreement, AgreementSet
 from radbridge.contract import CenterClient, CompleteStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
-from radbridge.errors import CenterError, DeidentificationError, PolicyError
+from radbridge.errors import CenterError, DeidentificationError, PolicyError, redacted
 from radbridge.lifecycle import EdgeStudyState
 from radbridge.metrics import EdgeMetrics, safe_label
 
@@ -74,8 +74,8 @@ class Forwarder:
         while not stop.is_set():
             try:
                 self.tick()
-            except Exception:  # the loop must survive anything; the study stays queued
-                log.exception("forwarder tick failed")
+            except Exception as exc:  # the loop must survive anything; the study stays queued
+                log.error("forwarder tick failed: %s", redacted(exc))
             stop.wait(interval_s)
 
     def close(self) -> None:

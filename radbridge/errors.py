@@ -23,6 +23,7 @@ __all__ = [
     "ReidentificationError",
     "SignatureError",
     "StorageError",
+    "redacted",
 ]
 
 
@@ -123,3 +124,14 @@ class SignatureError(RadbridgeError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def redacted(exc: BaseException) -> str:
+    """An unexpected exception for a log line: its type and where it was raised, not its
+    message. Messages of library errors can carry data values (PostgreSQL's DETAIL names the
+    key that collided: at the edge, an original UID), and edge logs must hold no identity."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(exc).__name__}{where}"

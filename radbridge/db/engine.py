@@ -26,7 +26,12 @@ def create_db_engine(url: str) -> Engine:
     parsed = make_url(url)
     # A server connection can go stale (restart, idle timeout); a local SQLite file cannot,
     # and the ping would cost a round trip on every C-STORE.
-    kwargs: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
+    # hide_parameters: a failed statement's error (and any log of it) names no bound value;
+    # at the edge those are patients' names, IDs and UIDs.
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": parsed.get_backend_name() != "sqlite",
+        "hide_parameters": True,
+    }
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,14 @@ __all__ = [
     "AGREEMENT_HEADER",
     "AGREEMENT_ID",
     "AGREEMENT_RESULT_OBJECTS",
+    "MAX_ID",
     "MAX_LISTING",
     "PRIORITY_HEADER",
     "RESULT_OBJECT",
     "STUDIES",
     "STUDY_COMPLETE",
     "STUDY_RESULTS",
+    "UID",
     "CenterClient",
     "CenterError",
     "CompleteStudy",
@@ -60,6 +62,7 @@ PRIORITY_HEADER = "X-Radbridge-Priority"
 AGREEMENT_ID = r"^[a-z0-9][a-z0-9-]{1,62}$"
 UID = r"^[0-9.]{1,64}$"
 MAX_LISTING = 1000  # result objects in one listing page
+MAX_ID = (1 << 63) - 1  # ids are 64-bit signed integers in both databases
 
 
 class CompleteStudy(BaseModel):
@@ -77,7 +80,7 @@ class CompleteStudy(BaseModel):
 class ResultObject(BaseModel):
     """A DICOM result object (SR, SEG) as the center lists it; pseudonymous UIDs only."""
 
-    id: int = Field(ge=1, description="Opaque to the edge: only the listing names it.")
+    id: int = Field(ge=1, le=MAX_ID, description="Opaque to the edge: the listing names it.")
     study_uid: str = Field(pattern=UID)
     version: int = Field(ge=1)
     kind: Literal["sr", "seg"]

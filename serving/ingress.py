@@ -35,12 +35,14 @@ from radbridge.contract import (
     AGREEMENT_HEADER,
     AGREEMENT_ID,
     AGREEMENT_RESULT_OBJECTS,
+    MAX_ID,
     MAX_LISTING,
     PRIORITY_HEADER,
     RESULT_OBJECT,
     STUDIES,
     STUDY_COMPLETE,
     STUDY_RESULTS,
+    UID,
     CompleteStudy,
     ResultObjectList,
 )
@@ -271,7 +273,9 @@ class Api:
         status_code=202,
         responses=_answers(*_EDGE, 409),
     )
-    async def complete(self, request: Request, study_uid: str, body: CompleteStudy) -> JobOut:
+    async def complete(
+        self, request: Request, body: CompleteStudy, study_uid: str = Path(pattern=UID)
+    ) -> JobOut:
         self._agreement(self._caller(request, Role.EDGE), body.agreement_id)
         job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
         if created:
@@ -285,7 +289,7 @@ class Api:
         )
 
     @api.get(STUDY_RESULTS, responses=_answers(*_EDGE))
-    async def results(self, request: Request, study_uid: str) -> StudyResults:
+    async def results(self, request: Request, study_uid: str = Path(pattern=UID)) -> StudyResults:
         caller = self._caller(request, Role.EDGE)
         return await asyncio.to_thread(jobs.study_results, self.db, study_uid, caller.agreements)
 
@@ -293,8 +297,8 @@ class Api:
     async def list_result_objects(
         self,
         request: Request,
-        agreement_id: str,
-        after: int = Query(0, ge=0),
+        agreement_id: str = Path(pattern=AGREEMENT_ID),
+        after: int = Query(0, ge=0, le=MAX_ID),
         limit: int = Query(100, ge=1, le=MAX_LISTING),
     ) -> ResultObjectList:
         """Result objects (SR, SEG) after a cursor; the edge pulls them (it opens the link)."""
@@ -312,7 +316,9 @@ class Api:
             **_answers(*_EDGE),
         },
     )
-    async def get_result_object(self, request: Request, object_id: int) -> FileResponse:
+    async def get_result_object(
+        self, request: Request, object_id: int = Path(ge=1, le=MAX_ID)
+    ) -> FileResponse:
         caller = self._caller(request, Role.EDGE)
         path = await asyncio.to_thread(
             result_objects.object_path, self.db, object_id, caller.agreements

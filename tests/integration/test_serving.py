@@ -34,6 +34,7 @@ from models.importer import import_model
 from radbridge.auth import (
     EdgeAuth,
     EdgeEntry,
+    edge_token,
     ensure_local_identity,
     generate_edge_key,
     load_edge_key,
@@ -217,7 +218,9 @@ def test_sync_endpoint_forms_batches_under_concurrent_load(center: Center) -> No
     url = f"{center.url}/v1/models/{MODEL}/infer"
 
     async def main() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60, headers=center.integration) as client:
+        async with httpx.AsyncClient(
+            timeout=60, headers=center.integration, verify=center.verify
+        ) as client:
             await _post(client, url, _npy(center.shape, 0))  # loads the model version
             sem = asyncio.Semaphore(12)  # within capacity + max_queued: nothing is shed
 
@@ -400,7 +403,10 @@ def test_overload_answers_503_retry_after_and_retries_lose_nothing(center: Cente
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(
-            headers=center.integration, timeout=60, limits=httpx.Limits(max_connections=200)
+            verify=center.verify,
+            headers=center.integration,
+            timeout=60,
+            limits=httpx.Limits(max_connections=200),
         ) as client:
 
             async def one(i: int) -> httpx.Response:
@@ -491,7 +497,9 @@ def test_version_switch_and_shadow_by_config_fail_no_request(center: Center) -> 
     stop = asyncio.Event()
 
     async def load() -> None:
-        async with httpx.AsyncClient(timeout=60, headers=center.integration) as client:
+        async with httpx.AsyncClient(
+            timeout=60, headers=center.integration, verify=center.verify
+        ) as client:
 
             async def worker(w: int) -> None:
                 i = 0
@@ -505,7 +513,7 @@ def test_version_switch_and_shadow_by_config_fail_no_request(center: Center) -> 
 
     async def main() -> float:
         async with httpx.AsyncClient(
-            timeout=60, headers=center.integration
+            verify=center.verify, timeout=60, headers=center.integration
         ) as client:  # version 1 loaded before the load
             assert (await _post(client, url, _npy(center.shape, 0))).status_code == 200
         task = asyncio.create_task(load())
@@ -635,3 +643,78 @@ def test_bodies_over_the_cap_are_413_declared_or_streamed(center: Center) -> Non
         timeout=60,
     )
     assert infer.status_code == 413, infer.text
+
+
+def test_generated_requests_keep_the_openapi_contract(center: Center) -> None:
+    """schemathesis against the running center, with real credentials for each route's role
+    (an edge token minted per request, the integration and operator secrets): generated valid
+    and invalid requests (bounded: 40 per route, derandomized) must never make the center fail
+    (5xx) nor answer a status, media type or body its OpenAPI document does not declare."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    from serving.boundary import ROLES_BY_PREFIX
+
+    spec = center.http.get(f"{center.url}/openapi.json").json()
+    # Raw bodies for the binary media types: a real instance or image, cut short, or noise.
+    buf = io.BytesIO()
+    make_instance().save_as(buf, enforce_file_format=True)
+    instance = buf.getvalue()
+    npy = _npy(center.shape, 1)
+    bodies = {
+        'multipart/related; type="application/dicom"': [instance],
+        "application/x-npy": [npy],
+        "application/dicom": [instance],
+    }
+    for media, real in bodies.items():
+        samples = st.sampled_from([*real, *(r[: len(r) // 3] for r in real), b""])
+        schemathesis.openapi.media_type(media, samples | st.binary(max_size=4096))
+    schema = schemathesis.openapi.from_dict(spec)
+    session = requests.Session()
+    ca = str(center.settings.edge.center_ca_file)  # every call a real TLS handshake
+    secrets = {"operator": center.operator, "integration": center.integration}
+    failures: list[str] = []
+    counted = [0]
+
+    def check(case: Any, role: str) -> None:
+        counted[0] += 1
+        headers = dict(secrets.get(role, {}))
+        if role == "edge":
+            path = case.formatted_path.split("?")[0]
+            token = edge_token(center.edge_auth.key, "local-edge", case.method, path)
+            headers["authorization"] = f"Bearer {token}"
+        response = case.call(base_url=center.url, session=session, headers=headers, verify=ca)
+        try:
+            case.validate_response(response, headers=headers)
+        except Exception as exc:  # every failure is collected, then reported together
+            failures.append(f"{case.method} {case.formatted_path}: {exc}"[:600])
+
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    for result in schema.get_all_operations():
+        op = result.ok()
+        role = next((r.value for p, r in ROLES_BY_PREFIX if op.path.startswith(p)), "open")
+        given(case=st.one_of(*(op.as_strategy(m) for m in modes)))(
+            settings(
+                max_examples=40,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )(_bound(check, role))
+        )()
+    cases = counted[0]
+    print(f"schemathesis: {cases} generated requests, {len(failures)} failures")
+    assert cases >= 100
+    assert not failures, "\n".join(failures[:20])
+
+
+def _bound(check: Any, role: str) -> Any:
+    """``check`` with its role fixed: hypothesis's @given takes no function with defaults."""
+
+    def run(case: Any) -> None:
+        check(case, role)
+
+    return run

@@ -123,13 +123,19 @@ def agreements_check(file: Path) -> None:
 
 @models_app.command("build")
 def models_build(
-    force: Annotated[bool, typer.Option(help="Retrain even if a valid model exists.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace valid installed models (shipped or retrained).")
+    ] = False,
+    retrain: Annotated[
+        bool, typer.Option(help="Train from scratch (minutes) instead of installing the shipped.")
+    ] = False,
 ) -> None:
-    """Train, export and verify the demo models (CXR classifier, CT nodule segmenter)."""
+    """Install the demo models (CXR classifier, CT nodule segmenter): the trained ones shipped
+    in models/shipped, or, with --retrain, train, export and verify them here."""
     from models.demo import build_all
 
     s = _settings()
-    for model in build_all(s.models_dir, force=force, log=console.print):
+    for model in build_all(s.models_dir, force=force, log=console.print, retrain=retrain):
         console.print(f"[green]{model.key} ready at {model.onnx_path}[/]")
 
 
@@ -196,8 +202,10 @@ def models_import(
 
 
 def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
+    from radbridge.agreements import load_agreements
     from radbridge.db.migrate import upgrade
 
+    load_agreements(s.agreements_file)  # a bad agreement fails here, in a second, naming it
     if edge:
         upgrade(s.edge_db_url)
     if center:
@@ -206,7 +214,7 @@ def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
         from models.repository import ModelRepository
 
         if not ModelRepository(s.models_dir).list():  # a hospital's own repository is left as is
-            console.print("no models yet: building the demo models (a few minutes)")
+            console.print("no models yet: installing the shipped demo models")
             build_all(s.models_dir, log=console.print)
 
 

@@ -71,3 +71,24 @@ def test_up_refuses_a_taken_edge_port_before_starting_ray(
 ) -> None:
     output = _run_cli("up", "RADBRIDGE_EDGE__METRICS_PORT", taken_port, tmp_path, monkeypatch)
     assert "edge.metrics_port" in output and "RADBRIDGE_EDGE__METRICS_PORT" in output
+
+
+def test_up_refuses_a_bad_agreement_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from radbridge.cli import app
+
+    bad = tmp_path / "agreements.yaml"
+    text = (REPO / "radbridge/defaults/agreements.yaml").read_text()
+    bad.write_text(text.replace("modalities: [CR, DX, CT]", "modalities: [CR, XX, CT]"))
+    monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RADBRIDGE_AGREEMENTS_FILE", str(bad))
+    out = CliRunner().invoke(app, ["up"])
+    assert out.exit_code == 2, out.output
+    assert "modalities" in out.output, out.output
+    assert not (tmp_path / "data").exists()  # no database, no keys, no models, no Ray
+    import ray
+
+    assert not ray.is_initialized()

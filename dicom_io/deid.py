@@ -34,7 +34,7 @@ from radbridge.errors import DeidentificationError
 
 __all__ = ["DEID_METHOD", "BurnedInAnnotationError", "DeidOutcome", "deidentify"]
 
-DEID_METHOD = "radbridge: PS3.15-2024b Table E.1-1 + VR rules"
+DEID_METHOD = "radbridge: pseudonymized, PS3.15-2024b Table E.1-1 + VR rules"
 
 # CID 7050 codes of the options, in the order they are listed in the output.
 _OPTION_CODES = (

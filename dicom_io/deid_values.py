@@ -13,6 +13,7 @@ from dicom_io.pseudonyms import Pseudonymizer
 __all__ = [
     "BINARY_VRS",
     "NUMERIC_VRS",
+    "PLACEHOLDER",
     "TEXT_VRS",
     "date_offset_days",
     "dummy_value",
@@ -26,11 +27,15 @@ __all__ = [
 NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"})
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "UR", "AE", "AS", "CS"})
+# Neutral placeholders: the data set is de-identified (pseudonymized: the edge can re-identify
+# it), never "anonymized", and its values must not claim otherwise (DeidentificationMethod,
+# PatientIdentityRemoved and the CID 7050 options say what was done).
+PLACEHOLDER = "REMOVED"
 _DUMMY = {
     "DA": "19000101",
     "TM": "000000",
     "DT": "19000101000000",
-    "PN": "ANONYMOUS",
+    "PN": PLACEHOLDER,
     "DS": "0",
     "IS": "0",
     "AS": "000Y",
@@ -59,7 +64,7 @@ def dummy_value(vr: str, original: Any, pseudo: Pseudonymizer) -> Any:
         return 0
     if vr in BINARY_VRS:
         return b""
-    return _DUMMY.get(vr, "ANONYMIZED")
+    return _DUMMY.get(vr, PLACEHOLDER)
 
 
 def remap_uids(value: Any, pseudo: Pseudonymizer) -> Any:

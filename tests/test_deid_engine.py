@@ -33,9 +33,9 @@ def test_each_action_code_in_the_output() -> None:
     ds.PatientAddress = "Beijing, Xicheng"
     ds.ScheduledProcedureStepStartDate = "20261119"
     out = deidentify(ds, Pseudonymizer(KEY)).dataset
-    assert out.InstitutionName == "ANONYMIZED"  # X/Z/D -> D, dummy of the VR
+    assert out.InstitutionName == "REMOVED"  # X/Z/D -> D, dummy of the VR
     assert out.PatientSex == "" and out.ReferringPhysicianName == ""  # Z
-    assert str(out.OperatorsName) == "ANONYMOUS"  # X/Z/D -> D on a PN
+    assert str(out.OperatorsName) == "REMOVED"  # X/Z/D -> D on a PN
     assert "StudyDescription" not in out and "PatientAddress" not in out  # X
     assert "ScheduledProcedureStepStartDate" not in out
     assert out.StudyInstanceUID == Pseudonymizer(KEY).uid(str(ds.StudyInstanceUID))  # U
@@ -90,7 +90,7 @@ def test_nested_unknown_sequences_are_walked() -> None:
     deep = out.ViewCodeSequence[0].ViewModifierCodeSequence[0]
     assert out.ViewCodeSequence[0].CodeValue == "R-10206"
     assert deep.ReferencedSOPInstanceUID == p.uid("1.2.3.4.5.6.7.8")
-    assert str(deep.PatientName) == "" and str(deep.ContentCreatorName) == "ANONYMOUS"
+    assert str(deep.PatientName) == "" and str(deep.ContentCreatorName) == "REMOVED"
     assert "TextValue" not in deep and deep.AcquisitionDate == ""  # X, X/Z -> Z
     raw, _ = _roundtrip(out)
     assert b"Petrova" not in raw and b"1.2.3.4.5.6.7.8" not in raw

@@ -213,9 +213,9 @@ def _with_sr_content(ds: Dataset) -> Dataset:
 def test_without_the_option_content_items_keep_their_structure_with_dummies() -> None:
     out = deidentify(_with_sr_content(make_instance()), Pseudonymizer(KEY)).dataset
     text, name, day, num = out.ContentSequence  # D: items kept, values replaced
-    assert text.ValueType == "TEXT" and text.TextValue == "ANONYMIZED"
-    assert str(name.PersonName) == "ANONYMOUS" and day.Date == "19000101"
-    assert text.ConceptNameCodeSequence[0].CodeValue == "ANONYMIZED"  # codes may identify too
+    assert text.ValueType == "TEXT" and text.TextValue == "REMOVED"
+    assert str(name.PersonName) == "REMOVED" and day.Date == "19000101"
+    assert text.ConceptNameCodeSequence[0].CodeValue == "REMOVED"  # codes may identify too
     assert num.MeasuredValueSequence[0].NumericValue == 12.5
     assert len(out.AcquisitionContextSequence) == 0  # X/Z -> Z: zero items
 
@@ -226,11 +226,11 @@ def test_clean_structured_content_cleans_instead() -> None:
     text, name, day, num = out.ContentSequence
     assert text.TextValue == "Nodule in right upper lobe, to recall"  # the name cut out
     assert text.ConceptNameCodeSequence[0].CodeValue == "121071"  # codes kept
-    assert str(name.PersonName) == "ANONYMOUS"  # Person Name: D, no column for this option
+    assert str(name.PersonName) == "REMOVED"  # Person Name: D, no column for this option
     assert day.Date == "19000101"  # Date: D unless dates are retained modified
     assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
     (ctx,) = out.AcquisitionContextSequence  # X/Z -> C: kept and cleaned
-    assert ctx.TextValue == "ANONYMIZED"  # "Dr Smirnov" cannot be proven clean: a dummy
+    assert ctx.TextValue == "REMOVED"  # "Dr Smirnov" cannot be proven clean: a dummy
     raw = _raw(out)
     assert b"XiaoDong" not in raw and b"Petrova" not in raw and b"Smirnov" not in raw
 
@@ -269,7 +269,7 @@ def _with_graphics(ds: Dataset) -> Dataset:
 def test_clean_graphics_cleans_annotation_text_and_still_removes_overlays() -> None:
     ds = _with_graphics(make_instance())
     plain = deidentify(ds, Pseudonymizer(KEY)).dataset.GraphicAnnotationSequence[0]
-    assert plain.TextObjectSequence[0].UnformattedTextValue == "ANONYMIZED"  # D: dummy
+    assert plain.TextObjectSequence[0].UnformattedTextValue == "REMOVED"  # D: dummy
     assert plain.GraphicObjectSequence[0].GraphicData == [1.0, 1.0, 5.0, 5.0]
     out = deidentify(ds, Pseudonymizer(KEY), [Opt.CLEAN_GRAPHICS]).dataset
     layer = out.GraphicAnnotationSequence[0]

@@ -58,12 +58,12 @@ def test_d_keeps_every_item_with_dummy_values() -> None:
     out = deidentify(_sample(), Pseudonymizer(KEY)).dataset
     assert len(out.VerifyingObserverSequence) == 2  # not emptied: Type 1 in SR documents
     for item in out.VerifyingObserverSequence:
-        assert str(item.VerifyingObserverName) == "ANONYMOUS"  # D
-        assert item.VerifyingOrganization == "ANONYMIZED"  # D
+        assert str(item.VerifyingObserverName) == "REMOVED"  # D
+        assert item.VerifyingOrganization == "REMOVED"  # D
         assert item.VerificationDateTime == "19000101000000"  # D
         assert len(item.VerifyingObserverIdentificationCodeSequence) == 0  # Z inside
     (inst,) = out.InstitutionCodeSequence  # coded identity: every code value is a dummy
-    assert (inst.CodeValue, inst.CodingSchemeDesignator, inst.CodeMeaning) == ("ANONYMIZED",) * 3
+    assert (inst.CodeValue, inst.CodingSchemeDesignator, inst.CodeMeaning) == ("REMOVED",) * 3
 
 
 def test_z_empties_and_x_removes() -> None:

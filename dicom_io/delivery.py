@@ -52,6 +52,7 @@ from dicom_io.reidentify import reidentify
 from dicom_io.scu import store_dataset
 from dicom_io.store import DurableStore
 from radbridge.agreements import Agreement, AgreementSet
+from radbridge.audit import AuditTrail
 from radbridge.contract import CenterClient, ResultObject, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
@@ -96,6 +97,8 @@ class _Sent:
     priority: str
     first_received_at: datetime
     evidence: str  # the center's signature, verified
+    study_uid: str  # pseudonymous, as listed
+    destination: str  # the PACS's AE title
 
 
 class Deliverer:
@@ -114,10 +117,12 @@ class Deliverer:
         max_age_s: float = 7 * 86_400.0,
         results: ResultVerifier,
         edge_id: str,
+        audit: AuditTrail | None = None,
     ) -> None:
         """``results`` verifies the center's signature of each object before anything else
         is done with it; ``edge_id`` is this edge as the center's signatures name it."""
         self._results, self._edge_id = results, edge_id
+        self._audit = audit  # DICOM Instances Transferred per delivery, refusals as alerts
         self.db, self.store, self._agreements = db, store, agreements
         self._calling_ae = calling_ae
         self._metrics = metrics
@@ -312,6 +317,13 @@ class Deliverer:
             )
             if failed.permanent:
                 self._dead(d, str(failed), failed.reason)
+                if failed.reason == "signature" and self._audit is not None:
+                    self._audit.record(
+                        "result-refused",
+                        outcome=8,
+                        agreement_id=d.agreement_id,
+                        details={"reason": str(failed), "center_object_id": d.center_object_id},
+                    )
             elif now - d.result_ready_at > self._max_age:
                 self._metrics.delivery_failures.labels(d.agreement_id, failed.reason).inc()
                 too_old = _too_old(self._max_age, attempts)
@@ -347,6 +359,8 @@ class Deliverer:
             study.priority,
             study.first_received_at,
             evidence,
+            listed.study_uid,
+            agreement.hospital.return_destination.ae_title,
         )
 
     # -- steps ----------------------------------------------------------------------------
@@ -475,6 +489,20 @@ class Deliverer:
                     next_attempt_at=None,
                     last_error=None,
                 )
+            )
+        if self._audit is not None:
+            self._audit.record(
+                "instances-transferred",
+                agreement_id=d.agreement_id,
+                study_uid=sent.study_uid,
+                details={
+                    "kind": d.kind,
+                    "version": d.version,
+                    "center_object_id": d.center_object_id,
+                    "pacs_status": sent.status,
+                    "source": self._audit.node,
+                    "destination": sent.destination,
+                },
             )
         priority = safe_label(sent.priority)
         self._metrics.delivery.labels(d.agreement_id, priority).observe(

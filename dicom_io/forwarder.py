@@ -27,6 +27,7 @@ from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from dicom_io.stow import encode_multipart
 from radbridge.agreements import Agreement, AgreementSet
+from radbridge.audit import AuditTrail
 from radbridge.contract import CenterClient, CompleteStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
@@ -53,12 +54,16 @@ class Forwarder:
         *,
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
+        audit: AuditTrail | None = None,
     ) -> None:
+        """``audit``: the edge's trail, which gets an Export record (DICOM 110106) for every
+        study that left, with the agreement's legal mechanism and reference."""
         self.db, self.store, self._agreements = db, store, agreements
         self._secret = master_secret
         self._metrics = metrics
         self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
         self._center = center
+        self._audit = audit
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -127,7 +132,7 @@ class Forwarder:
 
     def _forward_claimed(self, study: StudyRow, agreement: Agreement, stable_at: datetime) -> int:
         try:
-            sent, held = self._forward(study, agreement)
+            sent, held, pseudo_study_uid, nbytes = self._forward(study, agreement)
         except DeidentificationError as exc:
             self._block(study, f"de-identification refused: {exc}")
             return 0
@@ -137,6 +142,8 @@ class Forwarder:
         except CenterError as exc:
             self._retry(study, agreement, str(exc), exc.retry_after_s)
             return 0
+        if sent:
+            self._record_export(agreement, pseudo_study_uid, sent, nbytes)
         if held:
             return self._quarantine(study, agreement, sent, held)
         with self.db.session() as s:
@@ -158,8 +165,9 @@ class Forwarder:
         log.info("study %s forwarded (agreement %s)", study.id, agreement.id)
         return 1
 
-    def _forward(self, study: StudyRow, agreement: Agreement) -> tuple[int, list[str]]:
-        """Send the study's instances; returns how many were sent and why others were held."""
+    def _forward(self, study: StudyRow, agreement: Agreement) -> tuple[int, list[str], str, int]:
+        """Send the study's instances; returns how many were sent, why others were held, the
+        pseudonymous study UID and the bytes sent."""
         pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
         with self.db.session() as s:
             rows = s.execute(
@@ -169,9 +177,9 @@ class Forwarder:
                 .order_by(InstanceRow.id)
             ).all()
         parts, held = self._deidentify_study(study, rows, pseudo, agreement)
-        if not parts:
-            return 0, held
         pseudo_study_uid = pseudo.uid(study.study_uid)
+        if not parts:
+            return 0, held, pseudo_study_uid, 0
         # The identity map is committed before any byte leaves the edge.
         record_pseudonyms(self.db, agreement.id, pseudo.issued)
         for chunk in _chunks(parts, MAX_REQUEST_BYTES):
@@ -188,7 +196,27 @@ class Forwarder:
                 edge_elapsed_s=max(elapsed, 0.0),
             ),
         )
-        return len(parts), held
+        return len(parts), held, pseudo_study_uid, sum(len(p) for p in parts)
+
+    def _record_export(self, agreement: Agreement, study_uid: str, sent: int, nbytes: int) -> None:
+        """The Export record (DICOM 110106): what left, under which legal basis."""
+        if self._audit is None:
+            return
+        basis = agreement.transfer_basis
+        self._audit.record(
+            "export",
+            agreement_id=agreement.id,
+            study_uid=study_uid,
+            details={
+                "mechanism": str(basis.mechanism),
+                "reference": basis.reference,
+                "instances": sent,
+                "bytes": nbytes,
+                "source": self._audit.node,
+                "destination": "center",
+                "deidentification": agreement.deidentification.profile,
+            },
+        )
 
     def _deidentify_study(
         self,

@@ -17,6 +17,7 @@ from dicom_io.stow_server import StowServer, build_stow_app
 from dicom_io.structure import Limits
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, load_agreements
+from radbridge.audit import AuditTrail
 from radbridge.contract import center_client
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
@@ -86,6 +87,7 @@ class Gateway:
         self.metrics.disk_free.set_function(self.store.free_bytes)
         prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
         results = ResultVerifier(load_center_keys(settings.edge_center_keys_file))
+        self.audit = AuditTrail(self.db, f"edge:{e.id}")
         self.forwarder = Forwarder(
             self.db,
             self.store,
@@ -95,6 +97,7 @@ class Gateway:
             self.metrics,
             retry_base_s=settings.edge.retry_base_s,
             retry_max_s=settings.edge.retry_max_s,
+            audit=self.audit,
         )
         self.deliverer = Deliverer(
             self.db,
@@ -109,6 +112,7 @@ class Gateway:
             max_age_s=e.delivery_max_age_s,
             results=results,
             edge_id=e.id,
+            audit=self.audit,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -116,7 +120,10 @@ class Gateway:
 
     def start(self) -> None:
         e = self.settings.edge
-        sync_agreements(self.db, self.agreements)
+        for agreement_id, digest in sync_agreements(self.db, self.agreements):
+            self.audit.record(
+                "agreements-changed", agreement_id=agreement_id, details={"sha256": digest}
+            )
         leftovers = self.store.recover()
         reclaimed = self.forwarder.recover()
         if leftovers or reclaimed:

@@ -12,14 +12,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from radbridge.errors import RadbridgeError
+from radbridge.errors import ConfigError, RadbridgeError
 from radbridge.settings import Settings, load_settings
 
 __all__ = ["app"]
@@ -30,7 +30,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 agreements_app = typer.Typer(help="B2B agreements files.", no_args_is_help=True)
 models_app = typer.Typer(help="Model repository.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail of a node.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
 app.add_typer(agreements_app, name="agreements")
 app.add_typer(models_app, name="models")
 console = Console()
@@ -492,3 +494,86 @@ def demo(
 
 if __name__ == "__main__":
     app()
+
+
+# -- audit --------------------------------------------------------------------------------------
+
+Node = Annotated[str, typer.Option(help="Whose trail: edge or center (each has its database).")]
+
+
+def _audit_db(s: Settings, node: str) -> tuple[Any, str]:
+    """The node's database and its AuditSourceID."""
+    from radbridge.db.engine import Database
+
+    if node not in ("edge", "center"):
+        raise _fail(ConfigError(f"--node {node!r}: edge or center"))
+    url = s.edge_db_url if node == "edge" else s.center_db_url
+    source = f"radbridge-edge:{s.edge.id}" if node == "edge" else "radbridge-center"
+    return Database(url), source
+
+
+@audit_app.command("verify")
+def audit_verify(node: Node = "edge") -> None:
+    """Prove the hash chain; name the first broken record (exit 1) if there is one."""
+    from radbridge.audit import verify
+
+    s = _settings()
+    db, _ = _audit_db(s, node)
+    try:
+        count, broken = verify(db)
+    finally:
+        db.dispose()
+    if broken is not None:
+        console.print(
+            f"[bold red]{node} audit trail broken at record {broken.seq}:[/] {broken.reason}"
+        )
+        raise typer.Exit(code=1)
+    console.print(f"[green]{node} audit trail intact:[/] {count} records")
+
+
+@audit_app.command("export")
+def audit_export(
+    node: Node = "edge",
+    since: Annotated[
+        str | None, typer.Option(help="ISO date or date-time (UTC) of the first record.")
+    ] = None,
+    agreement: Annotated[str | None, typer.Option(help="Only this agreement's records.")] = None,
+    out: Annotated[Path | None, typer.Option(help="File to write (default: stdout).")] = None,
+    syslog: Annotated[
+        str | None, typer.Option(help="Send as RFC 5424 syslog over UDP to host:port instead.")
+    ] = None,
+) -> None:
+    """Write the trail as DICOM audit messages (PS3.15 A.5 XML) an auditor can read, one per
+    record inside <AuditMessages>, or send them to a syslog collector."""
+    import socket as socket_mod
+    from datetime import UTC, datetime
+
+    from radbridge.audit import records, send_syslog, syslog_message, to_xml
+
+    s = _settings()
+    when = None
+    if since:
+        try:
+            when = datetime.fromisoformat(since)
+        except ValueError:
+            raise _fail(ConfigError(f"--since {since!r}: not an ISO date")) from None
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when
+    db, source = _audit_db(s, node)
+    try:
+        rows = records(db, since=when, agreement_id=agreement)
+        if syslog:
+            host = socket_mod.gethostname()
+            n = send_syslog((syslog_message(r, source, host) for r in rows), syslog)
+            console.print(f"sent {n} audit messages to {syslog}")
+            return
+        parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<AuditMessages>"]
+        parts += [to_xml(r, source) for r in rows]
+        parts.append("</AuditMessages>")
+        text = "\n".join(parts) + "\n"
+    finally:
+        db.dispose()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {len(parts) - 3} audit messages to {out}")

@@ -30,6 +30,7 @@ from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest
 from radbridge.agreements import Priority, load_agreements
+from radbridge.audit import AuditTrail
 from radbridge.auth import Caller, Role, Verifier, load_trust
 from radbridge.contract import (
     AGREEMENT_HEADER,
@@ -195,7 +196,11 @@ class Api:
         }
         self.agreements = load_agreements(settings.agreements_file)
         self.db = Database(settings.center_db_url)
-        sync_agreements(self.db, self.agreements)
+        self.audit = AuditTrail(self.db, "center")
+        for agreement_id, digest in sync_agreements(self.db, self.agreements):
+            self.audit.record(
+                "agreements-changed", agreement_id=agreement_id, details={"sha256": digest}
+            )
         self.store = DurableStore(settings.center_store)
         self.metrics = CenterMetrics()
         boundary.install(self.verifier, self.metrics, open_docs=settings.mode == "local")
@@ -276,9 +281,22 @@ class Api:
     async def complete(
         self, request: Request, body: CompleteStudy, study_uid: str = Path(pattern=UID)
     ) -> JobOut:
-        self._agreement(self._caller(request, Role.EDGE), body.agreement_id)
+        caller = self._caller(request, Role.EDGE)
+        self._agreement(caller, body.agreement_id)
         job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
         if created:
+            await asyncio.to_thread(
+                self.audit.record,
+                "import",
+                agreement_id=body.agreement_id,
+                study_uid=study_uid,
+                details={
+                    "instances": body.instance_count,
+                    "version": job.version,
+                    "source": f"edge:{caller.id}",
+                    "destination": "center",
+                },
+            )
             self._spawn(job.id)
         return JobOut(
             job_id=job.id,

@@ -30,6 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "AgreementRow",
+    "AuditHeadRow",
+    "AuditRow",
     "Base",
     "DeliveryRow",
     "IdentityMapRow",
@@ -260,3 +262,32 @@ class DeliveryRow(Base):
     delivered_sha256: Mapped[str | None] = mapped_column(
         String(64), doc="sha256 of the re-identified bytes the PACS acknowledged."
     )
+
+
+class AuditRow(Base):
+    """Both nodes: one record of the audit trail (radbridge.audit), hash-chained to the one
+    before it. Append-only: nothing updates or deletes a row; ``audit verify`` proves it."""
+
+    __tablename__ = "audit_records"
+    __table_args__ = (Index("ix_audit_records_agreement_id", "agreement_id", "id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, doc="The sequence number.")
+    at: Mapped[datetime]
+    node: Mapped[str] = mapped_column(String(80), doc="edge:<edge id> or center")
+    event_id: Mapped[str] = mapped_column(String(16), doc="DICOM CID 400 code, e.g. 110106")
+    action: Mapped[str] = mapped_column(String(1), doc="EventActionCode: C R U D E")
+    outcome: Mapped[int] = mapped_column(Integer, doc="EventOutcomeIndicator: 0 4 8 12")
+    agreement_id: Mapped[str | None] = mapped_column(String(63))
+    study_uid: Mapped[str | None] = mapped_column(String(64), doc="Pseudonymous on both nodes.")
+    details: Mapped[str] = mapped_column(Text, doc="Canonical JSON of the event's details.")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHeadRow(Base):
+    """Both nodes: the chain's head, rewritten with every append in the same transaction, so a
+    removed last record (or a truncated table) shows as a head that matches no record."""
+
+    __tablename__ = "audit_head"
+    chain: Mapped[str] = mapped_column(String(16), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))

@@ -162,6 +162,7 @@ def test_intruder_suite_over_tls(tmp_path: Path) -> None:
             _tls_probes(stack, tmp_path)
             _forgeries(stack, pacs, pseudo_study, sr_id, delivered_sr)
             _write_table(tmp_path / "intruder-table.md", rows, stow_rows)
+            _audit_trails_tell_the_story(data, pseudo_study)
 
 
 # -- the center ---------------------------------------------------------------------------
@@ -412,3 +413,29 @@ def _write_table(
     path.write_text(text)
     print("\n" + text)
     assert denied == total
+
+
+def _audit_trails_tell_the_story(data: Path, pseudo_study: str) -> None:
+    """Both nodes' trails verify, and together they tell the study's story in order: exported
+    under the agreement's legal basis, imported, results delivered to the PACS, the forged
+    result refused. Nothing in them is the patient's (pseudonymous UIDs only)."""
+    from radbridge.audit import records, verify
+
+    events: dict[str, list[tuple[str, str | None]]] = {}
+    for node in ("edge", "center"):
+        db = Database(f"sqlite:///{data / node / f'{node}.db'}")
+        try:
+            count, broken = verify(db)
+            assert broken is None and count >= 2, (node, broken)
+            events[node] = [(json.loads(r.details)["event"], r.study_uid) for r in records(db)]
+            blob = " ".join(r.details + (r.study_uid or "") for r in records(db))
+        finally:
+            db.dispose()
+        for needle in (PATIENT["id"], "Zhao", "赵", "ACC-INTR-1"):
+            assert needle not in blob, (node, needle)
+    edge = [e for e, uid in events["edge"] if uid in (pseudo_study, None)]
+    assert edge[0] == "agreements-changed" and "export" in edge, edge
+    assert (
+        edge.index("export") < edge.index("instances-transferred") < edge.index("result-refused")
+    ), edge
+    assert ("import", pseudo_study) in events["center"], events["center"]

@@ -121,12 +121,28 @@ def check_port_free(host: str, port: int, setting: str = "center.port") -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            why = "is in use by another process" if exc.errno == errno.EADDRINUSE else exc.strerror
+            why = f"is in use by {_holder(port)}" if exc.errno == errno.EADDRINUSE else exc.strerror
             variable = "RADBRIDGE_" + setting.upper().replace(".", "__")
             raise ConfigError(
                 f"{setting}: {host}:{port} {why}; stop that process or choose another port "
                 f"({variable})"
             ) from None
+
+
+def _holder(port: int) -> str:
+    """Which process listens on ``port`` (pid and name), where the OS lets us see it."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                if conn.pid is None:
+                    break
+                name = psutil.Process(conn.pid).name()
+                return f"another process (pid {conn.pid}, {name})"
+    except Exception:  # diagnostics only: never fail the start-up check on them
+        pass
+    return "another process"
 
 
 def _start_serve(schema: ServeDeploySchema, deadline: float) -> ServeControllerClient:

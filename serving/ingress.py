@@ -276,7 +276,7 @@ class Api:
     @api.post(
         STUDY_COMPLETE,
         status_code=202,
-        responses=_answers(*_EDGE, 409),
+        responses=_answers(400, *_EDGE, 409),
     )
     async def complete(
         self, request: Request, body: CompleteStudy, study_uid: str = Path(pattern=UID)

@@ -30,15 +30,23 @@ PATIENT = {"name": "Wang^XiaoDong=王^小东", "id": "PID-7788123", "birth": "19
 _TEST_PORTS = range(20000, 32000)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now, from the range above (random, checked)."""
+    """A loopback port nothing listens on now, from the range above (random, checked), and
+    not handed out before in this process: a test takes several ports before anything binds
+    them (the stack's three, then Orthanc's two), and two of them must never be the same."""
     for _ in range(200):
         port = random.choice(_TEST_PORTS)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port in 20000-31999")
 

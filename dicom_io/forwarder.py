@@ -23,6 +23,7 @@ from sqlalchemy import Row, select, update
 from dicom_io.deid import BurnedInAnnotationError, deidentify
 from dicom_io.identity_map import record_pseudonyms
 from dicom_io.part10 import to_part10
+from dicom_io.person_ledger import CEILING_REASON, PersonLedger
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from dicom_io.stow import encode_multipart
@@ -55,15 +56,18 @@ class Forwarder:
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
         audit: AuditTrail | None = None,
+        ledger: PersonLedger | None = None,
     ) -> None:
         """``audit``: the edge's trail, which gets an Export record (DICOM 110106) for every
-        study that left, with the agreement's legal mechanism and reference."""
+        study that left, with the agreement's legal mechanism and reference. ``ledger``: the
+        PIPL person ledger, asked before a study's first byte leaves."""
         self.db, self.store, self._agreements = db, store, agreements
         self._secret = master_secret
         self._metrics = metrics
         self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
         self._center = center
         self._audit = audit
+        self._ledger = ledger
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -109,7 +113,7 @@ class Forwarder:
                 if study.state != EdgeStudyState.BLOCKED:
                     self._block(study, _NO_BASIS)
                 continue
-            if study.state == EdgeStudyState.BLOCKED and study.last_error != _NO_BASIS:
+            if study.state == EdgeStudyState.BLOCKED and not _retried_when_due(study):
                 continue  # refused by de-identification: needs a person, not a retry
             if self._claim(study, now):
                 done += self._forward_claimed(study, agreement, now)
@@ -141,6 +145,9 @@ class Forwarder:
             return 0
         except CenterError as exc:
             self._retry(study, agreement, str(exc), exc.retry_after_s)
+            return 0
+        except _AtCeiling as exc:
+            self._hold_at_ceiling(study, agreement, exc.reason, stable_at)
             return 0
         if sent:
             self._record_export(agreement, pseudo_study_uid, sent, nbytes)
@@ -176,6 +183,7 @@ class Forwarder:
                 .where(SeriesRow.study_id == study.id)
                 .order_by(InstanceRow.id)
             ).all()
+        self._count_person(study, agreement, rows)
         parts, held = self._deidentify_study(study, rows, pseudo, agreement)
         pseudo_study_uid = pseudo.uid(study.study_uid)
         if not parts:
@@ -197,6 +205,51 @@ class Forwarder:
             ),
         )
         return len(parts), held, pseudo_study_uid, sum(len(p) for p in parts)
+
+    def _count_person(
+        self, study: StudyRow, agreement: Agreement, rows: Sequence[Row[int, str]]
+    ) -> None:
+        """Admit the study's patient in the person ledger, or raise ``_AtCeiling``."""
+        if self._ledger is None or not rows:
+            return
+        header = pydicom.dcmread(
+            BytesIO(self.store.read(rows[0][1])),
+            stop_before_pixels=True,
+            specific_tags=["PatientID", "IssuerOfPatientID"],
+        )
+        person = self._ledger.person(
+            agreement.hospital.name,
+            str(header.get("IssuerOfPatientID", "")),
+            str(header.get("PatientID", "")),
+            study.study_uid,
+        )
+        admission = self._ledger.admit(agreement, person, utcnow())
+        if not admission.admitted:
+            raise _AtCeiling(admission.refusal(agreement))
+
+    def _hold_at_ceiling(
+        self, study: StudyRow, agreement: Agreement, reason: str, now: datetime
+    ) -> None:
+        """Block the study with the reason; look again in an hour (the count may not change
+        before 1 January, but an agreement file with a higher figure may arrive)."""
+        if study.state != EdgeStudyState.BLOCKED and self._audit is not None:
+            self._audit.record(
+                "transfer-ceiling",
+                outcome=4,
+                agreement_id=agreement.id,
+                details={"reason": reason},
+            )
+        log.warning("study %s held at the edge: %s", study.id, reason)
+        with self.db.session() as s:
+            s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study.id)
+                .values(
+                    state=EdgeStudyState.BLOCKED,
+                    last_error=reason,
+                    next_attempt_at=max(now, utcnow()) + timedelta(hours=1),
+                )
+            )
 
     def _record_export(self, agreement: Agreement, study_uid: str, sent: int, nbytes: int) -> None:
         """The Export record (DICOM 110106): what left, under which legal basis."""
@@ -308,6 +361,18 @@ class Forwarder:
             for state in (EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED):
                 n = s.query(StudyRow).filter(StudyRow.state == state).count()
                 self._metrics.outbox_depth.labels(state.value).set(n)
+
+
+class _AtCeiling(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _retried_when_due(study: StudyRow) -> bool:
+    """Blocked for a reason that time can lift: no transfer basis, or the person ceiling."""
+    reason = study.last_error or ""
+    return reason == _NO_BASIS or reason.startswith(CEILING_REASON)
 
 
 def _complete(study: StudyRow, agreement: Agreement, now: datetime) -> bool:

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 from dicom_io.delivery import Deliverer
 from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
+from dicom_io.person_ledger import PersonLedger
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
 from dicom_io.stow_server import StowServer, build_stow_app
@@ -98,6 +99,9 @@ class Gateway:
             retry_base_s=settings.edge.retry_base_s,
             retry_max_s=settings.edge.retry_max_s,
             audit=self.audit,
+            ledger=PersonLedger(
+                self.db, settings.edge.master_secret.get_secret_value(), self.metrics, self.audit
+            ),
         )
         self.deliverer = Deliverer(
             self.db,

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.tables import DeliveryRow, StudyRow
+from radbridge.db.tables import DeliveryRow, PersonYearRow, StudyRow, utcnow
 from radbridge.lifecycle import DeliveryState, EdgeStudyState
 
 __all__ = ["DeadDelivery", "GatewayStatus", "StuckStudy", "gateway_status"]
@@ -55,6 +55,7 @@ class GatewayStatus:
     min_free_bytes: int = 0
     deliveries_by_state: dict[str, int] = field(default_factory=dict)  # pending/delivered/dead
     dead_deliveries: list[DeadDelivery] = field(default_factory=list)
+    persons_this_year: dict[str, int] = field(default_factory=dict)  # hospital -> PIPL ledger
 
 
 def gateway_status(
@@ -89,6 +90,11 @@ def gateway_status(
                 .limit(limit)
             )
         ]
+        year = utcnow().year
+        persons = {
+            r.hospital: r.persons
+            for r in s.scalars(select(PersonYearRow).where(PersonYearRow.year == year))
+        }
     associations = _scrape_associations(metrics_url) if metrics_url else None
     return GatewayStatus(
         running=associations is not None,
@@ -101,6 +107,7 @@ def gateway_status(
             state.value: int(delivery_counts.get(state.value, 0)) for state in DeliveryState
         },
         dead_deliveries=dead,
+        persons_this_year=persons,
     )
 
 

@@ -156,12 +156,27 @@ class TransferBasis(_Strict):
     valid_from: date
     valid_until: date
     suspended: bool = False
-    max_persons_per_year: int = Field(10_000, ge=1)
+    max_persons_per_year: int = Field(
+        10_000,
+        ge=2,
+        description="Distinct persons whose sensitive personal information may leave the "
+        "hospital in a calendar year stay fewer than this (PIPL: a standard contract or a "
+        "certification covers fewer than 10,000; a security assessment the figure granted). "
+        "Counted across all the hospital's agreements by the edge's person ledger.",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> TransferBasis:
         if self.valid_until <= self.valid_from:
             raise ValueError("valid_until must be after valid_from")
+        if (
+            self.mechanism != TransferMechanism.SECURITY_ASSESSMENT
+            and self.max_persons_per_year > 10_000
+        ):
+            raise ValueError(
+                "max_persons_per_year: a standard contract or a certification covers fewer "
+                "than 10,000 persons' sensitive data a year; more needs a security assessment"
+            )
         return self
 
     def in_force(self, today: date) -> bool:

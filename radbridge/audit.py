@@ -63,6 +63,12 @@ EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
         "E",
         ("110135", "Object Security Attributes Changed"),
     ),
+    "transfer-ceiling": (
+        "110113",
+        "Security Alert",
+        "E",
+        ("110132", "Use of Restricted Function"),
+    ),
     "request-refused": ("110113", "Security Alert", "E", ("110126", "Node Authentication")),
 }
 OUTCOMES = frozenset({0, 4, 8, 12})

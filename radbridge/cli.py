@@ -284,6 +284,8 @@ def gateway_status_cmd() -> None:
                 r.last_error or "",
             )
         console.print(table)
+    for hospital, persons in sorted(st.persons_this_year.items()):
+        console.print(f"persons whose data left this year ({hospital}): {persons} (PIPL ledger)")
     d = st.deliveries_by_state
     console.print(
         f"results to the PACS: pending {d.get('pending', 0)}, dead {d.get('dead', 0)}, "

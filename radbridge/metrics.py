@@ -117,6 +117,19 @@ class EdgeMetrics:
             ["state"],
             registry=r,
         )
+        self.transfer_persons = Gauge(
+            "radbridge_edge_transfer_persons",
+            "Distinct persons whose data left the hospital this calendar year (all of its "
+            "agreements), as the agreement's ceiling counts them.",
+            ["agreement"],
+            registry=r,
+        )
+        self.transfer_persons_ceiling = Gauge(
+            "radbridge_edge_transfer_persons_ceiling",
+            "The agreement's yearly person ceiling: counted persons must stay below it.",
+            ["agreement"],
+            registry=r,
+        )
         self.delivery_failures = Counter(
             "radbridge_edge_delivery_failures_total",
             "Result delivery failures, by reason (pacs_refused, pacs_unreachable, center, "

@@ -37,6 +37,8 @@ __all__ = [
     "IdentityMapRow",
     "InstanceRow",
     "JobRow",
+    "PersonRow",
+    "PersonYearRow",
     "ResultObjectRow",
     "ResultRow",
     "SeriesRow",
@@ -291,3 +293,28 @@ class AuditHeadRow(Base):
     chain: Mapped[str] = mapped_column(String(16), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class PersonRow(Base):
+    """Edge only: the PIPL person ledger (dicom_io/person_ledger.py). One row per distinct
+    person whose data left the hospital in a calendar year, by a keyed hash of the patient
+    identifier that no other table holds."""
+
+    __tablename__ = "person_ledger"
+    __table_args__ = (UniqueConstraint("hospital", "year", "person"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hospital: Mapped[str] = mapped_column(String(200))
+    year: Mapped[int] = mapped_column(Integer)
+    person: Mapped[str] = mapped_column(String(64), doc="HMAC-SHA256 of the patient identifier.")
+    agreement_id: Mapped[str] = mapped_column(String(63), doc="The agreement it first left by.")
+    first_at: Mapped[datetime]
+
+
+class PersonYearRow(Base):
+    """Edge only: the ledger's count per hospital and year, locked by every admission so two
+    edge replicas cannot both admit the last person below the ceiling."""
+
+    __tablename__ = "person_ledger_years"
+    hospital: Mapped[str] = mapped_column(String(200), primary_key=True)
+    year: Mapped[int] = mapped_column(Integer, primary_key=True)
+    persons: Mapped[int] = mapped_column(Integer)

@@ -107,12 +107,17 @@ def edge(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[Database, Dura
 
 
 def _forwarder(
-    db: Database, store: DurableStore, port: int, agreements=None, retry_max_s: float = 4
+    db: Database,
+    store: DurableStore,
+    port: int,
+    agreements=None,
+    retry_max_s: float = 4,
+    **extra: object,
 ) -> Forwarder:  # type: ignore[no-untyped-def]
     aset = agreements or load_agreements(AGREEMENTS)
     from radbridge.metrics import EdgeMetrics
 
-    return Forwarder(
+    return Forwarder(  # type: ignore[arg-type]
         db,
         store,
         lambda: aset,
@@ -121,6 +126,7 @@ def _forwarder(
         EdgeMetrics(),
         retry_base_s=1,
         retry_max_s=retry_max_s,
+        **extra,
     )
 
 
@@ -414,3 +420,41 @@ def test_other_bytes_under_a_forwarded_uid_block_the_study_instead_of_vanishing(
     assert {p: p.read_bytes() for p in center.store_dir.rglob("*.dcm")} == held
     with center.db.session() as s:
         assert len(s.scalars(select(JobRow)).all()) == 1
+
+
+def test_a_new_person_past_the_pipl_ceiling_is_held_while_a_counted_one_goes(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """max_persons_per_year 2 (fewer than 2 persons a year): patient A's study goes, patient
+    B's is blocked at the edge with the reason and audited once, A's next study still goes."""
+    from dicom_io.person_ledger import PersonLedger
+    from radbridge.audit import AuditTrail, records, verify
+
+    db, store = edge
+    raw = yaml.safe_load(AGREEMENTS.read_text())
+    raw["agreements"][0]["transfer_basis"]["max_persons_per_year"] = 2
+    audit = AuditTrail(db, "edge:test")
+    ledger = PersonLedger(db, "test-secret", audit=audit)
+    patient_b = {"name": "Li^Mei=李^梅", "id": "PID-B-0002", "birth": "19800101"}
+    a1 = _ingest(db, store, n=1)[0]
+    b1 = _ingest(db, store, n=1, first=make_instance(patient=patient_b))[0]
+    a2 = _ingest(db, store, n=1, first=make_instance(seed=7))[0]  # A's second study
+    center = Center(tmp_path)
+    center.start()
+    later = utcnow() + timedelta(seconds=5)
+    try:
+        fwd = _forwarder(db, store, center.port, parse_agreements(raw), audit=audit, ledger=ledger)
+        assert fwd.tick(later) == 2
+        assert fwd.tick(later + timedelta(seconds=1)) == 0  # B held: not every tick audited
+    finally:
+        center.stop()
+    with db.session() as s:
+        states = {r.study_uid: (r.state, r.last_error) for r in s.scalars(select(StudyRow))}
+    assert states[str(a1.StudyInstanceUID)][0] == "forwarded"
+    assert states[str(a2.StudyInstanceUID)][0] == "forwarded"
+    state, reason = states[str(b1.StudyInstanceUID)]
+    assert state == "blocked" and "PIPL person ceiling" in (reason or ""), reason
+    assert "PID-B" not in (reason or "")
+    events = [json.loads(r.details)["event"] for r in records(db)]
+    assert events.count("transfer-ceiling") == 1 and events.count("export") == 2, events
+    assert verify(db)[1] is None

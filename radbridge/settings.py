@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,7 +30,14 @@ EXAMPLE_PREFIXES = ("example-", "changeme", "change-me")
 DEFAULT_AGREEMENTS = Path(__file__).parent / "defaults" / "agreements.yaml"
 
 
-class EdgeTLS(BaseModel):
+class _Strict(BaseModel):
+    """Every settings model refuses keys it does not know: `RADBRIDGE_EDGE__PROT=11113` (or a
+    typo in the YAML file) fails at load naming the key, instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EdgeTLS(_Strict):
     """A second SCP port speaking DICOM over TLS, with client certificates checked."""
 
     port: int = Field(2762, ge=1, le=65535, description="2762 is the IANA dicom-tls port.")
@@ -40,7 +47,7 @@ class EdgeTLS(BaseModel):
     require_client_cert: bool = True
 
 
-class EdgeSettings(BaseModel):
+class EdgeSettings(_Strict):
     """The edge gateway inside the hospital."""
 
     host: str = Field("127.0.0.1", description="Address the DICOM SCP listens on.")
@@ -129,20 +136,25 @@ class EdgeSettings(BaseModel):
     tls: EdgeTLS | None = Field(None, description="DICOM TLS listener (PS3.15 B.1).")
 
     @model_validator(mode="after")
-    def _stow_tls_needs_tls(self) -> EdgeSettings:
+    def _cross_checks(self) -> EdgeSettings:
         if self.stow_tls and self.tls is None:
             raise ValueError("edge.stow_tls: needs edge.tls (certificate, key, CA)")
+        if self.retry_base_s > self.retry_max_s:
+            raise ValueError(
+                f"edge.retry_base_s ({self.retry_base_s}) is above edge.retry_max_s "
+                f"({self.retry_max_s})"
+            )
         return self
 
 
-class CenterTLS(BaseModel):
+class CenterTLS(_Strict):
     """The certificate the center's HTTP proxy serves HTTPS with."""
 
     cert_file: Path = Field(description="PEM certificate chain of the center.")
     key_file: Path = Field(description="PEM private key of the center.")
 
 
-class CenterSettings(BaseModel):
+class CenterSettings(_Strict):
     """The reading center's Ray Serve application."""
 
     host: str = Field("127.0.0.1", description="Serve HTTP proxy bind address.")

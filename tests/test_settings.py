@@ -63,3 +63,21 @@ def test_production_has_no_plain_http_switch_and_no_implicit_ca() -> None:
         mode="production", edge={"master_secret": secret, "center_url": "https://c.example"}
     )
     assert s.center.tls is None and s.edge.center_ca_file is None  # the system's trust store
+
+
+def test_unknown_nested_keys_and_inverted_retries_fail_naming_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RADBRIDGE_CONFIG", raising=False)
+    monkeypatch.setenv("RADBRIDGE_EDGE__PROT", "11113")  # a typo of PORT
+    with pytest.raises(ConfigError, match=r"edge\.prot"):
+        load_settings()
+    monkeypatch.delenv("RADBRIDGE_EDGE__PROT")
+    cfg = tmp_path / "radbridge.yaml"
+    cfg.write_text("center:\n  max_body_byte: 10\n")
+    monkeypatch.setenv("RADBRIDGE_CONFIG", str(cfg))
+    with pytest.raises(ConfigError, match=r"center\.max_body_byte"):
+        load_settings()
+    monkeypatch.delenv("RADBRIDGE_CONFIG")
+    with pytest.raises(ConfigError, match=r"edge\.retry_base_s .* above edge\.retry_max_s"):
+        load_settings(edge={"retry_base_s": 60, "retry_max_s": 30})

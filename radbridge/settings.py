@@ -354,7 +354,18 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build the settings, turning validation errors into a ``ConfigError`` naming the field."""
+    """Build the settings, turning validation errors into a ``ConfigError`` naming the field.
+
+    A nested variable whose first part is no setting (``RADBRIDGE_CENTRE__PORT``) is refused
+    too: pydantic-settings would ignore it, and the center would silently keep its default."""
+    for name in os.environ:
+        if name.startswith("RADBRIDGE_") and "__" in name:
+            head = name[len("RADBRIDGE_") :].split("__", 1)[0].lower()
+            if head not in Settings.model_fields:
+                raise ConfigError(
+                    f"{name}: no setting {head!r} (known: "
+                    f"{', '.join(sorted(Settings.model_fields))})"
+                )
     try:
         return Settings(**overrides)
     except ValidationError as exc:

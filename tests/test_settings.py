@@ -73,6 +73,10 @@ def test_unknown_nested_keys_and_inverted_retries_fail_naming_them(
     with pytest.raises(ConfigError, match=r"edge\.prot"):
         load_settings()
     monkeypatch.delenv("RADBRIDGE_EDGE__PROT")
+    monkeypatch.setenv("RADBRIDGE_CENTRE__PORT", "8001")  # British spelling of center
+    with pytest.raises(ConfigError, match=r"RADBRIDGE_CENTRE__PORT: no setting 'centre'"):
+        load_settings()
+    monkeypatch.delenv("RADBRIDGE_CENTRE__PORT")
     cfg = tmp_path / "radbridge.yaml"
     cfg.write_text("center:\n  max_body_byte: 10\n")
     monkeypatch.setenv("RADBRIDGE_CONFIG", str(cfg))

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radbridge.agreements import Priority
-from radbridge.errors import AuthError, ConfigError
+from radbridge.errors import AuthError, ConfigError, validation_problems
 
 __all__ = [
     "AUDIENCE",
@@ -136,9 +136,7 @@ def load_trust(path: Path) -> TrustFile:
     try:
         trust = TrustFile.model_validate(raw or {})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise ConfigError(f"trust file {path}: {loc}: {err['msg']}") from None
+        raise ConfigError(f"trust file {path}: {validation_problems(exc, 1)}") from None
     kids = [k.kid for e in trust.edges for k in e.keys]
     if len(kids) != len(set(kids)):
         raise ConfigError(f"trust file {path}: edges.keys.kid: a key id is listed twice")

@@ -6,6 +6,8 @@ DIMSE statuses in ``dicom_io.statuses``, HTTP codes in ``serving.errors``.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AgreementError",
     "AuthError",
@@ -124,6 +126,17 @@ class SignatureError(RadbridgeError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def validation_problems(exc: Any, limit: int | None = None) -> str:
+    """A pydantic ``ValidationError`` as ``"field.path: message"`` parts joined by "; " (the
+    first ``limit`` only), for errors that must name the field: settings, trust files,
+    Serve config. The value itself is never repeated: it may be a secret."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+    return "; ".join(parts)
 
 
 def redacted(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from radbridge.errors import ConfigError
+from radbridge.errors import ConfigError, validation_problems
 
 __all__ = ["DEV_SECRET", "CenterSettings", "CenterTLS", "EdgeSettings", "Settings", "load_settings"]
 
@@ -369,12 +369,4 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "invalid settings: " + "; ".join(parts)
+        raise ConfigError("invalid settings: " + validation_problems(exc)) from None

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from radbridge.agreements import Priority
-from radbridge.errors import ConfigError
+from radbridge.errors import ConfigError, validation_problems
 
 __all__ = [
     "APP_IMPORT_PATH",
@@ -162,7 +162,7 @@ class ServeConfig:
         try:
             self.schema = ServeDeploySchema.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_first_error(exc)}") from None
+            raise ConfigError(f"{source}: {validation_problems(exc, 1)}") from None
         apps = [a for a in self.schema.applications if a.import_path == APP_IMPORT_PATH]
         if len(apps) != 1:
             raise ConfigError(
@@ -237,13 +237,7 @@ def _typed(model: type[BaseModel], value: Any, where: str) -> Any:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise ConfigError(f"{where}.{_first_error(exc)}") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{loc}: {err['msg']}" if loc else str(err["msg"])
+        raise ConfigError(f"{where}.{validation_problems(exc, 1)}") from None
 
 
 def _check_runner_concurrency(d: Any, cfg: RunnerConfig, at: str) -> None:

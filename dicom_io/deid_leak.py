@@ -4,8 +4,11 @@ Needles are the input's identifying values: the patient's name (each component, 
 ideographic/phonetic group and the whole name), patient ID, other patient IDs, accession
 number, birth date (as stored and in common spellings) and, unless Retain UIDs is selected,
 every UID that is not defined by the standard. Every value of the output at every depth is
-searched except binary ones, case-insensitively, after PN separators (``^``, ``=``) and runs of
-white space are folded to one space (so ``WANG^XIAODONG`` and ``wang xiaodong`` both match).
+searched, case-insensitively, after PN separators (``^``, ``=``) and runs of white space are
+folded to one space (so ``WANG^XIAODONG`` and ``wang xiaodong`` both match). Binary values
+(OB, OW, UN...: ICC profiles, encapsulated documents, waveforms, anything a modality put there)
+are searched as the text they may carry (their UTF-8 and Latin-1 readings), up to
+``BINARY_SCAN_BYTES`` each; only pixel data is not (its text is pixels: deid_burned_in).
 
 How a needle matches depends on its length, because a short value is not identifying on its own
 and occurs everywhere (a sex code ``M``, a patient ID ``12`` inside ``512``, ``Ann`` inside
@@ -54,7 +57,12 @@ LONG = 6  # needles this long match anywhere in text
 SHORTEST = 3  # Latin/digit needles shorter than this are ignored
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WHOLE_VALUES = NUMERIC_VRS | {"DS", "IS", "UI"}  # numbers and UIDs: compared value by value
-_NOT_TEXT = BINARY_VRS | {"SQ"}
+_NOT_TEXT = frozenset({"SQ"})
+BINARY_SCAN_BYTES = 16 << 20
+# Pixel Data, Float / Double Float Pixel Data, Extended Offset Table (+ lengths): image bytes
+# and offsets, never text; scanning them would cost a full read of every image for nothing.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x7FE00001, 0x7FE00002})
+_PRINTABLE_RUN = re.compile(r"[^\x00-\x08\x0e-\x1f\x7f]{3,}")
 _SEPARATORS = re.compile(r"[\^=\\]")
 _SPACES = re.compile(r"\s+")
 _NUMBER = re.compile(r"[-+]?[0-9.]+(?:e[-+]?[0-9]+)?")
@@ -173,6 +181,8 @@ def _folded(parent: Dataset, elem: Element, vr: str, numeric: bool) -> str | Non
     """An element's values as one folded, case-folded string; ``None`` for nothing to search."""
     if vr in _NOT_TEXT:
         return None
+    if vr in BINARY_VRS:
+        return _binary_text(elem)
     if vr in NUMERIC_VRS:
         if not numeric:
             return None  # no needle is a number: no number can be one
@@ -186,6 +196,22 @@ def _folded(parent: Dataset, elem: Element, vr: str, numeric: bool) -> str | Non
     else:
         values = list(strings(parent, elem, vr))
     return _fold_all(values) if values else None
+
+
+def _binary_text(elem: Element) -> str | None:
+    """The text a binary value may carry: its runs of printable characters, read as UTF-8 and
+    as Latin-1 (a name can be stored either way), folded; ``None`` for pixel data."""
+    if int(elem.tag) in _PIXEL_TAGS:
+        return None
+    raw = elem.value
+    if isinstance(raw, (list, tuple)):  # multi-frame fragments or a value list
+        raw = b"".join(r for r in raw if isinstance(r, bytes))
+    if not isinstance(raw, bytes | bytearray) or not raw:
+        return None
+    raw = bytes(raw[:BINARY_SCAN_BYTES])
+    runs = _PRINTABLE_RUN.findall(raw.decode("utf-8", errors="replace").replace("\ufffd", "\x00"))
+    runs += _PRINTABLE_RUN.findall(raw.decode("latin-1"))
+    return fold(" ".join(runs)).casefold() if runs else None
 
 
 def _folded_ascii(raw: bytes) -> str | None:

@@ -3,6 +3,7 @@ blind to a real leak (whole tokens, case-insensitive, glued, nested, numeric).""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
@@ -117,3 +118,29 @@ def test_needles_are_taken_from_every_identifying_value() -> None:
     assert str(ds.StudyInstanceUID) in needles
     assert "王" not in needles  # one ideograph: too short to tell from other text
     assert str(ds.StudyInstanceUID) not in identifying_values(ds, retain_uids=True).values
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        b"desc\x00\x00\x00\x0eWang^XiaoDong\x00",  # a name in an ICC profile's description
+        "患者 王^小东".encode(),  # UTF-8 ideographs
+        b"\x01\x02PID-7788123\xff\xfe",  # the patient ID between binary bytes
+    ],
+)
+def test_a_name_in_an_unlisted_binary_element_never_crosses(planted: bytes) -> None:
+    ds = make_instance()
+    ds.ICCProfile = b"\x00\x00\x02\x0cacsp" + bytes(range(256)) + planted + b"\x00" * 64
+    with pytest.raises(DeidentificationError, match="ICCProfile"):
+        deidentify(ds, Pseudonymizer(KEY))
+
+
+def test_binary_elements_without_identity_and_pixel_data_do_not_trip() -> None:
+    rng = np.random.default_rng(7)
+    ds = make_instance()
+    ds.ICCProfile = b"\x00\x00\x02\x0cacsp" + rng.bytes(64 << 10)  # noise: no false alarm
+    out = deidentify(ds, Pseudonymizer(KEY)).dataset
+    assert out.ICCProfile == ds.ICCProfile
+    ds = make_instance()
+    ds.PixelData = b"PID-7788123 " * 512  # text in pixels is deid_burned_in's job, not this one
+    deidentify(ds, Pseudonymizer(KEY))

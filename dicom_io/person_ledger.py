@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 
 from radbridge.agreements import Agreement
 from radbridge.audit import AuditTrail
@@ -79,7 +78,7 @@ class PersonLedger:
         """Count ``person`` for this year under ``agreement``'s ceiling, or refuse a new one."""
         hospital, year = agreement.hospital.name, now.year
         ceiling = agreement.transfer_basis.max_persons_per_year
-        self._ensure_year(hospital, year)
+        self.db.insert_once(PersonYearRow(hospital=hospital, year=year, persons=0))
         with self.db.session() as s:
             # Lock the year's count first (row lock / SQLite write lock): concurrent edge
             # replicas admit one at a time, so none admits the person past the ceiling.
@@ -144,13 +143,3 @@ class PersonLedger:
                 agreement_id=agreement.id,
                 details={**details, "reason": f"{int(WARN_AT * 100)} % of the ceiling reached"},
             )
-
-    def _ensure_year(self, hospital: str, year: int) -> None:
-        with self.db.session() as s:
-            if s.get(PersonYearRow, (hospital, year)) is not None:
-                return
-        try:
-            with self.db.session() as s:
-                s.add(PersonYearRow(hospital=hospital, year=year, persons=0))
-        except IntegrityError:
-            pass  # another replica made it first

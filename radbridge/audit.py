@@ -28,7 +28,6 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 
 from radbridge.db.engine import Database
 from radbridge.db.tables import AuditHeadRow, AuditRow, utcnow
@@ -96,7 +95,7 @@ class AuditTrail:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome {outcome} is not one of {sorted(OUTCOMES)}")
         code, _meaning, action, _type = EVENTS[event]
-        self._ensure_head()
+        self.db.insert_once(AuditHeadRow(chain=CHAIN, seq=0, hash=GENESIS))
         with self.db.session() as s:
             # Take the write lock first (an UPDATE): the read that follows sees the last head.
             s.execute(
@@ -125,16 +124,6 @@ class AuditTrail:
                 .values(seq=row.id, hash=row.hash)
             )
             return row.id
-
-    def _ensure_head(self) -> None:
-        with self.db.session() as s:
-            if s.get(AuditHeadRow, CHAIN) is not None:
-                return
-        try:
-            with self.db.session() as s:
-                s.add(AuditHeadRow(chain=CHAIN, seq=0, hash=GENESIS))
-        except IntegrityError:
-            pass  # another process made it first
 
 
 def record_hash(row: AuditRow) -> str:

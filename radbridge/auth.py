@@ -27,7 +27,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import threading
 import time
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radbridge.agreements import Priority
 from radbridge.errors import AuthError, ConfigError, validation_problems
+from radbridge.files import write_atomic
 
 __all__ = [
     "AUDIENCE",
@@ -184,19 +184,8 @@ def generate_edge_key(path: Path) -> EdgeKey:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(path, pem)
+    write_atomic(path, pem)
     return EdgeKey(key, public_jwk(key.public_key()))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def edge_token(key: EdgeKey, edge_id: str, method: str, path: str, now: float | None = None) -> str:
@@ -371,7 +360,7 @@ def ensure_local_identity(
         tokens = {}
         for name in ("operator", "integration"):
             tokens[name] = secrets.token_urlsafe(32)
-            _write_private(secrets_dir / f"{name}.token", tokens[name].encode())
+            write_atomic(secrets_dir / f"{name}.token", tokens[name].encode())
         trust = TrustFile(
             edges=[EdgeEntry(id=edge_id, agreements=agreement_ids, keys=[key.jwk])],
             operators=[
@@ -387,4 +376,4 @@ def ensure_local_identity(
             ],
         )
     text = yaml.safe_dump(trust.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    _write_private(trust_file, text.encode("utf-8"))
+    write_atomic(trust_file, text.encode("utf-8"))

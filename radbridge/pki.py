@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from radbridge.errors import ConfigError
+from radbridge.files import write_atomic
 
 __all__ = ["RENEW_BEFORE", "check_server_files", "ensure_local_tls"]
 
@@ -86,13 +86,12 @@ def ensure_local_tls(ca_file: Path, cert_file: Path, key_file: Path) -> None:
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    _write(
+    write_atomic(
         key_file,
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        private=True,
     )
-    _write(cert_file, cert.public_bytes(pem) + ca_cert.public_bytes(pem), private=False)
-    _write(ca_file, ca_cert.public_bytes(pem), private=False)
+    write_atomic(cert_file, cert.public_bytes(pem) + ca_cert.public_bytes(pem), mode=0o644)
+    write_atomic(ca_file, ca_cert.public_bytes(pem), mode=0o644)
 
 
 def check_server_files(cert_file: Path, key_file: Path, field: str = "center.tls") -> None:
@@ -117,15 +116,3 @@ def _usable(ca_file: Path, cert_file: Path, key_file: Path) -> bool:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{cert_file}: not a usable PEM certificate ({exc})") from None
     return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
-
-
-def _write(path: Path, data: bytes, *, private: bool) -> None:
-    """Write atomically (a reader never sees half a PEM file); keys mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Database", "create_db_engine", "normalize_url"]
@@ -70,6 +71,20 @@ class Database:
             raise
         finally:
             s.close()
+
+    def insert_once(self, row: Any) -> None:
+        """Insert ``row`` unless one with its primary key exists. Another process may insert
+        it at the same moment: its IntegrityError then means the row is there, as wanted."""
+        mapper = inspect(type(row))
+        key = tuple(getattr(row, c.key) for c in mapper.primary_key)
+        with self.session() as s:
+            if s.get(type(row), key) is not None:
+                return
+        try:
+            with self.session() as s:
+                s.add(row)
+        except IntegrityError:
+            pass
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -30,12 +30,18 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 __all__ = [
+    "CHARSET",
     "AlgorithmInfo",
     "Coded",
     "ImageFinding",
     "Nodule",
     "classification_sr",
+    "expected_warnings",
+    "fit_lo",
+    "language_concept",
     "nodule_seg_and_sr",
+    "procedure_code",
+    "with_type2",
 ]
 
 SR_SERIES_NUMBER = 900
@@ -83,6 +89,7 @@ _LANGUAGES = {  # RFC 5646 tags (CID 5000 "Languages") for TID 1204
     "ru": "Russian",
     "zh": "Chinese",
     "zh-CN": "Chinese (China)",
+    "zh-Hans": "Chinese (Simplified)",
 }
 _REPORT_LANGUAGE = Code("en-US", "RFC5646", "English (United States)")
 
@@ -208,7 +215,7 @@ def classification_sr(
         raise ValueError("classification_sr needs the source images")
     if not findings:
         raise ValueError("classification_sr needs at least one finding")
-    sources = [_with_type2(ds) for ds in sources]
+    sources = [with_type2(ds) for ds in sources]
     _check_one_study(sources)
     _check_version(sources, version, previous)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
@@ -274,7 +281,7 @@ def nodule_seg_and_sr(
     ties groups about one finding together, and a viewer can navigate to the point.
     Returns ``(seg, sr)``.
     """
-    ordered = _sorted_by_position([_with_type2(ds) for ds in sources])
+    ordered = _sorted_by_position([with_type2(ds) for ds in sources])
     _check_one_study(ordered)
     _check_version(ordered, version, previous_sr)
     pixels = np.asarray(mask)
@@ -310,7 +317,7 @@ def nodule_seg_and_sr(
         tracking_id="AI pulmonary nodules",
         anatomic_regions=[_LUNG],
     )
-    with _expected_warnings():
+    with expected_warnings():
         seg = hd.seg.Segmentation(
             source_images=ordered,
             pixel_array=pixels,
@@ -331,7 +338,7 @@ def nodule_seg_and_sr(
             # viewers show in the series list and overlay legend; the companion SR carries the
             # formal VerificationFlag UNVERIFIED.
             content_label="AI_RESULT",
-            content_description=_fit(f"UNVERIFIED AI result: {algo.intended_use}"),
+            content_description=fit_lo(f"UNVERIFIED AI result: {algo.intended_use}"),
             series_description=_series_description(version, algo),
             specific_character_set=CHARSET,
         )
@@ -426,7 +433,7 @@ def _report(
     )
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=_procedure(source),
+        procedure_reported=procedure_code(source),
         imaging_measurements=list(groups),
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             hd.sr.CodedConcept.from_code(_REPORT_LANGUAGE)
@@ -471,15 +478,15 @@ def _add_display_names(
             value=text,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-        item.ContentSequence = hd.sr.LanguageOfContentItemAndDescendants(_language(tag))
+        item.ContentSequence = hd.sr.LanguageOfContentItemAndDescendants(language_concept(tag))
         container.ContentSequence.append(item)
 
 
-def _language(tag: str) -> hd.sr.CodedConcept:
+def language_concept(tag: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(tag, "RFC5646", _LANGUAGES.get(tag, tag))
 
 
-def _procedure(source: pydicom.Dataset) -> Code:
+def procedure_code(source: pydicom.Dataset) -> Code:
     """Procedure reported, from the source's modality and body part."""
     modality = str(source.get("Modality", "")).upper()
     chest = str(source.get("BodyPartExamined", "")).upper() in _CHEST_PARTS
@@ -502,7 +509,7 @@ def _sr(
     version: int,
     previous: pydicom.Dataset | None,
 ) -> pydicom.Dataset:
-    with _expected_warnings():
+    with expected_warnings():
         return hd.sr.Comprehensive3DSR(
             evidence=list(evidence),
             content=report,
@@ -524,10 +531,10 @@ def _sr(
 
 
 def _series_description(version: int, algo: AlgorithmInfo) -> str:
-    return _fit(f"AI RESULT UNVERIFIED v{version}: {algo.intended_use}")
+    return fit_lo(f"AI RESULT UNVERIFIED v{version}: {algo.intended_use}")
 
 
-def _fit(text: str) -> str:
+def fit_lo(text: str) -> str:
     """A Long String value: at most 64 characters, no backslash or control characters."""
     text = " ".join(text.replace("\\", "/").split())
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "…"
@@ -554,7 +561,7 @@ def _check_version(
         raise ValueError("the previous version belongs to another study")
 
 
-def _with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
+def with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
     """``ds``, or a shallow copy with the missing Type 2 study/patient attributes empty."""
     missing = [keyword for keyword in _TYPE2 if keyword not in ds]
     if not missing:
@@ -582,7 +589,7 @@ def _sorted_by_position(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Data
 
 
 @contextmanager
-def _expected_warnings() -> Iterator[None]:
+def expected_warnings() -> Iterator[None]:
     """Silence highdicom's single-component PatientName warning: pseudonyms look like that."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_COMPONENT_NAME, category=UserWarning)

@@ -6,8 +6,6 @@ checked with the dicom3tools validator ``dciodvfy`` (no "Error" lines; warnings 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -30,6 +28,7 @@ from dicom_io.results import (
     nodule_seg_and_sr,
 )
 from tests.conftest import make_instance
+from tests.dciodvfy import dciodvfy, part10
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -127,27 +126,8 @@ NODULES = [
 ]
 
 
-def _bytes(ds: Dataset) -> bytes:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _dciodvfy(ds: Dataset, tmp_path: Path, name: str) -> list[str]:
-    """Run dciodvfy on the written object: fail on any Error line, return the warnings."""
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        pytest.fail(
-            "dciodvfy (dicom3tools) is not installed; install it with "
-            "`apt-get install -y dicom3tools` - the result objects must be validated"
-        )
-    path = tmp_path / f"{name}.dcm"
-    path.write_bytes(_bytes(ds))
-    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    lines = [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line]
-    assert not errors, f"dciodvfy {name}:\n" + "\n".join(lines)
-    return [line for line in lines if "Warning" in line]
+_bytes = part10
+_dciodvfy = dciodvfy
 
 
 def _items(

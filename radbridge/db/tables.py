@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -39,6 +40,10 @@ __all__ = [
     "JobRow",
     "PersonRow",
     "PersonYearRow",
+    "ReadRow",
+    "ReaderRow",
+    "ReaderSessionRow",
+    "ReportRow",
     "ResultObjectRow",
     "ResultRow",
     "SeriesRow",
@@ -80,7 +85,11 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime,
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+    }
 
 
 class AgreementRow(Base):
@@ -318,3 +327,66 @@ class PersonYearRow(Base):
     hospital: Mapped[str] = mapped_column(String(200), primary_key=True)
     year: Mapped[int] = mapped_column(Integer, primary_key=True)
     persons: Mapped[int] = mapped_column(Integer)
+
+
+class ReaderRow(Base):
+    """Center only: a radiologist of a reading center (review/readers.py). ``agreements`` narrows
+    what the reader sees among the agreements their center serves (empty: all of them)."""
+
+    __tablename__ = "readers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    center: Mapped[str] = mapped_column(String(200), doc="reading_center.name of agreements.")
+    agreements: Mapped[list[str]] = mapped_column(JSON)
+    observer_id: Mapped[str] = mapped_column(
+        String(64), doc="What a signed report names: an identifier, not the person's name."
+    )
+    locale: Mapped[str] = mapped_column(String(8))
+    password_hash: Mapped[str] = mapped_column(Text, doc="argon2id (argon2-cffi).")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReaderSessionRow(Base):
+    """Center only: a signed-in reader's session; the cookie's token is stored as its sha256."""
+
+    __tablename__ = "reader_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    reader_id: Mapped[int] = mapped_column(ForeignKey("readers.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(doc="Absolute end; idle time ends it sooner.")
+
+
+class ReadRow(Base):
+    """Center only: the read of a study — who holds it and its clocks (review/worklist.py)."""
+
+    __tablename__ = "reads"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    claimed_by: Mapped[int | None] = mapped_column(ForeignKey("readers.id"))
+    claimed_at: Mapped[datetime | None]
+    opened_at: Mapped[datetime | None]
+    preliminary_at: Mapped[datetime | None]
+    final_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None] = mapped_column(
+        doc="When the edge fetched the final report (on its way to the PACS)."
+    )
+
+
+class ReportRow(Base):
+    """Center only: one version of a study's report (1, then an addendum is 2, ...).
+    ``status``: draft, preliminary or final; a final version is never changed again."""
+
+    __tablename__ = "reports"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    reader_id: Mapped[int] = mapped_column(ForeignKey("readers.id"))
+    content: Mapped[dict[str, Any]] = mapped_column(JSON, doc="review.reports.ReportContent")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    signed_at: Mapped[datetime | None]

@@ -223,8 +223,8 @@ def report_sr(
             specific_character_set=CHARSET,
         )
     stamp = spec.signed_at
-    sr.ContentDate = stamp.strftime("%Y%m%d")
-    sr.ContentTime = stamp.strftime("%H%M%S")
+    sr.ContentDate = stamp.strftime("%Y%m%d")  # type: ignore[assignment]
+    sr.ContentTime = stamp.strftime("%H%M%S")  # type: ignore[assignment]
     sr.TimezoneOffsetFromUTC = stamp.strftime("%z")
     if spec.final:
         observer = sr.VerifyingObserverSequence[0]
@@ -243,7 +243,7 @@ def _pn(identifier: str) -> str:
 
 
 def _section(
-    name: Code | hd.sr.CodedConcept, children: list[hd.sr.ContentItem]
+    name: Code | hd.sr.CodedConcept, children: Sequence[hd.sr.ContentItem]
 ) -> hd.sr.ContentItem:
     section = hd.sr.ContainerContentItem(name=name, relationship_type=_R.CONTAINS)
     if children:

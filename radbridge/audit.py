@@ -69,6 +69,9 @@ EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
         ("110132", "Use of Restricted Function"),
     ),
     "request-refused": ("110113", "Security Alert", "E", ("110126", "Node Authentication")),
+    "reader-login": ("110114", "User Authentication", "E", ("110122", "Login")),
+    "reader-logout": ("110114", "User Authentication", "E", ("110123", "Logout")),
+    "report-signed": ("110110", "Patient Record", "C", None),
 }
 OUTCOMES = frozenset({0, 4, 8, 12})
 

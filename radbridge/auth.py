@@ -57,6 +57,7 @@ __all__ = [
     "TrustFile",
     "Verifier",
     "edge_token",
+    "edges_by_agreement",
     "ensure_local_identity",
     "load_edge_key",
     "load_trust",
@@ -125,6 +126,15 @@ class TrustFile(_Strict):
     edges: list[EdgeEntry] = Field(default_factory=list)
     operators: list[SecretEntry] = Field(default_factory=list)
     integrations: list[SecretEntry] = Field(default_factory=list)
+
+
+def edges_by_agreement(trust: TrustFile) -> dict[str, list[str]]:
+    """Agreement id -> the ids of the edges the trust file binds to it (sorted)."""
+    out: dict[str, list[str]] = {}
+    for edge in trust.edges:
+        for agreement_id in edge.agreements:
+            out.setdefault(agreement_id, []).append(edge.id)
+    return {a: sorted(ids) for a, ids in out.items()}
 
 
 def load_trust(path: Path) -> TrustFile:

@@ -579,3 +579,113 @@ def audit_export(
     else:
         out.write_text(text, encoding="utf-8")
         console.print(f"wrote {len(parts) - 3} audit messages to {out}")
+
+
+# -- readers ----------------------------------------------------------------------------------
+
+readers_app = typer.Typer(help="Reader (radiologist) accounts of the reading room.")
+app.add_typer(readers_app, name="readers")
+
+
+def _center_db(s: Settings) -> Any:
+    from radbridge.db.engine import Database
+    from radbridge.db.migrate import upgrade
+
+    upgrade(s.center_db_url)
+    return Database(s.center_db_url)
+
+
+@readers_app.command("add")
+def readers_add(
+    username: str,
+    observer_id: Annotated[
+        str,
+        typer.Option(help="What signed reports name: an identifier (e.g. RB-0001), not a name."),
+    ],
+    center: Annotated[
+        str | None,
+        typer.Option(help="The reading center (default: the agreements' only one)."),
+    ] = None,
+    agreement: Annotated[
+        list[str] | None, typer.Option(help="Only these agreements (repeatable; default: all).")
+    ] = None,
+    locale: Annotated[str, typer.Option(help="ru, zh or en")] = "ru",
+    password_stdin: Annotated[
+        bool, typer.Option(help="Read the password from standard input (for scripts).")
+    ] = False,
+) -> None:
+    """Create a reader account; the password is asked for (or read from stdin)."""
+    from radbridge.agreements import load_agreements
+    from review.readers import add_reader
+
+    s = _settings()
+    try:
+        agreements = load_agreements(s.agreements_file)
+        centers = sorted({a.reading_center.name for a in agreements.agreements})
+        if center is None:
+            if len(centers) != 1:
+                raise ConfigError(f"--center: one of {', '.join(centers)}")
+            center = centers[0]
+        elif center not in centers:
+            raise ConfigError(f"--center: no agreement names {center!r} (known: {centers})")
+        unknown = sorted(set(agreement or []) - {a.id for a in agreements.agreements})
+        if unknown:
+            raise ConfigError(f"--agreement: unknown {unknown}")
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+        db = _center_db(s)
+        try:
+            reader = add_reader(
+                db,
+                username,
+                password,
+                center=center,
+                observer_id=observer_id,
+                agreements=agreement,
+                locale=locale,
+            )
+        finally:
+            db.dispose()
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]reader {reader.username} added[/] ({center}, {reader.observer_id})")
+
+
+@readers_app.command("list")
+def readers_list() -> None:
+    from review.readers import list_readers
+
+    s = _settings()
+    db = _center_db(s)
+    try:
+        table = Table("username", "observer id", "center", "agreements", "locale", "active")
+        for r, active in list_readers(db):
+            table.add_row(
+                r.username,
+                r.observer_id,
+                r.center,
+                ", ".join(sorted(r.agreements)) or "all",
+                r.locale,
+                "yes" if active else "no",
+            )
+        console.print(table)
+    finally:
+        db.dispose()
+
+
+@readers_app.command("disable")
+def readers_disable(username: str) -> None:
+    """Disable an account (its sessions end at their next request)."""
+    from review.readers import set_active
+
+    s = _settings()
+    db = _center_db(s)
+    try:
+        set_active(db, username, False)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    finally:
+        db.dispose()
+    console.print(f"reader {username} disabled")

@@ -25,6 +25,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from radbridge.auth import PublicJWK, generate_edge_key, load_edge_key, public_jwk
+from radbridge.db.tables import ResultObjectRow
 from radbridge.errors import ConfigError, SignatureError
 
 __all__ = [
@@ -76,6 +77,19 @@ class ResultSigner:
             "version": version,
         }
         return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"kid": self.jwk.kid})
+
+    def sign_row(self, row: ResultObjectRow, edges_by_agreement: dict[str, list[str]]) -> str:
+        """The signature of a result object row, for the edges bound to its agreement."""
+        return self.sign(
+            agreement_id=row.agreement_id,
+            edges=edges_by_agreement.get(row.agreement_id, []),
+            sha256=row.sha256,
+            sop_instance_uid=row.sop_instance_uid,
+            sop_class_uid=row.sop_class_uid,
+            study_uid=row.study_uid,
+            kind=row.kind,
+            version=row.version,
+        )
 
 
 class ResultVerifier:

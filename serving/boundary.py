@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 
 from radbridge.auth import Role, Verifier
 from radbridge.errors import AuthError, ForbiddenError
+from radbridge.http_errors import radbridge_error_handler
 from radbridge.metrics import CenterMetrics
-from serving.errors import radbridge_error_handler
 
 __all__ = ["OPEN_PATHS", "authenticate", "install"]
 

@@ -108,7 +108,8 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     client = _start_serve(schema, deadline)
     deployed_at = time.time()
     client.deploy_apps(schema)
-    _wait_running(config.app.name, deployed_at, deadline)
+    for name in config.apps:
+        _wait_running(name, deployed_at, deadline)
     scheme = "https" if tls is not None else "http"
     _wait_answers(f"{scheme}://{_loopback(c.host)}:{c.port}/healthz", deadline)
     log.info("center serving on %s://%s:%d", scheme, c.host, c.port)

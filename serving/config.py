@@ -30,6 +30,7 @@ from radbridge.errors import ConfigError, validation_problems
 __all__ = [
     "APP_IMPORT_PATH",
     "DEFAULT_SERVE_CONFIG",
+    "REVIEW_IMPORT_PATH",
     "ApiConfig",
     "AppArgs",
     "ModelPin",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 APP_IMPORT_PATH = "serving.app:build"
+# The reading room (review/app.py), deployed beside the center's app when the config lists it;
+# named by its import path only: serving does not import review.
+REVIEW_IMPORT_PATH = "review.app:build"
+_TAKES_SETTINGS = (APP_IMPORT_PATH, REVIEW_IMPORT_PATH)
 DEFAULT_SERVE_CONFIG = Path(__file__).with_name("serve.yaml")
 Provider = Literal["tensorrt", "cuda", "cpu"]
 
@@ -169,6 +174,7 @@ class ServeConfig:
                 f"{source}: applications: exactly one must have import_path {APP_IMPORT_PATH}"
             )
         self.app = apps[0]
+        self.apps = [a.name for a in self.schema.applications]
         i = self.schema.applications.index(self.app)
         where = f"{source}: applications[{i}]"
         self.args = _typed(AppArgs, self.app.args or {}, f"{where}.args")
@@ -213,7 +219,7 @@ class ServeConfig:
         if tls is not None:
             raw["http_options"].update(ssl_certfile=tls[0], ssl_keyfile=tls[1])
         for app in raw["applications"]:
-            if app.get("import_path") == APP_IMPORT_PATH and settings is not None:
+            if app.get("import_path") in _TAKES_SETTINGS and settings is not None:
                 app["args"] = {**(app.get("args") or {}), "settings": settings}
         from ray.serve.schema import ServeDeploySchema
 

@@ -31,7 +31,7 @@ from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest
 from radbridge.agreements import Priority, load_agreements
 from radbridge.audit import AuditTrail
-from radbridge.auth import Caller, Role, Verifier, load_trust
+from radbridge.auth import Caller, Role, Verifier, edges_by_agreement, load_trust
 from radbridge.contract import (
     AGREEMENT_HEADER,
     AGREEMENT_ID,
@@ -58,12 +58,12 @@ from radbridge.errors import (
     PolicyError,
     RadbridgeError,
 )
+from radbridge.http_errors import radbridge_error_handler
 from radbridge.metrics import CenterMetrics, safe_label
 from radbridge.settings import Settings
 from radbridge.signing import load_signer
 from serving import boundary, jobs, result_objects
 from serving.config import ApiConfig
-from serving.errors import radbridge_error_handler
 from serving.inference import Inference
 from serving.intake import receive_instances, stow_response
 from serving.scheduling import PriorityGate
@@ -190,10 +190,7 @@ class Api:
         trust = load_trust(settings.center_trust_file)
         self.verifier = Verifier(trust, max_failures=settings.center.auth_max_failures)
         self.signer = load_signer(settings.center_signing_key_file)
-        self._edges = {
-            a: sorted(e.id for e in trust.edges if a in e.agreements)
-            for a in {a for e in trust.edges for a in e.agreements}
-        }
+        self._edges = edges_by_agreement(trust)
         self.agreements = load_agreements(settings.agreements_file)
         self.db = Database(settings.center_db_url)
         self.audit = AuditTrail(self.db, "center")
@@ -475,16 +472,7 @@ class Api:
 
     def _sign(self, row: Any) -> str:
         """The center's signature of a result object row, for the edges of its agreement."""
-        return self.signer.sign(
-            agreement_id=row.agreement_id,
-            edges=self._edges.get(row.agreement_id, []),
-            sha256=row.sha256,
-            sop_instance_uid=row.sop_instance_uid,
-            sop_class_uid=row.sop_class_uid,
-            study_uid=row.study_uid,
-            kind=row.kind,
-            version=row.version,
-        )
+        return self.signer.sign_row(row, self._edges)
 
     def _caller(self, request: Request, *roles: Role) -> Caller:
         """The caller :func:`authenticate` established, if in one of ``roles`` (else 403)."""

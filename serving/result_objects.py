@@ -9,15 +9,13 @@ next version, which references its predecessor.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
-from collections.abc import Callable
-from io import BytesIO
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from dicom_io.result_store import Sign, record_objects, save_object
 from dicom_io.results import (
     AlgorithmInfo,
     Coded,
@@ -30,13 +28,18 @@ from dicom_io.store import DurableStore
 from models.manifest import ModelManifest
 from radbridge.contract import ResultObject
 from radbridge.db.engine import Database
-from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, ResultRow, StudyRow
+from radbridge.db.tables import (
+    InstanceRow,
+    JobRow,
+    ReadRow,
+    ResultObjectRow,
+    ResultRow,
+    StudyRow,
+    utcnow,
+)
 from radbridge.errors import NotFoundError
 from radbridge.lifecycle import JobState
 from serving.segmentation import SeriesSegmentation
-
-# Signs one result object row (radbridge.signing.ResultSigner, bound by the Api).
-Sign = Callable[[ResultObjectRow], str]
 
 __all__ = [
     "MANUFACTURER",
@@ -94,8 +97,8 @@ def build_for_job(
         ]
         algo = _algorithm(manifest)
         sr = classification_sr(sources, findings, algo, version=version, previous=prior)
-        made.append(_save(store, sr, "sr", agreement_id, study_uid, version, job_id))
-    return _record(db, made, sign)
+        made.append(save_object(store, sr, "sr", agreement_id, study_uid, version, job_id))
+    return record_objects(db, made, sign)
 
 
 def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
@@ -106,7 +109,8 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
             .where(
                 ResultObjectRow.agreement_id == agreement_id,
                 ResultObjectRow.id > after,
-                JobRow.state == JobState.DONE,  # never half a job's objects
+                # never half a job's objects; a signed report stands even when the AI failed
+                or_(JobRow.state == JobState.DONE, ResultObjectRow.kind == "report"),
             )
             .order_by(ResultObjectRow.id)
             .limit(limit)
@@ -135,6 +139,17 @@ def object_path(db: Database, object_id: int, agreements: frozenset[str] | None 
         row = s.get(ResultObjectRow, object_id)
         if row is None or (agreements is not None and row.agreement_id not in agreements):
             raise NotFoundError("unknown result object")
+        if row.kind == "report":  # the read's "sent" clock: the edge has taken the report
+            study_id = select(JobRow.study_id).where(JobRow.id == row.job_id).scalar_subquery()
+            s.execute(
+                update(ReadRow)
+                .where(
+                    ReadRow.study_id == study_id,
+                    ReadRow.final_at.is_not(None),
+                    ReadRow.sent_at.is_(None),
+                )
+                .values(sent_at=utcnow())
+            )
         return row.path
 
 
@@ -184,38 +199,6 @@ def _finding(sop_instance_uid: str, f: dict[str, object]) -> ImageFinding:
     )
 
 
-def _save(
-    store: DurableStore,
-    ds: pydicom.Dataset,
-    kind: str,
-    agreement_id: str,
-    study_uid: str,
-    version: int,
-    job_id: int,
-) -> ResultObjectRow:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
-    sop = str(ds.SOPInstanceUID)
-    stored = store.write(
-        f"results/{agreement_id}/{study_uid}/v{version}/{sop}.dcm", data, sha256=digest
-    )
-    return ResultObjectRow(
-        agreement_id=agreement_id,
-        job_id=job_id,
-        study_uid=study_uid,
-        version=version,
-        kind=kind,
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=sop,
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        path=stored.relpath,
-        size=stored.size,
-        sha256=digest,
-    )
-
-
 def save_segmentation_objects(
     db: Database,
     store: DurableStore,
@@ -250,8 +233,8 @@ def save_segmentation_objects(
             seg.sources, seg.mask, nodules, algo, version=version, previous_sr=prior
         )
         made = [
-            _save(store, seg_ds, "seg", agreement_id, study_uid, version, job_id),
-            _save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id),
+            save_object(store, seg_ds, "seg", agreement_id, study_uid, version, job_id),
+            save_object(store, sr_ds, "sr", agreement_id, study_uid, version, job_id),
         ]
     else:
         # Nothing to segment, but the hospital still gets the (negative) result: a TID 1500
@@ -270,15 +253,5 @@ def save_segmentation_objects(
             },
         )
         sr_ds = classification_sr([middle], [absent], algo, version=version, previous=prior)
-        made = [_save(store, sr_ds, "sr", agreement_id, study_uid, version, job_id)]
-    return _record(db, made, sign)
-
-
-def _record(db: Database, made: list[ResultObjectRow], sign: Sign | None) -> list[int]:
-    """Index the written objects, each with the center's signature (``sign``) when given."""
-    for row in made:
-        row.signature = sign(row) if sign is not None else None
-    with db.session() as s:
-        s.add_all(made)
-        s.flush()
-        return [m.id for m in made]
+        made = [save_object(store, sr_ds, "sr", agreement_id, study_uid, version, job_id)]
+    return record_objects(db, made, sign)

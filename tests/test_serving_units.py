@@ -7,8 +7,8 @@ import pytest
 
 from models.manifest import ModelManifest
 from radbridge.errors import DatasetError, NotFoundError, PolicyError, RadbridgeError
+from radbridge.http_errors import http_status_for
 from radbridge.metrics import batch_bucket, safe_label
-from serving.errors import http_status_for
 from serving.postprocess import findings_from_logits
 from serving.providers import gpu_present, resolve_providers
 from serving.routing import route

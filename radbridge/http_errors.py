@@ -1,4 +1,4 @@
-"""The one table from radbridge errors to HTTP answers of the center."""
+"""The one table from radbridge errors to HTTP answers (the center's Api and its reading room)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ state-changing request must come from this origin (its Origin header, when sent,
 The Content-Security-Policy lets the page talk to its own origin only.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": Serve's class-based ingress re-reads the handlers'
+# signatures, and FastAPI must see real types (Request, not the string "Request"). Helpers live
+# in the imported modules, not here: Serve ships this class to its replicas by value.
 import asyncio
 import logging
 import time
@@ -42,7 +43,7 @@ from radbridge.http_errors import radbridge_error_handler
 from radbridge.settings import Settings
 from radbridge.signing import load_signer
 from review import dicomweb, reports, worklist
-from review.i18n import LANG_TAGS, messages, plural, template_for
+from review.i18n import LANG_TAGS, messages, plural, template_for, template_json
 from review.metrics import ReviewMetrics
 from review.readers import Reader, check_password
 from review.sessions import ABSOLUTE, COOKIE, end_session, resolve_session, start_session
@@ -57,8 +58,12 @@ room.add_exception_handler(RadbridgeError, radbridge_error_handler)
 _STATIC = resources.files("review").joinpath("static")
 room.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
+# 'unsafe-eval': the SEG overlay's ndarray (inside dcmjs / Cornerstone's adapters) compiles
+# functions with new Function; 'wasm-unsafe-eval': the image codecs are WebAssembly. Nothing
+# may be fetched from another origin (connect-src, script-src, img-src, font-src 'self').
 _CSP = (
-    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+    "default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval'; "
+    "worker-src 'self' blob:; "
     "img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; font-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
@@ -250,7 +255,7 @@ class ReadingRoom:
             study_uid=detail["study_uid"],
             details={"reader": reader.observer_id, "destination": "reading-room"},
         )
-        detail["template"] = _template(template_for(detail["modality"]), reader.locale)
+        detail["template"] = template_json(template_for(detail["modality"]), reader.locale)
         return detail
 
     @room.put("/api/studies/{study_id}/report")
@@ -329,7 +334,7 @@ class ReadingRoom:
             patient_id=PatientID,
             includefield=includefield,
         )
-        return _dicom_json(found)
+        return dicomweb.json_response(found)
 
     @room.get("/dicomweb/studies/{study}/series")
     async def qido_series(
@@ -342,7 +347,7 @@ class ReadingRoom:
         found = await asyncio.to_thread(
             dicomweb.search_series, self.db, self.store, self._visible(reader), study, includefield
         )
-        return _dicom_json(found)
+        return dicomweb.json_response(found)
 
     @room.get("/dicomweb/studies/{study}/series/{series}/instances")
     async def qido_instances(
@@ -354,19 +359,23 @@ class ReadingRoom:
     ) -> Response:
         located = await self._locate(request, study, series)
         found = await asyncio.to_thread(dicomweb.instances, self.store, located, includefield)
-        return _dicom_json(found)
+        return dicomweb.json_response(found)
 
     @room.get("/dicomweb/studies/{study}/metadata")
     async def study_metadata(self, request: Request, study: str = Path(pattern=UID)) -> Response:
         located = await self._locate(request, study)
-        return _dicom_json(await asyncio.to_thread(dicomweb.metadata, self.store, located))
+        return dicomweb.json_response(
+            await asyncio.to_thread(dicomweb.metadata, self.store, located)
+        )
 
     @room.get("/dicomweb/studies/{study}/series/{series}/metadata")
     async def series_metadata(
         self, request: Request, study: str = Path(pattern=UID), series: str = Path(pattern=UID)
     ) -> Response:
         located = await self._locate(request, study, series)
-        return _dicom_json(await asyncio.to_thread(dicomweb.metadata, self.store, located))
+        return dicomweb.json_response(
+            await asyncio.to_thread(dicomweb.metadata, self.store, located)
+        )
 
     @room.get("/dicomweb/studies/{study}/series/{series}/instances/{sop}")
     async def retrieve_instance(
@@ -433,27 +442,3 @@ class ReadingRoom:
             raise ForbiddenError(f"a {caller.role.value} may not use this route")
         body = await asyncio.to_thread(generate_latest, self.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-
-def _dicom_json(found: list[dict[str, Any]]) -> Response:
-    if not found:
-        return Response(status_code=204)
-    import json
-
-    return Response(json.dumps(found), media_type="application/dicom+json")
-
-
-def _template(template: Any, locale: str) -> dict[str, Any]:
-    return {
-        "key": template.key,
-        "title": template.title[locale],
-        "findings": [
-            {
-                "scheme": f.scheme,
-                "code": f.code,
-                "term": f.terms[locale],
-                "critical": f.critical,
-            }
-            for f in template.findings
-        ],
-    }

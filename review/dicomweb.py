@@ -13,11 +13,13 @@ one decoder in the browser, and the stored bytes are decoded here by pydicom's h
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pydicom
+from fastapi import Response
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from sqlalchemy import select
@@ -32,6 +34,7 @@ __all__ = [
     "Located",
     "frame_bytes",
     "instances",
+    "json_response",
     "locate",
     "metadata",
     "multipart",
@@ -325,3 +328,10 @@ def multipart(parts: list[bytes], media_type: str, extra: str = "") -> tuple[byt
     chunks.append(f"--{boundary}--\r\n".encode("ascii"))
     ctype = f'multipart/related; type="{media_type}"; boundary={boundary}'
     return b"".join(chunks), ctype
+
+
+def json_response(found: list[dict[str, Any]]) -> Response:
+    """A QIDO-RS / metadata answer: DICOM JSON, or 204 when nothing matched."""
+    if not found:
+        return Response(status_code=204)
+    return Response(json.dumps(found), media_type="application/dicom+json")

@@ -26,6 +26,7 @@ __all__ = [
     "messages",
     "plural",
     "template_for",
+    "template_json",
     "templates",
     "term",
 ]
@@ -120,3 +121,15 @@ def plural(lang: str, key: str, n: int) -> str:
     forms = messages(lang)[key]
     form = Locale.parse(lang).plural_form(n)
     return str(forms.get(form, forms["other"])).format(n=n)
+
+
+def template_json(template: Template, locale: str) -> dict[str, Any]:
+    """The exam's template as the reading room shows it, in ``locale``."""
+    return {
+        "key": template.key,
+        "title": template.title[locale],
+        "findings": [
+            {"scheme": f.scheme, "code": f.code, "term": f.terms[locale], "critical": f.critical}
+            for f in template.findings
+        ],
+    }

@@ -93,6 +93,7 @@ def study_detail(
             "report_languages": agreement.report_languages,
             "ai_state": job.state if job else None,
             "seg_sop_instance_uid": seg.sop_instance_uid if seg else None,
+            "seg_series_instance_uid": seg.series_instance_uid if seg else None,
             "clocks": {
                 k: (getattr(read, k).isoformat() if read and getattr(read, k) else None)
                 for k in ("opened_at", "preliminary_at", "final_at", "sent_at")

@@ -242,6 +242,7 @@ async function mountViewer() {
       seriesInstanceUID: series.series_uid,
       markers: study.markers.filter((m) => m.series_uid === series.series_uid),
       segSopInstanceUID: study.seg_sop_instance_uid,
+      segSeriesInstanceUID: study.seg_series_instance_uid,
     });
   } catch (err) {
     el.textContent = `viewer unavailable: ${err}`;

@@ -36,7 +36,6 @@ from radbridge.agreements import load_agreements
 from radbridge.audit import AuditTrail
 from radbridge.auth import Role, Verifier, edges_by_agreement, load_trust
 from radbridge.contract import UID
-from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.errors import AuthError, ConfigError, ForbiddenError, RadbridgeError
 from radbridge.http_errors import radbridge_error_handler
@@ -102,8 +101,9 @@ class ReadingRoom:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.agreements = load_agreements(settings.agreements_file)
+        # The center's Api syncs the agreements table (and audits each change) at its start;
+        # syncing here too would take those changes first and leave them unaudited.
         self.db = Database(settings.center_db_url)
-        sync_agreements(self.db, self.agreements)
         self.audit = AuditTrail(self.db, "center")
         self.store = DurableStore(settings.center_store)
         trust = load_trust(settings.center_trust_file)

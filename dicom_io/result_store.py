@@ -13,12 +13,13 @@ from collections.abc import Callable
 from io import BytesIO
 
 import pydicom
+from sqlalchemy.orm import Session
 
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
 from radbridge.db.tables import ResultObjectRow
 
-__all__ = ["Sign", "record_objects", "save_object"]
+__all__ = ["Sign", "add_objects", "record_objects", "save_object"]
 
 # Signs one result object row (radbridge.signing.ResultSigner.sign_row, bound by the caller).
 Sign = Callable[[ResultObjectRow], str]
@@ -58,9 +59,15 @@ def save_object(
 
 def record_objects(db: Database, made: list[ResultObjectRow], sign: Sign | None) -> list[int]:
     """Index the written objects, each with the center's signature (``sign``) when given."""
+    with db.session() as s:
+        return add_objects(s, made, sign)
+
+
+def add_objects(s: Session, made: list[ResultObjectRow], sign: Sign | None) -> list[int]:
+    """:func:`record_objects` inside the caller's transaction (so the objects appear together
+    with whatever else that transaction commits, or not at all)."""
     for row in made:
         row.signature = sign(row) if sign is not None else None
-    with db.session() as s:
-        s.add_all(made)
-        s.flush()
-        return [m.id for m in made]
+    s.add_all(made)
+    s.flush()
+    return [m.id for m in made]

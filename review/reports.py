@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import pydicom
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicom_io.report_sr import AIAssessment, ReportFinding, ReportSpec, report_sr
-from dicom_io.result_store import Sign, record_objects, save_object
+from dicom_io.result_store import Sign, add_objects, save_object
 from dicom_io.results import Coded
 from dicom_io.store import DurableStore
 from radbridge.agreements import AgreementSet
@@ -343,20 +343,27 @@ def sign_report(
         )
         sr = report_sr(sources, spec, ai_results=ai_srs, previous=previous_by_lang.get(tag))
         made.append(save_object(store, sr, "report", agreement_id, study_uid, version, job_id))
-    ids = record_objects(db, made, sign)
-    signed_ids = {
-        LANG_TAGS[lang]: i for lang, i in zip(agreement.report_languages, ids, strict=True)
-    }
     status = "final" if final else "preliminary"
     first_final = False
     with db.session() as s:
+        # One transaction: the version's status (a compare-and-swap, so two signatures of
+        # the same version cannot both pass), its objects for the edge, and the read's clocks.
+        taken = s.execute(
+            update(ReportRow)
+            .where(ReportRow.id == row.id, ReportRow.status != "final")
+            .values(status=status, signed_at=now)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            raise PolicyError("this version was signed final meanwhile")
+        ids = add_objects(s, made, sign)
+        signed_ids = {
+            LANG_TAGS[lang]: i for lang, i in zip(agreement.report_languages, ids, strict=True)
+        }
         report = s.get(ReportRow, row.id)
         assert report is not None
-        if report.status == "final":
-            raise PolicyError("this version was signed final meanwhile")
         stored = dict(report.content)
         stored["signed_objects"] = {**stored.get("signed_objects", {}), status: signed_ids}
-        report.content, report.status, report.signed_at = stored, status, now
+        report.content = stored
         read = s.scalar(select(ReadRow).where(ReadRow.study_id == study_id))
         assert read is not None
         if final and read.final_at is None:

@@ -401,9 +401,7 @@ class ReadingRoom:
     ) -> Response:
         located = await self._locate(request, study, series, sop)
         numbers = [int(n) for n in frames.split(",")]
-        parts = await asyncio.to_thread(
-            lambda: [dicomweb.frame_bytes(self.store, located[0], n) for n in numbers]
-        )
+        parts = await asyncio.to_thread(dicomweb.frame_bytes, self.store, located[0], numbers)
         body, ctype = dicomweb.multipart(
             parts, "application/octet-stream", f"; transfer-syntax={dicomweb.EXPLICIT_LE}"
         )

@@ -277,15 +277,20 @@ def _pixels(store: DurableStore, obj: Located) -> tuple[Dataset, np.ndarray]:
     return ds, arr
 
 
-def frame_bytes(store: DurableStore, obj: Located, number: int) -> bytes:
-    """Frame ``number`` (from 1) as uncompressed little-endian bytes."""
+def frame_bytes(store: DurableStore, obj: Located, numbers: list[int]) -> list[bytes]:
+    """Frames ``numbers`` (from 1) as uncompressed little-endian bytes; the instance is read
+    and decoded once for all of them."""
     ds, arr = _pixels(store, obj)
-    if not 1 <= number <= len(arr):
-        raise NotFoundError(f"frame {number}: the instance has {len(arr)}")
-    frame = arr[number - 1]
-    if int(ds.get("BitsAllocated", 16)) == 1:
-        return np.packbits(frame.astype(np.uint8).ravel(), bitorder="little").tobytes()
-    return np.ascontiguousarray(frame).astype(frame.dtype.newbyteorder("<")).tobytes()
+    out = []
+    for number in numbers:
+        if not 1 <= number <= len(arr):
+            raise NotFoundError(f"frame {number}: the instance has {len(arr)}")
+        frame = arr[number - 1]
+        if int(ds.get("BitsAllocated", 16)) == 1:
+            out.append(np.packbits(frame.astype(np.uint8).ravel(), bitorder="little").tobytes())
+        else:
+            out.append(np.ascontiguousarray(frame).astype(frame.dtype.newbyteorder("<")).tobytes())
+    return out
 
 
 def rendered_png(store: DurableStore, obj: Located, number: int) -> bytes:

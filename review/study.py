@@ -120,16 +120,15 @@ def study_detail(
         for uid, e in by_series.items()
     }
     patient = str(next(iter(headers.values())).get("PatientID", "")) if headers else ""
-    markers = []
-    for findings in nodule_rows:
-        for n in (findings or {}).get("nodules", []):
-            marker = _marker(store, by_series, n)
-            if marker:
-                markers.append(marker)
+    nodules = [n for f in nodule_rows for n in (f or {}).get("nodules", [])]
+    slices = _slices(store, by_series) if nodules else []  # each header read once
+    markers = [m for m in (_marker(slices, n) for n in nodules) if m]
     priors: dict[int, dict[str, Any]] = {}
+    seen: set[int] = set()
     for sid, uid, first, modality, path in others:
-        if sid in priors or len(priors) >= _MAX_PRIORS:
+        if sid in seen or len(priors) >= _MAX_PRIORS:
             continue
+        seen.add(sid)  # one header per study tells its patient
         ds = pydicom.dcmread(store.path(path), stop_before_pixels=True)
         if patient and str(ds.get("PatientID", "")) == patient:
             priors[sid] = {
@@ -151,26 +150,30 @@ def study_detail(
     return info
 
 
-def _marker(
-    store: DurableStore, by_series: dict[str, dict[str, Any]], nodule: dict[str, Any]
-) -> dict[str, Any] | None:
-    """A nodule's centre (patient mm) as the slice and pixel it falls on, for the viewer."""
-    centre = np.asarray(nodule.get("centre_mm", []), dtype=float)
-    if centre.shape != (3,):
-        return None
-    best: tuple[float, Any, str] | None = None
+def _slices(store: DurableStore, by_series: dict[str, dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(series UID, header) of every slice with a position and orientation."""
+    out = []
     for uid, entry in by_series.items():
         for path in entry["paths"]:
             ds = pydicom.dcmread(store.path(path), stop_before_pixels=True)
             if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
                 break
-            iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-            normal = np.cross(iop[:3], iop[3:])
-            distance = abs(
-                float(np.dot(normal, centre - np.asarray(ds.ImagePositionPatient, float)))
-            )
-            if best is None or distance < best[0]:
-                best = (distance, ds, uid)
+            out.append((uid, ds))
+    return out
+
+
+def _marker(slices: list[tuple[str, Any]], nodule: dict[str, Any]) -> dict[str, Any] | None:
+    """A nodule's centre (patient mm) as the slice and pixel it falls on, for the viewer."""
+    centre = np.asarray(nodule.get("centre_mm", []), dtype=float)
+    if centre.shape != (3,):
+        return None
+    best: tuple[float, Any, str] | None = None
+    for uid, ds in slices:
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        distance = abs(float(np.dot(normal, centre - np.asarray(ds.ImagePositionPatient, float))))
+        if best is None or distance < best[0]:
+            best = (distance, ds, uid)
     if best is None:
         return None
     _, ds, uid = best

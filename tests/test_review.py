@@ -225,7 +225,7 @@ def test_dicomweb_is_scoped_to_the_readers_agreements(room, agreements) -> None:
         s["0020000E"]["Value"][0] for s in series if s["00080060"]["Value"][0] != "SR"
     )
     located = dicomweb.locate(db, visible, uid, series_uid)
-    frame = dicomweb.frame_bytes(store, located[0], 1)
+    [frame] = dicomweb.frame_bytes(store, located[0], [1])
     ds = pydicom.dcmread(store.path(located[0].path))
     assert len(frame) == ds.Rows * ds.Columns * ds.BitsAllocated // 8
     meta = dicomweb.metadata(store, located)
@@ -248,3 +248,22 @@ def test_interface_strings_and_plurals() -> None:
     assert set(messages("en")) == set(messages("ru")) == set(messages("zh"))
     for t in templates().values():
         assert all(f.terms["ru"] and f.terms["zh"] for f in t.findings)
+
+
+def test_a_nodule_marker_falls_on_its_slice_and_pixel() -> None:
+    from review.study import _marker
+    from tests.test_results import _ct_series
+
+    series = _ct_series()
+    target = series[3]
+    iop = [float(v) for v in target.ImageOrientationPatient]
+    row_mm, col_mm = (float(v) for v in target.PixelSpacing)
+    centre = [
+        float(target.ImagePositionPatient[i]) + 10 * col_mm * iop[i] + 20 * row_mm * iop[3 + i]
+        for i in range(3)
+    ]
+    marker = _marker([("1.2.3", ds) for ds in series], {"centre_mm": centre, "diameter_mm": 6})
+    assert marker is not None
+    assert marker["sopInstanceUID"] == str(target.SOPInstanceUID)
+    assert (marker["x"], marker["y"]) == (10.0, 20.0)
+    assert _marker([], {"centre_mm": centre}) is None

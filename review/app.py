@@ -66,12 +66,26 @@ _CSP = (
     "img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; font-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
+_MAX_BODY = 256 * 1024
 _LOGIN_FAILURES = 5
 _LOCKOUT_S = 300.0
 
 
 @room.middleware("http")
 async def _security_headers(request: Request, call_next: Any) -> Response:
+    # Bodies are small JSON (a report is a few KiB): refuse a large or unsized one before
+    # anything reads it into memory.
+    if request.method in ("POST", "PUT", "PATCH"):
+        declared = request.headers.get("content-length")
+        if declared is None and "chunked" in request.headers.get("transfer-encoding", ""):
+            return JSONResponse(
+                {"error": "DatasetError", "detail": "send a Content-Length"}, status_code=411
+            )
+        if declared is not None and (not declared.isdigit() or int(declared) > _MAX_BODY):
+            return JSONResponse(
+                {"error": "DatasetError", "detail": f"request body over {_MAX_BODY} bytes"},
+                status_code=413,
+            )
     response: Response = await call_next(request)
     response.headers.setdefault("Content-Security-Policy", _CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -14,12 +14,10 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-import yaml
 
 from models.phantom_dicom import write_cxr_study
 from radbridge.contract import tls_verify
-from tests.conftest import REPO, free_port
-from tests.e2e.stack import BIN, running_stack, stack_report
+from tests.e2e.stack import BIN, stack_report, stack_with_pacs
 from tests.e2e.test_results_to_pacs import _wait_for_sr
 from tests.peers import OrthancPeer
 
@@ -28,132 +26,108 @@ PASSWORD = "a reader's long password"
 
 
 def test_reader_signs_and_the_report_reaches_the_pacs(tmp_path: Path) -> None:
-    ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
-    with OrthancPeer(
-        modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", ports["edge"])},
-        workdir=tmp_path / "orthanc",
-    ) as pacs:
-        raw = yaml.safe_load((REPO / "radbridge/defaults/agreements.yaml").read_text())
-        raw["agreements"][0]["hospital"]["return_destination"] = {
-            "ae_title": pacs.aet,
-            "host": "127.0.0.1",
-            "port": pacs.dicom_port,
-        }
-        agreements = tmp_path / "agreements.yaml"
-        agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
-        data = tmp_path / "stack"
-        data.mkdir()
-        with running_stack(
-            data,
-            ports,
-            RADBRIDGE_AGREEMENTS_FILE=str(agreements),
-            RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
-        ) as stack:
-            files = write_cxr_study(
-                tmp_path / "study",
-                seed=78,
-                findings={"cardiomegaly"},
-                patient_name="Li^Na=李^娜",
-                patient_id="PACS-42",
-                birth_date="19700101",
-                n_images=1,
-                accession="ACC-8001",
-            )
-            ids = [pacs.upload(f) for f in files]
-            study = pacs.study_of(ids[0])
-            pacs.send_study_to("radbridge", study)
-            _wait_for_sr(pacs, study, stack)  # the AI result is home: the job has ended
+    with stack_with_pacs(tmp_path) as (pacs, stack):
+        files = write_cxr_study(
+            tmp_path / "study",
+            seed=78,
+            findings={"cardiomegaly"},
+            patient_name="Li^Na=李^娜",
+            patient_id="PACS-42",
+            birth_date="19700101",
+            n_images=1,
+            accession="ACC-8001",
+        )
+        ids = [pacs.upload(f) for f in files]
+        study = pacs.study_of(ids[0])
+        pacs.send_study_to("radbridge", study)
+        _wait_for_sr(pacs, study, stack)  # the AI result is home: the job has ended
 
-            added = subprocess.run(
-                [
-                    str(BIN / "radbridge"),
-                    "readers",
-                    "add",
-                    "ivanova",
-                    "--observer-id",
-                    "RB-0007",
-                    "--password-stdin",
-                ],
-                input=PASSWORD + "\n",
-                env=stack["env"],
-                cwd=data,
-                capture_output=True,
-                text=True,
-                timeout=120,
+        added = subprocess.run(
+            [
+                str(BIN / "radbridge"),
+                "readers",
+                "add",
+                "ivanova",
+                "--observer-id",
+                "RB-0007",
+                "--password-stdin",
+            ],
+            input=PASSWORD + "\n",
+            env=stack["env"],
+            cwd=stack["data"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert added.returncode == 0, added.stdout + added.stderr
+        base = f"{stack['base']}/read"
+        with httpx.Client(verify=tls_verify(stack["ca"]), timeout=30) as reader:
+            r = reader.get(f"{base}/api/worklist")
+            assert r.status_code == 401, r.text
+            assert reader.get(f"{base}/dicomweb/studies").status_code == 401
+            r = reader.post(f"{base}/api/login", json={"username": "ivanova", "password": PASSWORD})
+            assert r.status_code == 204, r.text
+            cookie = r.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
+            page = reader.get(f"{base}/")
+            assert (
+                page.status_code == 200
+                and "connect-src 'self'" in page.headers["content-security-policy"]
             )
-            assert added.returncode == 0, added.stdout + added.stderr
-            base = f"{stack['base']}/read"
-            with httpx.Client(verify=tls_verify(stack["ca"]), timeout=30) as reader:
-                r = reader.get(f"{base}/api/worklist")
-                assert r.status_code == 401, r.text
-                assert reader.get(f"{base}/dicomweb/studies").status_code == 401
-                r = reader.post(
-                    f"{base}/api/login", json={"username": "ivanova", "password": PASSWORD}
+            rows = reader.get(f"{base}/api/worklist").json()["rows"]
+            assert (
+                len(rows) == 1
+                and rows[0]["ai_positive"]
+                and rows[0]["modality"]
+                in (
+                    "CR",
+                    "DX",
                 )
-                assert r.status_code == 204, r.text
-                cookie = r.headers["set-cookie"].lower()
-                assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
-                page = reader.get(f"{base}/")
-                assert (
-                    page.status_code == 200
-                    and "connect-src 'self'" in page.headers["content-security-policy"]
-                )
-                rows = reader.get(f"{base}/api/worklist").json()["rows"]
-                assert (
-                    len(rows) == 1
-                    and rows[0]["ai_positive"]
-                    and rows[0]["modality"]
-                    in (
-                        "CR",
-                        "DX",
-                    )
-                )
-                sid = rows[0]["study_id"]
-                assert reader.post(f"{base}/api/studies/{sid}/claim").status_code == 200
-                detail = reader.get(f"{base}/api/studies/{sid}").json()
-                uid, series = detail["study_uid"], detail["series"][0]["series_uid"]
-                instances = reader.get(
-                    f"{base}/dicomweb/studies/{uid}/series/{series}/instances"
-                ).json()
-                sop = instances[0]["00080018"]["Value"][0]
-                frame = reader.get(
-                    f"{base}/dicomweb/studies/{uid}/series/{series}/instances/{sop}/frames/1"
-                )
-                assert frame.status_code == 200
-                assert frame.headers["content-type"].startswith("multipart/related")
-                decisions = {f["key"]: {"decision": "accepted"} for f in detail["ai_findings"]}
-                body = {
-                    "decisions": decisions,
-                    "impression": "Кардиомегалия. Рекомендована консультация кардиолога.",
-                    "impression_language": "ru",
-                }
-                r = reader.put(f"{base}/api/studies/{sid}/report", json=body)
-                assert r.status_code == 200, r.text
-                r = reader.post(f"{base}/api/studies/{sid}/sign", params={"status": "final"})
-                assert r.status_code == 200, r.text
-                assert reader.get(f"{base}/api/worklist").json()["rows"] == []
-                metrics = reader.get(f"{base}/metrics", headers=stack["operator"]).text
-                assert "radbridge_review_turnaround_seconds_count" in metrics
-                assert reader.get(f"{base}/metrics").status_code == 401
+            )
+            sid = rows[0]["study_id"]
+            assert reader.post(f"{base}/api/studies/{sid}/claim").status_code == 200
+            detail = reader.get(f"{base}/api/studies/{sid}").json()
+            uid, series = detail["study_uid"], detail["series"][0]["series_uid"]
+            instances = reader.get(
+                f"{base}/dicomweb/studies/{uid}/series/{series}/instances"
+            ).json()
+            sop = instances[0]["00080018"]["Value"][0]
+            frame = reader.get(
+                f"{base}/dicomweb/studies/{uid}/series/{series}/instances/{sop}/frames/1"
+            )
+            assert frame.status_code == 200
+            assert frame.headers["content-type"].startswith("multipart/related")
+            decisions = {f["key"]: {"decision": "accepted"} for f in detail["ai_findings"]}
+            body = {
+                "decisions": decisions,
+                "impression": "Кардиомегалия. Рекомендована консультация кардиолога.",
+                "impression_language": "ru",
+            }
+            r = reader.put(f"{base}/api/studies/{sid}/report", json=body)
+            assert r.status_code == 200, r.text
+            r = reader.post(f"{base}/api/studies/{sid}/sign", params={"status": "final"})
+            assert r.status_code == 200, r.text
+            assert reader.get(f"{base}/api/worklist").json()["rows"] == []
+            metrics = reader.get(f"{base}/metrics", headers=stack["operator"]).text
+            assert "radbridge_review_turnaround_seconds_count" in metrics
+            assert reader.get(f"{base}/metrics").status_code == 401
 
-            reports = _wait_for_reports(pacs, study, 3, stack)
-            languages = set()
-            for sr in reports:
-                assert str(sr.PatientID) == "PACS-42" and str(sr.AccessionNumber) == "ACC-8001"
-                assert (sr.VerificationFlag, sr.PreliminaryFlag) == ("VERIFIED", "FINAL")
-                assert sr.VerifyingObserverSequence[0].VerifyingObserverName.family_name == (
-                    "RB-0007"
-                )
-                assert "PatientIdentityRemoved" not in sr
-                texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
-                assert any(t.startswith("Кардиомегалия.") for t in texts)
-                languages |= {
-                    str(e.value)
-                    for e in sr.iterall()
-                    if e.keyword == "CodeValue" and str(e.value) in ("ru", "zh-Hans", "en")
-                }
-            assert languages == {"ru", "zh-Hans", "en"}
-            print(stack_report(data, 5))
+        reports = _wait_for_reports(pacs, study, 3, stack)
+        languages = set()
+        for sr in reports:
+            assert str(sr.PatientID) == "PACS-42" and str(sr.AccessionNumber) == "ACC-8001"
+            assert (sr.VerificationFlag, sr.PreliminaryFlag) == ("VERIFIED", "FINAL")
+            assert sr.VerifyingObserverSequence[0].VerifyingObserverName.family_name == ("RB-0007")
+            assert "PatientIdentityRemoved" not in sr
+            texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+            assert any(t.startswith("Кардиомегалия.") for t in texts)
+            languages |= {
+                str(e.value)
+                for e in sr.iterall()
+                if e.keyword == "CodeValue" and str(e.value) in ("ru", "zh-Hans", "en")
+            }
+        assert languages == {"ru", "zh-Hans", "en"}
+        print(stack_report(Path(str(stack["data"])), 5))
 
 
 def _wait_for_reports(

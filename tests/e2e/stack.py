@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import select
 
 from dicom_io.identity_map import lookup_pseudonym
@@ -23,6 +24,7 @@ from radbridge.db import Database
 from radbridge.db.tables import StudyRow
 from radbridge.lifecycle import EdgeStudyState
 from tests.conftest import REPO, free_port
+from tests.peers import OrthancPeer
 
 AGREEMENT = "demo-hospital-to-center"
 
@@ -186,3 +188,31 @@ def running_stack(
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def stack_with_pacs(tmp_path: Path) -> Iterator[tuple[OrthancPeer, dict[str, object]]]:
+    """Orthanc as the hospital PACS, and `radbridge up` (data in ``tmp_path/stack``) whose demo
+    agreement returns its results to that Orthanc; the edge polls for results every second."""
+    ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
+    with OrthancPeer(
+        modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", ports["edge"])},
+        workdir=tmp_path / "orthanc",
+    ) as pacs:
+        raw = yaml.safe_load((REPO / "radbridge/defaults/agreements.yaml").read_text())
+        raw["agreements"][0]["hospital"]["return_destination"] = {
+            "ae_title": pacs.aet,
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+        }
+        agreements = tmp_path / "agreements.yaml"
+        agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        data = tmp_path / "stack"
+        data.mkdir()
+        with running_stack(
+            data,
+            ports,
+            RADBRIDGE_AGREEMENTS_FILE=str(agreements),
+            RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
+        ) as stack:
+            yield pacs, stack

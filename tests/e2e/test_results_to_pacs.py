@@ -22,8 +22,7 @@ import yaml
 from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
 from models.phantom_dicom import write_cxr_study
-from tests.conftest import REPO, free_port
-from tests.e2e.stack import running_stack, stack_report
+from tests.e2e.stack import stack_report, stack_with_pacs
 from tests.peers import OrthancPeer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -31,102 +30,78 @@ PATIENT = {"name": "Wang^Xiuying=王^秀英", "id": "PACS-88-1203", "birth": "19
 
 
 def test_orthanc_sends_a_study_and_receives_the_sr(tmp_path: Path) -> None:
-    ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
-    with OrthancPeer(
-        modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", ports["edge"])},
-        workdir=tmp_path / "orthanc",
-    ) as pacs:
-        raw = yaml.safe_load((REPO / "radbridge/defaults/agreements.yaml").read_text())
-        raw["agreements"][0]["hospital"]["return_destination"] = {
-            "ae_title": pacs.aet,
-            "host": "127.0.0.1",
-            "port": pacs.dicom_port,
-        }
-        agreements = tmp_path / "agreements.yaml"
-        agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
-        data = tmp_path / "stack"
-        data.mkdir()
-        with running_stack(
-            data,
-            ports,
-            RADBRIDGE_AGREEMENTS_FILE=str(agreements),
-            RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
-        ) as stack:
-            files = write_cxr_study(
-                tmp_path / "study",
-                seed=77,
-                findings={"cardiomegaly"},
-                patient_name=PATIENT["name"],
-                patient_id=PATIENT["id"],
-                birth_date=PATIENT["birth"],
-                n_images=2,
-                accession="ACC-7001",
-            )
-            originals = [pydicom.dcmread(f) for f in files]
-            ids = [pacs.upload(f) for f in files]
-            study = pacs.study_of(ids[0])
-            pacs.send_study_to("radbridge", study)
-            # And a chest CT with one nodule: it comes back as a SEG plus its SR.
-            phantom = chest_ct(np.random.default_rng([20261123, 7]), n_nodules=1)
-            ct_files = write_ct_series(
-                tmp_path / "ct",
-                phantom,
-                seed=8,
-                patient_name=PATIENT["name"],
-                patient_id=PATIENT["id"],
-                birth_date=PATIENT["birth"],
-                accession="ACC-7002",
-            )
-            ct_ids = [pacs.upload(f) for f in ct_files]
-            ct_study = pacs.study_of(ct_ids[0])
-            pacs.send_study_to("radbridge", ct_study)
+    with stack_with_pacs(tmp_path) as (pacs, stack):
+        files = write_cxr_study(
+            tmp_path / "study",
+            seed=77,
+            findings={"cardiomegaly"},
+            patient_name=PATIENT["name"],
+            patient_id=PATIENT["id"],
+            birth_date=PATIENT["birth"],
+            n_images=2,
+            accession="ACC-7001",
+        )
+        originals = [pydicom.dcmread(f) for f in files]
+        ids = [pacs.upload(f) for f in files]
+        study = pacs.study_of(ids[0])
+        pacs.send_study_to("radbridge", study)
+        # And a chest CT with one nodule: it comes back as a SEG plus its SR.
+        phantom = chest_ct(np.random.default_rng([20261123, 7]), n_nodules=1)
+        ct_files = write_ct_series(
+            tmp_path / "ct",
+            phantom,
+            seed=8,
+            patient_name=PATIENT["name"],
+            patient_id=PATIENT["id"],
+            birth_date=PATIENT["birth"],
+            accession="ACC-7002",
+        )
+        ct_ids = [pacs.upload(f) for f in ct_files]
+        ct_study = pacs.study_of(ct_ids[0])
+        pacs.send_study_to("radbridge", ct_study)
 
-            sr = _wait_for_sr(pacs, study, stack)
-            # The hospital's own identity and UIDs, not the pseudonyms the center saw.
-            assert str(sr.PatientID) == PATIENT["id"]
-            assert str(sr.PatientName) == str(originals[0].PatientName)
-            assert str(sr.PatientBirthDate) == PATIENT["birth"]
-            assert str(sr.AccessionNumber) == "ACC-7001"
-            assert sr.StudyInstanceUID == originals[0].StudyInstanceUID
-            assert "PatientIdentityRemoved" not in sr
-            assert sr.VerificationFlag == "UNVERIFIED"
-            # Every image reference resolves to an instance Orthanc holds.
-            held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in ids}
-            refs = {str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
-            assert held <= refs and refs - held <= {str(sr.SOPInstanceUID)}
-            # The coded findings are the model's, with the manifest's codes.
-            manifest = yaml.safe_load(
-                (
-                    Path(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"])
-                    / "chest-xray-demo"
-                    / "1"  # type: ignore[index]
-                    / "manifest.yaml"
-                ).read_text()
-            )
-            wanted = {label["snomed"] for label in manifest["labels"] if label.get("snomed")}
-            coded = {str(e.value) for e in sr.iterall() if e.keyword == "CodeValue"}
-            assert wanted <= coded
-            texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
-            assert any("not for diagnostic use" in t for t in texts)
+        sr = _wait_for_sr(pacs, study, stack)
+        # The hospital's own identity and UIDs, not the pseudonyms the center saw.
+        assert str(sr.PatientID) == PATIENT["id"]
+        assert str(sr.PatientName) == str(originals[0].PatientName)
+        assert str(sr.PatientBirthDate) == PATIENT["birth"]
+        assert str(sr.AccessionNumber) == "ACC-7001"
+        assert sr.StudyInstanceUID == originals[0].StudyInstanceUID
+        assert "PatientIdentityRemoved" not in sr
+        assert sr.VerificationFlag == "UNVERIFIED"
+        # Every image reference resolves to an instance Orthanc holds.
+        held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in ids}
+        refs = {str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+        assert held <= refs and refs - held <= {str(sr.SOPInstanceUID)}
+        # The coded findings are the model's, with the manifest's codes.
+        manifest = yaml.safe_load(
+            (
+                Path(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"])
+                / "chest-xray-demo"
+                / "1"  # type: ignore[index]
+                / "manifest.yaml"
+            ).read_text()
+        )
+        wanted = {label["snomed"] for label in manifest["labels"] if label.get("snomed")}
+        coded = {str(e.value) for e in sr.iterall() if e.keyword == "CodeValue"}
+        assert wanted <= coded
+        texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+        assert any("not for diagnostic use" in t for t in texts)
 
-            # The CT: a SEG over the slices Orthanc holds, and its SR, both re-identified.
-            seg = _wait_for_sr(pacs, ct_study, stack, modality="SEG")
-            ct_sr = _wait_for_sr(pacs, ct_study, stack)
-            ct_held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in ct_ids}
-            for obj in (seg, ct_sr):
-                assert str(obj.PatientID) == PATIENT["id"]
-                assert str(obj.AccessionNumber) == "ACC-7002"
-                assert str(obj.StudyInstanceUID) == str(
-                    pydicom.dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID
-                )
-            seg_refs = {
-                str(e.value) for e in seg.iterall() if e.keyword == "ReferencedSOPInstanceUID"
-            }
-            assert seg_refs and seg_refs <= ct_held
-            sr_refs = {
-                str(e.value) for e in ct_sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"
-            }
-            assert str(seg.SOPInstanceUID) in sr_refs
+        # The CT: a SEG over the slices Orthanc holds, and its SR, both re-identified.
+        seg = _wait_for_sr(pacs, ct_study, stack, modality="SEG")
+        ct_sr = _wait_for_sr(pacs, ct_study, stack)
+        ct_held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in ct_ids}
+        for obj in (seg, ct_sr):
+            assert str(obj.PatientID) == PATIENT["id"]
+            assert str(obj.AccessionNumber) == "ACC-7002"
+            assert str(obj.StudyInstanceUID) == str(
+                pydicom.dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID
+            )
+        seg_refs = {str(e.value) for e in seg.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+        assert seg_refs and seg_refs <= ct_held
+        sr_refs = {str(e.value) for e in ct_sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+        assert str(seg.SOPInstanceUID) in sr_refs
 
 
 def _wait_for_sr(

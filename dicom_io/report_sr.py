@@ -45,7 +45,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_io.results import (
+from dicom_io.sr_parts import (
     CHARSET,
     Coded,
     expected_warnings,

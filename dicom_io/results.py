@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import re
 import uuid
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -29,25 +27,28 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicom_io.sr_parts import (
+    CHARSET,
+    Coded,
+    expected_warnings,
+    fit_lo,
+    language_concept,
+    procedure_code,
+    with_type2,
+)
+
 __all__ = [
-    "CHARSET",
     "AlgorithmInfo",
-    "Coded",
     "ImageFinding",
     "Nodule",
     "classification_sr",
-    "expected_warnings",
-    "fit_lo",
-    "language_concept",
     "nodule_seg_and_sr",
-    "procedure_code",
-    "with_type2",
 ]
 
 SR_SERIES_NUMBER = 900
 SEG_SERIES_NUMBER = 910
 NODULE_SR_SERIES_NUMBER = 911
-CHARSET = "ISO_IR 192"  # UTF-8: the intended-use text and display names are not ASCII
+
 
 # Fixed namespace for the name-based (UUID v5) device UIDs; never change it, or every deployed
 # model gets a new Device UID.
@@ -79,35 +80,7 @@ _FINDING = codes.DCM.Finding  # DCM 121071
 _COMMENT = codes.DCM.Comment  # DCM 121106
 # TID 1500 row 12, "Qualitative Evaluations" (not in pydicom's code dictionary).
 _QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-# Procedure reported (TID 1500 row 4; CID 100 or any SNOMED CT procedure).
-_CHEST_XRAY = Code("168731009", "SCT", "Chest X-ray")
-_CHEST_CT = Code("169069000", "SCT", "CT of chest")
-_CHEST_PARTS = {"CHEST", "THORAX", "LUNG"}
-_LANGUAGES = {  # RFC 5646 tags (CID 5000 "Languages") for TID 1204
-    "en": "English",
-    "en-US": "English (United States)",
-    "ru": "Russian",
-    "zh": "Chinese",
-    "zh-CN": "Chinese (China)",
-    "zh-Hans": "Chinese (Simplified)",
-}
 _REPORT_LANGUAGE = Code("en-US", "RFC5646", "English (United States)")
-
-# Type 2 Patient/General Study attributes highdicom copies from the first source; an absent
-# one (de-identification adds them, other producers may not) is given empty, never invented.
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-_LO_MAX = 64  # Long String: SeriesDescription, ContentDescription
-_SINGLE_COMPONENT_NAME = r'The string ".*" is unlikely to represent the intended person name'
 
 
 @dataclass(frozen=True)
@@ -138,22 +111,6 @@ class AlgorithmInfo:
         """
         key = "\x1f".join((self.name, self.version, self.model_sha256))
         return str(hd.UID.from_uuid(str(uuid.uuid5(_DEVICE_NAMESPACE, key))))
-
-
-@dataclass(frozen=True)
-class Coded:
-    """A coded concept (SCT, RADLEX, DCM, ...); ``meaning`` is the English code meaning."""
-
-    value: str
-    scheme: str
-    meaning: str
-
-    def __post_init__(self) -> None:
-        if not (self.value and self.scheme and self.meaning):
-            raise ValueError("Coded needs a value, a scheme designator and a meaning")
-
-    def concept(self) -> hd.sr.CodedConcept:
-        return hd.sr.CodedConcept(self.value, self.scheme, self.meaning)
 
 
 @dataclass(frozen=True)
@@ -482,23 +439,6 @@ def _add_display_names(
         container.ContentSequence.append(item)
 
 
-def language_concept(tag: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(tag, "RFC5646", _LANGUAGES.get(tag, tag))
-
-
-def procedure_code(source: pydicom.Dataset) -> Code:
-    """Procedure reported, from the source's modality and body part."""
-    modality = str(source.get("Modality", "")).upper()
-    chest = str(source.get("BodyPartExamined", "")).upper() in _CHEST_PARTS
-    if modality in ("CR", "DX"):
-        return _CHEST_XRAY if chest else codes.cid100.XRUnspecifiedBodyRegion
-    if modality == "CT":
-        return _CHEST_CT if chest else codes.cid100.CTUnspecifiedBodyRegion
-    if modality == "MR":
-        return codes.cid100.MRIUnspecifiedBodyRegion
-    return codes.cid100.ImagingProcedure
-
-
 def _sr(
     evidence: Sequence[pydicom.Dataset],
     report: hd.sr.MeasurementReport,
@@ -534,12 +474,6 @@ def _series_description(version: int, algo: AlgorithmInfo) -> str:
     return fit_lo(f"AI RESULT UNVERIFIED v{version}: {algo.intended_use}")
 
 
-def fit_lo(text: str) -> str:
-    """A Long String value: at most 64 characters, no backslash or control characters."""
-    text = " ".join(text.replace("\\", "/").split())
-    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "…"
-
-
 def _check_one_study(sources: Sequence[pydicom.Dataset]) -> None:
     studies = {str(ds.StudyInstanceUID) for ds in sources}
     if len(studies) != 1:
@@ -561,18 +495,6 @@ def _check_version(
         raise ValueError("the previous version belongs to another study")
 
 
-def with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """``ds``, or a shallow copy with the missing Type 2 study/patient attributes empty."""
-    missing = [keyword for keyword in _TYPE2 if keyword not in ds]
-    if not missing:
-        return ds
-    out = pydicom.Dataset()
-    out.update(ds)
-    for keyword in missing:
-        setattr(out, keyword, "")
-    return out
-
-
 def _sorted_by_position(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     """Single-frame slices of one series and frame of reference, sorted along the normal."""
     if not sources:
@@ -586,11 +508,3 @@ def _sorted_by_position(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Data
     return sorted(
         sources, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float)))
     )
-
-
-@contextmanager
-def expected_warnings() -> Iterator[None]:
-    """Silence highdicom's single-component PatientName warning: pseudonyms look like that."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SINGLE_COMPONENT_NAME, category=UserWarning)
-        yield

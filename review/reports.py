@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 
 from dicom_io.report_sr import AIAssessment, ReportFinding, ReportSpec, report_sr
 from dicom_io.result_store import Sign, add_objects, save_object
-from dicom_io.results import Coded
+from dicom_io.sr_parts import Coded
 from dicom_io.store import DurableStore
 from radbridge.agreements import AgreementSet
 from radbridge.db.engine import Database

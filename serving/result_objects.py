@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session
 from dicom_io.result_store import Sign, record_objects, save_object
 from dicom_io.results import (
     AlgorithmInfo,
-    Coded,
     ImageFinding,
     Nodule,
     classification_sr,
     nodule_seg_and_sr,
 )
+from dicom_io.sr_parts import Coded
 from dicom_io.store import DurableStore
 from models.manifest import ModelManifest
 from radbridge.contract import ResultObject

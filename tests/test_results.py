@@ -21,12 +21,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_io.results import (
     AlgorithmInfo,
-    Coded,
     ImageFinding,
     Nodule,
     classification_sr,
     nodule_seg_and_sr,
 )
+from dicom_io.sr_parts import Coded
 from tests.conftest import make_instance
 from tests.dciodvfy import dciodvfy, part10
 

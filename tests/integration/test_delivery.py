@@ -43,12 +43,12 @@ from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.reidentify import reidentify
 from dicom_io.results import (
     AlgorithmInfo,
-    Coded,
     ImageFinding,
     Nodule,
     classification_sr,
     nodule_seg_and_sr,
 )
+from dicom_io.sr_parts import Coded
 from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from radbridge.agreements import AgreementSet, parse_agreements

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
@@ -29,6 +29,12 @@ class InstanceHeader:
     # (0020,1208) Number of Study Related Instances, when the sender states it: the study is
     # complete once that many instances are in, without waiting for the quiet period.
     expected_study_instances: int | None = None
+    # (0040,1003) Requested Procedure Priority, top level or in the Request Attributes
+    # Sequence, mapped to the agreement's priorities: STAT -> "stat", HIGH -> "urgent",
+    # MEDIUM / ROUTINE / LOW -> "routine"; None when the sender did not say.
+    priority: str | None = None
+    # (0010,0020) Patient ID; never in the repr (logs, errors): at the edge it identifies.
+    patient_id: str | None = field(default=None, repr=False)
 
 
 def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> InstanceHeader:
@@ -50,8 +56,10 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
                 "BodyPartExamined",
                 "PatientIdentityRemoved",
                 "NumberOfStudyRelatedInstances",
+                "PatientID",
             )
         }
+        requested = _requested_priority(ds)
         tsuid = str(ds.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DatasetError(
@@ -83,7 +91,31 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
         body_part=body,
         identity_removed=str(values["PatientIdentityRemoved"] or "").upper() == "YES",
         expected_study_instances=expected,
+        priority=requested,
+        patient_id=str(values["PatientID"]).strip() or None if values["PatientID"] else None,
     )
+
+
+# PS3.3 C.4.11 / C.7.3.1: the defined terms of Requested Procedure Priority.
+_PRIORITIES = {
+    "STAT": "stat",
+    "HIGH": "urgent",
+    "MEDIUM": "routine",
+    "ROUTINE": "routine",
+    "LOW": "routine",
+}
+_RANK = {"stat": 0, "urgent": 1, "routine": 2}
+
+
+def _requested_priority(ds: pydicom.Dataset) -> str | None:
+    """The highest Requested Procedure Priority the instance states (top level, or in any
+    item of the Request Attributes Sequence); unknown terms are ignored."""
+    found = [ds.get("RequestedProcedurePriority")]
+    for item in ds.get("RequestAttributesSequence") or []:
+        found.append(item.get("RequestedProcedurePriority"))
+    mapped = [_PRIORITIES.get(str(v).strip().upper()) for v in found if v]
+    known = [m for m in mapped if m is not None]
+    return min(known, key=_RANK.__getitem__) if known else None
 
 
 def _positive_int(value: object) -> int | None:

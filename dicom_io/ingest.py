@@ -23,6 +23,8 @@ from radbridge.lifecycle import EdgeStudyState
 
 __all__ = ["IngestOutcome", "Ingestor"]
 
+_RANK = {"stat": 0, "urgent": 1, "routine": 2}
+
 
 class IngestOutcome:
     STORED = "stored"
@@ -72,26 +74,33 @@ class Ingestor:
                 "modality_not_allowed",
                 f"modality {header.modality or 'none'} is not allowed by agreement {agreement.id}",
             )
-        return self.ingest(agreement.id, header, encoded), header
+        priority = header.priority or agreement.default_priority.value
+        return self.ingest(agreement.id, header, encoded, priority), header
 
-    def ingest(self, agreement_id: str, header: InstanceHeader, encoded: bytes) -> str:
+    def ingest(
+        self, agreement_id: str, header: InstanceHeader, encoded: bytes, priority: str = "routine"
+    ) -> str:
+        """Store ``encoded`` and index it; ``priority`` is the study's (the highest any of its
+        instances asked for, else the agreement's default)."""
         digest = hashlib.sha256(encoded).hexdigest()
         with self._lock:
             for attempt in range(3):
                 try:
-                    return self._ingest_once(agreement_id, header, encoded, digest)
+                    return self._ingest_once(agreement_id, header, encoded, digest, priority)
                 except IntegrityError:  # another replica created the same study/series first
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
 
     def _ingest_once(
-        self, agreement_id: str, header: InstanceHeader, encoded: bytes, digest: str
+        self, agreement_id: str, header: InstanceHeader, encoded: bytes, digest: str, priority: str
     ) -> str:
         with self.db.session() as s:
             study = study_for(
                 s, agreement_id, header.study_uid, header.modality, EdgeStudyState.RECEIVING
             )
+            if study.instance_count == 0 or _RANK[priority] < _RANK.get(study.priority, 2):
+                study.priority = priority  # the first instance's, or raised by a later one
             series = series_for(s, study, header.series_uid, header.modality, header.body_part)
             existing = find_instance(s, series, header.sop_instance_uid)
             if existing is not None and existing.sha256 == digest:

@@ -280,6 +280,7 @@ class Api:
     ) -> JobOut:
         caller = self._caller(request, Role.EDGE)
         self._agreement(caller, body.agreement_id)
+        body = body.model_copy(update={"priority": caller.capped(body.priority)})
         job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
         if created:
             await asyncio.to_thread(

@@ -81,6 +81,7 @@ def complete_study(db: Database, study_uid: str, req: CompleteStudy) -> tuple[Jo
         if latest is not None and _covers(latest, study):
             return latest, False
         study.state = CenterStudyState.COMPLETE
+        study.priority = req.priority.value  # the worklist's order and SLA clock
         # A completion after a late instance is a new version of the study's results; the
         # earlier job and its results stay as they were.
         study.version = (study.version or 0) + 1

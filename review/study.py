@@ -28,7 +28,7 @@ from review.worklist import study_for
 
 __all__ = ["study_detail"]
 
-_MAX_PRIORS = 200
+_MAX_PRIORS = 20  # the most recent; each costs one header read per view
 
 
 def study_detail(
@@ -66,20 +66,32 @@ def study_detail(
         versions = s.scalars(
             select(ReportRow).where(ReportRow.study_id == study.id).order_by(ReportRow.version)
         ).all()
-        others = s.execute(
-            select(
-                StudyRow.id,
-                StudyRow.study_uid,
-                StudyRow.first_received_at,
-                SeriesRow.modality,
-                InstanceRow.path,
+        # Priors: the same patient's earlier studies under this agreement (one indexed query),
+        # each with one image instance whose header gives its date and series.
+        others = (
+            s.execute(
+                select(StudyRow.id, StudyRow.study_uid, StudyRow.first_received_at)
+                .where(
+                    StudyRow.agreement_id == study.agreement_id,
+                    StudyRow.patient_key == study.patient_key,
+                    StudyRow.id != study.id,
+                    StudyRow.first_received_at < study.first_received_at,
+                )
+                .order_by(StudyRow.first_received_at.desc())
+                .limit(_MAX_PRIORS)
+            ).all()
+            if study.patient_key
+            else []
+        )
+        prior_images = {
+            sid: (modality, path)
+            for sid, modality, path in s.execute(
+                select(SeriesRow.study_id, SeriesRow.modality, InstanceRow.path)
+                .join(InstanceRow, InstanceRow.series_id == SeriesRow.id)
+                .where(SeriesRow.study_id.in_([o[0] for o in others]))
+                .order_by(SeriesRow.id.desc(), InstanceRow.id.desc())
             )
-            .join(SeriesRow, SeriesRow.study_id == StudyRow.id)
-            .join(InstanceRow, InstanceRow.series_id == SeriesRow.id)
-            .where(StudyRow.agreement_id == study.agreement_id, StudyRow.id != study.id)
-            .order_by(StudyRow.id.desc())
-            .limit(_MAX_PRIORS * 4)
-        ).all()
+        }  # the last row per study wins: its first series' first instance
         received = (job.first_received_at if job else None) or study.first_received_at
         info = {
             "study_id": study.id,
@@ -115,35 +127,31 @@ def study_detail(
             uid, {"series_uid": uid, "modality": modality, "body_part": body_part, "paths": []}
         )
         entry["paths"].append(path)
-    headers = {
-        uid: pydicom.dcmread(store.path(e["paths"][0]), stop_before_pixels=True)
-        for uid, e in by_series.items()
-    }
-    patient = str(next(iter(headers.values())).get("PatientID", "")) if headers else ""
     nodules = [n for f in nodule_rows for n in (f or {}).get("nodules", [])]
     slices = _slices(store, by_series) if nodules else []  # each header read once
     markers = [m for m in (_marker(slices, n) for n in nodules) if m]
-    priors: dict[int, dict[str, Any]] = {}
-    seen: set[int] = set()
-    for sid, uid, first, modality, path in others:
-        if sid in seen or len(priors) >= _MAX_PRIORS:
+    priors = []
+    for sid, uid, first in others:
+        if sid not in prior_images:
             continue
-        seen.add(sid)  # one header per study tells its patient
+        modality, path = prior_images[sid]
         ds = pydicom.dcmread(store.path(path), stop_before_pixels=True)
-        if patient and str(ds.get("PatientID", "")) == patient:
-            priors[sid] = {
+        priors.append(
+            {
                 "study_id": sid,
                 "study_uid": uid,
                 "modality": modality,
                 "study_date": str(ds.get("StudyDate", "")),
+                "series_uid": str(ds.SeriesInstanceUID),  # the one the viewer opens beside
                 "received_at": first.isoformat(),
             }
+        )
     info["series"] = [
         {k: v for k, v in e.items() if k != "paths"} | {"instances": len(e["paths"])}
         for e in by_series.values()
     ]
     info["markers"] = markers
-    info["priors"] = list(priors.values())
+    info["priors"] = priors
     info["ai_findings"] = (
         [f.__dict__ for f in ai_findings(db, study_id)] if info["ai_state"] else []
     )

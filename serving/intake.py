@@ -13,7 +13,7 @@ from radbridge.db.index import find_instance, record_instance, series_for, study
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.lifecycle import CenterStudyState
 
-__all__ = ["StowOutcome", "receive_instances", "stow_response"]
+__all__ = ["StowOutcome", "patient_key", "receive_instances", "stow_response"]
 
 # PS3.18 Table 10.5.3-1 failure reasons; 0x0111 Duplicate SOP Instance (PS3.7 C.4.2): other
 # bytes under a SOP Instance UID the center already holds.
@@ -29,6 +29,11 @@ _FAILURE_REASON = {
 class StowOutcome:
     stored: list[InstanceHeader] = field(default_factory=list)
     failed: list[tuple[str | None, str | None, int, str]] = field(default_factory=list)
+
+
+def patient_key(agreement_id: str, pseudonymous_patient_id: str) -> str:
+    """The key the center files a study's patient under (its priors share it)."""
+    return hashlib.sha256(f"{agreement_id}\0{pseudonymous_patient_id}".encode()).hexdigest()
 
 
 def receive_instances(
@@ -61,6 +66,8 @@ def _store(
     relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
     with db.session() as s:
         study = study_for(s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING)
+        if study.patient_key is None and h.patient_id:
+            study.patient_key = patient_key(agreement_id, h.patient_id)
         series = series_for(s, study, h.series_uid, h.modality, h.body_part)
         row = find_instance(s, series, h.sop_instance_uid)
         if row is not None:

@@ -240,6 +240,25 @@ def test_dicomweb_is_scoped_to_the_readers_agreements(room, agreements) -> None:
         study_detail(db, store, mine, olga, agreements)
 
 
+def test_priors_are_the_same_patients_earlier_studies_of_the_agreement(room, agreements) -> None:  # type: ignore[no-untyped-def]
+    db, store, alice, *_ = room
+    earlier = _study(db, store)  # _deid_study: one patient (tests.conftest.PATIENT)
+    later = _study(db, store)
+    other_agreement = _study(db, store, agreement=OTHER)
+    with db.session() as s:  # a third study of another patient
+        stranger = _study(db, store)
+        s.query(StudyRow).filter_by(id=stranger).update({"patient_key": "0" * 64})
+    detail = study_detail(db, store, later, alice, agreements)
+    assert [p["study_id"] for p in detail["priors"]] == [earlier]
+    prior = detail["priors"][0]
+    assert prior["series_uid"] and prior["modality"] == "DX"
+    assert study_detail(db, store, earlier, alice, agreements)["priors"] == []  # not a later one
+    with db.session() as s:
+        keys = {r.id: r.patient_key for r in s.query(StudyRow).all()}
+    assert keys[earlier] == keys[later] and keys[earlier] != keys[other_agreement]
+    assert len(keys[earlier] or "") == 64  # a hash, not the pseudonymous Patient ID itself
+
+
 def test_interface_strings_and_plurals() -> None:
     assert plural("ru", "studies", 1) == "1 исследование"
     assert plural("ru", "studies", 3) == "3 исследования"

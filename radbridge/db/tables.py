@@ -112,6 +112,7 @@ class StudyRow(Base):
     __table_args__ = (
         UniqueConstraint("agreement_id", "study_uid"),
         Index("ix_studies_state_next_attempt", "state", "next_attempt_at"),
+        Index("ix_studies_agreement_patient", "agreement_id", "patient_key"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
@@ -128,6 +129,10 @@ class StudyRow(Base):
     )
     first_received_at: Mapped[datetime]
     last_received_at: Mapped[datetime]
+    patient_key: Mapped[str | None] = mapped_column(
+        String(64),
+        doc="Center only: sha256 of the agreement and the pseudonymous Patient ID (priors).",
+    )
     stable_at: Mapped[datetime | None]
     forwarded_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -112,13 +113,32 @@ def worklist(
         )
         if filters.priority is not None:
             q = q.where(StudyRow.priority == filters.priority)
+        found = s.execute(q).all()
+        # Three more queries for the whole list, not three per row (the page polls every 5 s).
+        study_ids = [study.id for study, _, _ in found]
+        first_series: dict[int, tuple[str | None, str | None]] = {}
+        for sid, modality, body_part in s.execute(
+            select(SeriesRow.study_id, SeriesRow.modality, SeriesRow.body_part)
+            .where(SeriesRow.study_id.in_(study_ids))
+            .order_by(SeriesRow.id)
+        ):
+            first_series.setdefault(sid, (modality, body_part))
+        findings: dict[int, list[dict[str, object]]] = {}
+        for job_id, result in s.execute(
+            select(ResultRow.job_id, ResultRow.findings).where(
+                ResultRow.job_id.in_([job.id for _, job, _ in found])
+            )
+        ):
+            findings.setdefault(job_id, []).extend(result.get("findings", []))
+        claimers = {read.claimed_by for _, _, read in found if read and read.claimed_by}
+        usernames = dict(
+            s.execute(select(ReaderRow.id, ReaderRow.username).where(ReaderRow.id.in_(claimers)))
+            .tuples()
+            .all()
+        )
         rows: list[WorklistRow] = []
-        for study, job, read in s.execute(q).all():
-            series = s.execute(
-                select(SeriesRow.modality, SeriesRow.body_part).where(
-                    SeriesRow.study_id == study.id
-                )
-            ).first()
+        for study, job, read in found:
+            series = first_series.get(study.id)
             modality = study.modality or (series[0] if series else None)
             if filters.modality is not None and modality != filters.modality:
                 continue
@@ -126,8 +146,8 @@ def worklist(
             assert agreement is not None
             received = job.first_received_at or study.first_received_at
             sla = agreement.sla_minutes.get(Priority(study.priority), 1440)
-            summary, positive = _ai_summary(s, job.id)
-            holder = _holder(s, read, now)
+            summary, positive = _ai_summary(findings.get(job.id, []))
+            holder = _holder(read, now, usernames)
             status = "unread"
             if read is not None and read.preliminary_at is not None:
                 status = "preliminary"
@@ -161,31 +181,39 @@ def etag(rows: list[WorklistRow]) -> str:
     return '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
 
 
-def _ai_summary(s: Session, job_id: int) -> tuple[list[dict[str, object]], bool]:
+def _ai_summary(findings: list[dict[str, Any]]) -> tuple[list[dict[str, object]], bool]:
+    """The positive findings of a job's results (the best per label), most probable first."""
     best: dict[str, dict[str, object]] = {}
-    for findings in s.scalars(select(ResultRow.findings).where(ResultRow.job_id == job_id)):
-        for f in findings.get("findings", []):
-            key = str(f["label"])
-            if key not in best or float(f["probability"]) > float(best[key]["probability"]):  # type: ignore[arg-type]
-                best[key] = {
-                    "label": key,
-                    "display": f.get("display", {}),
-                    "probability": f["probability"],
-                    "present": bool(f["present"]),
-                }
+    for f in findings:
+        key = str(f["label"])
+        if key not in best or float(f["probability"]) > float(best[key]["probability"]):  # type: ignore[arg-type]
+            best[key] = {
+                "label": key,
+                "display": f.get("display", {}),
+                "probability": f["probability"],
+                "present": bool(f["present"]),
+            }
     present = [b for b in best.values() if b["present"]]
     present.sort(key=lambda b: -float(b["probability"]))  # type: ignore[arg-type]
     return present, bool(present)
 
 
-def _holder(s: Session, read: ReadRow | None, now: datetime) -> tuple[int, str] | None:
+def _holder(
+    read: ReadRow | None, now: datetime, usernames: dict[int, str]
+) -> tuple[int, str] | None:
     """(reader id, username) of a live claim, or None."""
     if read is None or read.claimed_by is None or read.claimed_at is None:
         return None
     if now - read.claimed_at >= CLAIM_TTL:
         return None
-    username = s.scalar(select(ReaderRow.username).where(ReaderRow.id == read.claimed_by))
-    return (read.claimed_by, username or "?")
+    return (read.claimed_by, usernames.get(read.claimed_by, "?"))
+
+
+def _usernames(s: Session, read: ReadRow | None) -> dict[int, str]:
+    if read is None or read.claimed_by is None:
+        return {}
+    name = s.scalar(select(ReaderRow.username).where(ReaderRow.id == read.claimed_by))
+    return {read.claimed_by: name} if name else {}
 
 
 def study_for(s: Session, study_id: int, reader: Reader, agreements: AgreementSet) -> StudyRow:
@@ -233,7 +261,7 @@ def claim(
         )
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             read = s.scalar(select(ReadRow).where(ReadRow.study_id == study_id))
-            holder = _holder(s, read, now)
+            holder = _holder(read, now, _usernames(s, read))
             raise PolicyError(
                 f"the study is being read by {holder[1] if holder else 'another reader'}"
             )

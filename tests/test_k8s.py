@@ -38,9 +38,11 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from radbridge.agreements import Priority, load_agreements
+from radbridge.db import Database
 from radbridge.lifecycle import DeliveryState, EdgeStudyState
 from radbridge.metrics import CenterMetrics, EdgeMetrics
 from radbridge.settings import DEV_SECRET, Settings, load_settings
+from review.metrics import ReviewMetrics
 from serving.config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -796,8 +798,14 @@ def test_service_monitors_find_their_targets() -> None:
         assert len(services) == 1, m["metadata"]["name"]
         (svc,) = services
         port_names = {p["name"] for p in svc["spec"]["ports"]}
+        paths = (
+            {"/metrics", "/read/metrics"}
+            if m["metadata"]["name"] == "radbridge-center"
+            else {"/metrics"}
+        )
+        assert {ep["path"] for ep in m["spec"]["endpoints"]} == paths
         for ep in m["spec"]["endpoints"]:
-            assert ep["port"] in port_names and ep["path"] == "/metrics"
+            assert ep["port"] in port_names
         assert any(_selects({"matchLabels": svc["spec"]["selector"]}, p) for p in pods)
         if m["metadata"]["name"] == "radbridge-center":
             assert svc["spec"]["ports"][0]["port"] == serve_port
@@ -805,9 +813,15 @@ def test_service_monitors_find_their_targets() -> None:
 
 def _catalog() -> dict[str, set[str]]:
     """Every series name radbridge exports -> its label names (from the live collectors)."""
-    source = (REPO / "radbridge/metrics.py").read_text()
+    agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     out: dict[str, set[str]] = {}
-    for metrics in (EdgeMetrics(), CenterMetrics()):
+    review = ReviewMetrics(Database("sqlite://"), agreements)  # the database is not queried
+    for metrics, module in (
+        (EdgeMetrics(), "radbridge/metrics.py"),
+        (CenterMetrics(), "radbridge/metrics.py"),
+        (review, "review/metrics.py"),
+    ):
+        source = (REPO / module).read_text()
         for collector in vars(metrics).values():
             if not isinstance(collector, MetricWrapperBase):
                 continue
@@ -819,9 +833,12 @@ def _catalog() -> dict[str, set[str]]:
                 "gauge": [""],
                 "histogram": ["_bucket", "_sum", "_count"],
             }[kind]
-            assert f'"{name}' in source  # defined in metrics.py, not elsewhere
+            assert f'"{name}' in source  # defined in its metrics module, not elsewhere
             for suffix in suffixes:
                 out[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    # The reading room's gauge is a collector reading the database at scrape time.
+    assert '"radbridge_review_oldest_unread_seconds"' in (REPO / "review/metrics.py").read_text()
+    out["radbridge_review_oldest_unread_seconds"] = {"agreement"}
     return out
 
 
@@ -881,7 +898,7 @@ def promql_problems(expr: str, catalog: dict[str, set[str]]) -> list[str]:
         names.add(token)
     for name in sorted(names):
         if name not in catalog:
-            problems.append(f"{name} is not in radbridge/metrics.py")
+            problems.append(f"{name} is not a radbridge metric")
     known = set().union(*(catalog.get(n, set()) for n in names)) if names else set()
     problems += [f"grouping label {g} is on none of {sorted(names)}" for g in grouping - known]
     if not names:
@@ -930,6 +947,93 @@ def test_alerts_use_only_radbridge_metrics_and_labels() -> None:
     assert expected <= used
     on_cpu = next(r for r in alerts if r["alert"] == "RadbridgeModelOnCPU")
     assert 'provider="CPUExecutionProvider"' in on_cpu["expr"]
+
+
+def _promtool() -> str:
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.fail("promtool is missing: `./run test` installs Debian's prometheus package")
+    return tool
+
+
+def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    """Prometheus' own parser on every rule (the catalog check above reads names only)."""
+    rule = one(build("monitoring"), "PrometheusRule")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    run = subprocess.run(
+        [_promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_reading_room_alerts_fire_when_they_should(tmp_path: Path) -> None:
+    """promtool unit tests of the reading room's alerts: the oldest unread study near the SLA,
+    and STAT reads signed late (one of four over 60 min: 75 % < 95 %); neither fires on the
+    healthy agreement."""
+    rule = one(build("monitoring"), "PrometheusRule")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    late, ok = 'agreement="late"', 'agreement="ok"'
+    bucket = "radbridge_review_turnaround_seconds_bucket"
+    count = "radbridge_review_turnaround_seconds_count"
+    series = [
+        # 23 h and 1 h without a report; constant over the test.
+        {"series": f"radbridge_review_oldest_unread_seconds{{{late}}}", "values": "82800x60"},
+        {"series": f"radbridge_review_oldest_unread_seconds{{{ok}}}", "values": "3600x60"},
+        # STAT reads: "late" signs 4 an hour, 3 within 60 min; "ok" signs 4, all within.
+        {"series": f'{bucket}{{{late},priority="stat",le="3600.0"}}', "values": "0+3x60"},
+        {"series": f'{count}{{{late},priority="stat"}}', "values": "0+4x60"},
+        {"series": f'{bucket}{{{ok},priority="stat",le="3600.0"}}', "values": "0+4x60"},
+        {"series": f'{count}{{{ok},priority="stat"}}', "values": "0+4x60"},
+    ]
+    alert = {"labels": {"agreement": "late"}}
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "RadbridgeUnreadStudyNearSLA",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {**alert["labels"], "severity": "warning"},
+                                "exp_annotations": {
+                                    "summary": "A study of agreement late has waited 23h 0m 0s "
+                                    "for its report."
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "50m",
+                        "alertname": "RadbridgeStatReadsOverSLA",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {**alert["labels"], "severity": "critical"},
+                                "exp_annotations": {
+                                    "summary": "Under 95 % of agreement late's STAT reads "
+                                    "were signed within 60 min (6 h)."
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    run = subprocess.run(
+        [_promtool(), "test", "rules", "tests.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_dev_identity_is_consistent_across_edge_and_center(tmp_path: Path) -> None:

@@ -123,12 +123,35 @@ for (;;) {
 }
 for (const [name, abs] of assets) fs.copyFileSync(abs, path.join(outdir, name));
 
+// The reading room's CJK font, self-hosted (no font CDN; a reader's machine may have no CJK
+// font at all): Noto Sans SC 400 from @fontsource, its unicode-range subsets as woff2 only, so
+// the browser fetches just the subsets the page's Chinese text needs. Served as
+// fonts/noto-sans-sc.css next to viewer.js.
+const fontPkg = path.dirname(fileURLToPath(import.meta.resolve("@fontsource/noto-sans-sc/400.css")));
+const fontCss = fs
+  .readFileSync(path.join(fontPkg, "400.css"), "utf8")
+  .replace(/,\s*url\([^)]*\.woff\) format\('woff'\)/g, "");
+const fontsOut = path.join(outdir, "fonts");
+fs.mkdirSync(fontsOut);
+for (const [, file] of fontCss.matchAll(/url\(\.\/files\/([^)]+\.woff2)\)/g)) {
+  fs.copyFileSync(path.join(fontPkg, "files", file), path.join(fontsOut, file));
+}
+fs.writeFileSync(path.join(fontsOut, "noto-sans-sc.css"), fontCss.replaceAll("./files/", "./"));
+fs.copyFileSync(path.join(fontPkg, "LICENSE"), path.join(fontsOut, "LICENSE.txt")); // SIL OFL 1.1
+
 // No CDN, no remote code: the output must not name an external script/wasm host.
 const CDN = /https?:\/\/(unpkg\.com|cdn\.jsdelivr\.net|cdnjs\.cloudflare\.com|esm\.sh|cdn\.skypack\.dev|ohif-assets|[a-z0-9.-]*\.cloudfront\.net)/i;
 let total = 0;
 const listing = [];
 for (const file of fs.readdirSync(outdir).sort()) {
   const full = path.join(outdir, file);
+  if (fs.statSync(full).isDirectory()) {
+    const inside = fs.readdirSync(full).map((f) => fs.statSync(path.join(full, f)).size);
+    const size = inside.reduce((a, b) => a + b, 0);
+    total += size;
+    listing.push(`${String(size).padStart(10)}  ${file}/ (${inside.length} files)`);
+    continue;
+  }
   const size = fs.statSync(full).size;
   total += size;
   listing.push(`${String(size).padStart(10)}  ${file}`);

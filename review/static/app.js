@@ -8,11 +8,13 @@ const api = (path, options = {}) =>
 let me = null;
 let t = {};
 let rows = [];
+let countText = "";
 let selected = 0;
 let etag = null;
 let study = null;
 let draft = null;
 let viewer = null;
+let priorViewer = null;
 let focusFinding = 0;
 const main = document.getElementById("main");
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -28,9 +30,30 @@ function countdown(deadline) {
   return `<span class="${minutes < 0 ? "overdue" : ""}">${esc(text)}</span>`;
 }
 
+// An absolute time in the reader's locale with its time zone (the deadline is a contract term;
+// "in 40 minutes" alone cannot be checked against the agreement).
+function when(iso) {
+  const fmt = new Intl.DateTimeFormat(me.lang_tag, {
+    year: "numeric",
+    month: "2-digit",
+    day: "2-digit",
+    hour: "2-digit",
+    minute: "2-digit",
+    timeZoneName: "short",
+  });
+  return `<time datetime="${esc(iso)}">${esc(fmt.format(new Date(iso)))}</time>`;
+}
+
 function age(received) {
   const minutes = Math.round((Date.now() - new Date(received)) / 60000);
-  return minutes < 120 ? `${minutes} min` : `${Math.round(minutes / 60)} h`;
+  const [n, unit] = minutes < 120 ? [minutes, "minute"] : [Math.round(minutes / 60), "hour"];
+  return new Intl.NumberFormat(me.lang_tag, { style: "unit", unit, unitDisplay: "short" }).format(n);
+}
+
+// A prior's label: its Study Date when the de-identified data kept one, else when it came in.
+function priorLabel(p) {
+  const d = /^(\d{4})(\d{2})(\d{2})$/.exec(p.study_date || "");
+  return `${d ? esc(`${d[1]}-${d[2]}-${d[3]}`) : when(p.received_at)} ${esc(p.modality)}`;
 }
 
 async function loadWorklist() {
@@ -40,7 +63,7 @@ async function loadWorklist() {
   etag = r.headers.get("ETag");
   const body = await r.json();
   rows = body.rows;
-  document.getElementById("count") && (document.getElementById("count").textContent = body.count);
+  countText = body.count;
   return true;
 }
 
@@ -52,14 +75,14 @@ function renderWorklist() {
       : row.ai_summary.length
         ? row.ai_summary.map((f) => lang(f.display[me.locale] || f.label)).join(", ")
         : esc(t.ai_none);
-  main.innerHTML = `<h2>${esc(t.worklist)} · <span id="count"></span></h2>
+  main.innerHTML = `<h2>${esc(t.worklist)} · <span id="count">${esc(countText)}</span></h2>
   <table id="worklist"><thead><tr><th>${esc(t.priority)}</th><th>${esc(t.deadline)}</th>
   <th>${esc(t.modality)}</th><th>${esc(t.body_part)}</th><th>${esc(t.ai)}</th>
   <th>${esc(t.agreement)}</th><th>${esc(t.age)}</th><th>${esc(t.status)}</th></tr></thead><tbody>
   ${rows
     .map(
       (r, i) => `<tr data-id="${r.study_id}" class="${r.priority} ${i === selected ? "selected" : ""}">
-      <td class="priority">${esc(r.priority.toUpperCase())}</td><td>${countdown(r.deadline)}</td>
+      <td class="priority">${esc(r.priority.toUpperCase())}</td><td>${countdown(r.deadline)}<br><small>${when(r.deadline)}</small></td>
       <td>${esc(r.modality)}</td><td>${esc(r.body_part)}</td><td>${ai(r)}</td>
       <td>${esc(r.hospital)}</td><td>${age(r.received_at)}</td>
       <td>${esc(t[r.status] || r.status)}${r.claimed_by ? ` (${esc(r.claimed_by)})` : ""}</td></tr>`,
@@ -70,7 +93,13 @@ function renderWorklist() {
   );
 }
 
+// Leaving a study gives it back (another reader may take it); a saved draft stays.
+function releaseCurrent() {
+  if (study) api(`/studies/${study.study_id}/release`, { method: "POST" });
+}
+
 async function openStudy(id) {
+  if (study && study.study_id !== id) releaseCurrent();
   const claim = await api(`/studies/${id}/claim`, { method: "POST" });
   if (!claim.ok) {
     alert((await claim.json()).detail);
@@ -90,12 +119,32 @@ async function openStudy(id) {
   renderStudy();
 }
 
+// The study view: the viewer (mounted once per study) beside the report panel, which is
+// re-rendered on every decision without touching the viewer (its slice and window stay).
 function renderStudy() {
+  const s = study;
+  main.innerHTML = `<div class="study">
+    <section><div class="viewers"><div id="viewer"></div><div id="prior-viewer" hidden></div></div>
+      <p id="viewer-status" role="status"></p>
+      <p>${esc(t.priors)} (P): ${s.priors.map((p) => `<a href="#" data-prior="${p.study_id}">${priorLabel(p)}</a>`).join(" · ") || "—"}</p>
+    </section>
+    <aside id="panel"></aside></div>`;
+  main.querySelectorAll("a[data-prior]").forEach((a) =>
+    a.addEventListener("click", (e) => {
+      e.preventDefault();
+      togglePrior(Number(a.dataset.prior));
+    }),
+  );
+  renderPanel();
+  mountViewer();
+}
+
+function renderPanel() {
   const s = study;
   const findings = s.ai_findings
     .map((f, i) => {
       const d = draft.decisions[f.key];
-      return `<div class="finding ${d ? d.decision : ""}" data-i="${i}" tabindex="0">
+      return `<div class="finding ${d ? d.decision : ""} ${i === focusFinding ? "focus" : ""}" data-i="${i}">
         <b>${lang(f.display[me.locale] || f.label)}</b> ${(f.probability * 100).toFixed(0)}%
         · ${esc(f.model_name)} ${esc(f.model_version)}
         <button data-act="accept" data-key="${esc(f.key)}">${esc(t.accept)} (A)</button>
@@ -114,13 +163,11 @@ function renderStudy() {
     })
     .join("");
   const critical = criticalOpen();
-  main.innerHTML = `<div class="study">
-    <section><div id="viewer"></div>
-      <p>${esc(t.priors)}: ${s.priors.map((p) => `<a href="#" data-prior="${p.study_id}">${esc(p.study_date || p.received_at)} ${esc(p.modality)}</a>`).join(" · ") || "—"}</p>
-    </section>
-    <aside>
+  const deadline = new Date(new Date(s.received_at).getTime() + s.sla_minutes * 60000).toISOString();
+  const panel = document.getElementById("panel");
+  panel.innerHTML = `
       <h2>${esc(s.priority.toUpperCase())} · ${esc(s.modality)} · ${esc(s.hospital)}</h2>
-      <p>${countdown(new Date(new Date(s.received_at).getTime() + s.sla_minutes * 60000))}</p>
+      <p>${esc(t.deadline)}: ${countdown(deadline)} · ${when(deadline)}</p>
       <p class="demo">${s.intended_use.map(esc).join("; ")}</p>
       <h3>${esc(t.ai)}</h3>${findings || `<p>${esc(s.ai_state === "failed" ? t.ai_failed : t.ai_none)}</p>`}
       <h3>${esc(s.template.title)}</h3>
@@ -135,28 +182,20 @@ function renderStudy() {
       <p><button id="save">${esc(t.save)}</button>
       <button id="sign-preliminary">${esc(t.sign_preliminary)}</button>
       <button id="sign-final">${esc(t.sign_final)} (S)</button></p>
-      <p id="result" role="status"></p>
-    </aside></div>`;
-  main.querySelectorAll("button[data-act]").forEach((b) =>
+      <p id="result" role="status"></p>`;
+  panel.querySelectorAll("button[data-act]").forEach((b) =>
     b.addEventListener("click", () => decide(b.dataset.key, b.dataset.act)),
-  );
-  main.querySelectorAll("a[data-prior]").forEach((a) =>
-    a.addEventListener("click", (e) => {
-      e.preventDefault();
-      window.open(`/read/#/study/${a.dataset.prior}`, "_blank");
-    }),
   );
   document.getElementById("add-btn").addEventListener("click", () => {
     const [scheme, code] = document.getElementById("add").value.split(":");
-    draft.added.push({ scheme, code });
     keepImpression();
-    renderStudy();
+    draft.added.push({ scheme, code });
+    renderPanel();
   });
   document.getElementById("communicate")?.addEventListener("click", communicate);
   document.getElementById("save").addEventListener("click", () => save(true));
   document.getElementById("sign-preliminary").addEventListener("click", () => sign("preliminary"));
   document.getElementById("sign-final").addEventListener("click", () => sign("final"));
-  mountViewer();
 }
 
 function criticalOpen() {
@@ -187,7 +226,10 @@ function decide(key, act) {
     if (!reason) return;
     draft.decisions[key] = { decision: "rejected", reason };
   }
-  renderStudy();
+  // The keyboard's A/R act on the focused finding; deciding it moves the focus to the next.
+  const i = study.ai_findings.findIndex((f) => f.key === key);
+  if (i === focusFinding) focusFinding = Math.min(i + 1, study.ai_findings.length - 1);
+  renderPanel();
 }
 
 function communicate() {
@@ -204,7 +246,7 @@ function communicate() {
       received_at: now,
     });
   }
-  renderStudy();
+  renderPanel();
 }
 
 async function save(show) {
@@ -244,18 +286,75 @@ async function mountViewer() {
       segSopInstanceUID: study.seg_sop_instance_uid,
       segSeriesInstanceUID: study.seg_series_instance_uid,
     });
+    // The slice position, window and SEG state under the image, kept current as the reader
+    // scrolls or windows (Cornerstone dispatches these events on the viewport's element).
+    for (const name of ["CORNERSTONE_STACK_NEW_IMAGE", "CORNERSTONE_VOI_MODIFIED"]) {
+      el.addEventListener(name, viewerStatus);
+    }
+    viewerStatus();
+    viewer.ready.then(viewerStatus);
   } catch (err) {
     el.textContent = `viewer unavailable: ${err}`;
   }
 }
 
+function viewerStatus() {
+  const out = document.getElementById("viewer-status");
+  if (!out || !viewer) return;
+  const s = viewer.getState();
+  out.dataset.index = s.index;
+  out.dataset.count = s.count;
+  out.dataset.sop = s.sopInstanceUID || "";
+  out.dataset.seg = s.segLoaded ? (s.segVisible ? "shown" : "hidden") : s.segError ? "failed" : "none";
+  const win = s.windowWidth == null ? "" : ` · W ${Math.round(s.windowWidth)} L ${Math.round(s.windowCenter)}`;
+  const seg = s.segLoaded ? " · SEG" : s.segError ? ` · SEG: ${s.segError}` : "";
+  out.textContent = `${s.index + 1} / ${s.count}${win}${seg}`;
+}
+
+// A prior study of the same patient and agreement, in a second viewport beside the current one
+// (its detail is fetched through the API, so the view is audited like any other).
+async function togglePrior(priorId) {
+  const el = document.getElementById("prior-viewer");
+  if (!el) return;
+  priorViewer?.destroy?.();
+  priorViewer = null;
+  if (!el.hidden && el.dataset.study === String(priorId)) {
+    el.hidden = true;
+    el.parentElement.classList.remove("split");
+    return;
+  }
+  const r = await api(`/studies/${priorId}`);
+  if (!r.ok) return;
+  const prior = await r.json();
+  const series = prior.series.find((x) => x.modality !== "SR" && x.modality !== "SEG") || prior.series[0];
+  if (!series) return;
+  el.hidden = false;
+  el.dataset.study = String(priorId);
+  el.parentElement.classList.add("split");
+  const { mountViewer } = await import("/read/static/viewer/viewer.js");
+  priorViewer = await mountViewer(el, {
+    wadoRsRoot: "/read/dicomweb",
+    studyInstanceUID: prior.study_uid,
+    seriesInstanceUID: series.series_uid,
+    markers: [],
+  });
+}
+
 function back() {
+  releaseCurrent();
+  viewer?.destroy?.();
+  priorViewer?.destroy?.();
+  viewer = priorViewer = null;
   etag = null;
   loadWorklist().then(renderWorklist);
 }
 
 const presets = { 1: "lung", 2: "mediastinum", 3: "bone", 4: "brain" };
 document.addEventListener("keydown", (e) => {
+  if (study && e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    e.preventDefault();
+    return sign("final"); // Ctrl+Enter signs from anywhere, the impression included
+  }
   if (["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement?.tagName)) return;
   if (!study) {
     if (e.key === "j") selected = Math.min(selected + 1, rows.length - 1);
@@ -270,9 +369,14 @@ document.addEventListener("keydown", (e) => {
   else if (presets[e.key]) viewer?.setPreset(presets[e.key]);
   else if (e.key === "ArrowDown") (viewer?.scroll(1), e.preventDefault());
   else if (e.key === "ArrowUp") (viewer?.scroll(-1), e.preventDefault());
-  else if (e.key === "a" && f) (decide(f.key, "accept"), (focusFinding = Math.min(focusFinding + 1, study.ai_findings.length - 1)));
+  else if (e.key === "a" && f) decide(f.key, "accept");
   else if (e.key === "r" && f) decide(f.key, "reject");
   else if (e.key === "s") sign("final");
+  else if (e.key === "p" && study.priors.length) togglePrior(study.priors[0].study_id);
+  else if (e.key === "i") {
+    e.preventDefault(); // focus the impression without typing the "i" into it
+    document.getElementById("impression")?.focus();
+  }
   else if (e.key === "j" || e.key === "k") {
     const i = rows.findIndex((r) => r.study_id === study.study_id) + (e.key === "j" ? 1 : -1);
     if (rows[i]) openStudy(rows[i].study_id);

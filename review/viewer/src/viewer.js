@@ -279,6 +279,13 @@ export async function mountViewer(
 
   await viewport.setStack(imageIds, 0);
   viewport.render();
+  // Cornerstone draws into a canvas sized once: when the element's box changes (a prior
+  // opened beside it, the window resized) the canvas must follow, or the image is stretched
+  // and the SVG overlays (nodule markers) drift off it. keepCamera: zoom and pan stay.
+  const resizeObserver = new ResizeObserver(() => {
+    if (!destroyed) renderingEngine.resize(true, true);
+  });
+  resizeObserver.observe(element);
 
   let segVisible = false;
   let segLoaded = false;
@@ -377,6 +384,7 @@ export async function mountViewer(
     destroy() {
       if (destroyed) return;
       destroyed = true;
+      resizeObserver.disconnect();
       try {
         if (segLoaded) segmentation.removeSegmentation(segmentationId);
       } catch (err) {

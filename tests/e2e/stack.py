@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,11 +44,11 @@ def echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
 
 
 def storescu(
-    port: int, files: list[Path], timeout_s: float = 300
+    port: int, files: list[Path], timeout_s: float = 300, calling: str = "STORESCU"
 ) -> subprocess.CompletedProcess[str]:
-    """dcmtk storescu (verbose) pushing ``files`` to the edge as the PACS would."""
+    """dcmtk storescu (verbose) pushing ``files`` to the edge as the PACS ``calling`` would."""
     return subprocess.run(
-        ["storescu", "-v", "-aet", "STORESCU", "-aec", "RADBRIDGE", "127.0.0.1", str(port)]
+        ["storescu", "-v", "-aet", calling, "-aec", "RADBRIDGE", "127.0.0.1", str(port)]
         + [str(f) for f in files],
         capture_output=True,
         text=True,
@@ -191,9 +192,12 @@ def running_stack(
 
 
 @contextmanager
-def stack_with_pacs(tmp_path: Path) -> Iterator[tuple[OrthancPeer, dict[str, object]]]:
+def stack_with_pacs(
+    tmp_path: Path, edit_agreements: Callable[[dict[str, Any]], None] | None = None
+) -> Iterator[tuple[OrthancPeer, dict[str, object]]]:
     """Orthanc as the hospital PACS, and `radbridge up` (data in ``tmp_path/stack``) whose demo
-    agreement returns its results to that Orthanc; the edge polls for results every second."""
+    agreement returns its results to that Orthanc; the edge polls for results every second.
+    ``edit_agreements`` may change the agreements file's content (e.g. add an agreement)."""
     ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
     with OrthancPeer(
         modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", ports["edge"])},
@@ -205,6 +209,8 @@ def stack_with_pacs(tmp_path: Path) -> Iterator[tuple[OrthancPeer, dict[str, obj
             "host": "127.0.0.1",
             "port": pacs.dicom_port,
         }
+        if edit_agreements is not None:
+            edit_agreements(raw)
         agreements = tmp_path / "agreements.yaml"
         agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
         data = tmp_path / "stack"
@@ -216,3 +222,25 @@ def stack_with_pacs(tmp_path: Path) -> Iterator[tuple[OrthancPeer, dict[str, obj
             RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
         ) as stack:
             yield pacs, stack
+
+
+def add_reader(
+    stack: dict[str, object],
+    username: str,
+    password: str,
+    observer_id: str,
+    *options: str,
+) -> None:
+    """``radbridge readers add`` against the running stack's center database, as an admin runs
+    it (``options``: e.g. ``--locale zh``, ``--center NAME``)."""
+    command = [str(BIN / "radbridge"), "readers", "add", username, "--observer-id", observer_id]
+    added = subprocess.run(
+        [*command, *options, "--password-stdin"],
+        input=password + "\n",
+        env=stack["env"],  # type: ignore[arg-type]
+        cwd=stack["data"],  # type: ignore[arg-type]
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stdout + added.stderr

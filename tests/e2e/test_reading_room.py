@@ -6,7 +6,6 @@ language of the agreement — reaches Orthanc re-identified, VERIFIED and FINAL.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from models.phantom_dicom import write_cxr_study
 from radbridge.contract import tls_verify
-from tests.e2e.stack import BIN, stack_report, stack_with_pacs
+from tests.e2e.stack import add_reader, stack_report, stack_with_pacs
 from tests.e2e.test_results_to_pacs import _wait_for_sr
 from tests.peers import OrthancPeer
 
@@ -42,24 +41,7 @@ def test_reader_signs_and_the_report_reaches_the_pacs(tmp_path: Path) -> None:
         pacs.send_study_to("radbridge", study)
         _wait_for_sr(pacs, study, stack)  # the AI result is home: the job has ended
 
-        added = subprocess.run(
-            [
-                str(BIN / "radbridge"),
-                "readers",
-                "add",
-                "ivanova",
-                "--observer-id",
-                "RB-0007",
-                "--password-stdin",
-            ],
-            input=PASSWORD + "\n",
-            env=stack["env"],
-            cwd=stack["data"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert added.returncode == 0, added.stdout + added.stderr
+        add_reader(stack, "ivanova", PASSWORD, "RB-0007")
         base = f"{stack['base']}/read"
         with httpx.Client(verify=tls_verify(stack["ca"]), timeout=30) as reader:
             r = reader.get(f"{base}/api/worklist")

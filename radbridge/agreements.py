@@ -207,6 +207,30 @@ class Deidentification(_Strict):
     )
 
 
+class Retention(_Strict):
+    """How long the reading center keeps a study after its read went home (the final report
+    fetched by the edge): the images first, then everything (reports, result objects, rows)."""
+
+    images_hours: int = Field(
+        720,
+        ge=0,
+        le=10 * 8760,
+        description="Hours the center keeps a study's images after its final report left.",
+    )
+    reports_hours: int = Field(
+        2160,
+        ge=0,
+        le=10 * 8760,
+        description="Hours the center keeps the rest (reports, AI results, the study's rows).",
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> Retention:
+        if self.reports_hours < self.images_hours:
+            raise ValueError("reports_hours must not be shorter than images_hours")
+        return self
+
+
 class Agreement(_Strict):
     id: str
     hospital: Hospital
@@ -220,6 +244,7 @@ class Agreement(_Strict):
     deidentification: Deidentification = Field(default_factory=Deidentification)  # type: ignore[arg-type]
     transfer_basis: TransferBasis
     quiet_period_s: float = Field(10.0, ge=0, le=86_400)
+    retention: Retention = Field(default_factory=Retention)  # type: ignore[arg-type]
     active_from: date
     active_until: date
 

@@ -337,9 +337,15 @@ def gateway_resend_cmd(
         console.print(f"[green]delivery {delivery_id} queued again[/] (was {former})")
 
 
-@app.command()
-def center() -> None:
+center_app = typer.Typer(help="The reading center.", invoke_without_command=True)
+app.add_typer(center_app, name="center")
+
+
+@center_app.callback()
+def center(ctx: typer.Context) -> None:
     """Run the center (local Ray + Serve application) until interrupted."""
+    if ctx.invoked_subcommand is not None:
+        return
     from serving.center import start_center, stop_center
 
     s = _settings()
@@ -353,6 +359,51 @@ def center() -> None:
     console.print(f"[green]center ready[/] {scheme}://{s.center.host}:{s.center.port}")
     stop.wait()
     stop_center()
+
+
+@center_app.command("purge")
+def center_purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what is due; delete nothing.")
+    ] = False,
+) -> None:
+    """Purge what the agreements' retention says the center keeps no longer (the Api replicas
+    also do this every retention_interval_s); each deletion is an audit record."""
+    from dicom_io.store import DurableStore
+    from radbridge.agreements import load_agreements
+    from radbridge.audit import AuditTrail
+    from serving import retention
+
+    s = _settings()
+    try:
+        agreements = load_agreements(s.agreements_file)
+        db = _center_db(s)
+        try:
+            items = retention.run(
+                db,
+                DurableStore(s.center_store),
+                AuditTrail(db, "center"),
+                agreements,
+                dry_run=dry_run,
+            )
+        finally:
+            db.dispose()
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    table = Table(
+        "study", "agreement", "what", "reason", "files", "bytes",
+        title="due (dry run: nothing deleted)" if dry_run else "purged",
+    )  # fmt: skip
+    for item in items:
+        table.add_row(
+            item.study_uid,
+            item.agreement_id,
+            item.what,
+            item.reason,
+            str(item.files),
+            str(item.bytes),
+        )
+    console.print(table)
 
 
 @app.command()

@@ -19,6 +19,11 @@ class EdgeStudyState(StrEnum):
 class CenterStudyState(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
+    # Retention (serving/retention.py): a purge is marked before any file goes, so a purge
+    # cut short is found and finished; a fully purged study has no row left.
+    PURGING_IMAGES = "purging-images"
+    IMAGES_PURGED = "images-purged"
+    PURGING = "purging"
 
 
 class JobState(StrEnum):

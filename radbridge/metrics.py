@@ -231,6 +231,13 @@ class CenterMetrics:
             "Instances of queued or running study jobs (the bound of STOW-RS admission).",
             registry=r,
         )
+        self.store_bytes = Gauge(
+            "radbridge_center_store_bytes",
+            "Bytes the center's store holds per agreement (images and result objects), as of "
+            "the last retention pass.",
+            ["agreement"],
+            registry=r,
+        )
         self.shadow = Counter(
             "radbridge_center_shadow_results_total",
             "Shadow-version results recorded, by whether every finding's call agreed.",

@@ -140,6 +140,13 @@ class ApiConfig(_Strict):
         description="Images one POST /v1/models/{name}/infer-batch may carry (the ModelRunner "
         "must have room for them: capacity + max_queued).",
     )
+    retention_interval_s: float = Field(
+        3600.0,
+        ge=10,
+        le=86_400,
+        description="Seconds between retention passes (serving/retention.py) of each Api "
+        "replica; replicas never purge one study twice.",
+    )
 
 
 class AppArgs(_Strict):

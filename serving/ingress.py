@@ -62,7 +62,7 @@ from radbridge.http_errors import radbridge_error_handler
 from radbridge.metrics import CenterMetrics, safe_label
 from radbridge.settings import Settings
 from radbridge.signing import load_signer
-from serving import boundary, jobs, result_objects
+from serving import boundary, jobs, result_objects, retention
 from serving.config import ApiConfig
 from serving.inference import Inference
 from serving.intake import receive_instances, stow_response
@@ -209,6 +209,7 @@ class Api:
         self._backlog = (0, 0.0)  # (instances, monotonic time counted)
         self._tasks: set[asyncio.Task[None]] = set()
         self._resumed = False
+        self._retention_due = time.monotonic() + 60.0  # first pass a minute after start
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -452,6 +453,21 @@ class Api:
 
     async def check_health(self) -> None:
         self._resume()
+        if time.monotonic() >= self._retention_due:  # Serve calls this every few seconds
+            self._retention_due = time.monotonic() + self.config.retention_interval_s
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._retention))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _retention(self) -> None:
+        """One retention pass (purges due under the agreements), then the disk usage gauge."""
+        try:
+            retention.run(self.db, self.store, self.audit, self.agreements)
+            usage = retention.disk_usage(self.db)
+            for agreement in self.agreements.agreements:
+                self.metrics.store_bytes.labels(agreement.id).set(usage.get(agreement.id, 0))
+        except Exception:
+            log.exception("retention pass failed; the next one retries")
 
     # -- jobs -----------------------------------------------------------------------------
 

@@ -31,6 +31,15 @@ class StowOutcome:
     failed: list[tuple[str | None, str | None, int, str]] = field(default_factory=list)
 
 
+_PURGED = frozenset(
+    {
+        CenterStudyState.PURGING_IMAGES,
+        CenterStudyState.IMAGES_PURGED,
+        CenterStudyState.PURGING,
+    }
+)
+
+
 def patient_key(agreement_id: str, pseudonymous_patient_id: str) -> str:
     """The key the center files a study's patient under (its priors share it)."""
     return hashlib.sha256(f"{agreement_id}\0{pseudonymous_patient_id}".encode()).hexdigest()
@@ -66,6 +75,10 @@ def _store(
     relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
     with db.session() as s:
         study = study_for(s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING)
+        if study.state in _PURGED:
+            raise DatasetError(
+                "purged", "the center purged this study (retention or the hospital's request)"
+            )
         if study.patient_key is None and h.patient_id:
             study.patient_key = patient_key(agreement_id, h.patient_id)
         series = series_for(s, study, h.series_uid, h.modality, h.body_part)

@@ -35,11 +35,14 @@ __all__ = [
     "RESULT_OBJECT",
     "STUDIES",
     "STUDY_COMPLETE",
+    "STUDY_PURGE",
     "STUDY_RESULTS",
     "UID",
     "CenterClient",
     "CenterError",
     "CompleteStudy",
+    "PurgeOut",
+    "PurgeStudy",
     "ResultObject",
     "ResultObjectList",
     "backoff_s",
@@ -52,6 +55,7 @@ __all__ = [
 STUDIES = "/v1/studies"  # STOW-RS: multipart/related; type="application/dicom"
 STUDY_COMPLETE = "/v1/studies/{study_uid}/complete"
 STUDY_RESULTS = "/v1/studies/{study_uid}/results"
+STUDY_PURGE = "/v1/studies/{study_uid}/purge"
 AGREEMENT_RESULT_OBJECTS = "/v1/agreements/{agreement_id}/result-objects"
 RESULT_OBJECT = "/v1/result-objects/{object_id}"
 
@@ -63,6 +67,22 @@ AGREEMENT_ID = r"^[a-z0-9][a-z0-9-]{1,62}$"
 UID = r"^[0-9.]{1,64}$"
 MAX_LISTING = 1000  # result objects in one listing page
 MAX_ID = (1 << 63) - 1  # ids are 64-bit signed integers in both databases
+
+
+class PurgeStudy(BaseModel):
+    """Sent by the edge when the hospital wants a study gone from the center now (a patient
+    withdrew consent): the center deletes its images, results and reports and audits it."""
+
+    model_config = ConfigDict(extra="forbid")
+    agreement_id: str = Field(pattern=AGREEMENT_ID)
+    reason: Literal["consent-withdrawn", "hospital-request"]
+
+
+class PurgeOut(BaseModel):
+    """``purged`` False: the center held nothing of the study (already purged): idempotent."""
+
+    purged: bool
+    files: int = Field(ge=0)
 
 
 class CompleteStudy(BaseModel):
@@ -147,6 +167,15 @@ class CenterClient:
     def complete(self, study_uid: str, body: CompleteStudy) -> httpx.Response:
         path = STUDY_COMPLETE.format(study_uid=study_uid)
         return self._call("POST", path, "complete", json=body.model_dump(mode="json"))
+
+    def purge(self, study_uid: str, body: PurgeStudy) -> PurgeOut:
+        """Ask the center to delete the study now (409 while its job runs: retry later)."""
+        path = STUDY_PURGE.format(study_uid=study_uid)
+        resp = self._call("POST", path, "purge", json=body.model_dump(mode="json"))
+        try:
+            return PurgeOut.model_validate_json(resp.content)
+        except ValueError:
+            raise CenterError("center sent an invalid purge answer") from None
 
     def study_results(self, study_uid: str) -> dict[str, Any]:
         """The center's results of a study (its job's state and the findings), as JSON."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from radbridge.errors import (
     AuthError,
@@ -18,7 +19,7 @@ from radbridge.errors import (
     StorageError,
 )
 
-__all__ = ["http_status_for", "radbridge_error_handler"]
+__all__ = ["http_exception_handler", "http_status_for", "radbridge_error_handler"]
 
 _TABLE: tuple[tuple[type[RadbridgeError], int], ...] = (
     (AuthError, 401),
@@ -55,3 +56,12 @@ async def radbridge_error_handler(_request: Request, exc: Exception) -> JSONResp
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = 'Bearer realm="radbridge-center"'
     return JSONResponse(body, status_code=http_status_for(exc), headers=headers)
+
+
+async def http_exception_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (a JSON body that does not parse, an unknown path) in the same
+    shape as ours: ``{"error", "detail"}``; 400 is a DatasetError like any unreadable body."""
+    assert isinstance(exc, HTTPException)
+    error = "DatasetError" if exc.status_code == 400 else "HTTPError"
+    body = {"error": error, "detail": str(exc.detail)}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

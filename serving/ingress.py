@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_io.header import parse_header
 from dicom_io.store import DurableStore
@@ -42,9 +43,12 @@ from radbridge.contract import (
     RESULT_OBJECT,
     STUDIES,
     STUDY_COMPLETE,
+    STUDY_PURGE,
     STUDY_RESULTS,
     UID,
     CompleteStudy,
+    PurgeOut,
+    PurgeStudy,
     ResultObjectList,
 )
 from radbridge.db.agreements import sync_agreements
@@ -58,7 +62,7 @@ from radbridge.errors import (
     PolicyError,
     RadbridgeError,
 )
-from radbridge.http_errors import radbridge_error_handler
+from radbridge.http_errors import http_exception_handler, radbridge_error_handler
 from radbridge.metrics import CenterMetrics, safe_label
 from radbridge.settings import Settings
 from radbridge.signing import load_signer
@@ -83,6 +87,7 @@ __all__ = ["Api", "api"]
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="radbridge center", version="0.1.0")
 api.add_exception_handler(RadbridgeError, radbridge_error_handler)
+api.add_exception_handler(StarletteHTTPException, http_exception_handler)
 
 
 _NPY = ("application/x-npy", "application/octet-stream")
@@ -304,6 +309,25 @@ class Api:
             state=job.state,
             created_at=job.created_at,
         )
+
+    @api.post(STUDY_PURGE, responses=_answers(400, *_EDGE, 409))
+    async def purge(
+        self, request: Request, body: PurgeStudy, study_uid: str = Path(pattern=UID)
+    ) -> PurgeOut:
+        """Delete the study now (the hospital asked: a withdrawn consent). Idempotent; 409
+        while its job is queued or running (retry later). Audited as 110105 by the purge."""
+        caller = self._caller(request, Role.EDGE)
+        self._agreement(caller, body.agreement_id)
+        item = await asyncio.to_thread(
+            retention.purge_now,
+            self.db,
+            self.store,
+            self.audit,
+            body.agreement_id,
+            study_uid,
+            body.reason,
+        )
+        return PurgeOut(purged=item is not None, files=item.files if item else 0)
 
     @api.get(STUDY_RESULTS, responses=_answers(*_EDGE))
     async def results(self, request: Request, study_uid: str = Path(pattern=UID)) -> StudyResults:

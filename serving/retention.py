@@ -42,8 +42,8 @@ from radbridge.db.tables import (
     StudyRow,
     utcnow,
 )
-from radbridge.errors import NotFoundError
-from radbridge.lifecycle import CenterStudyState
+from radbridge.errors import NotFoundError, PolicyError
+from radbridge.lifecycle import CenterStudyState, JobState
 
 __all__ = ["Due", "disk_usage", "due", "purge", "purge_now", "run"]
 
@@ -187,7 +187,8 @@ def purge_now(
     reason: str = "edge-request",
 ) -> Due | None:
     """Purge a study of ``agreement_id`` at once (the edge asked: e.g. a withdrawn consent).
-    None when the center holds no such study (already purged: the request is idempotent)."""
+    None when the center holds no such study (already purged: the request is idempotent);
+    :class:`PolicyError` while its job is queued or running (the edge asks again later)."""
     with db.session() as s:
         study = s.scalars(
             select(StudyRow).where(
@@ -196,6 +197,14 @@ def purge_now(
         ).first()
         if study is None:
             return None
+        busy = s.scalar(
+            select(func.count(JobRow.id)).where(
+                JobRow.study_id == study.id,
+                JobRow.state.in_((JobState.QUEUED.value, JobState.RUNNING.value)),
+            )
+        )
+        if busy:
+            raise PolicyError("the study's inference job is still running: ask again later")
         files, size = _files(s, study.id, "study")
         item = Due(study.id, agreement_id, study_uid, "study", reason, len(files), size)
     if not purge(db, store, audit, item):

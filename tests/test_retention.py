@@ -20,10 +20,12 @@ from radbridge.db.agreements import sync_agreements
 from radbridge.db.tables import (
     AuditRow,
     InstanceRow,
+    JobRow,
     ReadRow,
     StudyRow,
     utcnow,
 )
+from radbridge.errors import PolicyError
 from radbridge.lifecycle import CenterStudyState
 from serving import retention
 from serving.intake import receive_instances
@@ -138,6 +140,19 @@ def test_the_edge_may_ask_for_a_purge_and_a_purged_study_takes_no_instance(cente
         study.state = CenterStudyState.IMAGES_PURGED
     refused = receive_instances(db, store, AGREEMENT, parts[1:])
     assert refused.stored == [] and "purged" in refused.failed[0][3]
+
+
+def test_a_purge_request_waits_for_the_studys_running_job(center) -> None:  # type: ignore[no-untyped-def]
+    db, store, audit, _ = center
+    study_id = _study(db, store)
+    with db.session() as s:
+        study = s.get(StudyRow, study_id)
+        assert study is not None
+        uid = study.study_uid
+        s.add(JobRow(study_id=study_id, state="running", priority="routine", version=2))
+    with pytest.raises(PolicyError, match="running"):
+        retention.purge_now(db, store, audit, AGREEMENT, uid)
+    assert _count(db, StudyRow) == 1 and len(_files(store)) == 3  # nothing touched
 
 
 def test_retention_must_keep_reports_at_least_as_long_as_images() -> None:

@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from sqlalchemy import select
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -41,10 +42,10 @@ from radbridge.auth import (
     load_edge_key,
     load_trust,
 )
-from radbridge.contract import tls_verify
+from radbridge.contract import CenterClient, PurgeOut, PurgeStudy, tls_verify
 from radbridge.db import Database, upgrade
-from radbridge.db.tables import InstanceRow, JobRow, SeriesRow, StudyRow, utcnow
-from radbridge.errors import ModelError
+from radbridge.db.tables import AuditRow, InstanceRow, JobRow, SeriesRow, StudyRow, utcnow
+from radbridge.errors import CenterError, ModelError
 from radbridge.identity import prepare_local_identity
 from radbridge.settings import Settings
 from serving.config import DEFAULT_SERVE_CONFIG
@@ -565,10 +566,12 @@ def test_every_route_refuses_callers_without_the_right_credential(center: Center
     complete = json.dumps(
         {"agreement_id": AGREEMENT, "priority": "routine", "instance_count": 1}
     ).encode()
+    purge = json.dumps({"agreement_id": AGREEMENT, "reason": "consent-withdrawn"}).encode()
     routes: list[tuple[str, str, bytes, str]] = [
         ("POST", "/v1/studies", b"", "edge"),
         ("POST", "/v1/studies/2.25.77/complete", complete, "edge"),
         ("GET", "/v1/studies/2.25.77/results", b"", "edge"),
+        ("POST", "/v1/studies/2.25.77/purge", purge, "edge"),
         ("GET", f"/v1/agreements/{AGREEMENT}/result-objects", b"", "edge"),
         ("GET", "/v1/result-objects/1", b"", "edge"),
         ("POST", f"/v1/models/{MODEL}/infer", npy, "integration"),
@@ -588,7 +591,7 @@ def test_every_route_refuses_callers_without_the_right_credential(center: Center
                 body: bytes = body,
             ) -> int:
                 h = {**base, **(headers or {})}
-                if path.endswith("/complete"):
+                if path.endswith(("/complete", "/purge")):
                     h["content-type"] = "application/json"
                 return http.request(method, path, content=body, headers=h, auth=auth).status_code
 
@@ -720,3 +723,34 @@ def _bound(check: Any, role: str) -> Any:
         check(case, role)
 
     return run
+
+
+def test_the_edge_has_a_study_purged_at_the_center(center: Center) -> None:
+    """A withdrawn consent at the hospital: the edge asks, the center deletes the study and
+    audits it (110105); asking again is harmless; the other agreement's edge cannot."""
+    db = Database(center.settings.center_db_url)
+    with db.session() as s:
+        study = _complete_study(s, "2.25.78")
+        s.add(JobRow(study_id=study.id, state="done", priority="routine", version=1))
+    body = PurgeStudy(agreement_id=AGREEMENT, reason="consent-withdrawn")
+    own = CenterClient(center.url, auth=center.edge_auth, verify=center.verify)
+    other = CenterClient(center.url, auth=center.other_edge_auth, verify=center.verify)
+    try:
+        with pytest.raises(CenterError) as refused:
+            other.purge("2.25.78", body)
+        assert refused.value.status == 404
+        assert own.purge("2.25.78", body) == PurgeOut(purged=True, files=0)
+        assert own.purge("2.25.78", body) == PurgeOut(purged=False, files=0)
+        with db.session() as s:
+            gone = s.scalars(select(StudyRow).where(StudyRow.study_uid == "2.25.78")).first()
+            assert gone is None
+            deleted = s.scalars(
+                select(AuditRow).where(
+                    AuditRow.event_id == "110105", AuditRow.study_uid == "2.25.78"
+                )
+            ).all()
+        assert len(deleted) == 1 and "consent-withdrawn" in deleted[0].details
+    finally:
+        own.close()
+        other.close()
+        db.dispose()

@@ -20,6 +20,7 @@ import httpx
 import pydicom
 from sqlalchemy import Row, select, update
 
+from dicom_io.consent import NO_REFERENCE, ConsentRegister, patient_of
 from dicom_io.deid import BurnedInAnnotationError, deidentify
 from dicom_io.identity_map import record_pseudonyms
 from dicom_io.part10 import to_part10
@@ -57,10 +58,12 @@ class Forwarder:
         retry_max_s: float = 300.0,
         audit: AuditTrail | None = None,
         ledger: PersonLedger | None = None,
+        consent: ConsentRegister | None = None,
     ) -> None:
         """``audit``: the edge's trail, which gets an Export record (DICOM 110106) for every
         study that left, with the agreement's legal mechanism and reference. ``ledger``: the
-        PIPL person ledger, asked before a study's first byte leaves."""
+        PIPL person ledger, and ``consent``: the consent register, both asked before a study's
+        first byte leaves."""
         self.db, self.store, self._agreements = db, store, agreements
         self._secret = master_secret
         self._metrics = metrics
@@ -68,6 +71,7 @@ class Forwarder:
         self._center = center
         self._audit = audit
         self._ledger = ledger
+        self._consent = consent
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -149,6 +153,18 @@ class Forwarder:
         except _AtCeiling as exc:
             self._hold_at_ceiling(study, agreement, exc.reason, stable_at)
             return 0
+        except _NoConsent as exc:  # withdrawn: for good; no reference yet: look again hourly
+            log.warning("study %s held at the edge: %s", study.id, exc.reason)
+            retry = None if exc.final else max(stable_at, utcnow()) + timedelta(hours=1)
+            with self.db.session() as s:
+                s.execute(
+                    update(StudyRow)
+                    .where(StudyRow.id == study.id)
+                    .values(
+                        state=EdgeStudyState.BLOCKED, last_error=exc.reason, next_attempt_at=retry
+                    )
+                )
+            return 0
         if sent:
             self._record_export(agreement, pseudo_study_uid, sent, nbytes)
         if held:
@@ -183,6 +199,7 @@ class Forwarder:
                 .where(SeriesRow.study_id == study.id)
                 .order_by(InstanceRow.id)
             ).all()
+        self._check_consent(agreement, rows)
         self._count_person(study, agreement, rows)
         parts, held = self._deidentify_study(study, rows, pseudo, agreement)
         pseudo_study_uid = pseudo.uid(study.study_uid)
@@ -205,6 +222,15 @@ class Forwarder:
             ),
         )
         return len(parts), held, pseudo_study_uid, sum(len(p) for p in parts)
+
+    def _check_consent(self, agreement: Agreement, rows: Sequence[Row[int, str]]) -> None:
+        """Raise ``_NoConsent`` when the patient's consent holds the study at the edge."""
+        if self._consent is None or not rows:
+            return
+        patient = patient_of(self.store.path(rows[0][1]), agreement)
+        hold = self._consent.hold_reason(agreement, patient)
+        if hold is not None:
+            raise _NoConsent(hold.reason, hold.final)
 
     def _count_person(
         self, study: StudyRow, agreement: Agreement, rows: Sequence[Row[int, str]]
@@ -363,6 +389,12 @@ class Forwarder:
                 self._metrics.outbox_depth.labels(state.value).set(n)
 
 
+class _NoConsent(Exception):
+    def __init__(self, reason: str, final: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.final = reason, final
+
+
 class _AtCeiling(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -372,7 +404,7 @@ class _AtCeiling(Exception):
 def _retried_when_due(study: StudyRow) -> bool:
     """Blocked for a reason that time can lift: no transfer basis, or the person ceiling."""
     reason = study.last_error or ""
-    return reason == _NO_BASIS or reason.startswith(CEILING_REASON)
+    return reason in (_NO_BASIS, NO_REFERENCE) or reason.startswith(CEILING_REASON)
 
 
 def _complete(study: StudyRow, agreement: Agreement, now: datetime) -> bool:

@@ -8,10 +8,12 @@ import warnings
 
 from prometheus_client import start_http_server
 
+from dicom_io.consent import ConsentRegister
 from dicom_io.delivery import Deliverer
 from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
 from dicom_io.person_ledger import PersonLedger
+from dicom_io.purge_requests import PurgeOutbox
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
 from dicom_io.stow_server import StowServer, build_stow_app
@@ -102,6 +104,16 @@ class Gateway:
             ledger=PersonLedger(
                 self.db, settings.edge.master_secret.get_secret_value(), self.metrics, self.audit
             ),
+            consent=ConsentRegister(
+                self.db, settings.edge.master_secret.get_secret_value(), self.audit
+            ),
+        )
+        self.purges = PurgeOutbox(
+            self.db,
+            center_client(settings),
+            retry_base_s=e.retry_base_s,
+            retry_max_s=e.retry_max_s,
+            audit=self.audit,
         )
         self.deliverer = Deliverer(
             self.db,
@@ -146,6 +158,7 @@ class Gateway:
         for name, loop, interval in (
             ("radbridge-forwarder", self.forwarder.run, e.poll_interval_s),
             ("radbridge-delivery", self.deliverer.run, e.delivery_poll_s),
+            ("radbridge-purges", self.purges.run, e.poll_interval_s),
         ):
             t = threading.Thread(target=loop, args=(self._stop, interval), name=name, daemon=True)
             t.start()
@@ -171,4 +184,5 @@ class Gateway:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
         self.forwarder.close()
         self.deliverer.close()
+        self.purges.close()
         self.db.dispose()

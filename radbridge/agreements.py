@@ -207,6 +207,31 @@ class Deidentification(_Strict):
     )
 
 
+class Consent(_Strict):
+    """The patient's consent to the cross-border read, as the hospital records it.
+
+    A withdrawn consent (``radbridge consent withdraw``) always holds: nothing more of that
+    patient leaves, and the center is told to purge what it holds. With ``required``, a
+    patient's studies leave only with a consent reference: the value of ``attribute`` in the
+    study's first instance, or one recorded at the edge (``radbridge consent add|import``)."""
+
+    required: bool = False
+    attribute: str | None = Field(
+        None,
+        description="DICOM keyword of the attribute holding the consent reference "
+        "(e.g. ClinicalTrialProtocolID or a keyword the hospital's RIS fills).",
+    )
+
+    @field_validator("attribute")
+    @classmethod
+    def _keyword(cls, v: str | None) -> str | None:
+        from pydicom.datadict import tag_for_keyword
+
+        if v is not None and tag_for_keyword(v) is None:
+            raise ValueError(f"{v!r} is not a DICOM keyword")
+        return v
+
+
 class Retention(_Strict):
     """How long the reading center keeps a study after its read went home (the final report
     fetched by the edge): the images first, then everything (reports, result objects, rows)."""
@@ -245,6 +270,7 @@ class Agreement(_Strict):
     transfer_basis: TransferBasis
     quiet_period_s: float = Field(10.0, ge=0, le=86_400)
     retention: Retention = Field(default_factory=Retention)  # type: ignore[arg-type]
+    consent: Consent = Field(default_factory=Consent)  # type: ignore[arg-type]
     active_from: date
     active_until: date
 

@@ -72,6 +72,8 @@ EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
     "reader-login": ("110114", "User Authentication", "E", ("110122", "Login")),
     "reader-logout": ("110114", "User Authentication", "E", ("110123", "Logout")),
     "report-signed": ("110110", "Patient Record", "C", None),
+    "consent-recorded": ("110110", "Patient Record", "U", None),
+    "consent-withdrawn": ("110110", "Patient Record", "U", None),
 }
 OUTCOMES = frozenset({0, 4, 8, 12})
 

@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -740,3 +742,103 @@ def readers_disable(username: str) -> None:
     finally:
         db.dispose()
     console.print(f"reader {username} disabled")
+
+
+consent_app = typer.Typer(help="Patients' consent to the cross-border read (edge).")
+app.add_typer(consent_app, name="consent")
+
+_ISSUER = typer.Option(help="Issuer of Patient ID, when the hospital uses one.")
+
+
+@contextmanager
+def _consent_register(agreement_id: str) -> Iterator[tuple[Any, Any, Any]]:
+    """(the agreement, the edge's consent register, the edge's audit trail) for a command;
+    the agreements table is synced first, as the gateway does at its start."""
+    from dicom_io.consent import ConsentRegister
+    from radbridge.agreements import load_agreements
+    from radbridge.audit import AuditTrail
+    from radbridge.db.agreements import sync_agreements
+    from radbridge.db.engine import Database
+    from radbridge.db.migrate import upgrade
+
+    s = _settings()
+    agreements = load_agreements(s.agreements_file)
+    agreement = agreements.get(agreement_id)
+    if agreement is None:
+        raise ConfigError(f"--agreement: no agreement {agreement_id!r} in {s.agreements_file}")
+    upgrade(s.edge_db_url)
+    db = Database(s.edge_db_url)
+    try:
+        audit = AuditTrail(db, f"edge:{s.edge.id}")
+        sync_agreements(db, agreements)
+        secret = s.edge.master_secret.get_secret_value()
+        yield agreement, ConsentRegister(db, secret, audit), audit
+    finally:
+        db.dispose()
+
+
+@consent_app.command("add")
+def consent_add(
+    patient_id: Annotated[str, typer.Argument(help="The patient's Patient ID (0010,0020).")],
+    reference: Annotated[str, typer.Argument(help="The hospital's reference of the consent.")],
+    agreement: Annotated[str, typer.Option(help="The agreement the consent covers.")],
+    issuer: Annotated[str, _ISSUER] = "",
+) -> None:
+    """Record a patient's consent (or renew it after a withdrawal)."""
+    try:
+        with _consent_register(agreement) as (a, register, _):
+            register.record(a.id, issuer, patient_id, reference, "cli")
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]consent recorded[/] under {agreement}")
+
+
+@consent_app.command("import")
+def consent_import(
+    csv_file: Annotated[Path, typer.Argument(help="CSV: patient_id,reference[,issuer]")],
+    agreement: Annotated[str, typer.Option(help="The agreement the consents cover.")],
+) -> None:
+    """Record consents from the hospital's export (a header row is skipped)."""
+    import csv
+
+    try:
+        rows = list(csv.reader(csv_file.read_text(encoding="utf-8").splitlines()))
+    except OSError as exc:
+        raise _fail(ConfigError(f"{csv_file}: {exc.strerror}")) from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["patient_id", "reference"]:
+        rows = rows[1:]
+    try:
+        with _consent_register(agreement) as (a, register, _):
+            for n, row in enumerate(rows, start=1):
+                if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                    raise ConfigError(f"{csv_file} row {n}: want patient_id,reference[,issuer]")
+                issuer = row[2] if len(row) > 2 else ""
+                register.record(a.id, issuer, row[0], row[1], "import")
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]{len(rows)} consents recorded[/] under {agreement}")
+
+
+@consent_app.command("withdraw")
+def consent_withdraw(
+    patient_id: Annotated[str, typer.Argument(help="The patient's Patient ID (0010,0020).")],
+    agreement: Annotated[str, typer.Option(help="The agreement the consent covered.")],
+    issuer: Annotated[str, _ISSUER] = "",
+) -> None:
+    """Withdraw a patient's consent: nothing more of the patient leaves; studies still at the
+    edge are held; the center is asked (by the running gateway) to delete those it holds."""
+    from dicom_io.consent import withdraw
+    from dicom_io.store import DurableStore
+
+    s = _settings()
+    try:
+        with _consent_register(agreement) as (a, register, audit):
+            held, purges = withdraw(
+                register.db, DurableStore(s.edge_store), register, a, issuer, patient_id, audit
+            )
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"[green]consent withdrawn[/] under {agreement}: {held} studies held at the edge, "
+        f"{purges} purge requests queued for the center"
+    )

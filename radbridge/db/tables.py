@@ -334,6 +334,40 @@ class PersonYearRow(Base):
     persons: Mapped[int] = mapped_column(Integer)
 
 
+class ConsentRow(Base):
+    """Edge only: a patient's consent under an agreement (the person is a keyed hash)."""
+
+    __tablename__ = "consents"
+    __table_args__ = (UniqueConstraint("agreement_id", "person"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
+    person: Mapped[str] = mapped_column(String(64), doc="HMAC of agreement, issuer, Patient ID.")
+    reference: Mapped[str | None] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(16), doc="attribute, import or cli")
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    withdrawn_at: Mapped[datetime | None]
+
+
+class PurgeRequestRow(Base):
+    """Edge only: the center must delete a study (a withdrawn consent); retried until done."""
+
+    __tablename__ = "purge_requests"
+    __table_args__ = (
+        UniqueConstraint("agreement_id", "study_uid"),
+        Index("ix_purge_requests_state_next", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(ForeignKey("agreements.id"))
+    study_uid: Mapped[str] = mapped_column(String(64), doc="Pseudonymous: the center's UID.")
+    reason: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), doc="pending or done")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]
+
+
 class ReaderRow(Base):
     """Center only: a radiologist of a reading center (review/readers.py). ``agreements`` narrows
     what the reader sees among the agreements their center serves (empty: all of them)."""

@@ -30,18 +30,24 @@ from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from radbridge.agreements import load_agreements, parse_agreements
+from radbridge.audit import AuditTrail
 from radbridge.contract import (
     AGREEMENT_HEADER,
     PRIORITY_HEADER,
     STUDIES,
     STUDY_COMPLETE,
+    STUDY_PURGE,
     CenterClient,
     CompleteStudy,
+    PurgeOut,
+    PurgeStudy,
 )
 from radbridge.db import Database, upgrade
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.tables import JobRow, StudyRow, utcnow
-from serving import jobs
+from radbridge.errors import RadbridgeError
+from radbridge.http_errors import radbridge_error_handler
+from serving import jobs, retention
 from serving.intake import receive_instances, stow_response
 from tests.conftest import REPO, free_port, identity_needles, make_instance
 
@@ -56,12 +62,14 @@ class Center:
         upgrade(self.db_url)
         self.db = Database(self.db_url)
         sync_agreements(self.db, load_agreements(AGREEMENTS))
+        self.audit = AuditTrail(self.db, "center")
         self.store_dir = tmp / "center-store"
         self.store = DurableStore(self.store_dir)
         self.port = free_port()
         self.overloaded = False  # answer STOW-RS like the Serve center over its backlog bound
         self.priorities: list[str] = []
         app = FastAPI()
+        app.add_exception_handler(RadbridgeError, radbridge_error_handler)
 
         @app.post(STUDIES)
         async def stow(
@@ -85,6 +93,13 @@ class Center:
         async def complete(study_uid: str, body: CompleteStudy) -> dict[str, int]:
             job, _ = jobs.complete_study(self.db, study_uid, body)
             return {"job_id": job.id}
+
+        @app.post(STUDY_PURGE)
+        async def purge(study_uid: str, body: PurgeStudy) -> PurgeOut:
+            item = retention.purge_now(
+                self.db, self.store, self.audit, body.agreement_id, study_uid, body.reason
+            )
+            return PurgeOut(purged=item is not None, files=item.files if item else 0)
 
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -458,3 +473,69 @@ def test_a_new_person_past_the_pipl_ceiling_is_held_while_a_counted_one_goes(
     events = [json.loads(r.details)["event"] for r in records(db)]
     assert events.count("transfer-ceiling") == 1 and events.count("export") == 2, events
     assert verify(db)[1] is None
+
+
+def test_consent_required_then_recorded_then_withdrawn_purges_the_center_copy(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """An agreement that requires consent: a patient's study waits at the edge without a
+    reference, leaves once one is recorded; a withdrawal holds the patient's next study for
+    good and has the center delete what it holds (the purge outbox, against the center's own
+    retention code), audited at both ends."""
+    from dicom_io.consent import NO_REFERENCE, WITHDRAWN, ConsentRegister, withdraw
+    from dicom_io.purge_requests import PurgeOutbox, pending_purges
+
+    db, store = edge
+    raw = yaml.safe_load(AGREEMENTS.read_text())
+    raw["agreements"][0]["consent"] = {"required": True}
+    aset = parse_agreements(raw)
+    agreement = aset.agreements[0]
+    audit = AuditTrail(db, "edge:test")
+    register = ConsentRegister(db, "test-secret", audit)
+    instances = _ingest(db, store)
+    center = Center(tmp_path)
+    center.start()
+    fwd = _forwarder(db, store, center.port, agreements=aset, consent=register)
+    outbox = PurgeOutbox(db, CenterClient(f"http://127.0.0.1:{center.port}", timeout_s=5))
+    later = utcnow() + timedelta(seconds=5)
+    try:
+        assert fwd.tick(later) == 0
+        st = _state(db)
+        assert (st.state, st.last_error) == ("blocked", NO_REFERENCE)
+        assert st.next_attempt_at is not None  # looked at again: a reference may come
+        patient = str(instances[0].PatientID)
+        register.record(agreement.id, "", patient, "CONSENT-2026-0042", "cli")
+        assert fwd.tick(later + timedelta(hours=2)) == 1
+        assert _state(db).state == "forwarded"
+        pseudo = lookup_pseudonym(db, agreement.id, "uid", str(instances[0].StudyInstanceUID))
+        with center.db.session() as s:
+            assert s.scalars(select(StudyRow.study_uid)).all() == [pseudo]
+
+        held, purges = withdraw(db, store, register, agreement, "", patient, audit)
+        assert (held, purges) == (0, 1)
+        assert withdraw(db, store, register, agreement, "", patient, audit)[1] == 0  # once
+        assert pending_purges(db) == 1
+        assert outbox.tick() == 0 and pending_purges(db) == 1  # 409: its job still runs
+        with center.db.session() as s:
+            job_id = s.scalars(select(JobRow.id)).one()
+        jobs.start_job(center.db, job_id)
+        jobs.finish_job(center.db, job_id)
+        assert outbox.tick(utcnow() + timedelta(minutes=5)) == 1 and pending_purges(db) == 0
+        with center.db.session() as s:
+            assert s.scalars(select(StudyRow)).all() == []  # the center copy is gone
+        assert not list(center.store_dir.rglob("*.dcm"))
+
+        # The same patient's next study stays at the edge, for good.
+        second = make_instance(patient={"name": "X^Y", "id": patient, "birth": "19700101"})
+        buf = BytesIO()
+        second.save_as(buf, enforce_file_format=True)
+        Ingestor(db, store).ingest(agreement.id, parse_header(buf.getvalue()), buf.getvalue())
+        assert fwd.tick(later + timedelta(hours=3)) == 0
+        with db.session() as s:
+            new = s.scalars(
+                select(StudyRow).where(StudyRow.study_uid == str(second.StudyInstanceUID))
+            ).one()
+        assert (new.state, new.last_error, new.next_attempt_at) == ("blocked", WITHDRAWN, None)
+    finally:
+        outbox.close()
+        center.stop()

@@ -6,6 +6,7 @@ language of the agreement — reaches Orthanc re-identified, VERIFIED and FINAL.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
@@ -13,10 +14,13 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from models.phantom_dicom import write_cxr_study
 from radbridge.contract import tls_verify
-from tests.e2e.stack import add_reader, stack_report, stack_with_pacs
+from radbridge.db import Database
+from radbridge.db.tables import AuditRow, StudyRow
+from tests.e2e.stack import AGREEMENT, BIN, add_reader, stack_report, stack_with_pacs
 from tests.e2e.test_results_to_pacs import _wait_for_sr
 from tests.peers import OrthancPeer
 
@@ -109,7 +113,61 @@ def test_reader_signs_and_the_report_reaches_the_pacs(tmp_path: Path) -> None:
                 if e.keyword == "CodeValue" and str(e.value) in ("ru", "zh-Hans", "en")
             }
         assert languages == {"ru", "zh-Hans", "en"}
-        print(stack_report(Path(str(stack["data"])), 5))
+
+        # The patient withdraws consent: the edge asks the center to delete the study; both
+        # audit trails then tell the study's whole story, in order, and both chains verify.
+        data = Path(str(stack["data"]))
+        pseudo = detail["study_uid"]
+        withdrawn = _radbridge(stack, "consent", "withdraw", "PACS-42", "--agreement", AGREEMENT)
+        assert "1 purge requests queued" in " ".join(withdrawn.split()), withdrawn
+        center_db = Database(f"sqlite:///{data / 'center' / 'center.db'}")
+        edge_db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")
+        try:
+            deadline = time.monotonic() + 120
+            while _story(edge_db, pseudo)[-1:] != ["110105"] and time.monotonic() < deadline:
+                time.sleep(1)
+            with center_db.session() as s:
+                assert s.scalars(select(StudyRow).where(StudyRow.study_uid == pseudo)).all() == []
+            edge_story, center_story = _story(edge_db, pseudo), _story(center_db, pseudo)
+        finally:
+            center_db.dispose()
+            edge_db.dispose()
+        # Edge: exported (with its legal basis), results and reports delivered to the PACS,
+        # the center's deletion confirmed. Center: imported, viewed, signed, deleted.
+        assert edge_story[0] == "110106" and edge_story[-1] == "110105", edge_story
+        assert edge_story.count("110104") >= 4  # the AI SR and three reports at the PACS
+        assert center_story[0] == "110107" and center_story[-1] == "110105", center_story
+        assert center_story.index("110103") < center_story.index("110110")  # viewed, signed
+        for node in ("edge", "center"):
+            assert "intact" in _radbridge(stack, "audit", "verify", "--node", node)
+        print(f"edge story {edge_story}\ncenter story {center_story}")
+        print(stack_report(data, 5))
+
+
+def _radbridge(stack: dict[str, object], *args: str) -> str:
+    """Run the CLI against the running stack's data; its output (fails the test on error)."""
+    run = subprocess.run(
+        [str(BIN / "radbridge"), *args],
+        env=stack["env"],  # type: ignore[arg-type]
+        cwd=stack["data"],  # type: ignore[arg-type]
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def _story(db: Database, study_uid: str) -> list[str]:
+    """The DICOM event ids of a study's audit records on one node, in chain order."""
+    with db.session() as s:
+        return list(
+            s.scalars(
+                select(AuditRow.event_id)
+                .where(AuditRow.study_uid == study_uid)
+                .order_by(AuditRow.id)
+            )
+        )
 
 
 def _wait_for_reports(

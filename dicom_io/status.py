@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from dicom_io.store import DurableStore
 from radbridge.db.engine import Database
-from radbridge.db.tables import DeliveryRow, PersonYearRow, StudyRow, utcnow
+from radbridge.db.tables import DeliveryRow, PersonYearRow, PurgeRequestRow, StudyRow, utcnow
 from radbridge.lifecycle import DeliveryState, EdgeStudyState
 
 __all__ = ["DeadDelivery", "GatewayStatus", "StuckStudy", "gateway_status"]
@@ -56,6 +56,10 @@ class GatewayStatus:
     deliveries_by_state: dict[str, int] = field(default_factory=dict)  # pending/delivered/dead
     dead_deliveries: list[DeadDelivery] = field(default_factory=list)
     persons_this_year: dict[str, int] = field(default_factory=dict)  # hospital -> PIPL ledger
+    # Purge requests (withdrawn consents) the center has not confirmed yet, and the oldest's
+    # last error: a request that keeps failing needs a person.
+    purges_pending: int = 0
+    purge_last_error: str | None = None
 
 
 def gateway_status(
@@ -95,6 +99,11 @@ def gateway_status(
             r.hospital: r.persons
             for r in s.scalars(select(PersonYearRow).where(PersonYearRow.year == year))
         }
+        pending = s.scalars(
+            select(PurgeRequestRow)
+            .where(PurgeRequestRow.state == "pending")
+            .order_by(PurgeRequestRow.id)
+        ).all()
     associations = _scrape_associations(metrics_url) if metrics_url else None
     return GatewayStatus(
         running=associations is not None,
@@ -108,6 +117,8 @@ def gateway_status(
         },
         dead_deliveries=dead,
         persons_this_year=persons,
+        purges_pending=len(pending),
+        purge_last_error=next((p.last_error for p in pending if p.last_error), None),
     )
 
 

@@ -288,6 +288,11 @@ def gateway_status_cmd() -> None:
         console.print(table)
     for hospital, persons in sorted(st.persons_this_year.items()):
         console.print(f"persons whose data left this year ({hospital}): {persons} (PIPL ledger)")
+    if st.purges_pending:
+        console.print(
+            f"purge requests to the center (withdrawn consents): {st.purges_pending} pending"
+            + (f"; last error: {st.purge_last_error}" if st.purge_last_error else "")
+        )
     d = st.deliveries_by_state
     console.print(
         f"results to the PACS: pending {d.get('pending', 0)}, dead {d.get('dead', 0)}, "

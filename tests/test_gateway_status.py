@@ -120,3 +120,29 @@ def test_gateway_resend_command(
     assert "already queued" in runner.invoke(app, ["gateway", "resend", str(dead)]).output
     missing = runner.invoke(app, ["gateway", "resend", "9999"])
     assert missing.exit_code == 2 and "no delivery with id 9999" in missing.output
+
+
+def test_status_counts_purge_requests_the_center_has_not_confirmed(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    from sqlalchemy import update
+
+    from dicom_io.purge_requests import enqueue_purge
+    from radbridge.db.tables import PurgeRequestRow
+
+    assert gateway_status(migrated_db, DurableStore(tmp_path), None).purges_pending == 0
+    enqueue_purge(migrated_db, "demo-hospital-to-center", "2.25.1", "consent-withdrawn")
+    enqueue_purge(migrated_db, "demo-hospital-to-center", "2.25.2", "consent-withdrawn")
+    with migrated_db.session() as s:
+        s.execute(
+            update(PurgeRequestRow)
+            .where(PurgeRequestRow.study_uid == "2.25.1")
+            .values(state="done", done_at=utcnow())
+        )
+        s.execute(
+            update(PurgeRequestRow)
+            .where(PurgeRequestRow.study_uid == "2.25.2")
+            .values(last_error="center answered 409 to purge")
+        )
+    st = gateway_status(migrated_db, DurableStore(tmp_path), None)
+    assert (st.purges_pending, st.purge_last_error) == (1, "center answered 409 to purge")

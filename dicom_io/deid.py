@@ -26,6 +26,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from dicom_io.deid_burned_in import BurnedInAnnotationError, burned_in_risk, plan_mask, quarantine
 from dicom_io.deid_leak import assert_no_leak, identifying_values
+from dicom_io.deid_ocr import needs_scan, scan_text
 from dicom_io.deid_raw import EXPLICIT_LITTLE, Element, Encoding, encode, new_dataset, text_of
 from dicom_io.deid_walk import NON_REMAPPED_UIDS, WalkContext, walk_items
 from dicom_io.pseudonyms import Pseudonymizer
@@ -79,6 +80,7 @@ def deidentify(
     *,
     burned_in: Literal["quarantine", "mask"] = "quarantine",
     top_band_rows: int = 0,
+    text_in_pixels: Literal["off", "mask", "quarantine"] = "off",
 ) -> DeidOutcome:
     """Return a de-identified copy of ``ds`` (with new file meta) and the pseudonyms issued.
 
@@ -98,6 +100,8 @@ def deidentify(
         if burned_in != "mask":
             raise quarantine(risk, "the agreement quarantines such instances at the edge")
         mask = plan_mask(ds, risk, top_band_rows)
+    elif text_in_pixels != "off" and needs_scan(ds):
+        mask = scan_text(ds, text_in_pixels)  # text read in the pixels: masked or quarantined
     needles = identifying_values(ds, pseudo.retain_uids, NON_REMAPPED_UIDS)
     pid = text_of(ds, 0x00100020)
     patient_pseudonym = pseudo.token("patient_id", pid, "RB")

@@ -37,6 +37,7 @@ __all__ = [
     "ULTRASOUND",
     "BurnedInAnnotationError",
     "Mask",
+    "black_value",
     "burned_in_risk",
     "plan_mask",
     "quarantine",
@@ -66,6 +67,7 @@ _WHAT = {
     FLAGGED: "BurnedInAnnotation is YES",
     ULTRASOUND: "ultrasound burns text into its pixels",
     SECONDARY_CAPTURE: "secondary capture (screen, document or dose report image)",
+    "burned_in_text": "text was read in the pixels",
 }
 
 
@@ -108,7 +110,8 @@ def quarantine(reason: str, why: str) -> BurnedInAnnotationError:
 
 @dataclass(frozen=True)
 class Mask:
-    """What to black out: everything outside ``keep`` rectangles, or the top ``band`` rows."""
+    """What to black out: everything outside ``keep`` rectangles, or the top ``band`` rows,
+    or (``hide``) just these rectangles (text found by dicom_io/deid_ocr.py)."""
 
     keep: tuple[tuple[int, int, int, int], ...]  # (x0, y0, x1, y1), inclusive
     band: int
@@ -119,6 +122,7 @@ class Mask:
     columns: int
     samples: int
     planar: int
+    hide: tuple[tuple[int, int, int, int], ...] = ()  # (x0, y0, x1, y1), inclusive
 
     def apply(self, out: Dataset) -> None:
         """Rewrite ``out.PixelData`` with the masked pixels and set BurnedInAnnotation NO."""
@@ -132,7 +136,11 @@ class Mask:
         else:
             view = pixels.reshape(self.frames, self.rows, self.columns, self.samples)
         hide = np.ones((self.rows, self.columns), dtype=bool)
-        if self.keep:
+        if self.hide:
+            hide[:] = False
+            for x0, y0, x1, y1 in self.hide:
+                hide[y0 : y1 + 1, x0 : x1 + 1] = True
+        elif self.keep:
             for x0, y0, x1, y1 in self.keep:
                 hide[y0 : y1 + 1, x0 : x1 + 1] = False
         else:
@@ -159,7 +167,7 @@ def plan_mask(ds: Dataset, reason: str, top_band_rows: int) -> Mask:
     dtype = "u1" if bits == 8 else "<u2"
     if len(ds.PixelData) < frames * rows * columns * samples * bits // 8:
         raise quarantine(reason, "pixel data is shorter than its description; quarantined")
-    black = _black(ds, bits, samples)
+    black = black_value(ds, bits, samples, reason)
     keep = _regions(ds, rows, columns)
     band = min(top_band_rows, rows)
     if not keep and band <= 0:
@@ -168,7 +176,8 @@ def plan_mask(ds: Dataset, reason: str, top_band_rows: int) -> Mask:
     return Mask(keep, band, black, dtype, frames, rows, columns, samples, planar)
 
 
-def _black(ds: Dataset, bits: int, samples: int) -> tuple[int, ...]:
+def black_value(ds: Dataset, bits: int, samples: int, reason: str) -> tuple[int, ...]:
+    """The stored value(s) that display as black, or quarantine (``reason``) if unknown."""
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if samples == 1 and photometric == "MONOCHROME2":
         return (0,)
@@ -182,8 +191,8 @@ def _black(ds: Dataset, bits: int, samples: int) -> tuple[int, ...]:
         index = _black_palette_index(ds, bits)
         if index is not None:
             return (index,)
-        raise quarantine(ULTRASOUND, "the palette has no black entry; quarantined")
-    raise quarantine(ULTRASOUND, f"photometric interpretation {photometric!r} not masked here")
+        raise quarantine(reason, "the palette has no black entry; quarantined")
+    raise quarantine(reason, f"photometric interpretation {photometric!r} not masked here")
 
 
 def _black_palette_index(ds: Dataset, bits: int) -> int | None:

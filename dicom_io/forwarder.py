@@ -326,7 +326,12 @@ class Forwarder:
         ds = pydicom.dcmread(BytesIO(self.store.read(relpath)))
         d = agreement.deidentification
         out = deidentify(
-            ds, pseudo, d.options, burned_in=d.burned_in, top_band_rows=d.burned_in_top_band_rows
+            ds,
+            pseudo,
+            d.options,
+            burned_in=d.burned_in,
+            top_band_rows=d.burned_in_top_band_rows,
+            text_in_pixels=d.text_in_pixels,
         ).dataset
         data = to_part10(out)
         self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())

@@ -9,6 +9,7 @@ import warnings
 from prometheus_client import start_http_server
 
 from dicom_io.consent import ConsentRegister
+from dicom_io.deid_ocr import tesseract
 from dicom_io.delivery import Deliverer
 from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
@@ -53,6 +54,8 @@ class Gateway:
         quiet_value_echoing_warnings()
         self.settings = settings
         self.agreements: AgreementSet = load_agreements(settings.agreements_file)
+        if any(a.deidentification.text_in_pixels != "off" for a in self.agreements.agreements):
+            tesseract()  # ConfigError naming the setting, at start, not at the first image
         self.metrics = EdgeMetrics()
         self.db = Database(settings.edge_db_url)
         e = settings.edge

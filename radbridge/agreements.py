@@ -193,6 +193,13 @@ class Deidentification(_Strict):
         "blacks out ultrasound pixels outside the data regions and quarantines what it cannot "
         "mask.",
     )
+    text_in_pixels: Literal["off", "mask", "quarantine"] = Field(
+        "mask",
+        description="Projection images (CR, DX, MG, XA, RF, OT...) without Burned In "
+        "Annotation are read for text (Tesseract at the edge): 'mask' blacks out the words "
+        "found (quarantines what it cannot mask or still reads an identifier in), "
+        "'quarantine' keeps any image with text at the edge, 'off' trusts the images.",
+    )
     burned_in_top_band_rows: int = Field(
         0,
         ge=0,

@@ -539,3 +539,33 @@ def test_consent_required_then_recorded_then_withdrawn_purges_the_center_copy(
     finally:
         outbox.close()
         center.stop()
+
+
+def test_a_radiograph_with_the_name_in_its_pixels_reaches_the_center_masked(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """The demo agreement reads text in unflagged projection images (text_in_pixels: mask):
+    the patient's name, ID and birth date drawn into a CR's pixels never reach the center."""
+    from dicom_io.deid_ocr import _display, _identifier_tokens, read_words
+    from dicom_io.deid_ocr import _spells_identifier as spells
+    from tests.test_deid_ocr import _radiograph
+
+    db, store = edge
+    cr = _radiograph()
+    buf = BytesIO()
+    cr.save_as(buf, enforce_file_format=True)
+    Ingestor(db, store).ingest(
+        "demo-hospital-to-center", parse_header(buf.getvalue()), buf.getvalue()
+    )
+    center = Center(tmp_path)
+    center.start()
+    try:
+        assert _forwarder(db, store, center.port).tick(utcnow() + timedelta(seconds=5)) == 1
+    finally:
+        center.stop()
+    [stored] = list(center.store_dir.rglob("*.dcm"))
+    out = pydicom.dcmread(stored)
+    assert out.BurnedInAnnotation == "NO"
+    assert "113101" in {str(i.CodeValue) for i in out.DeidentificationMethodCodeSequence}
+    tokens = _identifier_tokens(cr)
+    assert not [w.text for w in read_words(_display(out)) if spells(w.text, tokens)]

@@ -22,6 +22,7 @@ it), never on the acknowledgement path.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -66,6 +67,14 @@ def tesseract() -> str:
     return found
 
 
+@functools.cache
+def languages() -> str:
+    """Latin, and Simplified Chinese where its model is installed (Debian's
+    tesseract-ocr-chi-sim, which ./run installs): a name burned in as 汉字 is read too."""
+    run = subprocess.run([tesseract(), "--list-langs"], capture_output=True, text=True, timeout=30)
+    return "eng+chi_sim" if "chi_sim" in run.stdout.split() else "eng"
+
+
 def needs_scan(ds: Dataset) -> bool:
     """A projection image that does not say whether text is burned into it."""
     if "PixelData" not in ds:
@@ -108,7 +117,7 @@ def read_words(image: np.ndarray) -> list[Word]:
         png = Path(tmp) / "image.png"
         Image.fromarray(binary).save(png)
         run = subprocess.run(
-            [tesseract(), str(png), "stdout", "--psm", "11", "-l", "eng", "tsv"],
+            [tesseract(), str(png), "stdout", "--psm", "11", "-l", languages(), "tsv"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -147,6 +156,8 @@ def _is_text(word: Word, tokens: frozenset[str], shape: tuple[int, ...]) -> bool
     if _spells_identifier(word.text, tokens) and word.confidence >= 30:
         return True
     chars = len(_norm(word.text))
+    if _CJK.search(_norm(word.text)):
+        chars += 1  # two ideographs carry as much as three letters
     if chars >= 3 and word.confidence >= _CONFIDENT:
         return True
     return chars >= 2 and word.confidence >= _BORDER_CONFIDENT and _in_border(word.box, shape)
@@ -163,8 +174,12 @@ def _in_border(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:
     )
 
 
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
 def _norm(text: str) -> str:
-    return re.sub(r"[^0-9A-Z]", "", text.upper())
+    """Letters, digits and CJK ideographs, upper case: how an identifier is compared."""
+    return re.sub(r"[^0-9A-Z\u3400-\u9fff\uf900-\ufaff]", "", text.upper())
 
 
 def _identifier_tokens(ds: Dataset) -> frozenset[str]:
@@ -188,7 +203,8 @@ def _spells_identifier(text: str, tokens: frozenset[str]) -> bool:
     word = _norm(text)
     if len(word) < 2:
         return False
-    return any((len(t) >= 4 and t in word) or t == word for t in tokens)
+    # Long Latin tokens and any CJK name of two or more ideographs may sit inside a word.
+    return any(((len(t) >= 4 or _CJK.search(t)) and t in word) or t == word for t in tokens)
 
 
 def _padded(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -115,3 +115,26 @@ def test_only_unflagged_projection_images_are_scanned() -> None:
     # "off" (the library default) scans nothing.
     out = deidentify(_roundtrip(_radiograph()), Pseudonymizer(b"k" * 32)).dataset
     assert "113101" not in _codes(out)
+
+
+WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"  # ./run test installs it
+
+
+def test_a_chinese_name_burned_in_as_ideographs_is_masked() -> None:
+    """The hospitals are in China: a name drawn as 王小东 is read (Tesseract's chi_sim, which
+    ./run installs) and masked like one in pinyin."""
+    from dicom_io.deid_ocr import languages
+
+    assert "chi_sim" in languages(), "tesseract-ocr-chi-sim is missing (./run installs it)"
+    ds = _radiograph(text=False)
+    pixels = ds.pixel_array.astype(np.int32)
+    image = Image.fromarray(pixels, mode="I")
+    ImageDraw.Draw(image).text((14, 12), "王小东", fill=4095, font=ImageFont.truetype(WQY, 40))
+    ds.PixelData = np.asarray(image, dtype=np.int32).astype(np.uint16).tobytes()
+    ds = _roundtrip(ds)
+    tokens = _identifier_tokens(ds)
+    assert "王小东" in tokens
+    assert any(spells(w.text, tokens) for w in read_words(_display(ds)))
+    out = _roundtrip(deidentify(ds, Pseudonymizer(b"k" * 32), text_in_pixels="mask").dataset)
+    assert "113101" in _codes(out)
+    assert not any(spells(w.text, tokens) for w in read_words(_display(out)))

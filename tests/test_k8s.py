@@ -967,67 +967,24 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_reading_room_alerts_fire_when_they_should(tmp_path: Path) -> None:
-    """promtool unit tests of the reading room's alerts: the oldest unread study near the SLA,
-    and STAT reads signed late (one of four over 60 min: 75 % < 95 %); neither fires on the
-    healthy agreement."""
+def test_every_alert_fires_when_it_should_and_only_then(tmp_path: Path) -> None:
+    """promtool unit tests (k8s/monitoring/tests/alerts.test.yaml) of the rules as deployed:
+    every alert of the PrometheusRule has a case that makes it fire with its labels and
+    summary, and the healthy neighbours in those cases do not fire."""
     rule = one(build("monitoring"), "PrometheusRule")
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    late, ok = 'agreement="late"', 'agreement="ok"'
-    bucket = "radbridge_review_turnaround_seconds_bucket"
-    count = "radbridge_review_turnaround_seconds_count"
-    series = [
-        # 23 h and 1 h without a report; constant over the test.
-        {"series": f"radbridge_review_oldest_unread_seconds{{{late}}}", "values": "82800x60"},
-        {"series": f"radbridge_review_oldest_unread_seconds{{{ok}}}", "values": "3600x60"},
-        # STAT reads: "late" signs 4 an hour, 3 within 60 min; "ok" signs 4, all within.
-        {"series": f'{bucket}{{{late},priority="stat",le="3600.0"}}', "values": "0+3x60"},
-        {"series": f'{count}{{{late},priority="stat"}}', "values": "0+4x60"},
-        {"series": f'{bucket}{{{ok},priority="stat",le="3600.0"}}', "values": "0+4x60"},
-        {"series": f'{count}{{{ok},priority="stat"}}', "values": "0+4x60"},
-    ]
-    alert = {"labels": {"agreement": "late"}}
-    tests = {
-        "rule_files": ["rules.yaml"],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": series,
-                "alert_rule_test": [
-                    {
-                        "eval_time": "30m",
-                        "alertname": "RadbridgeUnreadStudyNearSLA",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {**alert["labels"], "severity": "warning"},
-                                "exp_annotations": {
-                                    "summary": "A study of agreement late has waited 23h 0m 0s "
-                                    "for its report."
-                                },
-                            }
-                        ],
-                    },
-                    {
-                        "eval_time": "50m",
-                        "alertname": "RadbridgeStatReadsOverSLA",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {**alert["labels"], "severity": "critical"},
-                                "exp_annotations": {
-                                    "summary": "Under 95 % of agreement late's STAT reads "
-                                    "were signed within 60 min (6 h)."
-                                },
-                            }
-                        ],
-                    },
-                ],
-            }
-        ],
+    cases = K8S / "monitoring" / "tests" / "alerts.test.yaml"
+    shutil.copy(cases, tmp_path / "alerts.test.yaml")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    tested = {
+        t["alertname"]
+        for group in yaml.safe_load(cases.read_text())["tests"]
+        for t in group["alert_rule_test"]
+        if t["exp_alerts"]
     }
-    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    assert alerts == tested, f"alerts without a firing case: {sorted(alerts - tested)}"
     run = subprocess.run(
-        [_promtool(), "test", "rules", "tests.yaml"],
+        [_promtool(), "test", "rules", "alerts.test.yaml"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1042,3 +1042,53 @@ def test_network_policy_peers_name_their_namespace(name: str) -> None:
                     labels = peer["namespaceSelector"].get("matchLabels", {})
                     assert labels.get("kubernetes.io/metadata.name"), (name, peer)
                     assert "podSelector" in peer, (name, peer)
+
+
+def test_the_grafana_dashboard_queries_only_what_radbridge_exports(tmp_path: Path) -> None:
+    """The dashboard ConfigMap (for Grafana's sidecar): every panel's query names radbridge
+    metrics and labels only, and Prometheus' own parser takes each (as a recording rule)."""
+    cm = one(build("monitoring"), "ConfigMap", "radbridge-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["radbridge-overview.json"])
+    assert dashboard["uid"] == "radbridge-overview"
+    catalog = _catalog()
+    targets = [t for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+    assert len(targets) >= 20
+    used: set[str] = set()
+    for t in targets:
+        assert promql_problems(t["expr"], catalog) == [], t["expr"]
+        named = {n for n in catalog if n in t["expr"]}
+        used |= {n.removesuffix("_bucket") for n in named}
+    # Every stage has a panel: edge receive, de-identification, outbox, delivery, queue wait,
+    # inference, both turnarounds, the oldest unread study.
+    for stage in (
+        "radbridge_edge_instance_receive_seconds",
+        "radbridge_edge_deidentify_seconds",
+        "radbridge_edge_outbox_studies",
+        "radbridge_edge_deliveries",
+        "radbridge_center_queue_wait_seconds",
+        "radbridge_center_inference_seconds",
+        "radbridge_edge_turnaround_seconds",
+        "radbridge_review_turnaround_seconds",
+        "radbridge_review_oldest_unread_seconds",
+    ):
+        assert stage in used, stage
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:panel_{i}", "expr": t["expr"]}
+                    for i, t in enumerate(targets)
+                ],
+            }
+        ]
+    }
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump(rules))
+    run = subprocess.run(
+        [_promtool(), "check", "rules", str(tmp_path / "dashboard.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr

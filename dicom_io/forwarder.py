@@ -13,12 +13,12 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 
 import httpx
 import pydicom
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, select, update
 
 from dicom_io.consent import NO_REFERENCE, ConsentRegister, patient_of
 from dicom_io.deid import BurnedInAnnotationError, deidentify
@@ -388,10 +388,18 @@ class Forwarder:
         return 1 if sent else 0
 
     def _update_depth(self) -> None:
+        waiting = (EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED)
         with self.db.session() as s:
-            for state in (EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED):
+            for state in waiting:
                 n = s.query(StudyRow).filter(StudyRow.state == state).count()
                 self._metrics.outbox_depth.labels(state.value).set(n)
+            oldest = s.scalar(
+                select(func.min(StudyRow.first_received_at)).where(StudyRow.state.in_(waiting))
+            )
+        if oldest is not None and oldest.tzinfo is None:  # SQLite's aggregate: naive UTC
+            oldest = oldest.replace(tzinfo=UTC)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        self._metrics.outbox_oldest.set(max(age, 0.0))
 
 
 class _NoConsent(Exception):

@@ -27,6 +27,7 @@ from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
 from radbridge.identity import prepare_local_identity
 from radbridge.metrics import EdgeMetrics
+from radbridge.pki import certificate_expiry
 from radbridge.settings import Settings
 from radbridge.signing import ResultVerifier, load_center_keys
 
@@ -91,6 +92,8 @@ class Gateway:
             self.stow = StowServer(app, e.host, e.stow_port, e.tls if e.stow_tls else None)
         self.metrics.active_associations.set_function(lambda: self.scp.active_associations)
         self.metrics.disk_free.set_function(self.store.free_bytes)
+        if e.tls is not None:
+            self.metrics.certificate_expiry.set(certificate_expiry(e.tls.cert_file))
         prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
         results = ResultVerifier(load_center_keys(settings.edge_center_keys_file))
         self.audit = AuditTrail(self.db, f"edge:{e.id}")

@@ -97,6 +97,16 @@ class EdgeMetrics:
             ["state"],
             registry=r,
         )
+        self.outbox_oldest = Gauge(
+            "radbridge_edge_outbox_oldest_seconds",
+            "Age of the oldest study not yet forwarded (receiving or blocked); 0 when none.",
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "radbridge_edge_certificate_expiry_timestamp_seconds",
+            "When the edge's own TLS certificate (DICOM TLS / STOW-RS) expires (Unix time).",
+            registry=r,
+        )
         self.delivery = Histogram(
             "radbridge_edge_delivery_seconds",
             "Result object ready at the center -> stored at the hospital PACS.",
@@ -229,6 +239,16 @@ class CenterMetrics:
         self.backlog = Gauge(
             "radbridge_center_backlog_instances",
             "Instances of queued or running study jobs (the bound of STOW-RS admission).",
+            registry=r,
+        )
+        self.store_free = Gauge(
+            "radbridge_center_store_free_bytes",
+            "Free bytes on the file system of the center's store.",
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "radbridge_center_certificate_expiry_timestamp_seconds",
+            "When the center's TLS server certificate (Serve's proxy) expires (Unix time).",
             registry=r,
         )
         self.store_bytes = Gauge(

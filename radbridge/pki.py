@@ -94,6 +94,16 @@ def ensure_local_tls(ca_file: Path, cert_file: Path, key_file: Path) -> None:
     write_atomic(ca_file, ca_cert.public_bytes(pem), mode=0o644)
 
 
+def certificate_expiry(cert_file: Path) -> float:
+    """When the (first) certificate of a PEM file expires, as a Unix time; for the
+    ``*_certificate_expiry_timestamp_seconds`` gauges and their alerts."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{cert_file}: not a usable PEM certificate ({exc})") from None
+    return cert.not_valid_after_utc.timestamp()
+
+
 def check_server_files(cert_file: Path, key_file: Path, field: str = "center.tls") -> None:
     """Raise ``ConfigError`` naming ``field`` unless the pair loads as a TLS server identity."""
     import ssl

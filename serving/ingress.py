@@ -64,6 +64,7 @@ from radbridge.errors import (
 )
 from radbridge.http_errors import http_exception_handler, radbridge_error_handler
 from radbridge.metrics import CenterMetrics, safe_label
+from radbridge.pki import certificate_expiry
 from radbridge.settings import Settings
 from radbridge.signing import load_signer
 from serving import boundary, jobs, result_objects, retention
@@ -205,6 +206,9 @@ class Api:
             )
         self.store = DurableStore(settings.center_store)
         self.metrics = CenterMetrics()
+        self.metrics.store_free.set_function(self.store.free_bytes)
+        if settings.center.tls is not None:
+            self.metrics.certificate_expiry.set(certificate_expiry(settings.center.tls.cert_file))
         boundary.install(self.verifier, self.metrics, open_docs=settings.mode == "local")
         self.inference = Inference(
             settings.models_dir, preprocessor, runner, self.metrics, self.store

@@ -24,7 +24,7 @@ from radbridge.contract import (
 )
 from radbridge.db.tables import utcnow
 from radbridge.errors import CenterError, ConfigError
-from radbridge.pki import check_server_files, ensure_local_tls
+from radbridge.pki import certificate_expiry, check_server_files, ensure_local_tls
 from tests.certs import TestCA
 from tests.conftest import free_port
 
@@ -108,6 +108,11 @@ def test_local_pki_files_and_modes(local_tls: tuple[Path, Path, Path]) -> None:
     before = cert.read_bytes()
     ensure_local_tls(ca, cert, key)
     assert cert.read_bytes() == before  # kept across restarts
+    # The expiry the *_certificate_expiry_timestamp_seconds gauges export: a year from now.
+    days = (certificate_expiry(cert) - time.time()) / 86400
+    assert 364 < days <= 365
+    with pytest.raises(ConfigError, match="PEM"):
+        certificate_expiry(key)
 
 
 def test_edge_trusts_the_local_ca_over_a_real_handshake(

@@ -569,3 +569,34 @@ def test_a_radiograph_with_the_name_in_its_pixels_reaches_the_center_masked(
     assert "113101" in {str(i.CodeValue) for i in out.DeidentificationMethodCodeSequence}
     tokens = _identifier_tokens(cr)
     assert not [w.text for w in read_words(_display(out)) if spells(w.text, tokens)]
+
+
+def test_the_outbox_reports_the_age_of_its_oldest_waiting_study(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    from radbridge.metrics import EdgeMetrics
+
+    db, store = edge
+    _ingest(db, store)
+    metrics = EdgeMetrics()
+    fwd = Forwarder(
+        db,
+        store,
+        lambda: load_agreements(AGREEMENTS),
+        "test-secret",
+        CenterClient(f"http://127.0.0.1:{free_port()}", timeout_s=2),  # nobody listens
+        metrics,
+        retry_base_s=1,
+        retry_max_s=4,
+    )
+    with db.session() as s:  # the study came in 90 minutes ago
+        study = s.scalars(select(StudyRow)).one()
+        study.first_received_at = utcnow() - timedelta(minutes=90)
+        study.last_received_at = study.first_received_at
+    assert fwd.tick() == 0  # the center is down: the study waits
+    age = metrics.registry.get_sample_value("radbridge_edge_outbox_oldest_seconds")
+    assert age is not None and 5390 <= age <= 5460
+    with db.session() as s:
+        s.scalars(select(StudyRow)).one().state = "forwarded"
+    fwd.tick()
+    assert metrics.registry.get_sample_value("radbridge_edge_outbox_oldest_seconds") == 0.0

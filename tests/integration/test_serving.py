@@ -725,6 +725,13 @@ def _bound(check: Any, role: str) -> Any:
     return run
 
 
+def test_the_center_exports_its_free_disk_and_certificate_expiry(center: Center) -> None:
+    free = center.metric("radbridge_center_store_free_bytes")
+    assert free > 0
+    expiry = center.metric("radbridge_center_certificate_expiry_timestamp_seconds")
+    assert 360 < (expiry - time.time()) / 86400 <= 365  # the local CA's one-year certificate
+
+
 def test_the_edge_has_a_study_purged_at_the_center(center: Center) -> None:
     """A withdrawn consent at the hospital: the edge asks, the center deletes the study and
     audits it (110105); asking again is harmless; the other agreement's edge cannot."""

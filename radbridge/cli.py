@@ -847,3 +847,121 @@ def consent_withdraw(
         f"[green]consent withdrawn[/] under {agreement}: {held} studies held at the edge, "
         f"{purges} purge requests queued for the center"
     )
+
+
+ops_app = typer.Typer(help="Operate the center and its edges on Kubernetes (kubectl's config).")
+app.add_typer(ops_app, name="ops")
+
+_NAMESPACE = typer.Option(help="Namespace of the RayService and the edges.")
+_RAYSERVICE = typer.Option(help="Name of the center's RayService.")
+_CONTEXT = typer.Option(help="kubeconfig context (default: the current one, or in-cluster).")
+
+
+@ops_app.command("status")
+def ops_status(
+    namespace: Annotated[str, _NAMESPACE] = "radbridge",
+    rayservice: Annotated[str, _RAYSERVICE] = "radbridge-center",
+    context: Annotated[str | None, _CONTEXT] = None,
+) -> None:
+    """The RayService and its worker groups, GPU nodes and their use, the edges' outboxes."""
+    from serving.kube import connect, status
+
+    try:
+        st = status(connect(namespace, context), rayservice)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    apps = ", ".join(f"{a} {s}" for a, s in sorted(st.applications.items())) or "none"
+    console.print(f"RayService {st.rayservice}: {st.service_status}; applications: {apps}")
+    groups = Table("worker group", "min", "max", "desired", "running", "GPUs/pod")
+    for g in st.groups:
+        numbers = (g.minimum, g.maximum, g.desired, g.running, g.gpus_per_pod)
+        groups.add_row(g.name, *(str(n) for n in numbers))
+    console.print(groups)
+    nodes = Table("GPU node", "GPUs", "requested")
+    for n in st.gpu_nodes:
+        nodes.add_row(n.name, str(n.gpus), str(n.requested))
+    console.print(nodes)
+    edges = Table("edge pod", "phase", "ready", "outbox (studies by state)")
+    for e in st.edges:
+        outbox = ", ".join(f"{k} {v:g}" for k, v in sorted(e.outbox.items())) or (e.error or "-")
+        edges.add_row(e.pod, e.phase, "yes" if e.ready else "no", outbox)
+    console.print(edges)
+
+
+@ops_app.command("scale")
+def ops_scale(
+    group: Annotated[str, typer.Option(help="Worker group (e.g. gpu).")],
+    min_replicas: Annotated[int, typer.Option("--min", help="minReplicas")],
+    max_replicas: Annotated[int, typer.Option("--max", help="maxReplicas")],
+    namespace: Annotated[str, _NAMESPACE] = "radbridge",
+    rayservice: Annotated[str, _RAYSERVICE] = "radbridge-center",
+    context: Annotated[str | None, _CONTEXT] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the patch only.")] = False,
+) -> None:
+    """Set a worker group's replica bounds (KubeRay's autoscaler works within them)."""
+    import json
+
+    from serving.kube import GROUP, PLURAL, VERSION, connect, scale_patch
+
+    try:
+        cluster = connect(namespace, context)
+        rs = cluster.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, rayservice
+        )
+        patch = scale_patch(rs, group, min_replicas, max_replicas)
+        console.print_json(json.dumps(patch))
+        if not dry_run:
+            # A JSON patch must say so: the client's default for custom objects is a merge
+            # patch, under which the API server would read this list as the whole object.
+            cluster.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                rayservice,
+                patch,
+                _content_type="application/json-patch+json",
+            )
+            console.print(f"[green]{group}: min {min_replicas}, max {max_replicas}[/]")
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+
+
+@ops_app.command("roll-model")
+def ops_roll_model(
+    model: Annotated[str, typer.Argument(help="Model name, e.g. chest-xray-demo.")],
+    version: Annotated[str, typer.Argument(help="The version that is to answer.")],
+    old: Annotated[
+        str, typer.Option(help="shadow: the old version keeps running beside it; drop: gone.")
+    ] = "shadow",
+    namespace: Annotated[str, _NAMESPACE] = "radbridge",
+    rayservice: Annotated[str, _RAYSERVICE] = "radbridge-center",
+    context: Annotated[str | None, _CONTEXT] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff only.")] = False,
+) -> None:
+    """Serve another version of a model: patch the RayService's serveConfigV2 (hot reconfigure,
+    no restart); the diff is printed first."""
+    from serving.kube import GROUP, PLURAL, VERSION, connect, roll_model
+
+    if old not in ("shadow", "drop"):
+        raise _fail(ConfigError("--old: shadow or drop"))
+    try:
+        cluster = connect(namespace, context)
+        rs = cluster.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, rayservice
+        )
+        roll = roll_model(rs, model, version, old)  # type: ignore[arg-type]
+        console.print(roll.diff, markup=False, highlight=False)
+        if not dry_run:
+            cluster.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                rayservice,
+                roll.patch,
+                _content_type="application/merge-patch+json",
+            )
+            console.print(f"[green]{model}: {roll.before or 'newest'} -> {roll.after}[/]")
+    except RadbridgeError as exc:
+        raise _fail(exc) from None

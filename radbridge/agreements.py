@@ -30,10 +30,18 @@ __all__ = [
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _AE = re.compile(r"^[\x20-\x7e]{1,16}$")
-# Modalities from PS3.3 C.7.3.1.1.1 that radbridge can route today or soon.
-KNOWN_MODALITIES = frozenset(
-    {"CR", "DX", "CT", "MR", "MG", "US", "PT", "NM", "XA", "RF", "SC", "SR", "SEG", "OT"}
-)
+# Modality (0008,0060): the defined terms of PS3.3 C.7.3.1.1.1 (DICOM 2024), the retired ones
+# of PS3.3 C.7.3.1.1.1 that older modalities still send, and SC, which is not a defined term
+# but is what secondary capture devices write. An agreement naming anything else is refused at
+# load (a typo would otherwise refuse every study of that modality).
+_DEFINED_TERMS = """
+ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM HC
+HD IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA
+PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT
+RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+"""
+_RETIRED_TERMS = "AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF"
+KNOWN_MODALITIES = frozenset([*_DEFINED_TERMS.split(), *_RETIRED_TERMS.split(), "SC"])
 
 
 class _Strict(BaseModel):

@@ -86,3 +86,14 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("agreements: [\n")
     with pytest.raises(AgreementError, match="not valid YAML"):
         load_agreements(bad)
+
+
+def test_modalities_are_the_standards_defined_terms() -> None:
+    """PS3.3 C.7.3.1.1.1: documents, key objects and presentation states are real modalities
+    a hospital sends; a typo is refused at load, naming it."""
+    raw = _raw()
+    raw["agreements"][0]["modalities"] = ["CR", "DX", "DOC", "KO", "PR", "IO", "SC", "DS"]
+    parse_agreements(raw, "x.yaml")
+    raw["agreements"][0]["modalities"] = ["CR", "DXX"]
+    with pytest.raises(AgreementError, match="DXX"):
+        parse_agreements(raw, "x.yaml")

@@ -202,12 +202,19 @@ def _center_probes(
     assert len(routes) >= 8, routes  # every route of the center, as it documents itself
     rows = []
     for method, template in sorted(routes):
-        path = template.format(**values)
+        # The purge route is probed on a study the center does not hold: its owner's call
+        # (idempotent, "nothing to purge") must not delete the study the rest of the test reads.
+        purge = template.endswith("/purge")
+        path = template.format(**(values | ({"study_uid": "2.25.1"} if purge else {})))
         role = next((r.value for p, r in ROLES_BY_PREFIX if path.startswith(p)), "any")
         headers = {"x-radbridge-agreement": AGREEMENT, "content-type": "application/json"}
         # A well-formed body where the route takes JSON, so a refusal is the boundary's.
-        complete = {"agreement_id": AGREEMENT, "priority": "routine", "instance_count": 2}
-        body = json.dumps(complete).encode() if path.endswith("/complete") else b"{}"
+        bodies = {
+            "/complete": {"agreement_id": AGREEMENT, "priority": "routine", "instance_count": 2},
+            "/purge": {"agreement_id": AGREEMENT, "reason": "consent-withdrawn"},
+        }
+        well_formed = next((b for end, b in bodies.items() if path.endswith(end)), None)
+        body = json.dumps(well_formed).encode() if well_formed else b"{}"
 
         def call(
             extra: dict[str, str] | None = None,

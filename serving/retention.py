@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_io.store import DurableStore
@@ -75,8 +75,12 @@ def due(db: Database, agreements: AgreementSet, now: datetime | None = None) -> 
     now = now or utcnow()
     out: list[Due] = []
     with db.session() as s:
+        # Only a study whose read went home, or one a purge was started on, can be due: the
+        # rest of the center's studies are not loaded at all.
         rows = s.execute(
-            select(StudyRow, ReadRow.sent_at).outerjoin(ReadRow, ReadRow.study_id == StudyRow.id)
+            select(StudyRow, ReadRow.sent_at)
+            .outerjoin(ReadRow, ReadRow.study_id == StudyRow.id)
+            .where(or_(ReadRow.sent_at.is_not(None), StudyRow.state.in_(list(_MARK.values()))))
         ).all()
         for study, sent_at in rows:
             what: What | None = None

@@ -813,10 +813,12 @@ def consent_import(
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["patient_id", "reference"]:
         rows = rows[1:]
     try:
+        # Every row is checked before any is recorded: a bad file records nothing.
+        for n, row in enumerate(rows, start=1):
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                raise ConfigError(f"{csv_file} row {n}: want patient_id,reference[,issuer]")
         with _consent_register(agreement) as (a, register, _):
-            for n, row in enumerate(rows, start=1):
-                if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                    raise ConfigError(f"{csv_file} row {n}: want patient_id,reference[,issuer]")
+            for row in rows:
                 issuer = row[2] if len(row) > 2 else ""
                 register.record(a.id, issuer, row[0], row[1], "import")
     except RadbridgeError as exc:

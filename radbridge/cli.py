@@ -886,7 +886,8 @@ def ops_status(
     edges = Table("edge pod", "phase", "ready", "outbox (studies by state)")
     for e in st.edges:
         outbox = ", ".join(f"{k} {v:g}" for k, v in sorted(e.outbox.items())) or (e.error or "-")
-        edges.add_row(e.pod, e.phase, "yes" if e.ready else "no", outbox)
+        ready = ("yes" if e.ready else "no") + (", draining" if e.draining else "")
+        edges.add_row(e.pod, e.phase, ready, outbox)
     console.print(edges)
 
 
@@ -965,5 +966,125 @@ def ops_roll_model(
                 _content_type="application/merge-patch+json",
             )
             console.print(f"[green]{model}: {roll.before or 'newest'} -> {roll.after}[/]")
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+
+
+_EDGE_POD = typer.Argument(help="The edge gateway's pod (kubectl get pods -l ...component=edge).")
+_EDGE_SERVICE = typer.Option(help="The PACS-facing Service of the edge.")
+
+
+def _outbox_line(outbox: Any) -> str:
+    pending = outbox.pending()
+    held = outbox.held()
+    text = ("pending: " + "; ".join(pending)) if pending else "[green]nothing pending[/]"
+    return text + (f" (held, not waited for: {', '.join(held)})" if held else "")
+
+
+@ops_app.command("drain-edge")
+def ops_drain_edge(
+    pod: Annotated[str, _EDGE_POD],
+    namespace: Annotated[str, _NAMESPACE] = "radbridge",
+    context: Annotated[str | None, _CONTEXT] = None,
+    service: Annotated[str, _EDGE_SERVICE] = "radbridge-edge",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the outbox to empty.", min=0)
+    ] = 1800,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between two reads of its /metrics.", min=0.01)
+    ] = 5,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the patch and the outbox; send nothing.")
+    ] = False,
+) -> None:
+    """Before maintenance: take an edge pod out of its PACS-facing Service (no new
+    associations; it keeps its volume and its Deployment), then wait until its outbox is empty:
+    no association open, no study to forward, no result to deliver. Exit 0 when drained, 1 when
+    --timeout passes first (naming what is pending; run it again to keep waiting). Nothing is
+    deleted. `radbridge ops undrain-edge POD` puts the pod back."""
+    import json
+    from datetime import UTC, datetime
+
+    from serving.kube import (
+        DRAINING_SINCE,
+        INTAKE_LABEL,
+        connect,
+        drain_patch,
+        patch_pod,
+        read_edge,
+        read_outbox,
+        wait_drained,
+    )
+
+    try:
+        cluster = connect(namespace, context)
+        obj, selector = read_edge(cluster, pod, service)
+        patch = drain_patch(obj, selector, datetime.now(UTC))
+        if not patch:
+            since = (obj["metadata"].get("annotations") or {}).get(DRAINING_SINCE)
+            console.print(f"{pod} is already out of Service {service} (since {since or '?'})")
+        else:
+            console.print_json(json.dumps(patch))
+        if dry_run:
+            now = _outbox_line(read_outbox(cluster, pod))
+            console.print(f"dry run, nothing sent; {pod} now: {now}")
+            return
+        if patch:
+            patch_pod(cluster, pod, patch)
+            console.print(
+                f"{pod} taken out of Service {service} ({INTAKE_LABEL}=draining): no new "
+                "associations reach it; waiting for its outbox"
+            )
+        shown: list[str] = []
+
+        def progress(outbox: Any) -> None:  # each change, not every read
+            line = _outbox_line(outbox)
+            if shown[-1:] != [line]:
+                console.print(f"{pod}: {line}")
+                shown.append(line)
+
+        drained, last = wait_drained(cluster, pod, timeout, interval, progress)
+    except RadbridgeError as exc:
+        raise _fail(exc) from None
+    if not drained:
+        console.print(
+            f"[bold red]not drained[/] after {timeout:g} s, still pending on {pod}: "
+            f"{'; '.join(last.pending())}. It stays out of Service {service}: run drain-edge "
+            "again to keep waiting, or `radbridge ops undrain-edge` to put it back."
+        )
+        raise typer.Exit(code=1)
+    held = last.held()
+    console.print(
+        f"[green]{pod} drained[/]: nothing to forward or deliver"
+        + (
+            f"; {', '.join(held)} stay on its volume until a person acts "
+            "(`radbridge gateway status`)"
+            if held
+            else ""
+        )
+    )
+
+
+@ops_app.command("undrain-edge")
+def ops_undrain_edge(
+    pod: Annotated[str, _EDGE_POD],
+    namespace: Annotated[str, _NAMESPACE] = "radbridge",
+    context: Annotated[str | None, _CONTEXT] = None,
+    service: Annotated[str, _EDGE_SERVICE] = "radbridge-edge",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the patch only.")] = False,
+) -> None:
+    """Put an edge pod that drain-edge took out back into its PACS-facing Service."""
+    import json
+
+    from serving.kube import connect, patch_pod, read_edge, undrain_patch
+
+    try:
+        cluster = connect(namespace, context)
+        obj, _selector = read_edge(cluster, pod, service)
+        patch = undrain_patch(obj)
+        console.print_json(json.dumps(patch))
+        if not dry_run:
+            patch_pod(cluster, pod, patch)
+            console.print(f"[green]{pod} back in Service {service}[/]: it takes associations")
     except RadbridgeError as exc:
         raise _fail(exc) from None

@@ -17,13 +17,20 @@ account in the cluster). What the changes are:
 :func:`status` gathers the RayService's state, its worker groups and their pods, the GPU nodes
 and what is scheduled on them, and the edge pods with their outbox from their ``/metrics``
 (through the API server's pod proxy).
+
+:func:`drain_patch` / :func:`undrain_patch` and :func:`wait_drained` take one edge pod out of
+the PACS-facing Service before maintenance, wait for its outbox to empty, and put it back; the
+design is in :func:`drain_patch`'s docstring.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import yaml
@@ -39,17 +46,29 @@ __all__ = [
     "Cluster",
     "EdgeState",
     "GpuNode",
+    "Outbox",
     "Status",
     "WorkerGroup",
     "connect",
+    "drain_patch",
+    "patch_pod",
+    "read_edge",
+    "read_outbox",
     "roll_model",
     "scale_patch",
     "status",
+    "undrain_patch",
+    "wait_drained",
 ]
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 CENTER_APP = "radbridge-center"
-EDGE_SELECTOR = "app.kubernetes.io/name=radbridge,app.kubernetes.io/component=edge"
+EDGE_LABELS = {"app.kubernetes.io/name": "radbridge", "app.kubernetes.io/component": "edge"}
+EDGE_SELECTOR = ",".join(f"{k}={v}" for k, v in EDGE_LABELS.items())
+EDGE_SERVICE = "radbridge-edge"  # the PACS-facing Service (k8s/base/edge.yaml)
+INTAKE_LABEL = "radbridge.io/intake"  # in that Service's selector, not in the Deployment's
+INTAKE_OPEN, INTAKE_DRAINING = "open", "draining"
+DRAINING_SINCE = "radbridge.io/draining-since"  # annotation: when drain-edge took it out
 EDGE_METRICS_PORT = 9101
 GPU = "nvidia.com/gpu"
 
@@ -182,6 +201,243 @@ def _replace_models_line(text: str, models: dict[str, Any]) -> str:
     )
 
 
+# -- draining an edge ---------------------------------------------------------------------------
+
+
+def _pointer(key: str) -> str:
+    """``key`` as one JSON-pointer segment (RFC 6901: ``~`` -> ``~0``, ``/`` -> ``~1``)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _edge_pod(pod: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, str]]:
+    meta = pod.get("metadata") or {}
+    name, labels = str(meta.get("name")), dict(meta.get("labels") or {})
+    if any(labels.get(k) != v for k, v in EDGE_LABELS.items()):
+        raise ConfigError(f"pod {name} is not an edge gateway (labels: {EDGE_SELECTOR} wanted)")
+    return name, labels, dict(meta.get("annotations") or {})
+
+
+def drain_patch(pod: dict[str, Any], service_selector: dict[str, str], now: datetime) -> list[Any]:
+    """The JSON patch that takes edge ``pod`` out of the PACS-facing Service; ``[]`` when it
+    is out already (a second ``drain-edge`` only waits again).
+
+    Why a label the Service selects on, and only the Service: in k8s/base/edge.yaml the edge is
+    a one-replica Deployment (``strategy: Recreate``) on a ReadWriteOnce volume holding the only
+    copy of what the PACS was acknowledged, and its Service ``radbridge-edge`` once selected on
+    exactly the Deployment's selector labels. Changing one of those on the pod would take it
+    out of the Service, but also out of its ReplicaSet, which would start a replacement pod at
+    once: on the same node a ReadWriteOnce volume mounts twice, and two gateways would write one
+    store (and the replacement would be in the Service, taking associations again). So the pod
+    template carries ``radbridge.io/intake: open``, the PACS-facing Service selects on it too,
+    the Deployment's selector (immutable) does not, and neither does ``radbridge-edge-metrics``.
+    Draining replaces it with ``draining``: the endpoints controller removes the pod from the
+    Service (new associations and STOW-RS requests no longer reach it; open associations run
+    to their end), the ReplicaSet keeps owning it (no second pod), Prometheus keeps scraping
+    it. Nothing is deleted: the gateway keeps forwarding and delivering from its volume.
+
+    A ``test`` op pins the label's current value, so a pod drained or restored meanwhile makes
+    the API server refuse the patch instead of applying it twice; the annotation
+    ``radbridge.io/draining-since`` records when. A pod recreated by its Deployment starts with
+    the template's ``open``: a drain lasts as long as the pod.
+    """
+    name, labels, annotations = _edge_pod(pod)
+    if service_selector.get(INTAKE_LABEL) != INTAKE_OPEN:
+        raise ConfigError(
+            f"the edge Service does not select on {INTAKE_LABEL}={INTAKE_OPEN} (selector: "
+            f"{service_selector}): relabelling the pod would not take it out, or would take it "
+            "away from its Deployment; apply the current k8s/ manifests first"
+        )
+    intake = labels.get(INTAKE_LABEL)
+    if intake == INTAKE_DRAINING:
+        return []
+    if any(labels.get(k) != v for k, v in service_selector.items()):
+        raise ConfigError(
+            f"pod {name} is not behind the edge Service (its {INTAKE_LABEL} is {intake!r}, "
+            f"the Service selects {service_selector})"
+        )
+    label = f"/metadata/labels/{_pointer(INTAKE_LABEL)}"
+    since = now.isoformat(timespec="seconds")
+    ops: list[dict[str, Any]] = [
+        {"op": "test", "path": label, "value": INTAKE_OPEN},
+        {"op": "replace", "path": label, "value": INTAKE_DRAINING},
+    ]
+    if annotations:
+        path = f"/metadata/annotations/{_pointer(DRAINING_SINCE)}"
+        ops.append({"op": "add", "path": path, "value": since})
+    else:  # "add" below a missing object fails: add the object
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {DRAINING_SINCE: since}})
+    return ops
+
+
+def undrain_patch(pod: dict[str, Any]) -> list[Any]:
+    """The JSON patch that puts a drained edge pod back into its Service (label back to
+    ``open``, the ``draining-since`` annotation removed)."""
+    name, labels, annotations = _edge_pod(pod)
+    if labels.get(INTAKE_LABEL) != INTAKE_DRAINING:
+        raise ConfigError(
+            f"pod {name} is not draining ({INTAKE_LABEL}: {labels.get(INTAKE_LABEL)!r})"
+        )
+    label = f"/metadata/labels/{_pointer(INTAKE_LABEL)}"
+    ops: list[dict[str, Any]] = [
+        {"op": "test", "path": label, "value": INTAKE_DRAINING},
+        {"op": "replace", "path": label, "value": INTAKE_OPEN},
+    ]
+    if DRAINING_SINCE in annotations:
+        ops.append({"op": "remove", "path": f"/metadata/annotations/{_pointer(DRAINING_SINCE)}"})
+    return ops
+
+
+def read_edge(
+    cluster: Cluster, pod: str, service: str = EDGE_SERVICE
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Edge ``pod`` (as the API's JSON) and the selector of its PACS-facing ``service``."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        obj = cluster.core.read_namespaced_pod(pod, cluster.namespace)
+        svc = cluster.core.read_namespaced_service(service, cluster.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise ConfigError(
+                f"pod {pod} or Service {service} not found in namespace {cluster.namespace}"
+            ) from None
+        raise
+    pod_json: dict[str, Any] = cluster.core.api_client.sanitize_for_serialization(obj)
+    return pod_json, dict(svc.spec.selector or {})
+
+
+def patch_pod(cluster: Cluster, pod: str, patch: list[Any]) -> None:
+    """Send a JSON patch of ``pod`` (said so explicitly: the client would otherwise pick the
+    content type itself); a failed ``test`` op becomes a ConfigError saying why."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        cluster.core.patch_namespaced_pod(
+            pod, cluster.namespace, patch, _content_type="application/json-patch+json"
+        )
+    except ApiException as exc:
+        if exc.status in (409, 422):
+            raise ConfigError(
+                f"pod {pod} changed meanwhile (the patch's test failed, HTTP {exc.status}); "
+                "run the command again"
+            ) from None
+        raise
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """What an edge still has to do, from its ``/metrics`` (``None``: not published yet)."""
+
+    associations: float | None  # DICOM associations open
+    receiving: float | None  # studies to forward (in their quiet period, or retrying)
+    blocked: float | None  # studies held: no legal basis, de-identification refused
+    oldest_s: float | None  # the oldest study waiting to leave (receiving or blocked)
+    deliveries_pending: float | None  # results to store at the PACS
+    deliveries_dead: float | None  # results given up on: `radbridge gateway resend`
+    error: str | None = None  # the metrics could not be read
+
+    def pending(self) -> list[str]:
+        """What keeps the edge from being drained; ``[]`` when drained.
+
+        Blocked studies and dead deliveries are not waited for: they move only when a person
+        acts, and they stay on the edge's volume through the maintenance. The oldest age counts
+        blocked studies too, so it must be 0 only when none is blocked.
+        """
+        if self.error:
+            return [self.error]
+        out = []
+        if self.associations is None:
+            out.append("no association count in /metrics yet")
+        elif self.associations > 0:
+            out.append(f"{self.associations:g} DICOM association(s) open")
+        if self.receiving is None:
+            out.append("no outbox count in /metrics yet")
+        elif self.receiving > 0:
+            oldest = f" (oldest {self.oldest_s:.0f} s)" if self.oldest_s else ""
+            out.append(f"{self.receiving:g} studies to forward{oldest}")
+        elif not self.blocked and self.oldest_s:  # the gauges are between two updates
+            out.append(f"a study waiting {self.oldest_s:.0f} s")
+        if self.deliveries_pending is None:
+            out.append("no delivery count in /metrics yet")
+        elif self.deliveries_pending > 0:
+            out.append(f"{self.deliveries_pending:g} results to deliver to the PACS")
+        return out
+
+    def held(self) -> list[str]:
+        """What stays at the edge until a person acts (not waited for)."""
+        out = []
+        if self.blocked:
+            out.append(f"{self.blocked:g} blocked studies")
+        if self.deliveries_dead:
+            out.append(f"{self.deliveries_dead:g} dead deliveries")
+        return out
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)")
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of a Prometheus text exposition (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def _metrics_text(cluster: Cluster, pod: str) -> str:
+    return str(
+        cluster.core.connect_get_namespaced_pod_proxy_with_path(
+            f"{pod}:{EDGE_METRICS_PORT}", cluster.namespace, "metrics"
+        )
+    )
+
+
+def read_outbox(cluster: Cluster, pod: str) -> Outbox:
+    """Edge ``pod``'s outbox and deliveries, read as :func:`status` reads them."""
+    try:
+        s = _samples(_metrics_text(cluster, pod))
+    except Exception as exc:  # reported as what is pending: the pod may be restarting
+        return Outbox(None, None, None, None, None, None, f"metrics unreadable: {exc!s:.200}")
+    return Outbox(
+        s.get("radbridge_edge_active_associations"),
+        s.get('radbridge_edge_outbox_studies{state="receiving"}'),
+        s.get('radbridge_edge_outbox_studies{state="blocked"}'),
+        s.get("radbridge_edge_outbox_oldest_seconds"),
+        s.get('radbridge_edge_deliveries{state="pending"}'),
+        s.get('radbridge_edge_deliveries{state="dead"}'),
+    )
+
+
+def wait_drained(
+    cluster: Cluster,
+    pod: str,
+    timeout_s: float,
+    interval_s: float = 5.0,
+    progress: Callable[[Outbox], None] | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[bool, Outbox]:
+    """Poll ``pod``'s outbox every ``interval_s`` until it is drained (``Outbox.pending()``
+    empty on two reads in a row: the gauges are refreshed by the gateway's loops, so one
+    reading of zeros right after an association closed may predate its study), or until
+    ``timeout_s`` has passed. Returns (drained, the last reading); ``progress`` sees each."""
+    deadline = clock() + timeout_s
+    clean = 0
+    while True:
+        outbox = read_outbox(cluster, pod)
+        if progress:
+            progress(outbox)
+        clean = clean + 1 if not outbox.pending() else 0
+        if clean >= 2:
+            return True, outbox
+        if clock() + interval_s > deadline:
+            return False, outbox
+        sleep(interval_s)
+
+
 # -- status ------------------------------------------------------------------------------------
 
 
@@ -210,6 +466,7 @@ class EdgeState:
     outbox: dict[str, float] = field(default_factory=dict)  # state -> studies
     pending_purges: float | None = None
     error: str | None = None
+    draining: bool = False  # out of the PACS-facing Service (`radbridge ops drain-edge`)
 
 
 @dataclass
@@ -300,16 +557,15 @@ def _gpus_of_pod(pod: Any) -> int:
 def _edge(cluster: Cluster, pod: Any) -> EdgeState:
     ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
     state = EdgeState(pod.metadata.name, str(pod.status.phase), ready)
+    state.draining = (pod.metadata.labels or {}).get(INTAKE_LABEL) == INTAKE_DRAINING
     if pod.status.phase != "Running":
         return state
     try:
-        text = cluster.core.connect_get_namespaced_pod_proxy_with_path(
-            f"{pod.metadata.name}:{EDGE_METRICS_PORT}", cluster.namespace, "metrics"
-        )
+        text = _metrics_text(cluster, pod.metadata.name)
     except Exception as exc:  # an edge whose /metrics cannot be read is shown, not fatal
         state.error = f"metrics unreadable: {type(exc).__name__}"
         return state
-    for line in str(text).splitlines():
+    for line in text.splitlines():
         m = re.match(r'^radbridge_edge_outbox_studies\{state="([a-z_-]+)"\}\s+(\S+)$', line)
         if m:
             state.outbox[m.group(1)] = float(m.group(2))

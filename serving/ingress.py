@@ -683,6 +683,7 @@ class Api:
                 "total": round(total * 1000, 3),
                 "inference": round(stats["seconds"] * 1000, 3),
                 "windows": stats["windows"],
+                **{stage: round(sec * 1000, 3) for stage, sec in seg.seconds.items()},
             },
             intended_use=manifest.intended_use,
             nodules=[n.as_dict() for n in seg.nodules],

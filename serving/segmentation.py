@@ -10,8 +10,9 @@ slices for the DICOM SEG.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 
 import numpy as np
@@ -30,6 +31,7 @@ class SeriesSegmentation:
     mask: np.ndarray  # (frames, rows, cols) bool, frames in the order of ``sources``
     sources: list[pydicom.Dataset]  # headers, sorted by position along the slice normal
     max_probability: float
+    seconds: dict[str, float] = field(default_factory=dict)  # decode, sliding_window, map
 
 
 def segment_series(
@@ -37,16 +39,22 @@ def segment_series(
     manifest: ModelManifest,
     predict: Callable[[np.ndarray], np.ndarray],
 ) -> SeriesSegmentation:
+    t0 = time.perf_counter()
     hu, spacing, origin, direction = read_series(list(encoded))
+    t1 = time.perf_counter()
     nodules, prob, _ = detect_nodules(predict, manifest, hu, spacing, origin, direction)
+    t2 = time.perf_counter()
     threshold = manifest.labels[0].threshold
     on_source = _resize(prob, hu.shape)
     headers = [pydicom.dcmread(BytesIO(b), stop_before_pixels=True) for b in encoded]
+    sources = _sorted_by_position(headers, direction)
+    t3 = time.perf_counter()
     return SeriesSegmentation(
         nodules=nodules,
         mask=on_source >= threshold,
-        sources=_sorted_by_position(headers, direction),
+        sources=sources,
         max_probability=float(prob.max()) if prob.size else 0.0,
+        seconds={"decode": t1 - t0, "sliding_window": t2 - t1, "map": t3 - t2},
     )
 
 

@@ -3,11 +3,15 @@
 The database is the outbox, as for forwarding. ``poll()`` lists the center's new result objects
 per active agreement (after the highest center object id already known) and inserts one
 ``deliveries`` row each, idempotently (unique on agreement + center object id), so replicas
-may poll side by side. ``tick()`` claims each due row, downloads the object (sha256 checked
-against the listing), re-identifies it from the identity map and an original instance of the
-study, and C-STOREs it to the agreement's return destination. Failures are retried with
-exponential backoff; ``ReidentificationError`` (the result cannot be tied to what this edge
-sent) is final. A delivered object is never sent again unless a person asks (``resend``).
+may poll side by side. ``run()`` keeps one listener per active agreement whose listing waits at
+the center (``wait_s``, a long poll) until the first new object is built, then wakes ``tick()``:
+a finished job reaches the PACS without waiting for a poll interval.
+
+``tick()`` claims each due row, downloads the object (sha256 checked against the listing),
+re-identifies it from the identity map and an original instance of the study, and C-STOREs it
+to the agreement's return destination. Failures are retried with exponential backoff;
+``ReidentificationError`` (the result cannot be tied to what this edge sent) is final. A
+delivered object is never sent again unless a person asks (``resend``).
 
 Claims. There is no "delivering" state: a claim is a compare-and-swap on ``attempts`` (the
 attempt counter goes up by one) that also moves ``next_attempt_at`` to a lease in the future.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -77,6 +82,7 @@ log = logging.getLogger("radbridge.edge.delivery")
 # elements discarded (0xB006), data set does not match SOP class (0xB007). The PACS stored it.
 PACS_OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 PAGE_SIZE = 200  # listing page
+_STOP_CHECK_S = 0.25  # run() notices stop this soon
 BATCH = 200  # due deliveries considered per tick
 _PRIORITY_ORDER = {"stat": 0, "urgent": 1}
 
@@ -118,9 +124,14 @@ class Deliverer:
         results: ResultVerifier,
         edge_id: str,
         audit: AuditTrail | None = None,
+        wait_s: float = 0.0,
     ) -> None:
         """``results`` verifies the center's signature of each object before anything else
-        is done with it; ``edge_id`` is this edge as the center's signatures name it."""
+        is done with it; ``edge_id`` is this edge as the center's signatures name it.
+        ``wait_s`` > 0: ``run()`` listens (long polls) instead of listing every interval."""
+        self._wait_s = wait_s
+        self._wake = threading.Event()  # a listener queued something: tick now
+        self._listeners: dict[str, threading.Thread] = {}
         self._results, self._edge_id = results, edge_id
         self._audit = audit  # DICOM Instances Transferred per delivery, refusals as alerts
         self.db, self.store, self._agreements = db, store, agreements
@@ -136,13 +147,60 @@ class Deliverer:
         self._poll_failing: set[str] = set()
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
+        """Deliver until ``stop``: ``tick()`` every ``interval_s`` (retries fall due) and at
+        once when a listener queued new objects; without ``wait_s``, ``poll()`` before each."""
+        next_tick = 0.0
         while not stop.is_set():
-            for step in (self.poll, self.tick):
-                try:
-                    step()
-                except Exception as exc:  # the loop must survive anything; rows stay queued
-                    log.error("delivery %s failed: %s", step.__name__, redacted(exc))
-            stop.wait(interval_s)
+            if self._wait_s > 0:
+                self._keep_listening(stop, interval_s)
+            if self._wake.is_set() or time.monotonic() >= next_tick:
+                self._wake.clear()  # a wake-up after this runs the loop again
+                steps = (self.tick,) if self._wait_s > 0 else (self.poll, self.tick)
+                for step in steps:
+                    self._survive(step)
+                next_tick = time.monotonic() + interval_s
+            self._wake.wait(min(interval_s, _STOP_CHECK_S))
+
+    def _survive(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:  # the loop must survive anything; rows stay queued
+            log.error("delivery %s failed: %s", getattr(step, "__name__", step), redacted(exc))
+
+    def _keep_listening(self, stop: threading.Event, interval_s: float) -> None:
+        """One listener thread per active agreement (agreements may change while running)."""
+        today = utcnow().date()
+        for agreement in self._agreements().agreements:
+            thread = self._listeners.get(agreement.id)
+            if agreement.is_active(today) and (thread is None or not thread.is_alive()):
+                thread = threading.Thread(
+                    target=self._listen,
+                    args=(agreement.id, stop, interval_s),
+                    name=f"radbridge-results-{agreement.id}"[:60],
+                    daemon=True,
+                )
+                self._listeners[agreement.id] = thread
+                thread.start()
+
+    def _listen(self, agreement_id: str, stop: threading.Event, interval_s: float) -> None:
+        """List the agreement's new objects with a long poll, queue them, wake ``tick()``.
+        A failed listing, or a center that answered at once with nothing (an older center, a
+        proxy's timeout), waits ``interval_s``: never a busy loop."""
+        while not stop.is_set():
+            agreement = self._agreements().get(agreement_id)
+            if agreement is None or not agreement.is_active(utcnow().date()):
+                return
+            t0 = time.monotonic()
+            added = 0
+            try:
+                added = self._poll_agreement(agreement_id, wait_s=self._wait_s)
+            except Exception as exc:  # e.g. the database went away; the cursor is in it
+                log.error("result listener of %s failed: %s", agreement_id, redacted(exc))
+            if added:
+                self._update_counts()
+                self._wake.set()
+            elif time.monotonic() - t0 < self._wait_s / 2:
+                stop.wait(interval_s)
 
     def close(self) -> None:
         self._center.close()
@@ -165,7 +223,7 @@ class Deliverer:
             self._update_counts()
         return added
 
-    def _poll_agreement(self, agreement_id: str) -> int:
+    def _poll_agreement(self, agreement_id: str, wait_s: float = 0.0) -> int:
         with self.db.session() as s:
             after = s.scalar(
                 select(func.max(DeliveryRow.center_object_id)).where(
@@ -176,7 +234,8 @@ class Deliverer:
         added = 0
         while True:
             try:
-                page = self._list(agreement_id, after, PAGE_SIZE)
+                page = self._list(agreement_id, after, PAGE_SIZE, wait_s)
+                wait_s = 0.0  # only the first page waits
             except _Failed as exc:
                 self._metrics.delivery_failures.labels(agreement_id, exc.reason).inc()
                 if agreement_id not in self._poll_failing:
@@ -239,9 +298,11 @@ class Deliverer:
                 )
         return added
 
-    def _list(self, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
+    def _list(
+        self, agreement_id: str, after: int, limit: int, wait_s: float = 0.0
+    ) -> list[ResultObject]:
         try:
-            return self._center.result_objects(agreement_id, after, limit)
+            return self._center.result_objects(agreement_id, after, limit, wait_s)
         except CenterError as exc:
             raise _Failed("center", str(exc)) from None
 

@@ -132,6 +132,7 @@ class Gateway:
             retry_base_s=e.retry_base_s,
             retry_max_s=e.retry_max_s,
             max_age_s=e.delivery_max_age_s,
+            wait_s=e.delivery_wait_s,
             results=results,
             edge_id=e.id,
             audit=self.audit,

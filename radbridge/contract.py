@@ -31,6 +31,7 @@ __all__ = [
     "AGREEMENT_RESULT_OBJECTS",
     "MAX_ID",
     "MAX_LISTING",
+    "MAX_LISTING_WAIT_S",
     "PRIORITY_HEADER",
     "RESULT_OBJECT",
     "STUDIES",
@@ -66,6 +67,9 @@ PRIORITY_HEADER = "X-Radbridge-Priority"
 AGREEMENT_ID = r"^[a-z0-9][a-z0-9-]{1,62}$"
 UID = r"^[0-9.]{1,64}$"
 MAX_LISTING = 1000  # result objects in one listing page
+# A listing may wait this long for the first object after its cursor (a long poll): the edge
+# hears of a finished job when it is built, without polling the center every second.
+MAX_LISTING_WAIT_S = 25.0
 MAX_ID = (1 << 63) - 1  # ids are 64-bit signed integers in both databases
 
 
@@ -185,12 +189,21 @@ class CenterClient:
             raise CenterError("center sent invalid study results")
         return data
 
-    def result_objects(self, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
-        """One page of the agreement's result objects after the cursor, sorted by id."""
+    def result_objects(
+        self, agreement_id: str, after: int, limit: int, wait_s: float = 0.0
+    ) -> list[ResultObject]:
+        """One page of the agreement's result objects after the cursor, sorted by id.
+
+        ``wait_s`` > 0: the center answers as soon as there is one, or empty after ``wait_s``.
+        """
         path = AGREEMENT_RESULT_OBJECTS.format(agreement_id=agreement_id)
-        resp = self._call(
-            "GET", path, "result-objects listing", params={"after": after, "limit": limit}
-        )
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        extra: dict[str, Any] = {}
+        if wait_s > 0:
+            params["wait_s"] = min(wait_s, MAX_LISTING_WAIT_S)
+            timeout = self._http.timeout
+            extra["timeout"] = timeout.read + params["wait_s"] if timeout.read else None
+        resp = self._call("GET", path, "result-objects listing", params=params, **extra)
         try:
             objects = ResultObjectList.model_validate_json(resp.content).objects
         except ValueError:

@@ -20,6 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from radbridge.contract import MAX_LISTING_WAIT_S
 from radbridge.errors import ConfigError, validation_problems
 
 __all__ = ["DEV_SECRET", "CenterSettings", "CenterTLS", "EdgeSettings", "Settings", "load_settings"]
@@ -92,7 +93,18 @@ class EdgeSettings(_Strict):
     retry_base_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
     delivery_poll_s: float = Field(
-        2.0, gt=0, le=300, description="How often result objects are fetched from the center."
+        2.0,
+        gt=0,
+        le=300,
+        description="How often due deliveries are retried, and result objects listed when "
+        "delivery_wait_s is 0 (or a listing failed).",
+    )
+    delivery_wait_s: float = Field(
+        20.0,
+        ge=0,
+        le=MAX_LISTING_WAIT_S,
+        description="How long one listing of result objects waits at the center for the first "
+        "new one (a long poll: a finished job is fetched when it is built); 0 polls instead.",
     )
     delivery_max_age_s: float = Field(
         7 * 86_400.0,

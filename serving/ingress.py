@@ -10,6 +10,7 @@ versions and shadows and is hot-reloaded.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -39,6 +40,7 @@ from radbridge.contract import (
     AGREEMENT_RESULT_OBJECTS,
     MAX_ID,
     MAX_LISTING,
+    MAX_LISTING_WAIT_S,
     PRIORITY_HEADER,
     RESULT_OBJECT,
     STUDIES,
@@ -133,6 +135,9 @@ _STOW_BODY = {
     }
 }
 _BACKLOG_TTL_S = 1.0
+# A waiting listing looks at the database this often for objects built elsewhere (another Api
+# replica's job, a report signed in the reading room).
+LISTING_RECHECK_S = 0.5
 
 
 def _image_shape(manifest: ModelManifest) -> tuple[int | str, ...]:
@@ -217,6 +222,9 @@ class Api:
         self.config = ApiConfig()
         self._backlog = (0, 0.0)  # (instances, monotonic time counted)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set (and replaced) whenever a job's result objects become listable: wakes the
+        # edges' waiting listings.
+        self._objects_built = asyncio.Event()
         self._resumed = False
         self._retention_due = time.monotonic() + 60.0  # first pass a minute after start
         self.reconfigure({})
@@ -345,13 +353,27 @@ class Api:
         agreement_id: str = Path(pattern=AGREEMENT_ID),
         after: int = Query(0, ge=0, le=MAX_ID),
         limit: int = Query(100, ge=1, le=MAX_LISTING),
+        wait_s: float = Query(0.0, ge=0, le=MAX_LISTING_WAIT_S),
     ) -> ResultObjectList:
-        """Result objects (SR, SEG) after a cursor; the edge pulls them (it opens the link)."""
+        """Result objects (SR, SEG) after a cursor; the edge pulls them (it opens the link).
+
+        With ``wait_s`` the answer waits for the first object after the cursor (a long poll):
+        a job finishing on this replica wakes it at once, one on another replica (or a report
+        signed in the reading room) within ``LISTING_RECHECK_S``.
+        """
         self._agreement(self._caller(request, Role.EDGE), agreement_id)
-        objects = await asyncio.to_thread(
-            result_objects.list_objects, self.db, agreement_id, after, limit
-        )
-        return ResultObjectList(objects=objects)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            built = self._objects_built  # taken before the query: no wake-up falls between
+            objects = await asyncio.to_thread(
+                result_objects.list_objects, self.db, agreement_id, after, limit
+            )
+            remaining = deadline - loop.time()
+            if objects or remaining <= 0:
+                return ResultObjectList(objects=objects)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(built.wait(), min(remaining, LISTING_RECHECK_S))
 
     @api.get(
         RESULT_OBJECT,
@@ -590,6 +612,8 @@ class Api:
                 error = f"result objects: {type(exc).__name__}: {exc}"[:2000]
                 log.error("job %d: building result objects failed (%s)", job_id, type(exc).__name__)
         await asyncio.to_thread(jobs.finish_job, self.db, job_id, error)
+        self._objects_built.set()
+        self._objects_built = asyncio.Event()
         mod = safe_label(modality)
         self.metrics.jobs.labels(agreement, "failed" if error else "done").inc()
         self.metrics.job.labels(agreement, mod).observe(time.perf_counter() - t0)

@@ -13,7 +13,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
@@ -81,21 +82,33 @@ class FakeCenter:
         self.fail_download: int | None = None
         self.corrupt_download = False
         self.downloads = 0
+        self.listings = 0
+        self.honours_wait = True  # False: a center that answers at once (before wait_s)
+        self._added = threading.Condition()
         # Signs as the Serve center does (radbridge.signing); edges verify with SIGNER.jwk.
         self.signer = SIGNER
         self.port = free_port()
         app = FastAPI()
 
         @app.get(AGREEMENT_RESULT_OBJECTS)
-        def listing(agreement_id: str, after: int = 0, limit: int = 100) -> Any:
+        def listing(
+            agreement_id: str, after: int = 0, limit: int = 100, wait_s: float = 0.0
+        ) -> Any:
+            self.listings += 1
             if self.fail_listing:
                 return Response("listing unavailable", status_code=self.fail_listing)
-            objects = [
-                meta
-                for oid, (aid, meta, _) in sorted(self.objects.items())
-                if aid == agreement_id and oid > after
-            ]
-            return {"objects": objects[:limit]}
+
+            def objects() -> list[dict[str, Any]]:
+                return [
+                    meta
+                    for oid, (aid, meta, _) in sorted(self.objects.items())
+                    if aid == agreement_id and oid > after
+                ][:limit]
+
+            if self.honours_wait:  # as the center's Api: answer with the first new object
+                with self._added:
+                    self._added.wait_for(objects, timeout=wait_s)
+            return {"objects": objects()}
 
         @app.get(RESULT_OBJECT)
         def download(object_id: int) -> Response:
@@ -156,6 +169,8 @@ class FakeCenter:
             },
             data,
         )
+        with self._added:
+            self._added.notify_all()
         return oid
 
     def start(self) -> None:
@@ -386,6 +401,64 @@ def test_delivered_reidentified_once_with_status_and_sha256(
     assert row.delivered_sha256 == hashlib.sha256(_part10(again)).hexdigest()
     assert row.delivered_sha256 != hashlib.sha256(center_bytes).hexdigest()
     _assert_no_identity(caplog.text, study)
+
+
+@contextmanager
+def _running(d: Deliverer, interval_s: float) -> Iterator[threading.Event]:
+    """``d.run`` in its own thread, as the gateway runs it; stopped and joined after."""
+    stop = threading.Event()
+    thread = threading.Thread(target=d.run, args=(stop, interval_s), daemon=True)
+    thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+def _wait_until(check: Callable[[], bool], timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout_s, "not in time"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_a_listener_delivers_a_new_result_when_built_not_at_the_next_poll(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
+) -> None:
+    db, store = edge
+    study = _send_study(db, store)
+    d = _deliverer(db, store, center, pacs.port, wait_s=10)
+    try:
+        with _running(d, interval_s=60):  # no poll interval would find it in this test
+            _wait_until(lambda: center.listings >= 1, 5)  # the listener waits at the center
+            time.sleep(0.2)
+            center.add(_sr(study))
+            took = _wait_until(lambda: len(pacs.received) == 1, 5)
+        assert took < 5
+        assert center.listings <= 3  # one waiting listing, the answer, the next one waiting
+        assert [r.state for r in _rows(db)] == ["delivered"]
+    finally:
+        d.close()
+
+
+def test_a_center_that_answers_at_once_is_not_listed_in_a_loop(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
+) -> None:
+    db, store = edge
+    study = _send_study(db, store)
+    center.honours_wait = False  # an older center, or a proxy that does not hold requests
+    d = _deliverer(db, store, center, pacs.port, wait_s=10)
+    try:
+        with _running(d, interval_s=0.5):
+            time.sleep(1.6)
+            assert center.listings <= 6  # one per interval, not a busy loop
+            center.add(_sr(study))
+            _wait_until(lambda: len(pacs.received) == 1, 5)  # still found, by interval
+    finally:
+        d.close()
 
 
 def test_pacs_down_backs_off_then_delivers_exactly_once(

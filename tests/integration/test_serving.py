@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import statistics
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -44,7 +45,15 @@ from radbridge.auth import (
 )
 from radbridge.contract import CenterClient, PurgeOut, PurgeStudy, tls_verify
 from radbridge.db import Database, upgrade
-from radbridge.db.tables import AuditRow, InstanceRow, JobRow, SeriesRow, StudyRow, utcnow
+from radbridge.db.tables import (
+    AuditRow,
+    InstanceRow,
+    JobRow,
+    ResultObjectRow,
+    SeriesRow,
+    StudyRow,
+    utcnow,
+)
 from radbridge.errors import CenterError, ModelError
 from radbridge.identity import prepare_local_identity
 from radbridge.settings import Settings
@@ -760,4 +769,52 @@ def test_the_edge_has_a_study_purged_at_the_center(center: Center) -> None:
     finally:
         own.close()
         other.close()
+        db.dispose()
+
+
+def test_a_waiting_listing_answers_with_the_first_object_built_after_it_began(
+    center: Center,
+) -> None:
+    """The edge's long poll: a listing with wait_s answers with an object that did not exist
+    when it was asked for (here built by "another replica", straight into the database),
+    and an empty page once wait_s passed without one."""
+    db = Database(center.settings.center_db_url)
+    client = CenterClient(center.url, auth=center.edge_auth, verify=center.verify)
+    try:
+        after = max([0, *(o.id for o in client.result_objects(AGREEMENT, 0, 1000))])
+        assert client.result_objects(AGREEMENT, after, 10, wait_s=1.0) == []
+        with db.session() as s:
+            study = _complete_study(s, "2.25.79")
+            job = JobRow(study_id=study.id, state="running", priority="routine", version=1)
+            s.add(job)
+            s.flush()
+            job_id = job.id
+
+        def build_later() -> None:
+            time.sleep(0.7)
+            with db.session() as s:
+                s.add(
+                    ResultObjectRow(
+                        agreement_id=AGREEMENT,
+                        job_id=job_id,
+                        study_uid="2.25.79",
+                        version=1,
+                        kind="sr",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                        sop_instance_uid="2.25.7901",
+                        series_instance_uid="2.25.7902",
+                        path="x.dcm",
+                        size=1,
+                        sha256="0" * 64,
+                    )
+                )
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(state="done"))
+
+        builder = threading.Thread(target=build_later)
+        builder.start()
+        listed = client.result_objects(AGREEMENT, after, 10, wait_s=20.0)
+        builder.join()
+        assert [o.sop_instance_uid for o in listed] == ["2.25.7901"]
+    finally:
+        client.close()
         db.dispose()

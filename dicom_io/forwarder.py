@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,8 @@ __all__ = ["Forwarder"]
 log = logging.getLogger("radbridge.edge.forwarder")
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _NO_BASIS = "no legal transfer basis in force for this agreement"
+_MIN_WAIT_S = 0.005  # a quiet period ending now: tick again almost at once, never spin
+_STOP_CHECK_S = 0.25  # run() notices stop this soon
 
 
 class Forwarder:
@@ -72,6 +75,8 @@ class Forwarder:
         self._audit = audit
         self._ledger = ledger
         self._consent = consent
+        self._next_stable: datetime | None = None  # the earliest quiet period still running
+        self._wake = threading.Event()
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -84,12 +89,31 @@ class Forwarder:
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
+        """Forward due studies every ``interval_s``, and when a study's quiet period ends
+        (not up to ``interval_s`` later: that wait is on every study's turnaround)."""
         while not stop.is_set():
             try:
                 self.tick()
             except Exception as exc:  # the loop must survive anything; the study stays queued
                 log.error("forwarder tick failed: %s", redacted(exc))
-            stop.wait(interval_s)
+            wait = interval_s
+            if self._next_stable is not None:
+                until = (self._next_stable - utcnow()).total_seconds()
+                wait = min(wait, max(until, _MIN_WAIT_S))
+            self._sleep(stop, wait)
+
+    def wake(self) -> None:
+        """An instance was stored: look at the due times again (thread-safe, never blocks)."""
+        self._wake.set()
+
+    def _sleep(self, stop: threading.Event, seconds: float) -> None:
+        """Until ``seconds`` passed, ``wake()`` was called, or ``stop`` was set."""
+        end = time.monotonic() + seconds
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0 or self._wake.wait(min(left, _STOP_CHECK_S)):
+                break
+        self._wake.clear()
 
     def close(self) -> None:
         self._center.close()
@@ -107,11 +131,15 @@ class Forwarder:
             ).all()
         self._update_depth()
         done = 0
+        self._next_stable = None
         for study in due:
             agreement = agreements.get(study.agreement_id)
             if agreement is None:
                 continue
             if not _complete(study, agreement, now):
+                stable = _stable_at(study, agreement)
+                if self._next_stable is None or stable < self._next_stable:
+                    self._next_stable = stable
                 continue
             if not agreement.may_transfer(now.date()):
                 if study.state != EdgeStudyState.BLOCKED:
@@ -424,7 +452,12 @@ def _complete(study: StudyRow, agreement: Agreement, now: datetime) -> bool:
     """Complete once the sender's stated count is in, else after the agreement's quiet period."""
     if study.expected_instances and study.instance_count >= study.expected_instances:
         return True
-    return study.last_received_at + timedelta(seconds=agreement.quiet_period_s) <= now
+    return _stable_at(study, agreement) <= now
+
+
+def _stable_at(study: StudyRow, agreement: Agreement) -> datetime:
+    """When the study's quiet period ends, unless another instance arrives before."""
+    return study.last_received_at + timedelta(seconds=agreement.quiet_period_s)
 
 
 def _chunks(parts: list[bytes], limit: int) -> list[list[bytes]]:

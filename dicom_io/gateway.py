@@ -114,6 +114,7 @@ class Gateway:
                 self.db, settings.edge.master_secret.get_secret_value(), self.audit
             ),
         )
+        ingestor.on_stored = self.forwarder.wake  # a new study's quiet period starts now
         self.purges = PurgeOutbox(
             self.db,
             center_client(settings),

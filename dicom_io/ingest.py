@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import Connection, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -49,6 +50,9 @@ class Ingestor:
         self.limits = limits or Limits()
         self._lock = threading.Lock()  # serialises index updates of one gateway process
         self._ids: dict[tuple[str, str, str], tuple[int, int]] = {}
+        # Called after an instance is stored (the gateway wakes its forwarder: the study's
+        # quiet period is counted from now). Must not block.
+        self.on_stored: Callable[[], None] | None = None
 
     def accept(
         self,
@@ -208,6 +212,8 @@ class Ingestor:
             if done.rowcount != 1:
                 raise _StaleIds  # rolls back the instance row; the file stays, unreferenced
         self._remember(agreement_id, header, (study_id, series_id))
+        if self.on_stored is not None:
+            self.on_stored()
         return IngestOutcome.NEW_VERSION if existing else IngestOutcome.STORED
 
 

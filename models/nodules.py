@@ -320,7 +320,7 @@ def sliding_window_probabilities(
 
 
 def detect_nodules(
-    predict: Callable[[np.ndarray], np.ndarray],
+    predict: Callable[[np.ndarray], np.ndarray] | None,
     manifest: ModelManifest,
     hu: np.ndarray,
     spacing: tuple[float, float, float],
@@ -328,15 +328,20 @@ def detect_nodules(
     direction: np.ndarray | None = None,
     *,
     label: int = 0,
+    probabilities: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[list[DetectedNodule], np.ndarray, tuple[float, float, float]]:
     """The whole segmenter path: HU volume -> resample + preprocess -> sliding window -> nodules.
 
     Args:
-        predict: The model (``onnx_predictor(session, manifest.input.name)``).
+        predict: The model (``onnx_predictor(session, manifest.input.name)``), unless
+            ``probabilities`` is given.
         manifest: A ``segmentation`` manifest.
         hu: (z, y, x) Hounsfield units (``dicom_io.volume.read_series``).
         spacing, origin, direction: Its geometry (same source).
         label: Which of ``manifest.labels`` to report.
+        probabilities: Runs the whole sliding window elsewhere instead of through ``predict``
+            (the center's ModelRunner, next to its session): preprocessed (C, z, y, x) volume
+            -> (classes, z, y, x) probabilities, as :func:`sliding_window_probabilities`.
 
     Returns:
         ``(nodules, probability, model_spacing)``: the nodules (threshold and minimum volume
@@ -349,7 +354,12 @@ def detect_nodules(
     if manifest.task != "segmentation" or seg is None:
         raise ModelError(f"{manifest.name}:{manifest.version}: not a segmentation model")
     image, model_spacing = prepare_volume(hu, spacing, seg.spacing_mm, manifest.preprocessing)
-    probs = sliding_window_probabilities(predict, image, seg)
+    if probabilities is not None:
+        probs = probabilities(image)
+    elif predict is not None:
+        probs = sliding_window_probabilities(predict, image, seg)
+    else:
+        raise ModelError("detect_nodules: give predict or probabilities")
     channel = probs[label + seg.channels_per_label_offset]
     nodules = find_nodules(
         channel,

@@ -71,7 +71,12 @@ class RunnerConfig(_Strict):
     trt_engine_cache_dir: str | None = Field(
         None, description="TensorRT engine cache (built engines survive restarts)."
     )
-    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime decide.")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime's intra-op threads; 0: one per CPU the replica may run on "
+        "(not ONNX Runtime's default of one per physical core, half the vCPUs of a cloud VM).",
+    )
     allow_spinning: bool = Field(
         False,
         description="ONNX Runtime's intra/inter-op threads spin-wait for work between runs "

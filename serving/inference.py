@@ -120,11 +120,19 @@ class Inference:
     ) -> list[Classified]:
         """The images of one request (axis 0) in one runner call: served whole or refused
         whole (:class:`OverloadedError` when sheddable and the runner has no room for all)."""
+        outs = await self.run_many(key, tensors, priority, shed=shed)
+        return [self._classified(key, t, out) for t, out in zip(tensors, outs, strict=True)]
+
+    async def run_many(
+        self, key: str, tensors: np.ndarray, priority: str, *, shed: bool
+    ) -> list[dict[str, Any]]:
+        """Tensors stacked on axis 0 in one runner call (one handle round trip, not one per
+        tensor); each answer as :meth:`run` gives it. Records the runner metrics."""
         handle = self.runner.options(multiplexed_model_id=key)
         outs: list[dict[str, Any]] = await _unwrapped(handle.many.remote(tensors, priority, shed))
         for out in outs:
             self._observe(key, priority, out)
-        return [self._classified(key, t, out) for t, out in zip(tensors, outs, strict=True)]
+        return outs
 
     def _classified(self, key: str, tensor: np.ndarray, out: dict[str, Any]) -> Classified:
         """A runner answer → findings (postprocessing), and the shadow run if one is pinned."""
@@ -154,6 +162,18 @@ class Inference:
         handle = self.runner.options(multiplexed_model_id=key)
         out: dict[str, Any] = await _unwrapped(handle.remote(tensor, priority, shed))
         self._observe(key, priority, out)
+        return out
+
+    async def segment(self, key: str, image: np.ndarray, priority: str) -> dict[str, Any]:
+        """A preprocessed volume through the runner's sliding window (``ModelRunner.segment``);
+        records its queue wait and inference time."""
+        handle = self.runner.options(multiplexed_model_id=key)
+        out: dict[str, Any] = await _unwrapped(handle.segment.remote(image, priority))
+        m = self.manifests[key]
+        labels = (m.name, m.version)
+        self.metrics.queue_wait.labels(*labels, priority).observe(out["queue_wait"])
+        self.metrics.inference.labels(*labels, "volume", out["provider"]).observe(out["seconds"])
+        self.metrics.provider_info.labels(*labels, out["provider"]).set(1)
         return out
 
     def _observe(self, key: str, priority: str, out: dict[str, Any]) -> None:

@@ -660,29 +660,21 @@ class Api:
     async def _segment_series(
         self, job_id: int, key: str, series: list[jobs.JobInstance], priority: str
     ) -> None:
-        """Sliding-window inference on the series' volume; its windows go through the runner."""
+        """Sliding-window inference on the series' volume: decoded and resampled here, its
+        windows run inside the ModelRunner (one round trip for the volume)."""
         manifest = self.manifests[key]
         loop = asyncio.get_running_loop()
         encoded = await asyncio.to_thread(lambda: [self.store.read(i.path) for i in series])
         stats: dict[str, Any] = {"windows": 0, "seconds": 0.0, "provider": ""}
 
-        async def windows(batch: np.ndarray) -> np.ndarray:
-            outs = await asyncio.gather(
-                *(
-                    self.inference.run(key, batch[i], priority, shed=False)
-                    for i in range(len(batch))
-                )
-            )
-            stats["windows"] += len(outs)
-            stats["seconds"] += max(o["seconds"] for o in outs)
-            stats["provider"] = outs[0]["provider"]
-            return np.stack([o["logits"] for o in outs])
-
-        def predict(batch: np.ndarray) -> np.ndarray:  # called from the worker thread
-            return asyncio.run_coroutine_threadsafe(windows(batch), loop).result()
+        def probabilities(image: np.ndarray) -> np.ndarray:  # called from the worker thread
+            call = self.inference.segment(key, image, priority)
+            out = asyncio.run_coroutine_threadsafe(call, loop).result()
+            stats.update(windows=out["windows"], seconds=out["seconds"], provider=out["provider"])
+            return np.asarray(out["probabilities"])
 
         t0 = time.perf_counter()
-        seg = await asyncio.to_thread(segment_series, encoded, manifest, predict)
+        seg = await asyncio.to_thread(segment_series, encoded, manifest, probabilities)
         total = time.perf_counter() - t0
         self.metrics.request.labels(manifest.name, manifest.version, priority, "study").observe(
             total

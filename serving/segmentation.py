@@ -2,8 +2,8 @@
 
 The series is assembled by its geometry (``dicom_io.volume.read_series``: slices sorted along
 the normal, modality LUT applied), resampled and preprocessed with the manifest's pipeline,
-and segmented by MONAI sliding-window inference whose windows go through ``predict`` — in the
-center, the ModelRunner deployment, so windows of different studies share batches. Nodules are
+and segmented by MONAI sliding-window inference — in the center, inside the ModelRunner
+deployment beside its session, so the volume crosses Ray once and no window does. Nodules are
 reported in patient coordinates; the label's probability map is brought back onto the source
 slices for the DICOM SEG.
 """
@@ -37,12 +37,17 @@ class SeriesSegmentation:
 def segment_series(
     encoded: Sequence[bytes],
     manifest: ModelManifest,
-    predict: Callable[[np.ndarray], np.ndarray],
+    probabilities: Callable[[np.ndarray], np.ndarray],
 ) -> SeriesSegmentation:
+    """``probabilities``: the preprocessed (C, z, y, x) volume -> its (classes, z, y, x)
+    probabilities by sliding window (the ModelRunner's ``segment``, or
+    :func:`models.nodules.sliding_window_probabilities` on a local session)."""
     t0 = time.perf_counter()
     hu, spacing, origin, direction = read_series(list(encoded))
     t1 = time.perf_counter()
-    nodules, prob, _ = detect_nodules(predict, manifest, hu, spacing, origin, direction)
+    nodules, prob, _ = detect_nodules(
+        None, manifest, hu, spacing, origin, direction, probabilities=probabilities
+    )
     t2 = time.perf_counter()
     threshold = manifest.labels[0].threshold
     on_source = _resize(prob, hu.shape)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -163,3 +166,23 @@ def test_openapi_documents_every_answer_of_every_route() -> None:
     assert {"413", "415", "503"} <= answers[("POST", "/v1/models/{name}/infer")]
     body = doc["paths"]["/v1/studies"]["post"]["requestBody"]["content"]
     assert any(media.startswith("multipart/related") for media in body)
+
+
+def test_usable_cpus_is_the_affinity_capped_by_a_cgroup_quota(tmp_path: Path) -> None:
+    from serving.runner import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path / "none") == affinity  # no cgroup files: the affinity
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(v2) == affinity  # no quota
+    (v2 / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one thread
+    assert usable_cpus(v2) == 1
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path / "v1") == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(tmp_path / "v1") == affinity

@@ -146,13 +146,20 @@ def _forwarder(
 
 
 def _ingest(  # type: ignore[no-untyped-def]
-    db: Database, store: DurableStore, n: int = 2, *, expected: int | None = None, first=None
+    db: Database,
+    store: DurableStore,
+    n: int = 2,
+    *,
+    expected: int | None = None,
+    first=None,
+    on_stored=None,
 ) -> list:  # type: ignore[type-arg]
     first = first or make_instance()
     instances = [first] + [
         make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=i) for i in range(1, n)
     ]
     ing = Ingestor(db, store)
+    ing.on_stored = on_stored
     for ds in instances:
         if expected is not None:
             ds.NumberOfStudyRelatedInstances = expected
@@ -305,6 +312,33 @@ def test_without_a_stated_count_the_quiet_period_decides(
     _ingest(db, store, n=2, expected=3)  # 2 of 3 in: not complete
     fwd = _forwarder(db, store, free_port())
     assert fwd.tick(utcnow()) == 0 and _state(db).attempts == 0  # not even tried
+
+
+def test_run_forwards_when_the_quiet_period_ends_not_at_the_next_interval(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """The forwarder's loop wakes when an instance is stored and sleeps until the earliest
+    quiet period ends: with a 60 s interval a study is still forwarded about 2 s (the
+    agreement's quiet period) after its last instance."""
+    db, store = edge
+    center = Center(tmp_path)
+    center.start()
+    fwd = _forwarder(db, store, center.port)
+    stop = threading.Event()
+    loop = threading.Thread(target=fwd.run, args=(stop, 60.0), daemon=True)
+    try:
+        loop.start()
+        time.sleep(0.3)  # the loop's first tick found nothing and sleeps
+        _ingest(db, store, on_stored=fwd.wake)  # as the gateway wires its receive path
+        deadline = time.monotonic() + 20  # far less than the 60 s interval
+        while _state(db).state != "forwarded":
+            assert time.monotonic() < deadline, _state(db).state
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        loop.join(5)
+        center.stop()
+        fwd.close()
 
 
 # -- burned-in annotation: quarantine at the edge, or mask --------------------------------

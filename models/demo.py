@@ -38,6 +38,7 @@ def build_all(
     log: Callable[[str], None] = print,
     *,
     retrain: bool = False,
+    step: Callable[[str], None] | None = None,
 ) -> list[LoadedModel]:
     """Install (or validate) the chest radiograph classifier, then the CT nodule segmenter:
     the shipped models unless ``retrain``, else trained here.
@@ -47,6 +48,7 @@ def build_all(
         force: Replace valid installed models (with the shipped ones, or retrained ones).
         log: Progress sink.
         retrain: Train from scratch instead of installing the shipped models.
+        step: Told each model's build as it starts (``radbridge models build`` shows them).
 
     Returns:
         The installed models, CXR first.
@@ -59,6 +61,8 @@ def build_all(
     models = []
     for module in (cxr_demo, ct_nodule_demo):
         name, version = module.MANIFEST_TEMPLATE["name"], module.MANIFEST_TEMPLATE["version"]
+        if step is not None:
+            step(f"{name}:{version} ({'training' if retrain else 'shipped'})")
         target = repo.root / name / version
         installed = None if force else repo.installed(target, log)
         if installed is None and not retrain:

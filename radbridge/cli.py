@@ -139,7 +139,16 @@ def models_build(
     from models.demo import build_all
 
     s = _settings()
-    for model in build_all(s.models_dir, force=force, log=console.print, retrain=retrain):
+    steps = Steps()
+    try:
+        models = build_all(
+            s.models_dir, force=force, log=console.print, retrain=retrain, step=steps
+        )
+    except BaseException:
+        steps.finish(ok=False)
+        raise
+    steps.finish()
+    for model in models:
         console.print(f"[green]{model.key} ready at {model.onnx_path}[/]")
 
 
@@ -413,6 +422,41 @@ def center_purge(
     console.print(table)
 
 
+class Steps:
+    """A start-up's steps, each on its own line with its time once done; the running one with
+    a spinner on a terminal (plain lines elsewhere, e.g. CI logs)."""
+
+    def __init__(self) -> None:
+        self._name: str | None = None
+        self._t0 = self._start = time.monotonic()
+        self._status: Any = None
+
+    def __call__(self, name: str) -> None:
+        """``name`` starts; the step before it is done."""
+        self._done(ok=True)
+        self._name, self._t0 = name, time.monotonic()
+        if console.is_terminal:
+            self._status = console.status(f"{name}…")
+            self._status.start()
+        else:
+            console.print(f"  {name}…", highlight=False)
+
+    def finish(self, ok: bool = True) -> None:
+        self._done(ok)
+        if ok:
+            console.print(f"[dim]ready in {time.monotonic() - self._start:.1f} s[/]")
+
+    def _done(self, ok: bool) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if self._name is not None:
+            mark = "[green]✓[/]" if ok else "[red]✗[/]"
+            took = time.monotonic() - self._t0
+            console.print(f"{mark} {self._name} [dim]{took:.1f} s[/]", highlight=False)
+        self._name = None
+
+
 @app.command()
 def up() -> None:
     """Run everything on this machine: center (local Ray), edge gateway, SQLite, folder stores."""
@@ -421,13 +465,18 @@ def up() -> None:
 
     s = _settings()
     stop = _stop_on_signal()
+    steps = Steps()
     try:
+        steps("agreements, databases, ports")
         _ensure_ready(s, edge=True, center=True)
         _check_edge_ports(s)  # before Ray starts: a taken port is found in a second, not a minute
-        start_center(s)
+        start_center(s, step=steps)
+        steps("edge gateway")
         gw = Gateway(s)
         gw.start()
+        steps.finish()
     except RadbridgeError as exc:
+        steps.finish(ok=False)
         raise _fail(exc) from None
     table = Table("component", "address", title=f"radbridge is up (mode: {s.mode})")
     table.add_row("edge DICOM SCP", f"{s.edge.ae_title}@{s.edge.host}:{s.edge.port}")

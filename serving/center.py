@@ -26,6 +26,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,8 +67,12 @@ SERVE_ENV_DEFAULTS: dict[str, str] = {
 _LOG_TAIL_LINES = 15
 
 
-def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
-    """Start Ray (local unless ``center.ray_address``) and deploy the app; returns when ready."""
+def start_center(
+    settings: Settings, timeout_s: float = 300.0, step: Callable[[str], None] | None = None
+) -> None:
+    """Start Ray (local unless ``center.ray_address``) and deploy the app; returns when ready.
+    ``step`` is told each stage as it starts (``radbridge up`` shows them with their times)."""
+    step = step or (lambda _: None)
     # Ray must not pick the host's interface address: loopback only unless told otherwise.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     for name, value in SERVE_ENV_DEFAULTS.items():
@@ -77,6 +82,7 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     from serving.config import load_serve_config
 
     c = settings.center
+    step("center: Serve config, identity, certificates")
     config = load_serve_config(c.serve_config)  # fails here, naming the field, if invalid
     prepare_local_identity(settings)  # local mode: a throwaway identity under data_dir/keys
     load_trust(settings.center_trust_file)  # fails here, naming the field, if invalid
@@ -85,6 +91,7 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
         check_server_files(c.tls.cert_file, c.tls.key_file)
     deadline = time.monotonic() + timeout_s
     if not ray.is_initialized():
+        step(f"center: connecting to Ray at {c.ray_address}" if c.ray_address else "center: Ray")
         if c.ray_address:
             ray.init(address=c.ray_address, log_to_driver=True)
         else:
@@ -105,12 +112,15 @@ def start_center(settings: Settings, timeout_s: float = 300.0) -> None:
     )
     tls = (str(c.tls.cert_file), str(c.tls.key_file)) if c.tls is not None else None
     schema = config.deploy_schema(host=c.host, port=c.port, settings=app_settings, tls=tls)
+    step("center: Serve's HTTP proxy")
     client = _start_serve(schema, deadline)
     deployed_at = time.time()
     client.deploy_apps(schema)
     for name in config.apps:
+        step(f"center: {name} (replicas start, models load)")
         _wait_running(name, deployed_at, deadline)
     scheme = "https" if tls is not None else "http"
+    step("center: answering /healthz")
     _wait_answers(f"{scheme}://{_loopback(c.host)}:{c.port}/healthz", deadline)
     log.info("center serving on %s://%s:%d", scheme, c.host, c.port)
 

@@ -88,6 +88,8 @@ def test_up_refuses_a_bad_agreement_before_anything_starts(
     out = CliRunner().invoke(app, ["up"])
     assert out.exit_code == 2, out.output
     assert "modalities" in out.output, out.output
+    assert "✗ agreements, databases, ports" in out.output  # the step that failed, named
+    assert "center: Ray" not in out.output  # never reached
     assert not (tmp_path / "data").exists()  # no database, no keys, no models, no Ray
     import ray
 

@@ -77,3 +77,19 @@ def test_retraining_reproduces_the_shipped_models(tmp_path: Path) -> None:
         diff = float(np.max(np.abs(_outputs(shipped.onnx_path, x) - _outputs(new.onnx_path, x))))
         print(f"{name}: identical bytes {same}, max probability difference {diff:.2e}")
         assert diff < 0.05, (name, diff)
+
+
+def test_models_build_shows_each_model_as_a_step_with_its_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from radbridge.cli import app
+
+    monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RADBRIDGE_MODEL_REPOSITORY", str(tmp_path / "models"))
+    out = CliRunner().invoke(app, ["models", "build"])
+    assert out.exit_code == 0, out.output
+    for name in sorted(DEMO_MODELS):
+        assert f"✓ {name}:1 (shipped)" in out.output, out.output
+    assert "ready in" in out.output

@@ -17,11 +17,11 @@ random tensors (seed 0), cycled.
 
 Paths, measured on that model in one run, interleaved round by round (a, b, c, a, b, c, ...):
 
-- (a) raw ONNX Runtime in this process (CUDA when a GPU is present, else CPU; its own thread
-  default unless ``--raw-threads``) at the batch sizes ``--raw-batches`` (1, 4, 8, 16), with
-  ORT's thread spin-waiting on (its default; rows ``raw ORT b=N``) and/or off (rows
-  ``raw ORT b=N nospin``) per ``--raw-spinning`` (default both); the best row (highest median
-  img/s) is the baseline, so raw ORT is measured at its best whatever the runner uses.
+- (a) raw ONNX Runtime in this process (CUDA when a GPU is present, else CPU; one intra-op
+  thread per usable CPU, the ModelRunner's default, unless ``--raw-threads``) at the batch
+  sizes ``--raw-batches`` (1, 4, 8, 16), with ORT's thread spin-waiting on (its default; rows
+  ``raw ORT b=N``) and/or off (rows ``raw ORT b=N nospin``) per ``--raw-spinning`` (default
+  both); the best row (highest median img/s) is the baseline.
 - (b) the Serve app through a DeploymentHandle to the ModelRunner
   (``multiplexed_model_id=name:version``), ``--handle-in-flight`` requests in flight
   (default: ``--concurrency``).
@@ -196,10 +196,10 @@ def raw_ort_session(onnx_path: Path, threads: int, spinning: bool = True) -> Any
     import onnxruntime as ort
 
     from serving.providers import resolve_providers
+    from serving.runner import usable_cpus
 
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or usable_cpus()  # as the ModelRunner's session
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -556,7 +556,10 @@ def parse_args() -> argparse.Namespace:
         "--batch-wait-ms", type=float, default=None, help="ModelRunner user_config; serve.yaml's"
     )
     ap.add_argument(
-        "--intra-op-threads", type=int, default=None, help="0: ORT decides; serve.yaml's"
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="0: one per usable CPU (serving.runner.usable_cpus); serve.yaml's",
     )
     ap.add_argument(
         "--capacity",
@@ -592,7 +595,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--runner-replicas", type=int, default=0, help="ModelRunner replicas; 0: serve.yaml's"
     )
-    ap.add_argument("--raw-threads", type=int, default=0, help="raw ORT threads; 0: ORT decides")
+    ap.add_argument(
+        "--raw-threads", type=int, default=0, help="raw ORT threads; 0: as the runner's default"
+    )
     ap.add_argument("--ray-num-cpus", type=int, default=0, help="0: radbridge's default")
     ap.add_argument(
         "--no-access-log", action="store_true", help="Serve logging_config without access log"

@@ -50,8 +50,9 @@ class Ingestor:
         self.limits = limits or Limits()
         self._lock = threading.Lock()  # serialises index updates of one gateway process
         self._ids: dict[tuple[str, str, str], tuple[int, int]] = {}
-        # Called after an instance is stored (the gateway wakes its forwarder: the study's
-        # quiet period is counted from now). Must not block.
+        # Called after an instance of a series new to this receive path is stored, or the last
+        # of the count its sender stated (the gateway wakes its forwarder: a new study's quiet
+        # period has started, or the study is complete). Must not block.
         self.on_stored: Callable[[], None] | None = None
 
     def accept(
@@ -90,10 +91,19 @@ class Ingestor:
         """Store ``encoded`` and index it; ``priority`` is the study's (the highest any of its
         instances asked for, else the agreement's default)."""
         digest = hashlib.sha256(encoded).hexdigest()
+        relpath = (
+            f"{agreement_id}/{header.study_uid}/{header.series_uid}/"
+            f"{header.sop_instance_uid}.{digest[:12]}.dcm"
+        )
+        # The file first, outside the lock: associations write and fsync side by side, and
+        # only the index is serialised. Its name carries the digest, so a re-send of the same
+        # bytes (rare) rewrites the same file with the same content.
+        self.store.write(relpath, encoded, sha256=digest)
         with self._lock:
             for attempt in range(3):
                 try:
-                    return self._ingest_once(agreement_id, header, encoded, digest, priority)
+                    size = len(encoded)
+                    return self._index(agreement_id, header, relpath, size, digest, priority)
                 except (IntegrityError, _StaleIds):
                     # Another replica created the same study/series first, or a cached id's
                     # row is gone (a purge): forget the ids and look them up again.
@@ -154,13 +164,20 @@ class Ingestor:
             self._ids.pop(next(iter(self._ids)))
         self._ids[(agreement_id, header.study_uid, header.series_uid)] = ids
 
-    def _ingest_once(
-        self, agreement_id: str, header: InstanceHeader, encoded: bytes, digest: str, priority: str
+    def _index(
+        self,
+        agreement_id: str,
+        header: InstanceHeader,
+        relpath: str,
+        size: int,
+        digest: str,
+        priority: str,
     ) -> str:
-        """One transaction of three indexed statements (the instance looked up, inserted or
-        re-pointed, its study updated in SQL) around the durable write of the file. The
-        statements are built once: the ORM's unit of work and per-call statement building
-        cost more than the fsyncs here (py-spy, ``loadtests.ingest_bench --profile``)."""
+        """Index the stored file: one transaction of three indexed statements (the instance
+        looked up, inserted or re-pointed, its study updated in SQL). The statements are built
+        once: the ORM's unit of work and per-call statement building cost more than the fsyncs
+        here (py-spy, ``loadtests.ingest_bench --profile``)."""
+        cached = (agreement_id, header.study_uid, header.series_uid) in self._ids
         with self.db.engine.begin() as conn:
             study_id, series_id = self._ids_in(conn, agreement_id, header)
             existing = conn.execute(
@@ -168,16 +185,11 @@ class Ingestor:
             ).first()
             if existing is not None and existing.sha256 == digest:
                 return IngestOutcome.DUPLICATE
-            relpath = (
-                f"{agreement_id}/{header.study_uid}/{header.series_uid}/"
-                f"{header.sop_instance_uid}.{digest[:12]}.dcm"
-            )
-            stored = self.store.write(relpath, encoded, sha256=digest)
             now = utcnow()
             fields = {
-                "p_path": stored.relpath,
-                "p_size": stored.size,
-                "p_sha256": stored.sha256,
+                "p_path": relpath,
+                "p_size": size,
+                "p_sha256": digest,
                 "p_ts": header.transfer_syntax_uid,
                 "p_now": now,
             }
@@ -209,11 +221,13 @@ class Ingestor:
                     "p_expected": header.expected_study_instances or None,
                 },
             )
-            if done.rowcount != 1:
+            counts = done.first()
+            if counts is None:
                 raise _StaleIds  # rolls back the instance row; the file stays, unreferenced
         self._remember(agreement_id, header, (study_id, series_id))
-        if self.on_stored is not None:
-            self.on_stored()
+        count, expected = counts
+        if self.on_stored is not None and (not cached or (expected and count >= expected)):
+            self.on_stored()  # a new series (or study), or the count the sender stated is in
         return IngestOutcome.NEW_VERSION if existing else IngestOutcome.STORED
 
 
@@ -278,6 +292,7 @@ _TOUCH_STUDY = (
         ),
         expected_instances=func.coalesce(bindparam("p_expected"), StudyRow.expected_instances),
     )
+    .returning(StudyRow.instance_count, StudyRow.expected_instances)
 )
 
 

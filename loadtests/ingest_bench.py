@@ -1,6 +1,7 @@
 """Ingest benchmark: the radbridge edge gateway against dcmtk storescp and Orthanc, one run.
 
-    .venv/bin/python -m loadtests.ingest_bench [--count 500] [--runs 3] [--profile]
+    .venv/bin/python -m loadtests.ingest_bench [--count 500] [--runs 3] [--associations 1]
+        [--profile]
 
 Corpora: ``--count`` generated 512x512 16-bit CT instances (CT Image Storage, one study,
 explicit VR little endian) and, in a row of its own, every storage instance of the PyPI package
@@ -17,7 +18,10 @@ compressed). Receivers, each on a free loopback port and started afresh for ever
   modalities, quiet period 24 h so nothing is forwarded during the run).
 
 Sender: dcmtk ``storescu`` (one association, ``-aet STORESCU``, only the presentation contexts
-the files need, each file's own transfer syntax proposed; TCP_NODELAY=1). Runs are interleaved
+the files need, each file's own transfer syntax proposed; TCP_NODELAY=1); with
+``--associations N``, N storescu at once, each sending every N-th file on its own association
+(storescp then runs with ``--fork``, a process per association; Orthanc and the gateway serve
+them with their own threads). Receiver CPU includes storescp's forked children. Runs are interleaved
 (receiver order rotates each round); every run is checked (storescu exit status, instance
 count at the receiver). Prints the median instances/s and MB/s per receiver, the receiver's CPU
 use, and the ratios gateway/storescp and gateway/Orthanc.
@@ -289,15 +293,19 @@ class Receiver:
 class Storescp(Receiver):
     name, ae, durable = "dcmtk storescp", "STORESCP", "files, no fsync"
 
+    def __init__(self, fork: bool = False) -> None:
+        self.fork = fork  # a process per association, as storescp serves several at once
+
     def start(self, work: Path) -> int:
         self.out = work / "out"
         self.out.mkdir(parents=True)
         port = free_port()
         log = work / "storescp.log"
+        mode = "--fork" if self.fork else "--single-process"
         with log.open("wb") as fh:
             self.proc = subprocess.Popen(
                 [
-                    *("storescp", "--single-process", "-aet", self.ae, "-od", str(self.out)),
+                    *("storescp", mode, "-aet", self.ae, "-od", str(self.out)),
                     *("+B", "+xa", "-pdu", str(DCMTK_PDU), "-dhl", "-ts", "60", "-ta", "30"),
                     str(port),
                 ],
@@ -477,23 +485,45 @@ class Run:
     cpu_s: float
 
 
-def push(port: int, called_ae: str, corpus: Corpus, profile: Path) -> float:
-    files = corpus.files
+def push(port: int, called_ae: str, corpus: Corpus, profile: Path, associations: int = 1) -> float:
+    """Seconds until ``associations`` storescu processes, each sending every n-th file on its
+    own association at the same time, have all finished."""
     t0 = time.perf_counter()
-    out = subprocess.run(
-        [
-            *("storescu", "-aet", SENDER_AE, "-aec", called_ae, "-xf", str(profile), "Bench"),
-            *("-ta", "30", "-td", "120", "-ts", "120", "127.0.0.1", str(port)),
-            *map(str, files),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60 + 2 * len(files),
-    )
+    senders = []
+    for i in range(associations):
+        files = corpus.files[i::associations]
+        log = profile.with_name(f"storescu-{i}.log")
+        with log.open("wb") as fh:
+            senders.append(
+                (
+                    subprocess.Popen(
+                        [
+                            *("storescu", "-aet", SENDER_AE, "-aec", called_ae),
+                            *("-xf", str(profile), "Bench"),
+                            *("-ta", "30", "-td", "120", "-ts", "120", "127.0.0.1", str(port)),
+                            *map(str, files),
+                        ],
+                        env=ENV,
+                        stdin=subprocess.DEVNULL,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
+    deadline = 60 + 2 * len(corpus.files)
+    failed = []
+    for proc, log in senders:
+        try:
+            code = proc.wait(max(1.0, deadline - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(5)
+        if code != 0:
+            failed.append(f"storescu to {called_ae} failed ({code}): {_tail(log, 800)}")
     elapsed = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise SystemExit(f"storescu to {called_ae} failed ({out.returncode}): {out.stderr[-800:]}")
+    if failed:
+        raise SystemExit("\n".join(failed))
     return elapsed
 
 
@@ -517,20 +547,24 @@ def fsync_latency_ms(folder: Path, size: int = 524_288, rounds: int = 20) -> flo
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU of the process and of its children it has waited for (storescp --fork's)."""
     try:
         t = psutil.Process(pid).cpu_times()
     except psutil.Error:
         return 0.0
-    return float(t.user + t.system)
+    return float(t.user + t.system + t.children_user + t.children_system)
 
 
-def one_run(receiver: Receiver, corpus: Corpus, work: Path, *, keep: bool = False) -> Run:
+def one_run(
+    receiver: Receiver, corpus: Corpus, work: Path, *, keep: bool = False, associations: int = 1
+) -> Run:
     work.mkdir(parents=True)
     port = receiver.start(work)
     try:
         pid = receiver.pid()
         cpu0 = cpu_seconds(pid)
-        seconds = push(port, receiver.ae, corpus, corpus.write_storescu_profile(work / "scu.cfg"))
+        profile = corpus.write_storescu_profile(work / "scu.cfg")
+        seconds = push(port, receiver.ae, corpus, profile, associations)
         cpu = cpu_seconds(pid) - cpu0
         stored = receiver.stored()
     finally:
@@ -689,8 +723,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="interleaved rounds (1..9)")
     ap.add_argument("--profile", action="store_true", help="one extra gateway run under py-spy")
     ap.add_argument("--no-mixed", action="store_true", help="skip the pydicom-data corpus")
+    ap.add_argument(
+        "--associations",
+        type=int,
+        default=1,
+        help="parallel storescu associations per run (1..8; storescp then runs with --fork)",
+    )
     args = ap.parse_args()
     count, runs = max(1, min(args.count, 5000)), max(1, min(args.runs, 9))
+    associations = max(1, min(args.associations, 8))
     for tool in ("storescu", "storescp", "echoscu", "dcmdump"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs dcmtk ({tool})")
@@ -706,7 +747,11 @@ def main() -> None:
         print(f"corpus ready in {time.monotonic() - t0:.1f} s")
         fsync_ms = fsync_latency_ms(root)
         modalities = set().union(*(c.modalities for c in corpora))
-        receivers: list[Receiver] = [Storescp(), Orthanc(), Gateway(modalities)]
+        receivers: list[Receiver] = [
+            Storescp(fork=associations > 1),
+            Orthanc(),
+            Gateway(modalities),
+        ]
         results: dict[str, dict[str, list[Run]]] = {
             c.name: {r.name: [] for r in receivers} for c in corpora
         }
@@ -714,7 +759,8 @@ def main() -> None:
             order = receivers[rnd % 3 :] + receivers[: rnd % 3]
             for corpus in corpora:
                 for rec in order:
-                    run = one_run(rec, corpus, root / f"r{rnd}-{id(corpus)}-{rec.ae}")
+                    work = root / f"r{rnd}-{id(corpus)}-{rec.ae}"
+                    run = one_run(rec, corpus, work, associations=associations)
                     results[corpus.name][rec.name].append(run)
                     print(
                         f"  round {rnd + 1}/{runs} {corpus.name:20s} {rec.name:18s} "
@@ -722,12 +768,14 @@ def main() -> None:
                         flush=True,
                     )
         print()
+        fork = " --fork" if associations > 1 else ""
         print(
-            textwrap.dedent(f"""\
-            Ingest benchmark: storescu -> receiver over loopback, one association per run.
-              storescp: +B +xa, max PDU {DCMTK_PDU}; Orthanc {Orthanc.durable}, max PDU {DCMTK_PDU}
-              gateway: {Gateway.durable}, max PDU {DCMTK_PDU}
-              new 512 KiB file write+fsync: {fsync_ms:.2f} ms (median); {os.cpu_count()} CPUs""")
+            f"Ingest benchmark: storescu -> receiver over loopback, {associations} "
+            "association(s) at once per run.\n"
+            f"  storescp{fork}: +B +xa, max PDU {DCMTK_PDU}; "
+            f"Orthanc {Orthanc.durable}, max PDU {DCMTK_PDU}\n"
+            f"  gateway: {Gateway.durable}, max PDU {DCMTK_PDU}\n"
+            f"  new 512 KiB file write+fsync: {fsync_ms:.2f} ms (median); {os.cpu_count()} CPUs"
         )
         for corpus in corpora:
             print()

@@ -118,6 +118,12 @@ def _stages(data: Path, study_uid: str, acked_at: datetime) -> dict[str, float |
     return {
         "acked -> stable (quiet period)": _seconds(acked_at, edge.stable_at),
         "stable -> forwarded (de-identify, send)": _seconds(edge.stable_at, edge.forwarded_at),
+        "  stable -> first instance at the center": _seconds(
+            edge.stable_at, study.first_received_at
+        ),
+        "  first -> last instance at the center": _seconds(
+            study.first_received_at, study.last_received_at
+        ),
         "forwarded -> job started": _seconds(edge.forwarded_at, job.started_at),
         "  job: series read + decoded": clocks.get("decode"),
         "  job: resample + sliding window + nodules": clocks.get("sliding_window"),

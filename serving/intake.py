@@ -9,7 +9,8 @@ from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
 from dicom_io.stow import store_response
 from radbridge.db.engine import Database
-from radbridge.db.index import find_instance, record_instance, series_for, study_for
+from radbridge.db.index import find_instance, series_for, study_for
+from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.lifecycle import CenterStudyState
 
@@ -48,7 +49,12 @@ def patient_key(agreement_id: str, pseudonymous_patient_id: str) -> str:
 def receive_instances(
     db: Database, store: DurableStore, agreement_id: str, parts: list[bytes]
 ) -> StowOutcome:
+    """Store and index one STOW-RS request's instances: each is checked on its own (a refused
+    instance is answered in the response, the others are kept); the new files are written and
+    fsynced first, then every accepted instance of the request is indexed in one transaction
+    (one commit per request, not per instance: a CT series arrives in requests of dozens)."""
     outcome = StowOutcome()
+    accepted: list[tuple[InstanceHeader, bytes, str]] = []
     for part in parts:
         failed_uids: tuple[str | None, str | None] = (None, None)
         try:
@@ -59,53 +65,109 @@ def receive_instances(
                     "not_deidentified",
                     "PatientIdentityRemoved is not YES: the center takes no identity",
                 )
-            _store(db, store, agreement_id, header, part)
-            outcome.stored.append(header)
+            accepted.append((header, part, hashlib.sha256(part).hexdigest()))
         except DatasetError as exc:
-            reason = _FAILURE_REASON.get(exc.reason, 0xC000)
-            outcome.failed.append((*failed_uids, reason, str(exc)))
-        except RadbridgeError as exc:
-            outcome.failed.append((*failed_uids, 0xA700, str(exc)))
+            outcome.failed.append((*failed_uids, _FAILURE_REASON.get(exc.reason, 0xC000), str(exc)))
+    if accepted:
+        refused = len(outcome.failed)
+        try:
+            _store_all(db, store, agreement_id, accepted, outcome)
+        except RadbridgeError as exc:  # the store or the index failed: none of them is kept
+            outcome.stored.clear()
+            del outcome.failed[refused:]
+            for h, _part, _digest in accepted:
+                outcome.failed.append((h.sop_class_uid, h.sop_instance_uid, 0xA700, str(exc)))
     return outcome
 
 
-def _store(
-    db: Database, store: DurableStore, agreement_id: str, h: InstanceHeader, part: bytes
+def _store_all(
+    db: Database,
+    store: DurableStore,
+    agreement_id: str,
+    accepted: list[tuple[InstanceHeader, bytes, str]],
+    outcome: StowOutcome,
 ) -> None:
-    relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
+    """Write the new files, then index them all in one transaction (files before rows: a
+    failure leaves unreferenced files, never a row without its file)."""
     with db.session() as s:
-        study = study_for(s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING)
-        if study.state in _PURGED:
-            raise DatasetError(
-                "purged", "the center purged this study (retention or the hospital's request)"
+        studies: dict[str, StudyRow] = {}
+        series: dict[tuple[str, str], SeriesRow] = {}
+        new: list[tuple[InstanceHeader, SeriesRow, str, str, int]] = []
+        pending: dict[str, str] = {}  # SOP Instance UID -> sha256 of this request's new ones
+        # Studies are changed only after every file is written, so that (autoflush) no write
+        # lock is held while the files are fsynced: other requests index meanwhile.
+        added: dict[str, int] = {}  # study UID -> instances this request adds
+        patients: dict[str, str] = {}  # study UID -> its pseudonymous Patient ID
+        for h, part, digest in accepted:
+            study = studies.get(h.study_uid)
+            if study is None:
+                study = study_for(
+                    s, agreement_id, h.study_uid, h.modality, CenterStudyState.RECEIVING
+                )
+                studies[h.study_uid] = study
+            if study.state in _PURGED:
+                outcome.failed.append(
+                    (
+                        h.sop_class_uid,
+                        h.sop_instance_uid,
+                        0xC000,
+                        "the center purged this study (retention or the hospital's request)",
+                    )
+                )
+                continue
+            if h.patient_id:
+                patients.setdefault(h.study_uid, h.patient_id)
+            key = (h.study_uid, h.series_uid)
+            if key not in series:
+                series[key] = series_for(s, study, h.series_uid, h.modality, h.body_part)
+            row = find_instance(s, series[key], h.sop_instance_uid)
+            row_digest = row.sha256 if row is not None else pending.get(h.sop_instance_uid)
+            if row_digest is not None:
+                if row_digest == digest:
+                    added.setdefault(h.study_uid, 0)  # the same bytes again: idempotent
+                    outcome.stored.append(h)
+                    continue
+                # Never overwrite what a result may already describe: a forged or altered
+                # re-post under a known UID would otherwise become a new result version.
+                outcome.failed.append(
+                    (
+                        h.sop_class_uid,
+                        h.sop_instance_uid,
+                        _FAILURE_REASON["conflict"],
+                        "other bytes under a SOP Instance UID the center already holds",
+                    )
+                )
+                continue
+            relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
+            store.write(relpath, part, sha256=digest)
+            new.append((h, series[key], relpath, digest, len(part)))
+            pending[h.sop_instance_uid] = digest
+        now = utcnow()
+        for h, series_row, relpath, digest, size in new:
+            s.add(
+                InstanceRow(
+                    series_id=series_row.id,
+                    sop_instance_uid=h.sop_instance_uid,
+                    sop_class_uid=h.sop_class_uid,
+                    transfer_syntax_uid=h.transfer_syntax_uid,
+                    path=relpath,
+                    size=size,
+                    sha256=digest,
+                    received_at=now,
+                    version=1,
+                )
             )
-        if study.patient_key is None and h.patient_id:
-            study.patient_key = patient_key(agreement_id, h.patient_id)
-        series = series_for(s, study, h.series_uid, h.modality, h.body_part)
-        row = find_instance(s, series, h.sop_instance_uid)
-        if row is not None:
-            if row.sha256 == hashlib.sha256(part).hexdigest():
-                study.state = CenterStudyState.RECEIVING
-                return  # the same bytes again: idempotent, nothing rewritten
-            # Never overwrite what a result may already describe: a forged or altered re-post
-            # under a known UID would otherwise become a new result version for the hospital.
-            raise DatasetError(
-                "conflict", "other bytes under a SOP Instance UID the center already holds"
-            )
-        stored = store.write(relpath, part)
-        record_instance(
-            s,
-            study,
-            series,
-            row,
-            sop_instance_uid=h.sop_instance_uid,
-            sop_class_uid=h.sop_class_uid,
-            transfer_syntax_uid=h.transfer_syntax_uid,
-            relpath=stored.relpath,
-            size=stored.size,
-            sha256=stored.sha256,
-        )
-        study.state = CenterStudyState.RECEIVING
+            added[h.study_uid] = added.get(h.study_uid, 0) + 1
+            outcome.stored.append(h)
+        for uid, n in added.items():
+            study = studies[uid]
+            study.state = CenterStudyState.RECEIVING
+            if study.patient_key is None and uid in patients:
+                study.patient_key = patient_key(agreement_id, patients[uid])
+            if n:
+                study.last_received_at = now
+                # In SQL, not in Python: two replicas adding to one study must not lose a count.
+                study.instance_count = StudyRow.instance_count + n  # type: ignore[assignment]
 
 
 def stow_response(outcome: StowOutcome) -> dict[str, object]:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
 from dicom_io.deid import deidentify
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from radbridge.contract import CompleteStudy
 from radbridge.db import Database
+from radbridge.db.tables import InstanceRow, StudyRow
 from radbridge.errors import NotFoundError, PolicyError
 from serving import jobs
 from serving.intake import receive_instances, stow_response
@@ -98,3 +100,40 @@ def test_incomplete_or_unknown_study(migrated_db: Database, tmp_path: Path) -> N
         )
     with pytest.raises(NotFoundError, match="no job"):
         jobs.study_results(migrated_db, uid)
+
+
+def _count(db: Database) -> tuple[int, int]:
+    """(the study's instance count, instance rows) at the center."""
+    with db.session() as s:
+        study = s.scalars(select(StudyRow)).one()
+        return study.instance_count, len(s.scalars(select(InstanceRow)).all())
+
+
+def test_one_request_is_indexed_whole_with_its_duplicates_and_conflicts_answered(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    store = DurableStore(tmp_path)
+    parts = _deid_study(4)
+    first = receive_instances(migrated_db, store, AGREEMENT, parts[:1])
+    assert len(first.stored) == 1 and _count(migrated_db) == (1, 1)
+    altered = bytearray(parts[0])
+    altered[-1] ^= 0xFF  # other bytes under the first instance's SOP Instance UID
+    outcome = receive_instances(
+        migrated_db, store, AGREEMENT, [parts[0], bytes(altered), *parts[1:], parts[3]]
+    )
+    assert len(outcome.stored) == 5  # the re-send, three new, the in-request repeat
+    assert [f[2] for f in outcome.failed] == [0x0111]
+    assert _count(migrated_db) == (4, 4)
+    assert len(list(tmp_path.rglob("*.dcm"))) == 4
+    with migrated_db.session() as s:
+        assert s.scalars(select(StudyRow.patient_key)).one() is not None
+
+
+def test_a_request_the_store_cannot_take_is_refused_whole_and_indexes_nothing(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    full = DurableStore(tmp_path, min_free_bytes=1 << 62)  # the watermark is always reached
+    outcome = receive_instances(migrated_db, full, AGREEMENT, _deid_study(3))
+    assert outcome.stored == [] and [f[2] for f in outcome.failed] == [0xA700] * 3
+    with migrated_db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []

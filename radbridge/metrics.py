@@ -7,10 +7,12 @@ words: never identifiers. ``safe_label`` enforces that at the call site.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["CenterMetrics", "EdgeMetrics", "batch_bucket", "safe_label"]
+__all__ = ["CenterMetrics", "EdgeMetrics", "RayMirrored", "batch_bucket", "safe_label"]
 
 # Seconds; from sub-millisecond C-STORE writes to hour-long turnarounds.
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -149,10 +151,89 @@ class EdgeMetrics:
         )
 
 
-class CenterMetrics:
-    """Metrics of the center's ingress (served at the Serve app's /metrics)."""
+class RayMirrored:
+    """A prometheus-client metric whose every update also goes to a Ray metric of the same
+    name, labels and buckets (``ray.util.metrics``).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Each Serve replica keeps its own prometheus-client registry, so its /metrics shows that
+    replica alone; Ray's per-node metrics agent collects the Ray metrics of every replica on
+    the node (one series per worker, label ``WorkerId``), so one scrape per node sees them all
+    and ``sum`` adds the replicas up. Ray exports them as ``ray_<name>``; the Kubernetes scrape
+    renames them back (k8s/monitoring). Callback gauges (``set_function``) are pushed to Ray by
+    :meth:`CenterMetrics.refresh`.
+    """
+
+    def __init__(self, prom: Any) -> None:
+        from ray.util import metrics as ray_metrics
+
+        self.prom = prom
+        self._labelnames: tuple[str, ...] = tuple(prom._labelnames)
+        self._function: Callable[[], float] | None = None
+        kind, name, doc = prom._type, prom._name, prom._documentation
+        tags = self._labelnames or None
+        if kind == "counter":  # prometheus-client keeps the name without _total; Ray adds it
+            self.ray: Any = ray_metrics.Counter(name, description=doc, tag_keys=tags)
+        elif kind == "histogram":
+            bounds = [b for b in prom._upper_bounds if b != float("inf")]
+            self.ray = ray_metrics.Histogram(
+                name, description=doc, boundaries=bounds, tag_keys=tags
+            )
+        elif kind == "gauge":
+            self.ray = ray_metrics.Gauge(name, description=doc, tag_keys=tags)
+        else:
+            raise TypeError(f"{name}: no Ray mirror for a {kind}")
+
+    def labels(self, *values: str) -> _MirroredChild:
+        tags = dict(zip(self._labelnames, (str(v) for v in values), strict=True))
+        return _MirroredChild(self.prom.labels(*values), self.ray, tags)
+
+    def inc(self, amount: float = 1.0) -> None:
+        _MirroredChild(self.prom, self.ray, {}).inc(amount)
+
+    def observe(self, value: float) -> None:
+        _MirroredChild(self.prom, self.ray, {}).observe(value)
+
+    def set(self, value: float) -> None:
+        _MirroredChild(self.prom, self.ray, {}).set(value)
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self.prom.set_function(function)
+        self._function = function
+
+    def refresh(self) -> None:
+        """Push a callback gauge's current value to Ray."""
+        if self._function is not None:
+            self.ray.set(float(self._function()))
+
+
+class _MirroredChild:
+    def __init__(self, prom: Any, ray: Any, tags: dict[str, str]) -> None:
+        self.prom, self.ray, self.tags = prom, ray, tags or None
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.prom.inc(amount)
+        if amount:
+            self.ray.inc(amount, tags=self.tags)
+
+    def observe(self, value: float) -> None:
+        self.prom.observe(value)
+        self.ray.observe(value, tags=self.tags)
+
+    def set(self, value: float) -> None:
+        self.prom.set(value)
+        self.ray.set(value, tags=self.tags)
+
+
+class CenterMetrics:
+    """Metrics of the center's ingress (served at the Serve app's /metrics).
+
+    ``mirror_to_ray`` (in a Serve replica): every metric is also a Ray metric
+    (:class:`RayMirrored`), so the replicas of the Api add up at each node's metrics agent.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, mirror_to_ray: bool = False
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.instances_received = Counter(
@@ -277,3 +358,15 @@ class CenterMetrics:
             ["agreement", "outcome"],
             registry=r,
         )
+        self._mirrored: list[RayMirrored] = []
+        if mirror_to_ray:
+            for attr, value in list(vars(self).items()):
+                if isinstance(value, Counter | Gauge | Histogram):
+                    mirrored = RayMirrored(value)
+                    setattr(self, attr, mirrored)
+                    self._mirrored.append(mirrored)
+
+    def refresh(self) -> None:
+        """Push callback gauges (free bytes of the store) to Ray; the health check calls it."""
+        for mirrored in self._mirrored:
+            mirrored.refresh()

@@ -205,6 +205,13 @@ class CenterSettings(_Strict):
         256 << 20, ge=1 << 20, description="Largest request body the center reads (413 above)."
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray.")
+    ray_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Where a local Ray's metrics agent serves Prometheus metrics (every "
+        "replica's center metrics, summed by worker); 0: a port Ray picks.",
+    )
     serve_config: Path | None = Field(
         None,
         description="Ray Serve config file (replicas, autoscaling, batching, providers, model "

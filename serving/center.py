@@ -60,6 +60,9 @@ _RADBRIDGE_ERROR = re.compile(r"radbridge\.errors\.(\w+Error: [^\n]+)")
 # background work: they run at normal priority (RAY_worker_niceness, Ray's own setting).
 SERVE_ENV_DEFAULTS: dict[str, str] = {
     "RAY_worker_niceness": "0",
+    # Ray exports a Counter as a Prometheus counter and, for compatibility, also as a gauge
+    # of the same name; the gauge would clash with the counter in every scrape.
+    "RAY_EXPORT_COUNTER_AS_GAUGE": "0",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10",
@@ -104,6 +107,7 @@ def start_center(
                 num_cpus=c.ray_num_cpus or max(4, os.cpu_count() or 1),
                 include_dashboard=False,
                 log_to_driver=True,
+                _metrics_export_port=c.ray_metrics_port or None,
             )
     # The app's args: the settings it needs, not the config file's path — a redeploy whose
     # only change is user_config then reconfigures replicas in place instead of replacing them.

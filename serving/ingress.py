@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -210,7 +211,9 @@ class Api:
                 "agreements-changed", agreement_id=agreement_id, details={"sha256": digest}
             )
         self.store = DurableStore(settings.center_store)
-        self.metrics = CenterMetrics()
+        # In a Serve replica every metric is mirrored to Ray's metrics: the node's metrics
+        # agent then exports the sum of all Api replicas (radbridge.metrics.RayMirrored).
+        self.metrics = CenterMetrics(mirror_to_ray=ray.is_initialized())
         self.metrics.store_free.set_function(self.store.free_bytes)
         if settings.center.tls is not None:
             self.metrics.certificate_expiry.set(certificate_expiry(settings.center.tls.cert_file))
@@ -503,6 +506,7 @@ class Api:
 
     async def check_health(self) -> None:
         self._resume()
+        self.metrics.refresh()
         if time.monotonic() >= self._retention_due:  # Serve calls this every few seconds
             self._retention_due = time.monotonic() + self.config.retention_interval_s
             task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._retention))

@@ -776,7 +776,8 @@ def test_agreements_files_under_k8s_are_valid() -> None:
 def test_service_monitors_find_their_targets() -> None:
     objs = build("production")
     monitors = [o for o in objs if o["kind"] == "ServiceMonitor"]
-    assert {m["metadata"]["name"] for m in monitors} == {"radbridge-edge", "radbridge-center"}
+    names = {m["metadata"]["name"] for m in monitors}
+    assert names == {"radbridge-edge", "radbridge-center", "radbridge-ray"}
     pods = [
         labels
         for o in objs
@@ -798,17 +799,27 @@ def test_service_monitors_find_their_targets() -> None:
         assert len(services) == 1, m["metadata"]["name"]
         (svc,) = services
         port_names = {p["name"] for p in svc["spec"]["ports"]}
-        paths = (
-            {"/metrics", "/read/metrics"}
-            if m["metadata"]["name"] == "radbridge-center"
-            else {"/metrics"}
-        )
+        # The center's metrics come from the Ray pods' metrics agents (every Api replica,
+        # summed); the Api's own /metrics (one replica) is not scraped.
+        paths = {"/read/metrics"} if m["metadata"]["name"] == "radbridge-center" else {"/metrics"}
         assert {ep["path"] for ep in m["spec"]["endpoints"]} == paths
         for ep in m["spec"]["endpoints"]:
             assert ep["port"] in port_names
-        assert any(_selects({"matchLabels": svc["spec"]["selector"]}, p) for p in pods)
+        selected = [p for p in pods if _selects({"matchLabels": svc["spec"]["selector"]}, p)]
+        assert selected
         if m["metadata"]["name"] == "radbridge-center":
             assert svc["spec"]["ports"][0]["port"] == serve_port
+        if m["metadata"]["name"] == "radbridge-ray":
+            assert svc["spec"]["clusterIP"] == "None"  # each pod scraped, none left out
+            (rayservice,) = [o for o in objs if o["kind"] == "RayService"]
+            assert len(selected) == len(ray_groups(rayservice))  # the head and every group
+            for group in ray_groups(rayservice).values():
+                assert group["rayStartParams"]["metrics-export-port"] == str(
+                    svc["spec"]["ports"][0]["port"]
+                )
+            (ep,) = m["spec"]["endpoints"]
+            rename = ep["metricRelabelings"][0]
+            assert rename["regex"] == "ray_(radbridge_.*)" and rename["replacement"] == "$1"
 
 
 def _catalog() -> dict[str, set[str]]:

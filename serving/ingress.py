@@ -214,6 +214,7 @@ class Api:
         # In a Serve replica every metric is mirrored to Ray's metrics: the node's metrics
         # agent then exports the sum of all Api replicas (radbridge.metrics.RayMirrored).
         self.metrics = CenterMetrics(mirror_to_ray=ray.is_initialized())
+        self.metrics.backlog.set(0)  # reported from the start (RadbridgeCenterDown: absent)
         self.metrics.store_free.set_function(self.store.free_bytes)
         if settings.center.tls is not None:
             self.metrics.certificate_expiry.set(certificate_expiry(settings.center.tls.cert_file))

@@ -1055,16 +1055,87 @@ def test_network_policy_peers_name_their_namespace(name: str) -> None:
                     assert "podSelector" in peer, (name, peer)
 
 
-def test_the_grafana_dashboard_queries_only_what_radbridge_exports(tmp_path: Path) -> None:
-    """The dashboard ConfigMap (for Grafana's sidecar): every panel's query names radbridge
-    metrics and labels only, and Prometheus' own parser takes each (as a recording rule)."""
+DASHBOARDS = ("radbridge-overview", "radbridge-agreement", "radbridge-model", "radbridge-edge")
+
+
+def _dashboards() -> dict[str, dict[str, Any]]:
+    """The dashboards as the monitoring base ships them (one ConfigMap for Grafana's sidecar)."""
     cm = one(build("monitoring"), "ConfigMap", "radbridge-grafana-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    dashboard = json.loads(cm["data"]["radbridge-overview.json"])
-    assert dashboard["uid"] == "radbridge-overview"
+    return {key.removesuffix(".json"): json.loads(text) for key, text in cm["data"].items()}
+
+
+def _dashboards_module() -> Any:
+    name = "radbridge_grafana_dashboards"  # k8s/ is no package: loaded from its path
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO / "k8s/monitoring/grafana/dashboards.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_dashboards_are_what_their_code_generates() -> None:
+    """Generated from code (grafanalib): the shipped JSON is exactly dashboards.py's output."""
+    module = _dashboards_module()
+    shipped = _dashboards()
+    assert set(shipped) == set(DASHBOARDS) == {b.uid for b in module.BOARDS}
+    for board in module.BOARDS:
+        assert json.loads(module.render(board)) == shipped[board.uid], board.uid
+        path = REPO / "k8s/monitoring/grafana" / f"{board.uid}.json"
+        assert path.read_text() == module.render(board), f"run {path.parent}/dashboards.py"
+
+
+def test_every_dashboard_is_laid_out_and_wired_for_grafana() -> None:
+    """What Grafana's dashboard model needs, checked on each: a unique uid, panel ids unique,
+    every panel inside the 24-column grid and none overlapping, every query on the
+    ${datasource} variable, a variable for every $name a query uses, and each query variable
+    reading a label radbridge exports."""
     catalog = _catalog()
-    targets = [t for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
-    assert len(targets) >= 20
+    for name, board in _dashboards().items():
+        assert board["uid"] == name and board["title"] and board["schemaVersion"] >= 12
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids)), name
+        cells: set[tuple[int, int]] = set()
+        for p in board["panels"]:
+            g = p["gridPos"]
+            assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, (name, p["title"])
+            xs, ys = range(g["x"], g["x"] + g["w"]), range(g["y"], g["y"] + g["h"])
+            mine = {(x, y) for x in xs for y in ys}
+            assert not cells & mine, (name, p["title"], "overlaps")
+            cells |= mine
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        for p in board["panels"]:
+            if p["type"] == "row":
+                continue
+            assert p["datasource"] == "${datasource}", (name, p["title"])
+            for t in p["targets"]:
+                assert set(re.findall(r"\$(\w+)", t["expr"])) <= set(variables), t["expr"]
+        for v in variables.values():
+            if v["type"] == "query":
+                found = re.fullmatch(r"label_values\((\w+), (\w+)\)", v["query"])
+                assert found is not None, v["query"]
+                metric, label = found.groups()
+                assert label in catalog[metric], v["query"]
+
+
+def test_the_dashboards_query_only_what_radbridge_exports(tmp_path: Path) -> None:
+    """Every panel's query names radbridge metrics and labels only, and Prometheus' own parser
+    takes each (as a recording rule); together the dashboards show every stage."""
+    catalog = _catalog()
+    targets = [
+        t
+        for board in _dashboards().values()
+        for p in board["panels"]
+        if p["type"] != "row"
+        for t in p["targets"]
+    ]
+    assert len(targets) >= 50
     used: set[str] = set()
     for t in targets:
         assert promql_problems(t["expr"], catalog) == [], t["expr"]
@@ -1084,12 +1155,13 @@ def test_the_grafana_dashboard_queries_only_what_radbridge_exports(tmp_path: Pat
         "radbridge_review_oldest_unread_seconds",
     ):
         assert stage in used, stage
+    # A query with a variable goes to promtool as Grafana sends it for "All" (regex .*).
     rules = {
         "groups": [
             {
                 "name": "dashboard",
                 "rules": [
-                    {"record": f"dashboard:panel_{i}", "expr": t["expr"]}
+                    {"record": f"dashboard:panel_{i}", "expr": re.sub(r"\$\w+", ".*", t["expr"])}
                     for i, t in enumerate(targets)
                 ],
             }

@@ -57,7 +57,7 @@ class Gateway:
         self.agreements: AgreementSet = load_agreements(settings.agreements_file)
         if any(a.deidentification.text_in_pixels != "off" for a in self.agreements.agreements):
             tesseract()  # ConfigError naming the setting, at start, not at the first image
-        self.metrics = EdgeMetrics()
+        self.metrics = EdgeMetrics(agreements=self.agreements)  # SLAs: turnaround bounds
         self.db = Database(settings.edge_db_url)
         e = settings.edge
         self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)

@@ -7,12 +7,22 @@ words: never identifiers. ``safe_label`` enforces that at the call site.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["CenterMetrics", "EdgeMetrics", "RayMirrored", "batch_bucket", "safe_label"]
+if TYPE_CHECKING:
+    from radbridge.agreements import AgreementSet
+
+__all__ = [
+    "CenterMetrics",
+    "EdgeMetrics",
+    "RayMirrored",
+    "batch_bucket",
+    "safe_label",
+    "with_sla_bounds",
+]
 
 # Seconds; from sub-millisecond C-STORE writes to hour-long turnarounds.
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -38,10 +48,25 @@ def batch_bucket(n: int) -> str:
     return "33+"
 
 
-class EdgeMetrics:
-    """Metrics of the edge gateway (prometheus-client, served on its own /metrics)."""
+def with_sla_bounds(base: Iterable[float], agreements: AgreementSet | None) -> tuple[float, ...]:
+    """Histogram bounds: ``base`` plus every agreement's SLA in seconds, so "within SLA" is
+    one bucket of a turnaround histogram (buckets are fixed when the metric is made)."""
+    slas = (
+        {float(m) * 60 for a in agreements.agreements for m in a.sla_minutes.values()}
+        if agreements is not None
+        else set()
+    )
+    return tuple(sorted({float(b) for b in base} | slas))
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+
+class EdgeMetrics:
+    """Metrics of the edge gateway (prometheus-client, served on its own /metrics).
+
+    ``agreements``: their SLAs become bounds of the turnaround histogram."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, agreements: AgreementSet | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.instance_receive = Histogram(
@@ -120,7 +145,7 @@ class EdgeMetrics:
             "radbridge_edge_turnaround_seconds",
             "Study's first instance received at the edge -> its result stored at the PACS.",
             ["agreement", "priority"],
-            buckets=_SLOW,
+            buckets=with_sla_bounds(_SLOW, agreements),
             registry=r,
         )
         self.deliveries = Gauge(

@@ -17,6 +17,7 @@ from radbridge.agreements import AgreementSet
 from radbridge.db.engine import Database
 from radbridge.db.tables import JobRow, ReadRow, StudyRow, utcnow
 from radbridge.lifecycle import JobState
+from radbridge.metrics import with_sla_bounds
 
 __all__ = ["ReviewMetrics", "turnaround_buckets"]
 
@@ -25,8 +26,7 @@ _DEFAULT_BUCKETS = (300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 8640
 
 def turnaround_buckets(agreements: AgreementSet) -> tuple[float, ...]:
     """Default bounds plus every agreement's SLA (seconds), so "within SLA" is one bucket."""
-    slas = {float(m) * 60 for a in agreements.agreements for m in a.sla_minutes.values()}
-    return tuple(sorted(set(_DEFAULT_BUCKETS) | slas))
+    return with_sla_bounds(_DEFAULT_BUCKETS, agreements)
 
 
 class _OldestUnread(Collector):

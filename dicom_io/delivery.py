@@ -131,6 +131,7 @@ class Deliverer:
         ``wait_s`` > 0: ``run()`` listens (long polls) instead of listing every interval."""
         self._wait_s = wait_s
         self._wake = threading.Event()  # a listener queued something: tick now
+        self._closing = False
         self._listeners: dict[str, threading.Thread] = {}
         self._results, self._edge_id = results, edge_id
         self._audit = audit  # DICOM Instances Transferred per delivery, refusals as alerts
@@ -203,6 +204,7 @@ class Deliverer:
                 stop.wait(interval_s)
 
     def close(self) -> None:
+        self._closing = True  # a listing cut by this close is no failure worth a warning
         self._center.close()
 
     def resend(self, delivery_id: int) -> None:
@@ -238,7 +240,7 @@ class Deliverer:
                 wait_s = 0.0  # only the first page waits
             except _Failed as exc:
                 self._metrics.delivery_failures.labels(agreement_id, exc.reason).inc()
-                if agreement_id not in self._poll_failing:
+                if agreement_id not in self._poll_failing and not self._closing:
                     log.warning("result listing for agreement %s failed: %s", agreement_id, exc)
                     self._poll_failing.add(agreement_id)
                 return added

@@ -148,7 +148,15 @@ class OrthancPeer:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
             )
-        self._client = httpx.Client(base_url=self.url, timeout=self.request_timeout_s)
+        # No keep-alive: Orthanc closes an idle connection after about a second (its
+        # KeepAliveTimeout), and a poll reusing it at that moment got "Server disconnected
+        # without sending a response" (tests/e2e/test_reading_room.py in CI). Loopback
+        # connections are cheap.
+        self._client = httpx.Client(
+            base_url=self.url,
+            timeout=self.request_timeout_s,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
         try:
             self._wait_ready()
         except BaseException:

@@ -93,7 +93,7 @@ class Forwarder:
         (not up to ``interval_s`` later: that wait is on every study's turnaround)."""
         while not stop.is_set():
             try:
-                self.tick()
+                self.tick(stop=stop)
             except Exception as exc:  # the loop must survive anything; the study stays queued
                 log.error("forwarder tick failed: %s", redacted(exc))
             wait = interval_s
@@ -118,9 +118,11 @@ class Forwarder:
     def close(self) -> None:
         self._center.close()
 
-    def tick(self, now: datetime | None = None) -> int:
-        """Forward every study that is due; returns how many were forwarded."""
+    def tick(self, now: datetime | None = None, *, stop: threading.Event | None = None) -> int:
+        """Forward every study that is due; returns how many were forwarded. A ``stop`` set
+        while a study is being de-identified returns it to the queue, unsent, at once."""
         now = now or utcnow()
+        stop = stop or threading.Event()
         agreements = self._agreements()
         with self.db.session() as s:
             due = s.scalars(
@@ -133,6 +135,8 @@ class Forwarder:
         done = 0
         self._next_stable = None
         for study in due:
+            if stop.is_set():
+                break
             agreement = agreements.get(study.agreement_id)
             if agreement is None:
                 continue
@@ -148,10 +152,20 @@ class Forwarder:
             if study.state == EdgeStudyState.BLOCKED and not _retried_when_due(study):
                 continue  # refused by de-identification: needs a person, not a retry
             if self._claim(study, now):
-                done += self._forward_claimed(study, agreement, now)
+                done += self._forward_claimed(study, agreement, now, stop)
         return done
 
     # -- steps ----------------------------------------------------------------------------
+
+    def _unclaim(self, study: StudyRow) -> None:
+        """Give a claimed study back to the queue in the state it was claimed from."""
+        with self.db.session() as s:
+            s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study.id, StudyRow.state == EdgeStudyState.FORWARDING)
+                .values(state=study.state)
+            )
+        log.info("study %s returned to the queue: the gateway is stopping", study.id)
 
     def _claim(self, study: StudyRow, now: datetime) -> bool:
         with self.db.session() as s:
@@ -166,9 +180,14 @@ class Forwarder:
             )
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
-    def _forward_claimed(self, study: StudyRow, agreement: Agreement, stable_at: datetime) -> int:
+    def _forward_claimed(
+        self, study: StudyRow, agreement: Agreement, stable_at: datetime, stop: threading.Event
+    ) -> int:
         try:
-            sent, held, pseudo_study_uid, nbytes = self._forward(study, agreement)
+            sent, held, pseudo_study_uid, nbytes = self._forward(study, agreement, stop)
+        except _Interrupted:  # nothing left the edge yet: the study waits for the next start
+            self._unclaim(study)
+            return 0
         except DeidentificationError as exc:
             self._block(study, f"de-identification refused: {exc}")
             return 0
@@ -216,7 +235,9 @@ class Forwarder:
         log.info("study %s forwarded (agreement %s)", study.id, agreement.id)
         return 1
 
-    def _forward(self, study: StudyRow, agreement: Agreement) -> tuple[int, list[str], str, int]:
+    def _forward(
+        self, study: StudyRow, agreement: Agreement, stop: threading.Event
+    ) -> tuple[int, list[str], str, int]:
         """Send the study's instances; returns how many were sent, why others were held, the
         pseudonymous study UID and the bytes sent."""
         pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
@@ -229,7 +250,7 @@ class Forwarder:
             ).all()
         self._check_consent(agreement, rows)
         self._count_person(study, agreement, rows)
-        parts, held = self._deidentify_study(study, rows, pseudo, agreement)
+        parts, held = self._deidentify_study(study, rows, pseudo, agreement, stop)
         pseudo_study_uid = pseudo.uid(study.study_uid)
         if not parts:
             return 0, held, pseudo_study_uid, 0
@@ -331,11 +352,16 @@ class Forwarder:
         rows: Sequence[Row[int, str]],
         pseudo: Pseudonymizer,
         agreement: Agreement,
+        stop: threading.Event,
     ) -> tuple[list[bytes], list[str]]:
-        """De-identify every instance; one whose pixels may show identity stays at the edge."""
+        """De-identify every instance; one whose pixels may show identity stays at the edge.
+        Raise ``_Interrupted`` when ``stop`` is set: a study of a thousand slices with OCR takes
+        minutes, and a gateway asked to stop must not wait for it (nor leave mid-write)."""
         parts: list[bytes] = []
         held: list[str] = []
         for instance_id, path in rows:
+            if stop.is_set():
+                raise _Interrupted
             try:
                 parts.append(self._deidentify(path, pseudo, agreement))
             except BurnedInAnnotationError as exc:
@@ -434,6 +460,10 @@ class _NoConsent(Exception):
     def __init__(self, reason: str, final: bool) -> None:
         super().__init__(reason)
         self.reason, self.final = reason, final
+
+
+class _Interrupted(Exception):
+    """The gateway is stopping while a study is being de-identified."""
 
 
 class _AtCeiling(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -30,3 +31,27 @@ def start_gateway(env: dict[str, str], log: Path, port: int) -> subprocess.Popen
         time.sleep(0.1)
     proc.kill()
     pytest.fail(f"gateway did not listen: {log.read_text()[-2000:]}")
+
+
+def stop_gateway(proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> int:
+    """SIGTERM, as an operator's `kill` or Kubernetes would; return the exit code.
+
+    A gateway that does not stop within ``timeout_s`` fails the test with where each of its
+    threads was (py-spy) and the end of its log, then is killed.
+    """
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stacks = subprocess.run(
+            [str(BIN / "py-spy"), "dump", "--pid", str(proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        proc.kill()
+        proc.wait()
+        pytest.fail(
+            f"gateway still running {timeout_s:.0f} s after SIGTERM\n"
+            f"threads:\n{stacks.stdout}{stacks.stderr}\nlog:\n{log.read_text()[-3000:]}"
+        )

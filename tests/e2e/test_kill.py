@@ -24,7 +24,7 @@ from sqlalchemy import select
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow
 from tests.conftest import free_port, make_instance, write_instance
-from tests.e2e.gateway_process import start_gateway
+from tests.e2e.gateway_process import start_gateway, stop_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
@@ -100,8 +100,7 @@ def test_sigkill_during_storescu_never_loses_an_acknowledged_instance(tmp_path: 
 
     # Restart once more: recovery runs, then a clean stop.
     gw = start_gateway(env, log, port)
-    gw.send_signal(signal.SIGTERM)
-    assert gw.wait(timeout=60) == 0, log.read_text()[-2000:]
+    assert stop_gateway(gw, log) == 0, log.read_text()[-2000:]
 
     store = data / "edge" / "store"
     db = Database(f"sqlite:///{data / 'edge' / 'edge.db'}")

@@ -275,6 +275,41 @@ def test_restart_returns_claimed_studies(edge: tuple[Database, DurableStore]) ->
     assert _state(db).state == "receiving"
 
 
+def test_stop_during_de_identification_returns_the_study_unsent(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """A gateway asked to stop does not de-identify the rest of a long study first (with OCR
+    that takes minutes): the study goes back to the queue, nothing sent, and goes later."""
+    db, store = edge
+    _ingest(db, store, n=5)
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port)
+        stop = threading.Event()
+        deidentify, calls = fwd._deidentify, []
+
+        def stop_after_first(*args: object) -> bytes:
+            calls.append(args)
+            stop.set()  # SIGTERM arrives while the first instance is being de-identified
+            return deidentify(*args)  # type: ignore[arg-type]
+
+        fwd._deidentify = stop_after_first  # type: ignore[method-assign]
+        assert fwd.tick(utcnow() + timedelta(seconds=5), stop=stop) == 0
+        assert len(calls) == 1  # the other four were not started
+        st = _state(db)
+        assert st.state == "receiving" and st.attempts == 0 and st.last_error is None
+        with center.db.session() as s:
+            assert s.scalars(select(StudyRow)).all() == []  # nothing reached the center
+        assert lookup_pseudonym(db, "demo-hospital-to-center", "uid", st.study_uid) is None
+
+        fwd._deidentify = deidentify  # type: ignore[method-assign]
+        assert fwd.tick(utcnow() + timedelta(seconds=5)) == 1  # the next start sends it
+    finally:
+        center.stop()
+    assert _state(db).state == "forwarded"
+
+
 def test_expected_count_completes_early_and_a_late_instance_reopens(
     edge: tuple[Database, DurableStore], tmp_path: Path
 ) -> None:

@@ -41,7 +41,7 @@ from models.manifest import ModelManifest
 from models.nodules import sliding_window_probabilities
 from models.repository import ModelRepository
 from radbridge.errors import ModelError
-from serving.config import RunnerConfig
+from serving.config import MAX_MODELS_PER_REPLICA, RunnerConfig
 from serving.providers import resolve_providers, session_providers
 from serving.scheduling import PriorityGate
 
@@ -113,10 +113,16 @@ class ModelRunner:
         self._computing = 0  # batches in session.run now
         self._batcher_open = asyncio.Event()  # set: no batch computing (or holding is off)
         self._batcher_open.set()
-        self.reconfigure({})
+        self.warmed: dict[str, float] = {}  # model id -> seconds its start-up load + run took
+        self._configure({})
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this with the deployment's user_config, also on a live redeploy."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's user_config before the replica takes its
+        first request, and again on a live redeploy: configure, then preload."""
+        self._configure(user_config)
+        await self._preload()
+
+    def _configure(self, user_config: dict[str, Any]) -> None:
         cfg = RunnerConfig.model_validate(user_config or {})
         self.config = cfg
         self.infer.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
@@ -148,7 +154,25 @@ class ModelRunner:
             return f"require_provider {need}: sessions run on {other}"
         return None
 
-    @serve.multiplexed(max_num_models_per_replica=4)
+    async def _preload(self) -> None:
+        """Load and run once each model of ``preload`` not loaded yet (the replica is not
+        ready until this returns, so no request waits behind a cold session)."""
+        wanted = self.config.preload
+        if wanted is None:
+            newest: dict[str, str] = {}
+            for model in await asyncio.to_thread(self.repository.list):
+                newest[model.manifest.name] = model.key  # sorted by version: the last wins
+            wanted = sorted(newest.values())[:MAX_MODELS_PER_REPLICA]
+        for model_id in wanted:
+            if model_id in self.sessions:
+                continue
+            t0 = time.perf_counter()
+            sess = await self.session(model_id)
+            await asyncio.to_thread(_warm_up, sess)
+            self.warmed[model_id] = time.perf_counter() - t0
+            log.info("%s preloaded in %.2f s", model_id, self.warmed[model_id])
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def session(self, model_id: str) -> _Session:
         name, _, version = model_id.partition(":")
         async with self._loading:  # sub-batches of two versions may ask at once
@@ -249,6 +273,7 @@ class ModelRunner:
         """What runs here: providers per loaded model, the gate's state, any health problem."""
         return {
             "sessions": {k: s.provider for k, s in self.sessions.items()},
+            "warmed": dict(self.warmed),
             "problem": self._problem,
             "waiting": self.gate.waiting,
             "running": self.gate.running,
@@ -260,6 +285,25 @@ class ModelRunner:
     def check_health(self) -> None:
         if self._problem:
             raise ModelError(self._problem)
+
+
+def _warm_up(sess: _Session) -> None:
+    """One zero input through the session as requests will use it: ONNX Runtime sizes its
+    arenas and picks its kernels on the first run, and a segmenter's first sliding window
+    imports torch and MONAI's inferer (seconds on a small host)."""
+    m = sess.manifest
+    if m is None:
+        return
+    channels, *spatial = m.input.shape[1:]
+    if m.segmentation is not None and isinstance(channels, int):
+        roi = m.segmentation.roi_size
+        sess.run(np.zeros((m.segmentation.sw_batch_size, channels, *roi), np.float32))
+        volume = np.zeros((channels, *roi), np.float32)
+        sliding_window_probabilities(sess.run, volume, m.segmentation)
+    else:
+        dims = [d for d in (channels, *spatial) if isinstance(d, int)]
+        if len(dims) == len(spatial) + 1:  # a symbolic size: no zero input fits every model
+            sess.run(np.zeros((1, *dims), np.float32))
 
 
 def _model_named() -> None:

@@ -186,3 +186,48 @@ def test_usable_cpus_is_the_affinity_capped_by_a_cgroup_quota(tmp_path: Path) ->
     assert usable_cpus(tmp_path / "v1") == 1
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert usable_cpus(tmp_path / "v1") == affinity
+
+
+SHIPPED = Path(__file__).parents[1] / "models" / "shipped"
+
+
+@pytest.mark.parametrize("name", ["chest-xray-demo", "ct-lung-nodule-demo"])
+def test_warm_up_runs_each_model_as_its_requests_will(name: str) -> None:
+    """A classifier gets one image of its input shape; a segmenter a batch of sw_batch_size
+    windows, then one sliding window (the import of MONAI's inferer happens here)."""
+    from serving.config import RunnerConfig
+    from serving.runner import _Session, _warm_up
+
+    manifest = ModelManifest.model_validate(
+        __import__("yaml").safe_load((SHIPPED / name / "1" / "manifest.yaml").read_text())
+    )
+    cfg = RunnerConfig(providers=["cpu"])
+    sess = _Session(f"{name}:1", SHIPPED / name / "1" / "model.onnx", cfg, manifest)
+    shapes: list[tuple[int, ...]] = []
+    run = sess.run
+
+    def recorded(batch: np.ndarray) -> np.ndarray:
+        shapes.append(batch.shape)
+        return run(batch)
+
+    sess.run = recorded  # type: ignore[method-assign]
+    _warm_up(sess)
+    spatial = [d for d in manifest.input.shape[2:]]
+    if manifest.segmentation is None:
+        assert shapes == [(1, 1, *spatial)]
+    else:
+        roi = tuple(manifest.segmentation.roi_size)
+        assert shapes == [(manifest.segmentation.sw_batch_size, 1, *roi), (1, 1, *roi)]
+
+
+def test_preload_names_model_ids_and_no_more_than_a_replica_holds() -> None:
+    from pydantic import ValidationError
+
+    from serving.config import MAX_MODELS_PER_REPLICA, RunnerConfig
+
+    assert RunnerConfig().preload is None  # the newest version of every installed model
+    assert RunnerConfig(preload=["ct-lung-nodule-demo:1"]).preload == ["ct-lung-nodule-demo:1"]
+    with pytest.raises(ValidationError, match="preload"):
+        RunnerConfig(preload=["ct-lung-nodule-demo"])  # no version: which one would it load?
+    with pytest.raises(ValidationError, match="preload"):
+        RunnerConfig(preload=[f"m{i}:1" for i in range(MAX_MODELS_PER_REPLICA + 1)])

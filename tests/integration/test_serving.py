@@ -225,6 +225,22 @@ def test_ray_processes_start_with_the_small_machine_proxy_limits(center: Center)
     assert seen["RAY_AUTH_MODE"] == "token"
 
 
+def test_a_runner_replica_is_ready_with_its_models_loaded_and_run_once(center: Center) -> None:
+    """Serve awaits the runner's reconfigure before the replica takes requests: the newest
+    version of every installed model is loaded and has run once by then; a config naming a
+    version loads it on a live redeploy, without a request."""
+    from ray import serve
+
+    runner = serve.get_deployment_handle("ModelRunner", app_name="radbridge-center")
+    info = runner.info.remote().result(timeout_s=30)
+    assert set(info["warmed"]) >= {f"{MODEL}:2"} and info["warmed"][f"{MODEL}:2"] > 0
+    assert f"{MODEL}:1" not in info["warmed"]  # not the newest: loads on its first request
+    center.deploy(runner={"preload": [f"{MODEL}:1"]})
+    info = runner.info.remote().result(timeout_s=30)
+    assert f"{MODEL}:1" in info["sessions"]
+    center.deploy()  # the module's config again
+
+
 def test_sync_endpoint_forms_batches_under_concurrent_load(center: Center) -> None:
     url = f"{center.url}/v1/models/{MODEL}/infer"
 

@@ -68,6 +68,18 @@ def _stop_on_signal() -> threading.Event:
     return stop
 
 
+def _until_stopped(stop: threading.Event) -> None:
+    """Wait for the stop event in slices, never in one untimed wait.
+
+    CPython runs a signal's Python handler in the main thread, between bytecodes; the kernel may
+    deliver SIGTERM to any thread, and then nothing interrupts a main thread blocked in an
+    untimed ``Event.wait()``: it never runs the handler. A gateway outlived SIGTERM that way
+    (py-spy: main thread in ``stop.wait()``, SIGTERM caught, the event never set).
+    """
+    while not stop.wait(0.25):
+        pass
+
+
 def _route_signals(stop: threading.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -251,7 +263,7 @@ def gateway(ctx: typer.Context) -> None:
     except RadbridgeError as exc:
         raise _fail(exc) from None
     console.print(f"[green]gateway ready[/] {s.edge.ae_title}@{s.edge.host}:{s.edge.port}")
-    stop.wait()
+    _until_stopped(stop)
     gw.stop()
 
 
@@ -373,7 +385,7 @@ def center(ctx: typer.Context) -> None:
         raise _fail(exc) from None
     scheme = "https" if s.center.tls is not None else "http"
     console.print(f"[green]center ready[/] {scheme}://{s.center.host}:{s.center.port}")
-    stop.wait()
+    _until_stopped(stop)
     stop_center()
 
 
@@ -491,7 +503,7 @@ def up() -> None:
     console.print("try: [bold]radbridge demo[/] (in another shell); Ctrl-C stops")
     sys.stdout.flush()
     _route_signals(stop)  # again: starting Ray may have installed its own handlers
-    stop.wait()
+    _until_stopped(stop)
     gw.stop()
     stop_center()
 

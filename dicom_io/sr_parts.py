@@ -17,6 +17,7 @@ from pydicom.sr.coding import Code
 
 __all__ = [
     "CHARSET",
+    "LANGUAGE_TAGS",
     "Coded",
     "expected_warnings",
     "fit_lo",
@@ -38,6 +39,8 @@ _LANGUAGES = {  # RFC 5646 tags (CID 5000 "Languages") for TID 1204
     "zh-CN": "Chinese (China)",
     "zh-Hans": "Chinese (Simplified)",
 }
+# An agreement's report languages as RFC 5646 tags (HTML lang, TID 1204 in every SR).
+LANGUAGE_TAGS = {"ru": "ru", "zh": "zh-Hans", "en": "en"}
 # Type 2 Patient/General Study attributes highdicom copies from the first source; an absent
 # one (de-identification adds them, other producers may not) is given empty, never invented.
 _TYPE2 = (

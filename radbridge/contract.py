@@ -107,7 +107,7 @@ class ResultObject(BaseModel):
     id: int = Field(ge=1, le=MAX_ID, description="Opaque to the edge: the listing names it.")
     study_uid: str = Field(pattern=UID)
     version: int = Field(ge=1)
-    kind: Literal["sr", "seg", "report"]
+    kind: Literal["sr", "seg", "report", "notice"]
     sop_class_uid: str = Field(pattern=UID)
     sop_instance_uid: str = Field(pattern=UID)
     series_instance_uid: str = Field(pattern=UID)

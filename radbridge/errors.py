@@ -110,6 +110,14 @@ class NotFoundError(RadbridgeError):
     """A requested object does not exist."""
 
 
+class NoModelError(NotFoundError):
+    """No model in service reads these images (their modality, or body part)."""
+
+    def __init__(self, modality: str, message: str) -> None:
+        super().__init__(message)
+        self.modality = modality
+
+
 class AuthError(RadbridgeError):
     """The caller did not prove who it is (HTTP 401; one message whatever the reason)."""
 

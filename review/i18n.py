@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from babel import Locale
 
+from dicom_io.sr_parts import LANGUAGE_TAGS
 from radbridge.errors import ConfigError
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 LANGUAGES = ("ru", "zh", "en")
-LANG_TAGS = {"ru": "ru", "zh": "zh-Hans", "en": "en"}  # HTML lang / RFC 5646 in the SR
+LANG_TAGS = LANGUAGE_TAGS  # HTML lang / RFC 5646 in the SR
 
 
 @dataclass(frozen=True)

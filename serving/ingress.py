@@ -60,6 +60,7 @@ from radbridge.db.tables import utcnow
 from radbridge.errors import (
     DatasetError,
     ForbiddenError,
+    NoModelError,
     NotFoundError,
     OverloadedError,
     PolicyError,
@@ -74,6 +75,7 @@ from serving import boundary, jobs, result_objects, retention
 from serving.config import ApiConfig
 from serving.inference import Inference
 from serving.intake import receive_instances, stow_response
+from serving.result_objects import unread_reasons
 from serving.scheduling import PriorityGate
 from serving.schemas import (
     Finding,
@@ -603,6 +605,7 @@ class Api:
         if errors:
             error = "; ".join(sorted({f"{type(e).__name__}: {e}" for e in errors}))[:2000]
             log.error("job %d failed for %d of %d instances", job_id, len(errors), len(instances))
+            await self._tell_the_hospital(job_id, agreement, modality, errors)
         else:
             try:
                 await asyncio.to_thread(
@@ -626,6 +629,28 @@ class Api:
             self.metrics.end_to_end.labels(agreement, mod, safe_label(priority)).observe(
                 (utcnow() - first_received).total_seconds()
             )
+
+    async def _tell_the_hospital(
+        self, job_id: int, agreement_id: str, modality: str | None, errors: list[BaseException]
+    ) -> None:
+        """A failed job still answers the hospital: an SR saying the AI did not read the
+        study, why (a closed set of reasons) and that the radiologist's report follows."""
+        a = self.agreements.get(agreement_id)
+        languages = a.report_languages if a is not None else ["en"]
+        center = a.reading_center.name if a is not None else "radbridge"
+        try:
+            await asyncio.to_thread(
+                result_objects.build_notice,
+                self.db,
+                self.store,
+                job_id,
+                unread_reasons(errors, safe_label(modality)),
+                languages,
+                center,
+                self._sign,
+            )
+        except Exception as exc:  # the job stays failed and on the worklist; logged, counted
+            log.error("job %d: the not-read notice failed (%s)", job_id, type(exc).__name__)
 
     def _work(
         self, job_id: int, instances: list[jobs.JobInstance], priority: str
@@ -660,7 +685,8 @@ class Api:
 
     @staticmethod
     async def _unrouted(modality: str | None) -> None:
-        raise NotFoundError(f"no model serves modality {safe_label(modality)}")
+        code = safe_label(modality)
+        raise NoModelError(code, f"no model serves modality {code}")
 
     async def _segment_series(
         self, job_id: int, key: str, series: list[jobs.JobInstance], priority: str

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pydicom
+from pydicom.uid import generate_uid
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from dicom_io.ai_notice import Unread, ai_not_performed_sr
 from dicom_io.result_store import Sign, record_objects, save_object
 from dicom_io.results import (
     AlgorithmInfo,
@@ -34,10 +36,11 @@ from radbridge.db.tables import (
     ReadRow,
     ResultObjectRow,
     ResultRow,
+    SeriesRow,
     StudyRow,
     utcnow,
 )
-from radbridge.errors import NotFoundError
+from radbridge.errors import DatasetError, NoModelError, NotFoundError
 from radbridge.lifecycle import JobState
 from serving.segmentation import SeriesSegmentation
 
@@ -45,9 +48,11 @@ __all__ = [
     "MANUFACTURER",
     "Sign",
     "build_for_job",
+    "build_notice",
     "list_objects",
     "object_path",
     "save_segmentation_objects",
+    "unread_reasons",
 ]
 
 MANUFACTURER = "radbridge"
@@ -101,6 +106,60 @@ def build_for_job(
     return record_objects(db, made, sign)
 
 
+def unread_reasons(errors: list[BaseException], modality: str) -> list[Unread]:
+    """What a failed job tells the hospital: a closed set of reasons, never an error's text."""
+    out: list[Unread] = []
+    for exc in errors:
+        if isinstance(exc, NoModelError):
+            unread = Unread("no_model", exc.modality)
+        elif isinstance(exc, DatasetError):
+            unread = Unread("unreadable", modality)
+        else:
+            unread = Unread("failed", modality)
+        if unread not in out:
+            out.append(unread)
+    return out
+
+
+def build_notice(
+    db: Database,
+    store: DurableStore,
+    job_id: int,
+    unread: list[Unread],
+    languages: list[str],
+    center_name: str,
+    sign: Sign | None = None,
+) -> list[int]:
+    """Write the "AI analysis not performed" SR of a failed job's run; returns its row id.
+
+    Listed to the edge although the job failed (``list_objects``); a re-run of the study drops
+    it with the rest of the previous run's objects (``jobs.start_job``).
+    """
+    with db.session() as s:
+        job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFoundError("unknown job")
+        study = s.get(StudyRow, job.study_id)
+        assert study is not None
+        paths = s.scalars(
+            select(InstanceRow.path)
+            .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+            .where(SeriesRow.study_id == study.id)
+            .order_by(InstanceRow.id)
+        ).all()
+        agreement_id, study_uid, version = study.agreement_id, study.study_uid, job.version
+    sources = [pydicom.dcmread(store.path(p), stop_before_pixels=True) for p in paths]
+    sr = ai_not_performed_sr(
+        sources,
+        unread,
+        languages,
+        device_uid=generate_uid(entropy_srcs=["radbridge reading center", center_name]),
+        version=version,
+    )
+    row = save_object(store, sr, "notice", agreement_id, study_uid, version, job_id)
+    return record_objects(db, [row], sign)
+
+
 def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
     with db.session() as s:
         rows = s.scalars(
@@ -109,8 +168,12 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
             .where(
                 ResultObjectRow.agreement_id == agreement_id,
                 ResultObjectRow.id > after,
-                # never half a job's objects; a signed report stands even when the AI failed
-                or_(JobRow.state == JobState.DONE, ResultObjectRow.kind == "report"),
+                # never half a job's objects; a failed job's notice, and a signed report
+                # (whatever the AI did), stand on their own
+                or_(
+                    JobRow.state == JobState.DONE,
+                    ResultObjectRow.kind.in_(("report", "notice")),
+                ),
             )
             .order_by(ResultObjectRow.id)
             .limit(limit)

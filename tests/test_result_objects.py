@@ -126,3 +126,68 @@ def test_segmentation_objects_with_and_without_nodules(
     meanings = {str(e.value) for e in sr.iterall() if e.keyword == "CodeMeaning"}
     assert "Absent" in meanings and "Present" not in meanings
     assert sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_a_failed_job_is_listed_with_its_notice_only(migrated_db: Database, tmp_path: Path) -> None:
+    """The hospital hears of a study the AI could not read: its notice is listed although the
+    job failed; the failed run's other objects never are; a re-run drops the notice."""
+    from dicom_io.ai_notice import Unread
+    from radbridge.db.tables import ResultObjectRow
+
+    store = DurableStore(tmp_path)
+    parts = _deid_study(2)
+    uid = receive_instances(migrated_db, store, AGREEMENT, parts).stored[0].study_uid
+    job, _ = jobs.complete_study(
+        migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
+    )
+    jobs.start_job(migrated_db, job.id)
+    ids = result_objects.build_notice(
+        migrated_db,
+        store,
+        job.id,
+        [Unread("no_model", "MR")],
+        ["ru", "zh", "en"],
+        "Demo Reading Center",
+    )
+    with migrated_db.session() as s:  # an object of the failed run that is not the notice
+        stray = ResultObjectRow(
+            **{
+                c: getattr(s.get(ResultObjectRow, ids[0]), c)
+                for c in (
+                    "agreement_id",
+                    "job_id",
+                    "study_uid",
+                    "version",
+                    "sop_class_uid",
+                    "series_instance_uid",
+                    "path",
+                    "size",
+                    "sha256",
+                )
+            },
+            kind="sr",
+            sop_instance_uid="2.25.1",
+        )
+        s.add(stray)
+    jobs.finish_job(migrated_db, job.id, "NoModelError: no model serves modality MR")
+
+    listed = result_objects.list_objects(migrated_db, AGREEMENT, 0, 10)
+    assert [(o.id, o.kind) for o in listed] == [(ids[0], "notice")]
+    notice = pydicom.dcmread(store.path(result_objects.object_path(migrated_db, ids[0])))
+    assert notice.StudyInstanceUID == uid and notice.PatientIdentityRemoved == "YES"
+    assert notice.VerificationFlag == "UNVERIFIED"
+    assert "MR" in " ".join(
+        i.TextValue for i in notice.ContentSequence[-1].ContentSequence if "TextValue" in i
+    )
+    # The same center names itself with the same Device Observer UID in every notice.
+    again = result_objects.build_notice(
+        migrated_db, store, job.id, [Unread("failed", "CT")], ["en"], "Demo Reading Center"
+    )
+    second = pydicom.dcmread(store.path(result_objects.object_path(migrated_db, again[0])))
+
+    def device(ds: pydicom.Dataset) -> str:
+        return next(i.UID for i in ds.ContentSequence if i.ValueType == "UIDREF")
+
+    assert device(notice) == device(second)
+    jobs.start_job(migrated_db, job.id)  # a re-run (a late instance): the notice goes
+    assert result_objects.list_objects(migrated_db, AGREEMENT, 0, 10) == []

@@ -1,5 +1,7 @@
 """The loop closed: Orthanc as the hospital PACS sends a study, and gets the AI result back.
 
+A study no model reads (a head CT at a chest center) comes back too, as an SR saying so.
+
 Orthanc is told over its REST API to C-STORE a chest radiograph study (real patient identity)
 to the edge; `radbridge up` de-identifies, forwards, infers, builds the TID 1500 SR at the
 center; the edge pulls it, re-identifies it and C-STOREs it to Orthanc. Queried back over
@@ -59,6 +61,11 @@ def test_orthanc_sends_a_study_and_receives_the_sr(tmp_path: Path) -> None:
         ct_ids = [pacs.upload(f) for f in ct_files]
         ct_study = pacs.study_of(ct_ids[0])
         pacs.send_study_to("radbridge", ct_study)
+        # And a head CT, which no model of this center reads: the hospital must hear so.
+        head_files = _head_ct(ct_files[:4], tmp_path / "head")
+        head_ids = [pacs.upload(f) for f in head_files]
+        head_study = pacs.study_of(head_ids[0])
+        pacs.send_study_to("radbridge", head_study)
 
         sr = _wait_for_sr(pacs, study, stack)
         # The hospital's own identity and UIDs, not the pseudonyms the center saw.
@@ -102,6 +109,33 @@ def test_orthanc_sends_a_study_and_receives_the_sr(tmp_path: Path) -> None:
         assert seg_refs and seg_refs <= ct_held
         sr_refs = {str(e.value) for e in ct_sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
         assert str(seg.SOPInstanceUID) in sr_refs
+
+        # The head CT: no AI result will come, and an SR says so, in the agreement's languages.
+        notice = _wait_for_sr(pacs, head_study, stack)
+        assert notice.SeriesDescription.startswith("AI NOT PERFORMED")
+        assert str(notice.PatientID) == PATIENT["id"] and "PatientIdentityRemoved" not in notice
+        head_held = {str(pacs.instance_tags(i)["SOPInstanceUID"]) for i in head_ids}
+        refs = {str(e.value) for e in notice.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+        assert head_held <= refs
+        said = " ".join(str(e.value) for e in notice.iterall() if e.keyword == "TextValue")
+        assert "no AI model in service reads CT studies" in said
+        assert "Анализ ИИ не выполнен" in said and "未进行AI分析" in said
+
+
+def _head_ct(files: list[Path], folder: Path) -> list[Path]:
+    """A few slices re-labelled as a new head CT study (new UIDs, same patient)."""
+    folder.mkdir()
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    out = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.BodyPartExamined = "HEAD"
+        ds.AccessionNumber = "ACC-7003"
+        out.append(folder / f"{i}.dcm")
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
 
 
 def _wait_for_sr(

@@ -203,6 +203,21 @@ class Deliverer:
             elif time.monotonic() - t0 < self._wait_s / 2:
                 stop.wait(interval_s)
 
+    def recover(self) -> int:
+        """Make deliveries a killed process had in flight due now (not after their lease):
+        called at start, before ``run``, by the one gateway that owns this database. The PACS
+        may hold the object already; a C-STORE of the same SOP Instance UID again is what
+        the hospital gets then, never a second object."""
+        with self.db.session() as s:
+            res = s.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.state == DeliveryState.PENDING, DeliveryRow.claimed_at.is_not(None)
+                )
+                .values(next_attempt_at=None, claimed_at=None)
+            )
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
     def close(self) -> None:
         self._closing = True  # a listing cut by this close is no failure worth a warning
         self._center.close()
@@ -358,7 +373,11 @@ class Deliverer:
                     DeliveryRow.attempts == d.attempts,
                     _due(now),
                 )
-                .values(attempts=d.attempts + 1, next_attempt_at=max(now, utcnow()) + self._lease)
+                .values(
+                    attempts=d.attempts + 1,
+                    next_attempt_at=max(now, utcnow()) + self._lease,
+                    claimed_at=utcnow(),
+                )
             )
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -550,6 +569,7 @@ class Deliverer:
                     delivered_sha256=sent.sha256,
                     evidence=sent.evidence,
                     next_attempt_at=None,
+                    claimed_at=None,
                     last_error=None,
                 )
             )
@@ -603,6 +623,7 @@ class Deliverer:
                 .where(DeliveryRow.id == d.id, DeliveryRow.state == DeliveryState.PENDING)
                 .values(
                     next_attempt_at=max(now, utcnow()) + timedelta(seconds=delay),
+                    claimed_at=None,
                     last_error=message,
                 )
             )
@@ -614,7 +635,12 @@ class Deliverer:
             s.execute(
                 update(DeliveryRow)
                 .where(DeliveryRow.id == d.id, DeliveryRow.state == DeliveryState.PENDING)
-                .values(state=DeliveryState.DEAD, next_attempt_at=None, last_error=message)
+                .values(
+                    state=DeliveryState.DEAD,
+                    next_attempt_at=None,
+                    claimed_at=None,
+                    last_error=message,
+                )
             )
 
     def _expire_unclaimed(self, d: DeliveryRow, now: datetime) -> bool:
@@ -631,7 +657,12 @@ class Deliverer:
                     DeliveryRow.attempts == d.attempts,
                     _due(now),
                 )
-                .values(state=DeliveryState.DEAD, next_attempt_at=None, last_error=message)
+                .values(
+                    state=DeliveryState.DEAD,
+                    next_attempt_at=None,
+                    claimed_at=None,
+                    last_error=message,
+                )
             )
         if not res.rowcount:  # type: ignore[attr-defined]
             return False  # another replica claimed it meanwhile
@@ -663,6 +694,7 @@ def resend_delivery(db: Database, delivery_id: int) -> str:
             row.state = DeliveryState.PENDING
             row.attempts = 0
             row.next_attempt_at = None
+            row.claimed_at = None
             row.last_error = None
             row.delivered_at = None
             row.pacs_status = None

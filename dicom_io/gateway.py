@@ -150,8 +150,14 @@ class Gateway:
             )
         leftovers = self.store.recover()
         reclaimed = self.forwarder.recover()
-        if leftovers or reclaimed:
-            log.info("recovered %d staging files, %d claimed studies", leftovers, reclaimed)
+        redeliver = self.deliverer.recover()
+        if leftovers or reclaimed or redeliver:
+            log.info(
+                "recovered %d staging files, %d claimed studies, %d deliveries in flight",
+                leftovers,
+                reclaimed,
+                redeliver,
+            )
         if e.metrics_port:
             server, _thread = start_http_server(
                 e.metrics_port, addr=e.metrics_host, registry=self.metrics.registry

@@ -267,6 +267,10 @@ class DeliveryRow(Base):
     state: Mapped[str] = mapped_column(String(20), doc="pending, delivered or dead")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
+    claimed_at: Mapped[datetime | None] = mapped_column(
+        doc="Set while an attempt is in flight: found set at a start, the attempt died with "
+        "the process (Deliverer.recover)."
+    )
     last_error: Mapped[str | None] = mapped_column(Text)
     result_ready_at: Mapped[datetime] = mapped_column(doc="When the center stored the object.")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

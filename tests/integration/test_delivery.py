@@ -509,6 +509,32 @@ def test_pacs_down_backs_off_then_delivers_exactly_once(
     assert failures == 4
 
 
+def test_a_delivery_in_flight_when_the_gateway_died_is_due_at_its_next_start(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
+) -> None:
+    """A claim is a lease (minutes: as long as an attempt may take); a gateway killed during
+    the attempt would leave the hospital waiting that long after the restart without
+    ``recover``, which the gateway runs at start (found by tests/e2e/test_faults.py)."""
+    db, store = edge
+    center.add(_sr(_send_study(db, store)))
+    crashed = _deliverer(db, store, center, pacs.port)
+    assert crashed.poll() == 1
+    (row,) = _rows(db)
+    assert crashed._claim(row, utcnow())  # the attempt began; then the process was killed
+    crashed.close()
+    restarted = _deliverer(db, store, center, pacs.port)
+    try:
+        assert restarted.tick() == 0  # still leased
+        assert restarted.recover() == 1
+        assert restarted.tick() == 1
+        assert restarted.recover() == 0  # a finished attempt leaves no claim behind
+    finally:
+        restarted.close()
+    assert len(pacs.received) == 1
+    (row,) = _rows(db)
+    assert row.state == "delivered" and row.attempts == 2 and row.claimed_at is None
+
+
 def test_refusal_status_retries_and_a_warning_status_counts_as_stored(
     edge: tuple[Database, DurableStore], center: FakeCenter
 ) -> None:

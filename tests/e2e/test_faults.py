@@ -1,0 +1,347 @@
+"""Faults after ingest, with real processes: nothing acknowledged is lost, nothing comes twice.
+
+The stack is split as an operator runs it on two sites: ``radbridge center`` (local Ray) and
+``radbridge gateway`` as separate processes sharing one data folder (the local identity the
+center makes), Orthanc as the hospital PACS, and between edge and center a loopback TCP proxy
+the test controls. Each test sends studies from Orthanc, injects one fault, and checks:
+
+- every study Orthanc sent gets exactly one AI result SR (a SEG too for a CT) back, re-identified,
+  and no second copy arrives later;
+- the center indexed each instance once (no half-received request left rows or files);
+- the edge's outbox ends empty: nothing forwarding, nothing waiting to be delivered.
+
+Faults: the gateway SIGKILLed while it de-identifies and forwards a study, then restarted; the
+edge -> center connection cut in the middle of a STOW-RS request body; and cut while the
+center's answer to a STOW-RS request is on its way (the center stored it, the edge never heard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from models.ct_dicom import write_ct_series
+from models.ct_phantoms import chest_ct
+from models.phantom_dicom import write_cxr_study
+from radbridge.db import Database
+from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow
+from radbridge.lifecycle import EdgeStudyState
+from tests.conftest import REPO, free_port
+from tests.e2e.gateway_process import BIN, start_gateway, stop_gateway
+from tests.e2e.stack import stack_report
+from tests.peers import OrthancPeer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+MODELS = Path(os.environ.get("RADBRIDGE_TEST_MODELS", REPO / "var" / "models"))
+
+
+class CuttingProxy:
+    """A loopback TCP relay that can cut the next connections at a chosen byte.
+
+    ``cut("request", after, times)``: the next ``times`` connections whose request bytes pass
+    ``after`` are reset there (the center gets half a body). ``cut("response", after, times)``:
+    on a connection that carried over ``after`` request bytes (a STOW-RS body, not a small
+    listing), the reply is reset at its first byte (the center finished, the edge never hears).
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.port = free_port()
+        self.cuts: dict[str, int] = {"request": 0, "response": 0}
+        self._plan: dict[str, tuple[int, int]] = {}  # direction -> (after bytes, times left)
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._open: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, direction: str, after: int, times: int) -> None:
+        with self._lock:
+            self._plan[direction] = (after, times)
+
+    def _take(self, direction: str, sent_up: int) -> bool:
+        with self._lock:
+            after, times = self._plan.get(direction, (0, 0))
+            if times <= 0 or sent_up <= after:
+                return False
+            self._plan[direction] = (after, times - 1)
+            self.cuts[direction] += 1
+            return True
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._open += [client, upstream]
+            state = {"up": 0}
+            threading.Thread(target=self._pump, args=(client, upstream, state, True)).start()
+            threading.Thread(target=self._pump, args=(upstream, client, state, False)).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, state: dict[str, int], up: bool
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                if up:
+                    state["up"] += len(data)
+                    if self._take("request", state["up"]):
+                        return self._reset(src, dst)
+                elif self._take("response", state["up"]):
+                    return self._reset(src, dst)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _reset(*sockets: socket.socket) -> None:
+        for s in sockets:  # RST, not FIN: the peer sees the connection die mid-message
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+        for s in self._open:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+class Split:
+    """Orthanc, ``radbridge center``, the proxy and ``radbridge gateway`` (restartable)."""
+
+    def __init__(self, root: Path, pacs: OrthancPeer) -> None:
+        self.root, self.pacs = root, pacs
+        self.data = root / "data"
+        self.data.mkdir()
+        raw = yaml.safe_load((REPO / "radbridge/defaults/agreements.yaml").read_text())
+        raw["agreements"][0]["hospital"]["return_destination"] = {
+            "ae_title": pacs.aet,
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+        }
+        agreements = root / "agreements.yaml"
+        agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        self.center_port = free_port()
+        self.edge_port = pacs.modalities["radbridge"][2]
+        self.env = dict(
+            os.environ,
+            RADBRIDGE_DATA_DIR=str(self.data),
+            RADBRIDGE_MODEL_REPOSITORY=str(MODELS),
+            RADBRIDGE_AGREEMENTS_FILE=str(agreements),
+            RADBRIDGE_CENTER__PORT=str(self.center_port),
+            RADBRIDGE_CENTER__RAY_NUM_CPUS="4",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            TCP_NODELAY="1",
+        )
+        self.log = root / "center.log"
+        self.center = subprocess.Popen(
+            [str(BIN / "radbridge"), "center"],
+            env=self.env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
+        self._wait_center()
+        self.proxy = CuttingProxy(self.center_port)
+        self.edge_env = dict(
+            self.env,
+            RADBRIDGE_EDGE__PORT=str(self.edge_port),
+            RADBRIDGE_EDGE__METRICS_PORT="0",
+            RADBRIDGE_EDGE__CENTER_URL=f"https://127.0.0.1:{self.proxy.port}",
+            RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
+            RADBRIDGE_EDGE__RETRY_BASE_S="1",
+            RADBRIDGE_EDGE__RETRY_MAX_S="4",
+        )
+        self.gateway_log = root / "gateway.log"
+        self.gateway = start_gateway(self.edge_env, self.gateway_log, self.edge_port)
+        self.edge_db = Database(f"sqlite:///{self.data / 'edge' / 'edge.db'}")
+        self.center_db = Database(f"sqlite:///{self.data / 'center' / 'center.db'}")
+
+    def _wait_center(self) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert self.center.poll() is None, self.log.read_text()[-3000:]
+            if b"center ready" in self.log.read_bytes():
+                return
+            time.sleep(0.5)
+        pytest.fail(f"center not ready in 300 s:\n{self.log.read_text()[-3000:]}")
+
+    def restart_gateway(self) -> None:
+        self.gateway = start_gateway(self.edge_env, self.gateway_log, self.edge_port)
+
+    def send(self, files: list[Path]) -> str:
+        """Upload to Orthanc, then Orthanc C-STOREs the study to the edge; its Orthanc id."""
+        ids = [self.pacs.upload(f) for f in files]
+        study = self.pacs.study_of(ids[0])
+        self.pacs.send_study_to("radbridge", study)
+        return study
+
+    def results(self, study: str) -> dict[str, int]:
+        """Objects Orthanc holds in ``study`` per modality (the images sent included)."""
+        counts: dict[str, int] = {}
+        for inst in self.pacs.instances_of(study):
+            modality = str(self.pacs.instance_tags(inst).get("Modality"))
+            counts[modality] = counts.get(modality, 0) + 1
+        return counts
+
+    def wait_for(self, wanted: dict[str, dict[str, int]], timeout_s: float = 300) -> None:
+        """Until each study holds its wanted result counts; then 5 s more: none comes twice."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = {s: self.results(s) for s in wanted}
+            if all(all(got[s].get(m, 0) >= n for m, n in w.items()) for s, w in wanted.items()):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"results missing: {got} of {wanted}\n{self.report()}")
+        time.sleep(5)  # the edge polls every second: a duplicate would be here by now
+        for study, w in wanted.items():
+            got_now = self.results(study)
+            assert {m: got_now.get(m, 0) for m in w} == w, (study, got_now)
+
+    def edge_outbox(self) -> dict[str, int]:
+        with self.edge_db.session() as s:
+            rows = s.execute(select(StudyRow.state, func.count()).group_by(StudyRow.state)).all()
+        return {str(state): int(n) for state, n in rows}
+
+    def center_instances(self) -> tuple[int, int]:
+        """(instances indexed at the center, distinct SOP instance UIDs among them)."""
+        with self.center_db.session() as s:
+            total = s.scalar(select(func.count(InstanceRow.id)))
+            distinct = s.scalar(select(func.count(func.distinct(InstanceRow.sop_instance_uid))))
+        return int(total or 0), int(distinct or 0)
+
+    def center_store_files(self) -> int:
+        store = self.data / "center" / "store"
+        return sum(1 for p in store.rglob("*.dcm") if "results" not in p.parts)
+
+    def report(self) -> str:
+        return (
+            f"edge outbox {self.edge_outbox()}; proxy cuts {self.proxy.cuts}\n"
+            f"gateway log:\n{self.gateway_log.read_text()[-2500:]}\n"
+            f"center log:\n{self.log.read_text()[-2500:]}\n{stack_report(self.data)}"
+        )
+
+    def close(self) -> None:
+        try:
+            if self.gateway.poll() is None:
+                stop_gateway(self.gateway, self.gateway_log)
+        finally:
+            self.proxy.close()
+            self.center.send_signal(signal.SIGINT)
+            try:
+                self.center.wait(60)
+            except subprocess.TimeoutExpired:
+                self.center.kill()
+            self.edge_db.dispose()
+            self.center_db.dispose()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
+    root = tmp_path_factory.mktemp("faults")
+    edge_port = free_port()
+    with OrthancPeer(
+        modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", edge_port)}, workdir=root / "orthanc"
+    ) as pacs:
+        stack = Split(root, pacs)
+        try:
+            yield stack
+        finally:
+            stack.close()
+
+
+def _cxr(folder: Path, seed: int, patient: str) -> list[Path]:
+    return write_cxr_study(
+        folder,
+        seed=seed,
+        findings={"cardiomegaly"},
+        patient_name=f"Fault^{patient}",
+        patient_id=f"FAULT-{seed}",
+        birth_date="19700101",
+        n_images=3,
+        accession=f"ACC-F{seed}",
+    )
+
+
+def _assert_settled(split: Split) -> None:
+    total, distinct = split.center_instances()
+    assert total == distinct, f"the center indexed an instance twice ({total} rows, {distinct})"
+    assert split.center_store_files() == total, "a file at the center without its row, or back"
+    outbox = split.edge_outbox()
+    assert set(outbox) <= {EdgeStudyState.FORWARDED}, outbox
+    with split.edge_db.session() as s:
+        edge_rows = int(s.scalar(select(func.count(InstanceRow.id))) or 0)
+    edge_files = [p for p in (split.data / "edge" / "store").rglob("*") if p.is_file()]
+    assert len(edge_files) == edge_rows, "an edge file without its row (or a staging leftover)"
+
+
+def test_gateway_killed_while_forwarding_restarts_and_delivers_each_result_once(
+    split: Split, tmp_path: Path
+) -> None:
+    studies = [split.send(_cxr(tmp_path / f"s{i}", 900 + i, str(i))) for i in range(3)]
+    # SIGKILL the moment a study is claimed for forwarding: it is being de-identified or
+    # sent, its identity-map rows may be written, part of it may be at the center.
+    deadline = time.monotonic() + 60
+    while split.edge_outbox().get(EdgeStudyState.FORWARDING, 0) == 0:
+        assert time.monotonic() < deadline, f"no study was ever forwarding\n{split.report()}"
+        time.sleep(0.005)
+    split.gateway.send_signal(signal.SIGKILL)
+    split.gateway.wait(30)
+    assert split.edge_outbox().get(EdgeStudyState.FORWARDING, 0) >= 1  # killed mid-forward
+    split.restart_gateway()
+    split.wait_for({s: {"DX": 3, "SR": 1} for s in studies})
+    _assert_settled(split)
+
+
+def test_connection_cut_mid_stow_body_and_mid_answer_loses_and_repeats_nothing(
+    split: Split, tmp_path: Path
+) -> None:
+    phantom = chest_ct(np.random.default_rng([20261206, 1]), n_nodules=1)
+    ct = write_ct_series(
+        tmp_path / "ct",
+        phantom,
+        seed=11,
+        patient_name="Fault^CT",
+        patient_id="FAULT-CT",
+        birth_date="19650505",
+        accession="ACC-FCT",
+    )
+    # Twice: reset the connection 1 MB into a STOW-RS body. Once: reset the center's answer
+    # to a STOW-RS request it has processed in full (the edge must send it again, and the
+    # center must take the same instances again without a second row or a second job).
+    split.proxy.cut("request", 1 << 20, 2)
+    split.proxy.cut("response", 1 << 20, 1)
+    cxr = split.send(_cxr(tmp_path / "cxr", 990, "cut"))
+    ct_study = split.send(ct)
+    split.wait_for({cxr: {"DX": 3, "SR": 1}, ct_study: {"CT": len(ct), "SEG": 1, "SR": 1}})
+    assert split.proxy.cuts == {"request": 2, "response": 1}, split.report()
+    _assert_settled(split)
+    with split.center_db.session() as s:
+        per_study = s.execute(
+            select(StudyRow.study_uid, func.count(InstanceRow.id))
+            .join(SeriesRow, SeriesRow.study_id == StudyRow.id)
+            .join(InstanceRow, InstanceRow.series_id == SeriesRow.id)
+            .group_by(StudyRow.study_uid)
+        ).all()
+    assert sorted(n for _, n in per_study)[-1] == len(ct)  # the CT: every slice, once

@@ -594,6 +594,8 @@ class Api:
 
     async def _run_job(self, job_id: int) -> None:
         t0 = time.perf_counter()
+        # A run cut short (the center killed mid-job, resumed now) may have written objects.
+        await asyncio.to_thread(result_objects.discard_unlisted, self.db, self.store, job_id)
         agreement, modality, priority, first_received = await asyncio.to_thread(
             jobs.start_job, self.db, job_id
         )

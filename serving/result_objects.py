@@ -49,6 +49,7 @@ __all__ = [
     "Sign",
     "build_for_job",
     "build_notice",
+    "discard_unlisted",
     "list_objects",
     "object_path",
     "save_segmentation_objects",
@@ -104,6 +105,20 @@ def build_for_job(
         sr = classification_sr(sources, findings, algo, version=version, previous=prior)
         made.append(save_object(store, sr, "sr", agreement_id, study_uid, version, job_id))
     return record_objects(db, made, sign)
+
+
+def discard_unlisted(db: Database, store: DurableStore, job_id: int) -> int:
+    """Delete what an interrupted run of ``job_id`` wrote (rows, then files: a crash between
+    leaves a file nobody points at, never a row without its file); returns the files deleted.
+    Nothing of it was ever listed: only finished jobs' objects are."""
+    with db.session() as s:
+        rows = s.scalars(select(ResultObjectRow).where(ResultObjectRow.job_id == job_id)).all()
+        paths = [r.path for r in rows]
+        for r in rows:
+            s.delete(r)
+    for path in paths:
+        store.delete(path)
+    return len(paths)
 
 
 def unread_reasons(errors: list[BaseException], modality: str) -> list[Unread]:

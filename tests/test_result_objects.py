@@ -7,12 +7,14 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+import pytest
 
 from dicom_io.deid import deidentify
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from radbridge.contract import CompleteStudy
 from radbridge.db import Database
+from radbridge.errors import NotFoundError
 from serving import jobs, result_objects
 from serving.intake import receive_instances
 from serving.postprocess import findings_from_logits
@@ -191,3 +193,27 @@ def test_a_failed_job_is_listed_with_its_notice_only(migrated_db: Database, tmp_
     assert device(notice) == device(second)
     jobs.start_job(migrated_db, job.id)  # a re-run (a late instance): the notice goes
     assert result_objects.list_objects(migrated_db, AGREEMENT, 0, 10) == []
+
+
+def test_an_interrupted_runs_objects_are_discarded_rows_and_files(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    from dicom_io.ai_notice import Unread
+
+    store = DurableStore(tmp_path)
+    uid = receive_instances(migrated_db, store, AGREEMENT, _deid_study(1)).stored[0].study_uid
+    job, _ = jobs.complete_study(
+        migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=1)
+    )
+    jobs.start_job(migrated_db, job.id)
+    (oid,) = result_objects.build_notice(
+        migrated_db, store, job.id, [Unread("failed", "DX")], ["en"], "Demo Reading Center"
+    )
+    written = store.path(result_objects.object_path(migrated_db, oid))
+    assert written.is_file()
+    # The center is killed here; the resumed run first discards what the cut one wrote.
+    assert result_objects.discard_unlisted(migrated_db, store, job.id) == 1
+    assert not written.exists()
+    assert result_objects.discard_unlisted(migrated_db, store, job.id) == 0
+    with pytest.raises(NotFoundError):
+        result_objects.object_path(migrated_db, oid)

@@ -36,8 +36,8 @@ from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
 from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
-from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow
-from radbridge.lifecycle import EdgeStudyState
+from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, SeriesRow, StudyRow
+from radbridge.lifecycle import EdgeStudyState, JobState
 from tests.conftest import REPO, free_port
 from tests.e2e.gateway_process import BIN, start_gateway, stop_gateway
 from tests.e2e.stack import stack_report
@@ -86,7 +86,11 @@ class CuttingProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:  # the center is down: the edge sees a refused connection
+                client.close()
+                continue
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._open += [client, upstream]
@@ -154,14 +158,7 @@ class Split:
             TCP_NODELAY="1",
         )
         self.log = root / "center.log"
-        self.center = subprocess.Popen(
-            [str(BIN / "radbridge"), "center"],
-            env=self.env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            cwd=root,
-        )
-        self._wait_center()
+        self.center = self.start_center()
         self.proxy = CuttingProxy(self.center_port)
         self.edge_env = dict(
             self.env,
@@ -177,13 +174,23 @@ class Split:
         self.edge_db = Database(f"sqlite:///{self.data / 'edge' / 'edge.db'}")
         self.center_db = Database(f"sqlite:///{self.data / 'center' / 'center.db'}")
 
-    def _wait_center(self) -> None:
+    def start_center(self) -> subprocess.Popen[bytes]:
+        """``radbridge center``; returns once it printed that it is ready (log appended)."""
+        starts = self.log.read_bytes().count(b"center ready") if self.log.exists() else 0
+        proc = subprocess.Popen(
+            [str(BIN / "radbridge"), "center"],
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            assert self.center.poll() is None, self.log.read_text()[-3000:]
-            if b"center ready" in self.log.read_bytes():
-                return
+            assert proc.poll() is None, self.log.read_text()[-3000:]
+            if self.log.read_bytes().count(b"center ready") > starts:
+                return proc
             time.sleep(0.5)
+        proc.kill()
         pytest.fail(f"center not ready in 300 s:\n{self.log.read_text()[-3000:]}")
 
     def restart_gateway(self) -> None:
@@ -234,6 +241,13 @@ class Split:
     def center_store_files(self) -> int:
         store = self.data / "center" / "store"
         return sum(1 for p in store.rglob("*.dcm") if "results" not in p.parts)
+
+    def center_result_files(self) -> tuple[int, int]:
+        """(result object files in the center store, result object rows)."""
+        files = sum(1 for _ in (self.data / "center" / "store" / "results").rglob("*.dcm"))
+        with self.center_db.session() as s:
+            rows = s.scalar(select(func.count(ResultObjectRow.id)))
+        return files, int(rows or 0)
 
     def report(self) -> str:
         return (
@@ -288,6 +302,8 @@ def _assert_settled(split: Split) -> None:
     total, distinct = split.center_instances()
     assert total == distinct, f"the center indexed an instance twice ({total} rows, {distinct})"
     assert split.center_store_files() == total, "a file at the center without its row, or back"
+    files, rows = split.center_result_files()
+    assert files == rows, f"{files} result files at the center for {rows} result objects"
     outbox = split.edge_outbox()
     assert set(outbox) <= {EdgeStudyState.FORWARDED}, outbox
     with split.edge_db.session() as s:
@@ -345,3 +361,41 @@ def test_connection_cut_mid_stow_body_and_mid_answer_loses_and_repeats_nothing(
             .group_by(StudyRow.study_uid)
         ).all()
     assert sorted(n for _, n in per_study)[-1] == len(ct)  # the CT: every slice, once
+
+
+def test_center_killed_mid_job_resumes_it_and_the_hospital_gets_one_result(
+    split: Split, tmp_path: Path
+) -> None:
+    """SIGKILL of ``radbridge center`` (its Ray node goes with it) while a CT job runs: the
+    restarted center resumes the job, discards what the cut run wrote, and the PACS gets one
+    SEG and one SR; the edge's outboxes wait through the outage."""
+    phantom = chest_ct(np.random.default_rng([20261206, 2]), n_nodules=1)
+    ct = write_ct_series(
+        tmp_path / "ct",
+        phantom,
+        seed=12,
+        patient_name="Fault^Center",
+        patient_id="FAULT-CENTER",
+        birth_date="19580303",
+        accession="ACC-FCK",
+    )
+    study = split.send(ct)
+    deadline = time.monotonic() + 120
+    while True:
+        with split.center_db.session() as s:
+            running = s.scalar(select(func.count()).where(JobRow.state == JobState.RUNNING))
+        if running:
+            break
+        assert time.monotonic() < deadline, f"no job ever ran\n{split.report()}"
+        time.sleep(0.01)
+    split.center.send_signal(signal.SIGKILL)
+    split.center.wait(30)
+    with split.center_db.session() as s:
+        assert s.scalar(select(func.count()).where(JobRow.state == JobState.RUNNING)) == 1
+    time.sleep(3)  # the edge finds the center gone (listings and deliveries retry)
+    split.center = split.start_center()
+    split.wait_for({study: {"CT": len(ct), "SEG": 1, "SR": 1}})
+    _assert_settled(split)
+    with split.center_db.session() as s:
+        states = s.scalars(select(JobRow.state)).all()
+    assert JobState.RUNNING not in states and JobState.QUEUED not in states, states

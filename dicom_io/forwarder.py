@@ -515,9 +515,12 @@ def _raise_on_refused_instances(resp: httpx.Response) -> None:
         raise PolicyError(f"center answered {resp.status_code} without a STOW-RS body") from None
     if not failed:
         return
-    reasons = sorted(
-        {f"0x{int(f.get(_FAILURE_REASON, {}).get('Value', [0])[0]):04X}" for f in failed}
-    )
+    codes = {int(f.get(_FAILURE_REASON, {}).get("Value", [0])[0]) for f in failed}
+    reasons = sorted(f"0x{code:04X}" for code in codes)
+    if all(code & 0xFF00 == 0xA700 for code in codes):
+        # Refused: Out of Resources (PS3.4 B.2.3): the center's store is full or failing.
+        # It kept none of them; they go again after the backoff, the study waits here.
+        raise CenterError(f"center out of resources for {len(failed)} instance(s) (0xA7xx)")
     raise PolicyError(
         f"center refused {len(failed)} instance(s) (failure reasons {', '.join(reasons)}; "
         "0x0111: other bytes under a SOP Instance UID it already holds)"

@@ -205,6 +205,13 @@ class CenterSettings(_Strict):
         256 << 20, ge=1 << 20, description="Largest request body the center reads (413 above)."
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray.")
+    min_free_bytes: int = Field(
+        512 << 20,
+        ge=0,
+        description="Disk watermark of the center's store: below it STOW-RS is refused with "
+        "507 before the body is read, nothing of it kept; the edges keep the studies in their "
+        "outboxes and retry.",
+    )
     ray_metrics_port: int = Field(
         0,
         ge=0,

@@ -65,6 +65,7 @@ from radbridge.errors import (
     OverloadedError,
     PolicyError,
     RadbridgeError,
+    StorageError,
 )
 from radbridge.http_errors import http_exception_handler, radbridge_error_handler
 from radbridge.metrics import CenterMetrics, safe_label
@@ -111,6 +112,8 @@ def _answers(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "The body is over center.max_body_bytes.",
         415: "The media type is not one this route takes.",
         503: "A bounded queue is full or a model is not ready: retry after Retry-After.",
+        507: "The center's store is below its free-space watermark: nothing was kept; retry "
+        "later (the edge's outbox does, with backoff).",
     }
     body = {
         "type": "object",
@@ -212,7 +215,7 @@ class Api:
             self.audit.record(
                 "agreements-changed", agreement_id=agreement_id, details={"sha256": digest}
             )
-        self.store = DurableStore(settings.center_store)
+        self.store = DurableStore(settings.center_store, settings.center.min_free_bytes)
         # In a Serve replica every metric is mirrored to Ray's metrics: the node's metrics
         # agent then exports the sum of all Api replicas (radbridge.metrics.RayMirrored).
         self.metrics = CenterMetrics(mirror_to_ray=ray.is_initialized())
@@ -269,7 +272,7 @@ class Api:
         responses={
             200: {"description": "Every instance stored (STOW-RS response, DICOM JSON)."},
             202: {"description": "Some instances stored, the others in FailedSOPSequence."},
-            **_answers(400, *_EDGE, 409, 413, 415, 503),
+            **_answers(400, *_EDGE, 409, 413, 415, 503, 507),
         },
         openapi_extra=_STOW_BODY,
     )
@@ -282,6 +285,9 @@ class Api:
         caller = self._caller(request, Role.EDGE)
         agreement = self._agreement(caller, x_radbridge_agreement)
         await self._admit(x_radbridge_priority)
+        declared = request.headers.get("content-length", "")
+        if not self.store.has_room(int(declared) if declared.isdigit() else 0):
+            raise StorageError("the center's store is below its free-space watermark")
         body = await self._body(request)
         parts = decode_multipart(body, request.headers.get("content-type", ""))
         outcome = await asyncio.to_thread(receive_instances, self.db, self.store, agreement, parts)

@@ -70,9 +70,12 @@ def receive_instances(
             outcome.failed.append((*failed_uids, _FAILURE_REASON.get(exc.reason, 0xC000), str(exc)))
     if accepted:
         refused = len(outcome.failed)
+        written: list[str] = []
         try:
-            _store_all(db, store, agreement_id, accepted, outcome)
+            _store_all(db, store, agreement_id, accepted, outcome, written)
         except RadbridgeError as exc:  # the store or the index failed: none of them is kept
+            for relpath in written:  # nor any file of the request (nothing half-written)
+                store.delete(relpath)
             outcome.stored.clear()
             del outcome.failed[refused:]
             for h, _part, _digest in accepted:
@@ -86,6 +89,7 @@ def _store_all(
     agreement_id: str,
     accepted: list[tuple[InstanceHeader, bytes, str]],
     outcome: StowOutcome,
+    written: list[str],
 ) -> None:
     """Write the new files, then index them all in one transaction (files before rows: a
     failure leaves unreferenced files, never a row without its file)."""
@@ -140,6 +144,7 @@ def _store_all(
                 continue
             relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
             store.write(relpath, part, sha256=digest)
+            written.append(relpath)
             new.append((h, series[key], relpath, digest, len(part)))
             pending[h.sop_instance_uid] = digest
         now = utcnow()

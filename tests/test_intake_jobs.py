@@ -137,3 +137,28 @@ def test_a_request_the_store_cannot_take_is_refused_whole_and_indexes_nothing(
     assert outcome.stored == [] and [f[2] for f in outcome.failed] == [0xA700] * 3
     with migrated_db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []
+
+
+def test_a_request_cut_short_by_the_store_leaves_none_of_its_files(
+    migrated_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up after the request's first file: that file goes too (nothing of a
+    refused request stays, as a file or as a row)."""
+    from radbridge.errors import StorageError
+
+    store = DurableStore(tmp_path / "store")
+    write, calls = store.write, []
+
+    def fill_up(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        if len(calls) == 2:
+            raise StorageError("disk watermark reached")
+        return write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write", fill_up)
+    outcome = receive_instances(migrated_db, store, AGREEMENT, _deid_study(3))
+    assert len(calls) == 2 and outcome.stored == []
+    assert [f[2] for f in outcome.failed] == [0xA700] * 3
+    assert [p for p in (tmp_path / "store").rglob("*.dcm")] == []
+    with migrated_db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []

@@ -174,12 +174,13 @@ class Split:
         self.edge_db = Database(f"sqlite:///{self.data / 'edge' / 'edge.db'}")
         self.center_db = Database(f"sqlite:///{self.data / 'center' / 'center.db'}")
 
-    def start_center(self) -> subprocess.Popen[bytes]:
-        """``radbridge center``; returns once it printed that it is ready (log appended)."""
+    def start_center(self, **env: str) -> subprocess.Popen[bytes]:
+        """``radbridge center`` (``env``: extra variables); returns once it printed that it
+        is ready (log appended)."""
         starts = self.log.read_bytes().count(b"center ready") if self.log.exists() else 0
         proc = subprocess.Popen(
             [str(BIN / "radbridge"), "center"],
-            env=self.env,
+            env={**self.env, **env},
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             cwd=self.root,
@@ -192,6 +193,11 @@ class Split:
             time.sleep(0.5)
         proc.kill()
         pytest.fail(f"center not ready in 300 s:\n{self.log.read_text()[-3000:]}")
+
+    def restart_center(self, **env: str) -> None:
+        self.center.send_signal(signal.SIGINT)
+        self.center.wait(120)
+        self.center = self.start_center(**env)
 
     def restart_gateway(self) -> None:
         self.gateway = start_gateway(self.edge_env, self.gateway_log, self.edge_port)
@@ -399,3 +405,24 @@ def test_center_killed_mid_job_resumes_it_and_the_hospital_gets_one_result(
     with split.center_db.session() as s:
         states = s.scalars(select(JobRow.state)).all()
     assert JobState.RUNNING not in states and JobState.QUEUED not in states, states
+
+
+def test_a_center_out_of_disk_refuses_with_507_and_the_edge_waits_then_sends(
+    split: Split, tmp_path: Path
+) -> None:
+    """The center's store below its watermark (here: a watermark above any disk's size):
+    STOW-RS answers 507 before reading a body, nothing is kept, the study waits in the edge's
+    outbox; with room again it goes, and its result comes back once."""
+    split.restart_center(RADBRIDGE_CENTER__MIN_FREE_BYTES=str(1 << 62))
+    before = split.center_instances()
+    study = split.send(_cxr(tmp_path / "cxr", 995, "disk"))
+    deadline = time.monotonic() + 60
+    while "507" not in split.gateway_log.read_text():
+        assert time.monotonic() < deadline, f"the edge never met the 507\n{split.report()}"
+        time.sleep(0.5)
+    assert split.center_instances() == before  # nothing of the refused requests kept
+    outbox = split.edge_outbox()
+    assert outbox.get(EdgeStudyState.RECEIVING, 0) == 1, outbox  # waiting, not blocked
+    split.restart_center()
+    split.wait_for({study: {"DX": 3, "SR": 1}})
+    _assert_settled(split)

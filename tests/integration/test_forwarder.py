@@ -245,6 +245,34 @@ def test_center_over_its_bound_503_retry_after_then_forwarded_without_loss(
         assert len(s.scalars(select(InstanceRow)).all()) == len(instances)  # none lost
 
 
+def test_a_center_out_of_room_keeps_the_study_waiting_not_blocked(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """Every instance refused with 0xA700 (the center's disk is full): a retry, not a block
+    that needs a person; once the center has room again, the study goes."""
+    db, store = edge
+    _ingest(db, store, n=2)
+    center = Center(tmp_path)
+    center.store.min_free_bytes = 1 << 62  # its watermark is always reached
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port)
+        later = utcnow() + timedelta(seconds=5)
+        assert fwd.tick(later) == 0
+        st = _state(db)
+        assert st.state == "receiving" and st.attempts == 1
+        assert "out of resources" in (st.last_error or "")
+        center.store.min_free_bytes = 0
+        assert fwd.tick(later + timedelta(seconds=10)) == 1
+    finally:
+        center.stop()
+    assert _state(db).state == "forwarded"
+    with center.db.session() as s:
+        from radbridge.db.tables import InstanceRow
+
+        assert len(s.scalars(select(InstanceRow)).all()) == 2
+
+
 def test_no_transfer_basis_blocks_the_study(
     edge: tuple[Database, DurableStore], tmp_path: Path
 ) -> None:

@@ -25,7 +25,9 @@ from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_io.header import parse_header
@@ -53,6 +55,7 @@ from radbridge.contract import (
     PurgeOut,
     PurgeStudy,
     ResultObjectList,
+    backoff_s,
 )
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
@@ -141,6 +144,7 @@ _STOW_BODY = {
     }
 }
 _BACKLOG_TTL_S = 1.0
+_JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S = 2.0, 60.0  # a job whose run broke (database, store)
 # A waiting listing looks at the database this often for objects built elsewhere (another Api
 # replica's job, a report signed in the reading room).
 LISTING_RECHECK_S = 0.5
@@ -150,6 +154,14 @@ def _image_shape(manifest: ModelManifest) -> tuple[int | str, ...]:
     """The model's input shape without its batch axis. A named (dynamic) axis there matches
     no tensor: the runner stacks a batch, so every image must have the same, fixed shape."""
     return tuple(manifest.input.shape[1:])
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the infrastructure (the database, the store, a ModelRunner replica that
+    died), not of the study or the model: the job runs again instead of failing. A study the
+    AI cannot read fails the job and the hospital is told; a database that restarts must not
+    tell it that."""
+    return isinstance(exc, DBAPIError | StorageError | OSError | RayActorError)
 
 
 def _model_ref(manifest: ModelManifest) -> dict[str, str]:
@@ -593,12 +605,29 @@ class Api:
         for job_id in jobs.pending_jobs(self.db):
             self._spawn(job_id)
 
-    def _spawn(self, job_id: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_job(job_id))
+    def _spawn(self, job_id: int, attempt: int = 0) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_job(job_id, attempt))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_job(self, job_id: int) -> None:
+    async def _run_job(self, job_id: int, attempt: int = 0) -> None:
+        """Run the job; when the run itself breaks (the database or the store went away: a
+        failing model or study fails the job instead, inside), run it again after a backoff,
+        so that no job is left queued or running until the replica restarts."""
+        try:
+            await self._run_job_once(job_id)
+        except Exception as exc:
+            delay = backoff_s(attempt + 1, _JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S)
+            log.error(
+                "job %d: the run broke (%s); run again in %.0f s",
+                job_id,
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            self._spawn(job_id, attempt + 1)
+
+    async def _run_job_once(self, job_id: int) -> None:
         t0 = time.perf_counter()
         # A run cut short (the center killed mid-job, resumed now) may have written objects.
         await asyncio.to_thread(result_objects.discard_unlisted, self.db, self.store, job_id)
@@ -609,6 +638,9 @@ class Api:
         work = self._work(job_id, instances, priority)
         outcomes = await asyncio.gather(*work, return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException)]
+        broken = next((e for e in errors if _transient(e)), None)
+        if broken is not None:  # not the study's fault: the whole run goes again, later
+            raise broken
         error = None
         if errors:
             error = "; ".join(sorted({f"{type(e).__name__}: {e}" for e in errors}))[:2000]

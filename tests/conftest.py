@@ -7,6 +7,7 @@ import random
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -127,12 +128,20 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database per test (RADBRIDGE_TEST_POSTGRES_URL; ./run test sets it)."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped after (skipped without its server URL)."""
     base = os.environ.get("RADBRIDGE_TEST_POSTGRES_URL")
     if not base:
         pytest.skip("RADBRIDGE_TEST_POSTGRES_URL not set (./run test sets it)")
     base = base.replace("postgresql://", "postgresql+psycopg://", 1)
     name = f"rb_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    # pre-ping: a test may restart the server (tests/e2e/test_faults.py) before the drop
+    admin = create_engine(base, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.rsplit("/", 1)[0] + f"/{name}"

@@ -231,3 +231,26 @@ def test_preload_names_model_ids_and_no_more_than_a_replica_holds() -> None:
         RunnerConfig(preload=["ct-lung-nodule-demo"])  # no version: which one would it load?
     with pytest.raises(ValidationError, match="preload"):
         RunnerConfig(preload=[f"m{i}:1" for i in range(MAX_MODELS_PER_REPLICA + 1)])
+
+
+def test_a_broken_database_store_or_replica_reruns_the_job_a_bad_study_fails_it() -> None:
+    from ray.exceptions import ActorDiedError
+    from sqlalchemy.exc import OperationalError
+
+    from radbridge.errors import ModelError, NoModelError, StorageError
+    from serving.ingress import _transient
+
+    rerun = [
+        OperationalError("SELECT 1", {}, Exception("terminating connection")),
+        StorageError("disk watermark reached"),
+        OSError(28, "No space left on device"),
+        ActorDiedError(),
+    ]
+    fail = [
+        NoModelError("MR", "no model serves modality MR"),
+        DatasetError("undecodable", "pixel data could not be decoded"),
+        ModelError("not a segmentation model"),
+        ValueError("a bug: fails the job, the hospital is told"),
+    ]
+    assert [_transient(e) for e in rerun] == [True] * 4
+    assert [_transient(e) for e in fail] == [False] * 4

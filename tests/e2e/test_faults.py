@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, SeriesRow, StudyRow
 from radbridge.lifecycle import EdgeStudyState, JobState
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, fresh_postgres_database
 from tests.e2e.gateway_process import BIN, start_gateway, stop_gateway
 from tests.e2e.stack import stack_report
 from tests.peers import OrthancPeer
@@ -133,7 +135,10 @@ class CuttingProxy:
 class Split:
     """Orthanc, ``radbridge center``, the proxy and ``radbridge gateway`` (restartable)."""
 
-    def __init__(self, root: Path, pacs: OrthancPeer) -> None:
+    def __init__(
+        self, root: Path, pacs: OrthancPeer, db_urls: dict[str, str] | None = None
+    ) -> None:
+        """``db_urls``: the edge's and the center's databases (default: SQLite in data)."""
         self.root, self.pacs = root, pacs
         self.data = root / "data"
         self.data.mkdir()
@@ -157,6 +162,12 @@ class Split:
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
             TCP_NODELAY="1",
         )
+        db_urls = db_urls or {
+            "edge": f"sqlite:///{self.data / 'edge' / 'edge.db'}",
+            "center": f"sqlite:///{self.data / 'center' / 'center.db'}",
+        }
+        self.env["RADBRIDGE_EDGE__DATABASE_URL"] = db_urls["edge"]
+        self.env["RADBRIDGE_CENTER__DATABASE_URL"] = db_urls["center"]
         self.log = root / "center.log"
         self.center = self.start_center()
         self.proxy = CuttingProxy(self.center_port)
@@ -171,8 +182,8 @@ class Split:
         )
         self.gateway_log = root / "gateway.log"
         self.gateway = start_gateway(self.edge_env, self.gateway_log, self.edge_port)
-        self.edge_db = Database(f"sqlite:///{self.data / 'edge' / 'edge.db'}")
-        self.center_db = Database(f"sqlite:///{self.data / 'center' / 'center.db'}")
+        self.edge_db = Database(db_urls["edge"])
+        self.center_db = Database(db_urls["center"])
 
     def start_center(self, **env: str) -> subprocess.Popen[bytes]:
         """``radbridge center`` (``env``: extra variables); returns once it printed that it
@@ -277,18 +288,23 @@ class Split:
             self.center_db.dispose()
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
-    root = tmp_path_factory.mktemp("faults")
+@contextmanager
+def _split(root: Path, db_urls: dict[str, str] | None = None) -> Iterator[Split]:
     edge_port = free_port()
     with OrthancPeer(
         modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", edge_port)}, workdir=root / "orthanc"
     ) as pacs:
-        stack = Split(root, pacs)
+        stack = Split(root, pacs, db_urls)
         try:
             yield stack
         finally:
             stack.close()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
+    with _split(tmp_path_factory.mktemp("faults")) as stack:
+        yield stack
 
 
 def _cxr(folder: Path, seed: int, patient: str) -> list[Path]:
@@ -426,3 +442,47 @@ def test_a_center_out_of_disk_refuses_with_507_and_the_edge_waits_then_sends(
     split.restart_center()
     split.wait_for({study: {"DX": 3, "SR": 1}})
     _assert_settled(split)
+
+
+def _restart_postgres() -> float:
+    """Restart the local PostgreSQL cluster (every connection to it dies); its seconds."""
+    clusters = sorted(Path("/etc/postgresql").glob("*/main"))
+    if not clusters or shutil.which("pg_ctlcluster") is None:
+        pytest.fail("no local PostgreSQL cluster to restart (./run test installs one)")
+    version = clusters[-1].parent.name
+    t0 = time.monotonic()
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return time.monotonic() - t0
+
+
+def test_postgresql_restarted_under_edge_and_center_loses_and_repeats_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Edge and center on PostgreSQL (their own databases); the server restarts while a
+    study's job and delivery are under way, and again before the next study: every
+    connection dies, the pools reconnect, the loops retry, each study gets one SR."""
+    root = tmp_path_factory.mktemp("faults-pg")
+    with (
+        fresh_postgres_database() as edge_url,
+        fresh_postgres_database() as center_url,
+        _split(root, {"edge": edge_url, "center": center_url}) as stack,
+    ):
+        first = stack.send(_cxr(root / "a", 996, "pg-a"))
+        deadline = time.monotonic() + 60
+        while stack.edge_outbox().get(EdgeStudyState.FORWARDED, 0) == 0:
+            assert time.monotonic() < deadline, f"never forwarded\n{stack.report()}"
+            time.sleep(0.05)
+        took = _restart_postgres()  # the center's job / the edge's delivery in flight
+        second = stack.send(_cxr(root / "b", 997, "pg-b"))
+        stack.wait_for({first: {"DX": 3, "SR": 1}, second: {"DX": 3, "SR": 1}})
+        assert took < 60
+        _assert_settled(stack)
+        with stack.center_db.session() as s:
+            states = s.scalars(select(JobRow.state)).all()
+        # A database restart is not the study's fault: no job failed, no "not read" notice.
+        assert sorted(states) == [JobState.DONE, JobState.DONE], states

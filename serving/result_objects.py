@@ -73,11 +73,7 @@ def build_for_job(
     (``jobs.start_job``), and only finished jobs' objects are ever listed.
     """
     with db.session() as s:
-        job = s.get(JobRow, job_id)
-        if job is None:
-            raise NotFoundError("unknown job")
-        study = s.get(StudyRow, job.study_id)
-        assert study is not None
+        job, study = _job_and_study(s, job_id)
         rows = s.execute(
             select(ResultRow, InstanceRow)
             .join(InstanceRow, ResultRow.instance_id == InstanceRow.id)
@@ -151,11 +147,7 @@ def build_notice(
     it with the rest of the previous run's objects (``jobs.start_job``).
     """
     with db.session() as s:
-        job = s.get(JobRow, job_id)
-        if job is None:
-            raise NotFoundError("unknown job")
-        study = s.get(StudyRow, job.study_id)
-        assert study is not None
+        job, study = _job_and_study(s, job_id)
         paths = s.scalars(
             select(InstanceRow.path)
             .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
@@ -229,6 +221,15 @@ def object_path(db: Database, object_id: int, agreements: frozenset[str] | None 
                 .values(sent_at=utcnow())
             )
         return row.path
+
+
+def _job_and_study(s: Session, job_id: int) -> tuple[JobRow, StudyRow]:
+    job = s.get(JobRow, job_id)
+    if job is None:
+        raise NotFoundError("unknown job")
+    study = s.get(StudyRow, job.study_id)
+    assert study is not None
+    return job, study
 
 
 def _algorithm(manifest: ModelManifest) -> AlgorithmInfo:

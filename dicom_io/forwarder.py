@@ -2,7 +2,8 @@
 
 The database is the outbox. A study in state ``receiving`` whose agreement's quiet period has
 passed is claimed (``forwarding``), de-identified instance by instance, its pseudonyms committed
-to the identity map, its instances POSTed to the center, and the study completed there. Any
+to the identity map, its instances POSTed to the center (``dicom_io.stow_sender``: one request
+in flight while the next is de-identified), and the study completed there. Any
 failure puts it back with exponential backoff; a restart resets claimed studies. The center
 de-duplicates, so a re-sent study is harmless.
 """
@@ -14,21 +15,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 
-import httpx
 import pydicom
 from sqlalchemy import Row, func, select, update
 
 from dicom_io.consent import NO_REFERENCE, ConsentRegister, patient_of
 from dicom_io.deid import BurnedInAnnotationError, deidentify
-from dicom_io.identity_map import record_pseudonyms
 from dicom_io.part10 import to_part10
 from dicom_io.person_ledger import CEILING_REASON, PersonLedger
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
-from dicom_io.stow import encode_multipart
+from dicom_io.stow_sender import StudySender
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
 from radbridge.contract import CenterClient, CompleteStudy, backoff_s
@@ -41,7 +41,6 @@ from radbridge.metrics import EdgeMetrics, safe_label
 __all__ = ["Forwarder"]
 
 log = logging.getLogger("radbridge.edge.forwarder")
-MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _NO_BASIS = "no legal transfer basis in force for this agreement"
 _MIN_WAIT_S = 0.005  # a quiet period ending now: tick again almost at once, never spin
 _STOP_CHECK_S = 0.25  # run() notices stop this soon
@@ -77,6 +76,8 @@ class Forwarder:
         self._consent = consent
         self._next_stable: datetime | None = None  # the earliest quiet period still running
         self._wake = threading.Event()
+        # Sends a study's STOW-RS requests while the forwarder de-identifies the next part.
+        self._sending = ThreadPoolExecutor(1, thread_name_prefix="radbridge-stow")
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue."""
@@ -116,6 +117,7 @@ class Forwarder:
         self._wake.clear()
 
     def close(self) -> None:
+        self._sending.shutdown(wait=True)
         self._center.close()
 
     def tick(self, now: datetime | None = None, *, stop: threading.Event | None = None) -> int:
@@ -185,7 +187,7 @@ class Forwarder:
     ) -> int:
         try:
             sent, held, pseudo_study_uid, nbytes = self._forward(study, agreement, stop)
-        except _Interrupted:  # nothing left the edge yet: the study waits for the next start
+        except _Interrupted:  # the study waits for the next start (and is sent whole again)
             self._unclaim(study)
             return 0
         except DeidentificationError as exc:
@@ -250,27 +252,29 @@ class Forwarder:
             ).all()
         self._check_consent(agreement, rows)
         self._count_person(study, agreement, rows)
-        parts, held = self._deidentify_study(study, rows, pseudo, agreement, stop)
+        sender = StudySender(
+            self._sending, self._center, self.db, agreement.id, study.priority, pseudo
+        )
+        try:
+            held = self._deidentify_study(study, rows, pseudo, agreement, stop, sender)
+            sender.finish()
+        except BaseException:
+            sender.abandon()
+            raise
         pseudo_study_uid = pseudo.uid(study.study_uid)
-        if not parts:
+        if not sender.sent:
             return 0, held, pseudo_study_uid, 0
-        # The identity map is committed before any byte leaves the edge.
-        record_pseudonyms(self.db, agreement.id, pseudo.issued)
-        for chunk in _chunks(parts, MAX_REQUEST_BYTES):
-            body, content_type = encode_multipart(chunk)
-            resp = self._center.store_instances(agreement.id, study.priority, body, content_type)
-            _raise_on_refused_instances(resp)
         elapsed = (utcnow() - study.first_received_at).total_seconds()
         self._center.complete(
             pseudo_study_uid,
             CompleteStudy(
                 agreement_id=agreement.id,
                 priority=study.priority,
-                instance_count=len(parts),
+                instance_count=sender.sent,
                 edge_elapsed_s=max(elapsed, 0.0),
             ),
         )
-        return len(parts), held, pseudo_study_uid, sum(len(p) for p in parts)
+        return sender.sent, held, pseudo_study_uid, sender.sent_bytes
 
     def _check_consent(self, agreement: Agreement, rows: Sequence[Row[int, str]]) -> None:
         """Raise ``_NoConsent`` when the patient's consent holds the study at the edge."""
@@ -353,17 +357,18 @@ class Forwarder:
         pseudo: Pseudonymizer,
         agreement: Agreement,
         stop: threading.Event,
-    ) -> tuple[list[bytes], list[str]]:
-        """De-identify every instance; one whose pixels may show identity stays at the edge.
-        Raise ``_Interrupted`` when ``stop`` is set: a study of a thousand slices with OCR takes
-        minutes, and a gateway asked to stop must not wait for it (nor leave mid-write)."""
-        parts: list[bytes] = []
+        sender: StudySender,
+    ) -> list[str]:
+        """De-identify every instance into ``sender``; one whose pixels may show identity stays
+        at the edge (returns why). Raise ``_Interrupted`` when ``stop`` is set: a study of a
+        thousand slices with OCR takes minutes, and a gateway asked to stop must not wait for
+        it (what was sent already is sent again, harmlessly, when the study is retried)."""
         held: list[str] = []
         for instance_id, path in rows:
             if stop.is_set():
                 raise _Interrupted
             try:
-                parts.append(self._deidentify(path, pseudo, agreement))
+                sender.add(self._deidentify(path, pseudo, agreement))
             except BurnedInAnnotationError as exc:
                 held.append(exc.reason)
                 self._metrics.forward_failures.labels(agreement.id, exc.reason).inc()
@@ -373,7 +378,7 @@ class Forwarder:
                     instance_id,
                     exc.reason,
                 )
-        return parts, held
+        return held
 
     def _deidentify(self, relpath: str, pseudo: Pseudonymizer, agreement: Agreement) -> bytes:
         t0 = utcnow()
@@ -488,40 +493,3 @@ def _complete(study: StudyRow, agreement: Agreement, now: datetime) -> bool:
 def _stable_at(study: StudyRow, agreement: Agreement) -> datetime:
     """When the study's quiet period ends, unless another instance arrives before."""
     return study.last_received_at + timedelta(seconds=agreement.quiet_period_s)
-
-
-def _chunks(parts: list[bytes], limit: int) -> list[list[bytes]]:
-    out: list[list[bytes]] = [[]]
-    size = 0
-    for p in parts:
-        if out[-1] and size + len(p) > limit:
-            out.append([])
-            size = 0
-        out[-1].append(p)
-        size += len(p)
-    return [c for c in out if c]
-
-
-_FAILED_SOP_SEQUENCE, _FAILURE_REASON = "00081198", "00081197"
-
-
-def _raise_on_refused_instances(resp: httpx.Response) -> None:
-    """A STOW-RS answer with a FailedSOPSequence (HTTP 202 some, 409 all): the center refused
-    those instances and will refuse them again, so the study is blocked with the reasons
-    rather than reported forwarded with instances missing."""
-    try:
-        failed = resp.json().get(_FAILED_SOP_SEQUENCE, {}).get("Value", [])
-    except ValueError:
-        raise PolicyError(f"center answered {resp.status_code} without a STOW-RS body") from None
-    if not failed:
-        return
-    codes = {int(f.get(_FAILURE_REASON, {}).get("Value", [0])[0]) for f in failed}
-    reasons = sorted(f"0x{code:04X}" for code in codes)
-    if all(code & 0xFF00 == 0xA700 for code in codes):
-        # Refused: Out of Resources (PS3.4 B.2.3): the center's store is full or failing.
-        # It kept none of them; they go again after the backoff, the study waits here.
-        raise CenterError(f"center out of resources for {len(failed)} instance(s) (0xA7xx)")
-    raise PolicyError(
-        f"center refused {len(failed)} instance(s) (failure reasons {', '.join(reasons)}; "
-        "0x0111: other bytes under a SOP Instance UID it already holds)"
-    )

@@ -9,7 +9,7 @@ from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.store import DurableStore
 from dicom_io.stow import store_response
 from radbridge.db.engine import Database
-from radbridge.db.index import find_instance, series_for, study_for
+from radbridge.db.index import instance_digests, series_for, study_for
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
 from radbridge.errors import DatasetError, RadbridgeError
 from radbridge.lifecycle import CenterStudyState
@@ -97,11 +97,12 @@ def _store_all(
         studies: dict[str, StudyRow] = {}
         series: dict[tuple[str, str], SeriesRow] = {}
         new: list[tuple[InstanceHeader, SeriesRow, str, str, int]] = []
-        pending: dict[str, str] = {}  # SOP Instance UID -> sha256 of this request's new ones
+        files: list[tuple[str, bytes]] = []
         # Studies are changed only after every file is written, so that (autoflush) no write
         # lock is held while the files are fsynced: other requests index meanwhile.
         added: dict[str, int] = {}  # study UID -> instances this request adds
         patients: dict[str, str] = {}  # study UID -> its pseudonymous Patient ID
+        kept: list[tuple[InstanceHeader, bytes, str]] = []
         for h, part, digest in accepted:
             study = studies.get(h.study_uid)
             if study is None:
@@ -124,8 +125,14 @@ def _store_all(
             key = (h.study_uid, h.series_uid)
             if key not in series:
                 series[key] = series_for(s, study, h.series_uid, h.modality, h.body_part)
-            row = find_instance(s, series[key], h.sop_instance_uid)
-            row_digest = row.sha256 if row is not None else pending.get(h.sop_instance_uid)
+            kept.append((h, part, digest))
+        # One query for the request's instances the center already holds, not one each.
+        held = instance_digests(
+            s, [row.id for row in series.values()], [h.sop_instance_uid for h, _, _ in kept]
+        )
+        for h, part, digest in kept:
+            series_row = series[(h.study_uid, h.series_uid)]
+            row_digest = held.get((series_row.id, h.sop_instance_uid))
             if row_digest is not None:
                 if row_digest == digest:
                     added.setdefault(h.study_uid, 0)  # the same bytes again: idempotent
@@ -143,10 +150,11 @@ def _store_all(
                 )
                 continue
             relpath = f"{agreement_id}/{h.study_uid}/{h.series_uid}/{h.sop_instance_uid}.dcm"
-            store.write(relpath, part, sha256=digest)
-            written.append(relpath)
-            new.append((h, series[key], relpath, digest, len(part)))
-            pending[h.sop_instance_uid] = digest
+            files.append((relpath, part))
+            new.append((h, series_row, relpath, digest, len(part)))
+            held[(series_row.id, h.sop_instance_uid)] = digest  # a repeat in this request
+        store.write_many(files)  # all or none of them
+        written.extend(relpath for relpath, _ in files)
         now = utcnow()
         for h, series_row, relpath, digest, size in new:
             s.add(

@@ -144,21 +144,24 @@ def test_a_request_cut_short_by_the_store_leaves_none_of_its_files(
 ) -> None:
     """The disk fills up after the request's first file: that file goes too (nothing of a
     refused request stays, as a file or as a row)."""
-    from radbridge.errors import StorageError
+    import errno
+
+    import dicom_io.store
 
     store = DurableStore(tmp_path / "store")
-    write, calls = store.write, []
+    write_all, calls = dicom_io.store._write_all, []
 
-    def fill_up(*args: object, **kwargs: object) -> object:
-        calls.append(args)
+    def fill_up(fd: int, data: bytes) -> None:
+        calls.append(fd)
         if len(calls) == 2:
-            raise StorageError("disk watermark reached")
-        return write(*args, **kwargs)  # type: ignore[arg-type]
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
 
-    monkeypatch.setattr(store, "write", fill_up)
+    monkeypatch.setattr(dicom_io.store, "_write_all", fill_up)
     outcome = receive_instances(migrated_db, store, AGREEMENT, _deid_study(3))
     assert len(calls) == 2 and outcome.stored == []
     assert [f[2] for f in outcome.failed] == [0xA700] * 3
     assert [p for p in (tmp_path / "store").rglob("*.dcm")] == []
+    assert [p for p in (tmp_path / "store").rglob("*.part")] == []
     with migrated_db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []

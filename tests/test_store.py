@@ -40,3 +40,46 @@ def test_write_failure_cleans_staging(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         store.write("blocked/x.dcm", b"data")
     assert os.listdir(tmp_path / STAGING) == []
+
+
+def test_write_many_writes_every_file_and_fsyncs_each_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    store = DurableStore(tmp_path)
+    files = [(f"s/{i % 2}/{i}.dcm", bytes([i]) * (1000 + i)) for i in range(130)]  # 3 groups
+    store.write_many(files)
+    for relpath, data in files:
+        assert (tmp_path / relpath).read_bytes() == data
+    assert list((tmp_path / STAGING).iterdir()) == []
+    assert len(synced) == 130 + 2  # each file, then each of its two folders once
+
+
+def test_write_many_is_all_or_none(tmp_path: Path) -> None:
+    """The second group's last file cannot be renamed into place (a file stands where its
+    folder must go): the files already under their final names go as well as the staged."""
+    store = DurableStore(tmp_path)
+    (tmp_path / "blocked").write_text("a file where a folder must go")
+    files = [(f"ok/{i}.dcm", b"x" * 100) for i in range(99)] + [("blocked/99.dcm", b"y")]
+    with pytest.raises(StorageError, match="write failed"):
+        store.write_many(files)
+    assert [p for p in tmp_path.rglob("*.dcm")] == []
+    assert list((tmp_path / STAGING).iterdir()) == []
+
+
+def test_write_many_respects_the_watermark_for_the_whole_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DurableStore(tmp_path, min_free_bytes=8_500)
+    monkeypatch.setattr(store, "free_bytes", lambda: 10_000)  # room for one file of 1000, not two
+    store.write_many([("one.dcm", b"1" * 1000)])
+    with pytest.raises(StorageError, match="watermark"):
+        store.write_many([("a.dcm", b"a" * 1000), ("b.dcm", b"b" * 1000)])
+    assert not (tmp_path / "a.dcm").exists()

@@ -7,7 +7,9 @@ from sqlalchemy.orm import Session
 
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
 
-__all__ = ["find_instance", "record_instance", "series_for", "study_for"]
+__all__ = ["find_instance", "instance_digests", "record_instance", "series_for", "study_for"]
+
+_IN_LIMIT = 500  # UIDs per IN (...) list: SQLite's default bound on parameters is far above
 
 
 def study_for(
@@ -57,6 +59,27 @@ def find_instance(s: Session, series: SeriesRow, sop_instance_uid: str) -> Insta
             InstanceRow.series_id == series.id, InstanceRow.sop_instance_uid == sop_instance_uid
         )
     ).first()
+
+
+def instance_digests(
+    s: Session, series_ids: list[int], sop_instance_uids: list[str]
+) -> dict[tuple[int, str], str]:
+    """The sha256 of each of ``sop_instance_uids`` already indexed in one of ``series_ids``,
+    keyed by (series id, SOP Instance UID): one query per 500 UIDs, not one per instance."""
+    found: dict[tuple[int, str], str] = {}
+    if not series_ids:
+        return found
+    unique = sorted(set(sop_instance_uids))
+    for start in range(0, len(unique), _IN_LIMIT):
+        rows = s.execute(
+            select(InstanceRow.series_id, InstanceRow.sop_instance_uid, InstanceRow.sha256).where(
+                InstanceRow.series_id.in_(series_ids),
+                InstanceRow.sop_instance_uid.in_(unique[start : start + _IN_LIMIT]),
+            )
+        )
+        for series_id, uid, digest in rows:
+            found[(series_id, uid)] = digest
+    return found
 
 
 def record_instance(

@@ -9,9 +9,11 @@ a finished job reaches the PACS without waiting for a poll interval.
 
 ``tick()`` claims each due row, downloads the object (sha256 checked against the listing),
 re-identifies it from the identity map and an original instance of the study, and C-STOREs it
-to the agreement's return destination. Failures are retried with exponential backoff;
-``ReidentificationError`` (the result cannot be tied to what this edge sent) is final. A
-delivered object is never sent again unless a person asks (``resend``).
+to the agreement's return destination: up to ``DELIVERY_THREADS`` objects side by side, each on
+its own association (a study's SEG and SR reach the PACS together). Failures are retried
+with exponential backoff; ``ReidentificationError`` (the result cannot be tied to what this
+edge sent) is final. A delivered object is never sent again unless a person asks
+(``resend``).
 
 Claims. There is no "delivering" state: a claim is a compare-and-swap on ``attempts`` (the
 attempt counter goes up by one) that also moves ``next_attempt_at`` to a lease in the future.
@@ -42,6 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
@@ -84,6 +87,7 @@ PACS_OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 PAGE_SIZE = 200  # listing page
 _STOP_CHECK_S = 0.25  # run() notices stop this soon
 BATCH = 200  # due deliveries considered per tick
+DELIVERY_THREADS = 4  # objects delivered at once, each on its own association to the PACS
 _PRIORITY_ORDER = {"stat": 0, "urgent": 1}
 
 
@@ -146,6 +150,11 @@ class Deliverer:
         self._lease = timedelta(seconds=max(60.0, 5 * timeout_s))
         self._center = center
         self._poll_failing: set[str] = set()
+        # Objects are delivered side by side (a study's SEG and SR on two associations): the
+        # waits of one (listing, download, the PACS's answer) overlap the work of the other.
+        self._delivering = ThreadPoolExecutor(
+            DELIVERY_THREADS, thread_name_prefix="radbridge-deliver"
+        )
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
         """Deliver until ``stop``: ``tick()`` every ``interval_s`` (retries fall due) and at
@@ -220,6 +229,7 @@ class Deliverer:
 
     def close(self) -> None:
         self._closing = True  # a listing cut by this close is no failure worth a warning
+        self._delivering.shutdown(wait=True)
         self._center.close()
 
     def resend(self, delivery_id: int) -> None:
@@ -350,7 +360,7 @@ class Deliverer:
                 .order_by(priority, DeliveryRow.id)
                 .limit(BATCH)
             ).all()
-        done = 0
+        attempts: list[Future[int]] = []
         for d in due:
             agreement = agreements.get(d.agreement_id)
             if agreement is None:
@@ -358,10 +368,15 @@ class Deliverer:
             expired = d.attempts > 0 and now - d.result_ready_at > self._max_age
             if expired and self._expire_unclaimed(d, now):
                 continue
-            if self._claim(d, now):
-                done += self._attempt(d, agreement, now)
+            attempts.append(self._delivering.submit(self._claim_and_attempt, d, agreement, now))
+        done = sum(a.result() for a in attempts)
         self._update_counts()
         return done
+
+    def _claim_and_attempt(self, d: DeliveryRow, agreement: Agreement, now: datetime) -> int:
+        """On a delivery thread: claimed just before the attempt, so a long queue of due
+        objects never outlives its leases."""
+        return self._attempt(d, agreement, now) if self._claim(d, now) else 0
 
     def _claim(self, d: DeliveryRow, now: datetime) -> bool:
         with self.db.session() as s:

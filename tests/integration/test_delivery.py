@@ -820,7 +820,7 @@ def test_seg_and_its_sr_are_delivered_with_references_between_them(
     finally:
         d.close()
     assert [r.state for r in _rows(db)] == ["delivered", "delivered"]
-    got_seg, got_sr = pacs.received
+    got_seg, got_sr = sorted(pacs.received, key=lambda ds: ds.Modality != "SEG")
     originals = {str(o.SOPInstanceUID) for o in study.originals}
     assert got_seg.PatientID == got_sr.PatientID == PATIENT["id"]
     assert (
@@ -831,6 +831,48 @@ def test_seg_and_its_sr_are_delivered_with_references_between_them(
     # The SR references the SEG (a companion, as minted) and the original images.
     assert _uids(got_sr, "ReferencedSOPInstanceUID") <= originals | {str(seg.SOPInstanceUID)}
     assert str(seg.SOPInstanceUID) in _uids(got_sr, "ReferencedSOPInstanceUID")
+
+
+def test_a_studys_objects_are_stored_side_by_side(
+    edge: tuple[Database, DurableStore], center: FakeCenter
+) -> None:
+    """The SEG and the SR are on two associations at once: the PACS holds the first C-STORE
+    until the second arrives (a deliverer storing one object after the other would leave it
+    waiting until the bound)."""
+    db, store = edge
+    study = _send_study(db, store, _ct_series())
+    seg, sr = nodule_seg_and_sr(
+        study.deid,
+        _nodule_mask(),
+        [Nodule((-3.5, -2.8, -115.0), diameter_mm=4.2, volume_mm3=44.1, segment_number=1)],
+        ALGO,
+    )
+    center.add(seg, kind="seg")
+    center.add(sr, kind="sr")
+    pacs = Pacs()
+    arrived: list[int] = []
+    both = threading.Event()
+    together: list[bool] = []
+    store_one = pacs._on_store
+
+    def hold_until_both(event: evt.Event) -> int:
+        arrived.append(1)
+        if len(arrived) == 2:
+            both.set()
+        together.append(both.wait(10))
+        return store_one(event)
+
+    pacs._on_store = hold_until_both  # type: ignore[method-assign]
+    pacs.start()
+    d = _deliverer(db, store, center, pacs.port)
+    try:
+        assert d.poll() == 2
+        assert d.tick() == 2
+    finally:
+        d.close()
+        pacs.stop()
+    assert together == [True, True]
+    assert sorted(ds.Modality for ds in pacs.received) == ["SEG", "SR"]
 
 
 def test_two_replicas_deliver_each_object_once(

@@ -31,6 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_io.header import parse_header
+from dicom_io.results import warm_up as warm_up_result_builders
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest
@@ -249,6 +250,12 @@ class Api:
         self._resumed = False
         self._retention_due = time.monotonic() + 60.0  # first pass a minute after start
         self.reconfigure({})
+        # The first SEG + SR a process builds pays for highdicom's first use (0.25 s on a
+        # CT): paid here, before Serve marks the replica ready, not by the first study.
+        try:
+            log.info("result object builders warmed up in %.2f s", warm_up_result_builders())
+        except Exception as exc:  # a job's own build reports any real fault; start anyway
+            log.warning("result object warm-up failed (%s)", type(exc).__name__)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config, also on a live redeploy."""

@@ -61,6 +61,7 @@ from dicom_io.scu import store_dataset
 from dicom_io.store import DurableStore
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
+from radbridge.clock import WallClock
 from radbridge.contract import CenterClient, ResultObject, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
@@ -150,6 +151,7 @@ class Deliverer:
         self._lease = timedelta(seconds=max(60.0, 5 * timeout_s))
         self._center = center
         self._poll_failing: set[str] = set()
+        self._clock = WallClock()
         # Objects are delivered side by side (a study's SEG and SR on two associations): the
         # waits of one (listing, download, the PACS's answer) overlap the work of the other.
         self._delivering = ThreadPoolExecutor(
@@ -350,6 +352,9 @@ class Deliverer:
     def tick(self, now: datetime | None = None) -> int:
         """Deliver every due result object; returns how many the PACS stored."""
         now = now or utcnow()
+        step = self._clock.stepped_back(now)
+        if step is not None:
+            self._shift_waits(step, now)
         agreements = self._agreements()
         priority = case(_PRIORITY_ORDER, value=StudyRow.priority, else_=2)
         with self.db.session() as s:
@@ -372,6 +377,37 @@ class Deliverer:
         done = sum(a.result() for a in attempts)
         self._update_counts()
         return done
+
+    def _shift_waits(self, step: timedelta, now: datetime) -> None:
+        """The wall clock stepped back by ``step``: every retry still waiting falls due as far
+        back (``radbridge.clock``). A delivery in flight keeps its lease."""
+        moved = 0
+        with self.db.session() as s:
+            waiting = s.execute(
+                select(DeliveryRow.id, DeliveryRow.next_attempt_at).where(
+                    DeliveryRow.state == DeliveryState.PENDING,
+                    DeliveryRow.claimed_at.is_(None),
+                    DeliveryRow.next_attempt_at > now,
+                )
+            ).all()
+            for delivery_id, due in waiting:
+                assert due is not None  # selected for being after now
+                res = s.execute(
+                    update(DeliveryRow)
+                    .where(
+                        DeliveryRow.id == delivery_id,
+                        DeliveryRow.next_attempt_at == due,
+                        DeliveryRow.claimed_at.is_(None),
+                    )
+                    .values(next_attempt_at=due - step)
+                )
+                moved += int(res.rowcount or 0)  # type: ignore[attr-defined]
+        self._metrics.clock_steps_back.inc()
+        log.warning(
+            "the wall clock stepped back %.0f s: %d deliveries fall due as far back",
+            step.total_seconds(),
+            moved,
+        )
 
     def _claim_and_attempt(self, d: DeliveryRow, agreement: Agreement, now: datetime) -> int:
         """On a delivery thread: claimed just before the attempt, so a long queue of due

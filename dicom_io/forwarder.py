@@ -31,6 +31,7 @@ from dicom_io.store import DurableStore
 from dicom_io.stow_sender import StudySender
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
+from radbridge.clock import WallClock
 from radbridge.contract import CenterClient, CompleteStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
@@ -76,12 +77,19 @@ class Forwarder:
         self._consent = consent
         self._next_stable: datetime | None = None  # the earliest quiet period still running
         self._wake = threading.Event()
+        self._clock = WallClock()
         # Sends a study's STOW-RS requests while the forwarder de-identifies the next part.
         self._sending = ThreadPoolExecutor(1, thread_name_prefix="radbridge-stow")
 
     def recover(self) -> int:
-        """Return studies a crashed process had claimed to the queue."""
+        """Return studies a crashed process had claimed to the queue. A study last received
+        after now (the clock stepped back while the gateway was down) counts as received now:
+        its quiet period is not stretched by the step."""
+        now = utcnow()
         with self.db.session() as s:
+            s.execute(
+                update(StudyRow).where(StudyRow.last_received_at > now).values(last_received_at=now)
+            )
             res = s.execute(
                 update(StudyRow)
                 .where(StudyRow.state == EdgeStudyState.FORWARDING)
@@ -125,6 +133,9 @@ class Forwarder:
         while a study is being de-identified returns it to the queue, unsent, at once."""
         now = now or utcnow()
         stop = stop or threading.Event()
+        step = self._clock.stepped_back(now)
+        if step is not None:
+            self._shift_waits(step, now)
         agreements = self._agreements()
         with self.db.session() as s:
             due = s.scalars(
@@ -158,6 +169,37 @@ class Forwarder:
         return done
 
     # -- steps ----------------------------------------------------------------------------
+
+    def _shift_waits(self, step: timedelta, now: datetime) -> None:
+        """The wall clock stepped back by ``step``: every quiet period and retry still running
+        ends as far back (``radbridge.clock``). A row that changed meanwhile (an instance
+        arrived) keeps its new time."""
+        moved = 0
+        with self.db.session() as s:
+            waiting = s.execute(
+                select(StudyRow.id, StudyRow.last_received_at, StudyRow.next_attempt_at).where(
+                    StudyRow.state.in_([EdgeStudyState.RECEIVING, EdgeStudyState.BLOCKED]),
+                    (StudyRow.last_received_at > now) | (StudyRow.next_attempt_at > now),
+                )
+            ).all()
+            for study_id, last, retry in waiting:
+                values: dict[str, datetime] = {}
+                if last > now:
+                    values["last_received_at"] = last - step
+                if retry is not None and retry > now:
+                    values["next_attempt_at"] = retry - step
+                res = s.execute(
+                    update(StudyRow)
+                    .where(StudyRow.id == study_id, StudyRow.last_received_at == last)
+                    .values(**values)
+                )
+                moved += int(res.rowcount or 0)  # type: ignore[attr-defined]
+        self._metrics.clock_steps_back.inc()
+        log.warning(
+            "the wall clock stepped back %.0f s: the waits of %d studies end as far back",
+            step.total_seconds(),
+            moved,
+        )
 
     def _unclaim(self, study: StudyRow) -> None:
         """Give a claimed study back to the queue in the state it was claimed from."""

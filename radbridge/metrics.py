@@ -108,6 +108,11 @@ class EdgeMetrics:
             ["agreement", "reason"],
             registry=r,
         )
+        self.clock_steps_back = Counter(
+            "radbridge_edge_clock_steps_back_total",
+            "Steps back of the wall clock the outboxes noticed (each moved its waits back).",
+            registry=r,
+        )
         self.active_associations = Gauge(
             "radbridge_edge_active_associations",
             "DICOM associations open right now.",

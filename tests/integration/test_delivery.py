@@ -509,6 +509,45 @@ def test_pacs_down_backs_off_then_delivers_exactly_once(
     assert failures == 4
 
 
+def test_a_clock_stepped_back_an_hour_does_not_hold_a_retry_and_keeps_a_lease(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
+) -> None:
+    """Two deliveries wait: one for its retry 3 s ahead, one in flight on a 5-minute lease.
+    The wall clock steps back an hour: the retry still falls due 3 s after the old now (on
+    the new clock); the lease is left alone (its attempt may still be running)."""
+    db, store = edge
+    first, second = _send_study(db, store), _send_study(db, store)
+    center.add(_sr(first))
+    center.add(_sr(second))
+    d = _deliverer(db, store, center, pacs.port)
+    t = utcnow()
+    try:
+        assert d.poll() == 2
+        retrying, in_flight = _rows(db)
+        with db.session() as s:
+            s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id == retrying.id)
+                .values(attempts=1, next_attempt_at=t + timedelta(seconds=3))
+            )
+            s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id == in_flight.id)
+                .values(attempts=1, next_attempt_at=t + timedelta(minutes=5), claimed_at=t)
+            )
+        assert d.tick(t + timedelta(seconds=1)) == 0
+        back = t - timedelta(hours=1)
+        assert d.tick(back) == 0
+        assert d.tick(back + timedelta(seconds=3)) == 1
+    finally:
+        d.close()
+    retried, leased = _rows(db)
+    assert retried.state == "delivered"
+    assert leased.state == "pending" and leased.next_attempt_at == t + timedelta(minutes=5)
+    assert len(pacs.received) == 1
+    assert pacs.received[0].StudyInstanceUID == first.originals[0].StudyInstanceUID
+
+
 def test_a_delivery_in_flight_when_the_gateway_died_is_due_at_its_next_start(
     edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
 ) -> None:

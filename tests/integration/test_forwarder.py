@@ -20,7 +20,7 @@ import uvicorn
 import yaml
 from fastapi import FastAPI, Header, Request, Response
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicom_io.forwarder import Forwarder
 from dicom_io.header import parse_header
@@ -366,6 +366,77 @@ def test_expected_count_completes_early_and_a_late_instance_reopens(
     with center.db.session() as s:
         versions = [j.version for j in s.scalars(select(JobRow).order_by(JobRow.id))]
         assert versions == [1, 2]
+
+
+def test_a_clock_stepped_back_an_hour_does_not_hold_the_quiet_period(
+    edge: tuple[Database, DurableStore], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wall clock steps back an hour during a study's quiet period (an NTP step, a VM
+    snapshot restored): the study is forwarded when its quiet period ends on the new clock,
+    not an hour later."""
+    db, store = edge
+    _ingest(db, store)
+    center = Center(tmp_path)
+    center.start()
+    fwd = _forwarder(db, store, center.port)
+    t = utcnow()
+    try:
+        assert fwd.tick(t + timedelta(seconds=1)) == 0  # quiet for about 1 s more
+        back = t - timedelta(hours=1)  # the clock stepped back an hour
+        assert fwd.tick(back) == 0  # still quiet
+        assert fwd.tick(back + timedelta(seconds=3)) == 1
+    finally:
+        center.stop()
+    assert _state(db).state == "forwarded"
+    steps = fwd._metrics.registry.get_sample_value("radbridge_edge_clock_steps_back_total")
+    assert steps == 1
+    assert "the wall clock stepped back 3601 s: the waits of 1 studies" in caplog.text
+
+
+def test_a_clock_stepped_back_an_hour_does_not_hold_a_retry(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    _ingest(db, store)
+    t = utcnow()
+    with db.session() as s:  # quiet long ago; a retry due 3 s from t
+        s.execute(
+            update(StudyRow).values(
+                last_received_at=t - timedelta(minutes=1),
+                attempts=1,
+                next_attempt_at=t + timedelta(seconds=3),
+            )
+        )
+    center = Center(tmp_path)
+    center.start()
+    fwd = _forwarder(db, store, center.port)
+    try:
+        assert fwd.tick(t + timedelta(seconds=1)) == 0  # not due yet
+        back = t - timedelta(hours=1)
+        assert fwd.tick(back) == 0  # about 2 s left, on the new clock
+        assert fwd.tick(back + timedelta(seconds=3)) == 1
+    finally:
+        center.stop()
+
+
+def test_a_study_received_after_now_counts_as_received_at_the_gateways_start(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """The clock stepped back an hour while the gateway was down: at its start the study's
+    quiet period runs from now, not from an hour ahead."""
+    db, store = edge
+    _ingest(db, store)
+    with db.session() as s:
+        s.execute(update(StudyRow).values(last_received_at=utcnow() + timedelta(hours=1)))
+    center = Center(tmp_path)
+    center.start()
+    fwd = _forwarder(db, store, center.port)
+    try:
+        fwd.recover()
+        assert _state(db).last_received_at <= utcnow()
+        assert fwd.tick(utcnow() + timedelta(seconds=3)) == 1
+    finally:
+        center.stop()
 
 
 def test_without_a_stated_count_the_quiet_period_decides(

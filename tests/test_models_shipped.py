@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from models import ct_nodule_demo, cxr_demo
+from models.ct_phantoms import sample_volumes
 from models.demo import DEMO_MODELS, SHIPPED, build_all
 from models.repository import ModelRepository
 
@@ -47,53 +48,69 @@ def test_a_tampered_install_is_replaced_by_the_shipped_one(tmp_path: Path) -> No
     )
 
 
-def _outputs(onnx_path: Path, x: np.ndarray, softmax: bool) -> np.ndarray:
-    """The model's probabilities as its manifest defines them: a softmax over the classes for
-    the segmenter (channel 0 background), a sigmoid per label for the multilabel classifier.
-    (A sigmoid of each softmax logit on its own magnified a logit shift that moves no
-    probability: 0.147 on a machine whose retrained segmenter differed by 0.023 in its
-    actual probabilities, with no voxel changing class.)"""
+def _run(onnx_path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x})
-    logits = np.asarray(out, dtype=np.float64)
-    if softmax:
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return np.asarray(e / e.sum(axis=1, keepdims=True))
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: x[i : i + 64]})[0] for i in range(0, len(x), 64)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.asarray(1.0 / (1.0 + np.exp(-logits)))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_retraining_reproduces_the_shipped_models(tmp_path: Path) -> None:
     """The training code is the source of truth: retrained from scratch (same seeds), both
-    models answer fixed inputs as the shipped ones do. When this fails after a change to the
-    training code, retrain (`radbridge models build --retrain`) and copy the result into
-    models/shipped."""
+    models are as good as the shipped ones on the held-out test phantoms and answer the same
+    in-distribution inputs alike. When this fails after a change to the training code,
+    retrain (`radbridge models build --retrain`) and copy the result into models/shipped.
+
+    Not bit-for-bit: training on another CPU (AVX-512 or not, another oneDNN kernel) ends a
+    few float steps apart, and cases near a decision boundary then move. Measured between a
+    clean-clone CI retrain and the shipped models: the classifier's test-phantom probabilities
+    differed by 0.0077 on average (0.55 at most, on one borderline image), its test AUROCs by
+    at most 0.003; the segmenter's voxel classes on two test crops differed in 0.02 % of
+    voxels, its test Dice by 0.003. (An earlier version of this test compared the largest
+    difference on uniform noise, far outside what the models were trained on, and failed at
+    random.)"""
     retrained = {
         m.manifest.name: m for m in build_all(tmp_path / "models", retrain=True, log=print)
     }
-    rng = np.random.default_rng(20261205)
-    inputs = {
-        cxr_demo.MANIFEST_TEMPLATE["name"]: rng.random((8, 1, 128, 128), dtype=np.float32),
-        ct_nodule_demo.MANIFEST_TEMPLATE["name"]: rng.random(
-            (1, 1, *ct_nodule_demo.ROI), dtype=np.float32
-        ),
-    }
-    for name, x in inputs.items():
-        shipped = ModelRepository(SHIPPED).get(name)
-        new = retrained[name]
-        same = shipped.manifest.sha256 == new.manifest.sha256
-        seg = shipped.manifest.segmentation
-        softmax = seg is not None and seg.activation == "softmax"
-        diff = float(
-            np.max(
-                np.abs(
-                    _outputs(shipped.onnx_path, x, softmax) - _outputs(new.onnx_path, x, softmax)
-                )
-            )
-        )
-        print(f"{name}: identical bytes {same}, max probability difference {diff:.2e}")
-        assert diff < 0.05, (name, diff)
+    repo = ModelRepository(SHIPPED)
+
+    # The classifier, on the 600 held-out test phantoms its manifest's metrics are from.
+    name = cxr_demo.MANIFEST_TEMPLATE["name"]
+    shipped, new = repo.get(name), retrained[name]
+    specs = shipped.manifest.preprocessing
+    images, _ = cxr_demo.sample_dataset(cxr_demo.N_TEST, 2)
+    x = cxr_demo.preprocess_images(images, specs).astype(np.float32)
+    diff = np.abs(_sigmoid(_run(shipped.onnx_path, x)) - _sigmoid(_run(new.onnx_path, x)))
+    print(f"{name}: mean probability difference {diff.mean():.4f}, largest {diff.max():.3f}")
+    assert diff.mean() < 0.03, (name, float(diff.mean()))
+    for label, auc in shipped.manifest.metrics["auroc"].items():
+        assert new.manifest.metrics["auroc"][label] >= auc - 0.02, (name, label)
+
+    # The segmenter, on two crops around nodules of the held-out test phantoms.
+    name = ct_nodule_demo.MANIFEST_TEMPLATE["name"]
+    shipped, new = repo.get(name), retrained[name]
+    volumes = ct_nodule_demo.prepare(sample_volumes(3, 2), shipped.manifest.preprocessing)
+    x = ct_nodule_demo._probe(volumes).astype(np.float32)
+    a = _softmax(_run(shipped.onnx_path, x)).argmax(axis=1)
+    b = _softmax(_run(new.onnx_path, x)).argmax(axis=1)
+    moved = float((a != b).mean())
+    print(f"{name}: voxels of another class {100 * moved:.3f} %")
+    assert moved < 0.01, (name, moved)
+    assert abs(int((b == 1).sum()) - int((a == 1).sum())) <= 0.2 * (a == 1).sum()
+    ours, theirs = new.manifest.metrics, shipped.manifest.metrics
+    assert ours["dice"] >= theirs["dice"] - 0.03, (name, ours["dice"], theirs["dice"])
+    assert ours["sensitivity"] >= theirs["sensitivity"] - 0.1, (name, ours["sensitivity"])
 
 
 def test_models_build_shows_each_model_as_a_step_with_its_time(

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from sqlalchemy import func, select
@@ -38,7 +39,7 @@ from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
 from models.phantom_dicom import write_cxr_study
 from radbridge.db import Database
-from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, SeriesRow, StudyRow
+from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, SeriesRow, StudyRow, utcnow
 from radbridge.lifecycle import EdgeStudyState, JobState
 from tests.conftest import REPO, free_port, fresh_postgres_database
 from tests.e2e.gateway_process import BIN, start_gateway, stop_gateway
@@ -421,6 +422,66 @@ def test_center_killed_mid_job_resumes_it_and_the_hospital_gets_one_result(
     with split.center_db.session() as s:
         states = s.scalars(select(JobRow.state)).all()
     assert JobState.RUNNING not in states and JobState.QUEUED not in states, states
+
+
+def _runner_replicas(center: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The ModelRunner replica processes of this ``radbridge center`` (its local Ray node's
+    workers are its descendants; Ray names them after the replica)."""
+    found = []
+    for proc in psutil.Process(center.pid).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "ServeReplica:" in cmd and ":ModelRunner" in cmd:
+            found.append(proc)
+    return found
+
+
+def test_a_model_runner_replica_killed_mid_job_is_replaced_and_the_job_runs_again(
+    split: Split, tmp_path: Path
+) -> None:
+    """SIGKILL of the ModelRunner replica while a CT job's sliding windows run on it: Serve
+    starts another and the job ends done, the PACS with one SEG and one SR, never an "AI not
+    performed" notice. (Which of the two recoveries carries it depends on where the kill
+    lands: Serve sends the windows not yet answered to the new replica, or the Api's run
+    breaks on the dead replica (RayActorError, the infrastructure's fault) and the job runs
+    again. Seen here: the first.)"""
+    (victim,) = _runner_replicas(split.center)
+    phantom = chest_ct(np.random.default_rng([20261206, 3]), n_nodules=1)
+    ct = write_ct_series(
+        tmp_path / "ct",
+        phantom,
+        seed=13,
+        patient_name="Fault^Replica",
+        patient_id="FAULT-REPLICA",
+        birth_date="19610404",
+        accession="ACC-FRK",
+    )
+    study = split.send(ct)
+    deadline = time.monotonic() + 120
+    while True:
+        with split.center_db.session() as s:
+            running = s.scalar(select(func.count()).where(JobRow.state == JobState.RUNNING))
+        if running:
+            break
+        assert time.monotonic() < deadline, f"no job ever ran\n{split.report()}"
+        time.sleep(0.01)
+    time.sleep(0.2)  # past reading the series: the windows are on the runner now
+    killed_at = utcnow()
+    victim.send_signal(signal.SIGKILL)
+    split.wait_for({study: {"CT": len(ct), "SEG": 1, "SR": 1}})
+    _assert_settled(split)
+    replicas = _runner_replicas(split.center)
+    assert replicas and victim.pid not in {p.pid for p in replicas}
+    with split.center_db.session() as s:
+        jobs = s.scalars(select(JobRow)).all()
+        states = [j.state for j in jobs]
+        ct_job = max(jobs, key=lambda j: j.id)
+    assert JobState.FAILED not in states and JobState.RUNNING not in states, states
+    assert ct_job.finished_at is not None and ct_job.finished_at > killed_at, (
+        "the job was over before the kill: it tested nothing"
+    )
 
 
 def test_a_center_out_of_disk_refuses_with_507_and_the_edge_waits_then_sends(

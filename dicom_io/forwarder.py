@@ -130,7 +130,8 @@ class Forwarder:
 
     def tick(self, now: datetime | None = None, *, stop: threading.Event | None = None) -> int:
         """Forward every study that is due; returns how many were forwarded. A ``stop`` set
-        while a study is being de-identified returns it to the queue, unsent, at once."""
+        while a study is being de-identified returns it to the queue at once, uncompleted at
+        the center (the requests already sent go again with the rest, harmlessly)."""
         now = now or utcnow()
         stop = stop or threading.Event()
         step = self._clock.stepped_back(now)

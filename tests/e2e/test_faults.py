@@ -386,6 +386,17 @@ def test_connection_cut_mid_stow_body_and_mid_answer_loses_and_repeats_nothing(
     assert sorted(n for _, n in per_study)[-1] == len(ct)  # the CT: every slice, once
 
 
+def _wait_until_a_job_runs(split: Split, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with split.center_db.session() as s:
+            running = s.scalar(select(func.count()).where(JobRow.state == JobState.RUNNING))
+        if running:
+            return
+        assert time.monotonic() < deadline, f"no job ever ran\n{split.report()}"
+        time.sleep(0.01)
+
+
 def test_center_killed_mid_job_resumes_it_and_the_hospital_gets_one_result(
     split: Split, tmp_path: Path
 ) -> None:
@@ -403,14 +414,7 @@ def test_center_killed_mid_job_resumes_it_and_the_hospital_gets_one_result(
         accession="ACC-FCK",
     )
     study = split.send(ct)
-    deadline = time.monotonic() + 120
-    while True:
-        with split.center_db.session() as s:
-            running = s.scalar(select(func.count()).where(JobRow.state == JobState.RUNNING))
-        if running:
-            break
-        assert time.monotonic() < deadline, f"no job ever ran\n{split.report()}"
-        time.sleep(0.01)
+    _wait_until_a_job_runs(split)
     split.center.send_signal(signal.SIGKILL)
     split.center.wait(30)
     with split.center_db.session() as s:
@@ -459,14 +463,7 @@ def test_a_model_runner_replica_killed_mid_job_is_replaced_and_the_job_runs_agai
         accession="ACC-FRK",
     )
     study = split.send(ct)
-    deadline = time.monotonic() + 120
-    while True:
-        with split.center_db.session() as s:
-            running = s.scalar(select(func.count()).where(JobRow.state == JobState.RUNNING))
-        if running:
-            break
-        assert time.monotonic() < deadline, f"no job ever ran\n{split.report()}"
-        time.sleep(0.01)
+    _wait_until_a_job_runs(split)
     time.sleep(0.2)  # past reading the series: the windows are on the runner now
     killed_at = utcnow()
     victim.send_signal(signal.SIGKILL)

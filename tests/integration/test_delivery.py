@@ -839,10 +839,11 @@ def test_second_version_is_delivered_as_its_own_object_and_the_first_not_again(
     assert [(r.version, r.state) for r in _rows(db)] == [(1, "delivered"), (2, "delivered")]
 
 
-def test_seg_and_its_sr_are_delivered_with_references_between_them(
-    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
-) -> None:
-    db, store = edge
+def _ct_study_with_seg_and_sr(
+    db: Database, store: DurableStore, center: FakeCenter
+) -> tuple[SentStudy, Dataset]:
+    """A CT study the edge sent, and its nodule SEG and SR listed at the center (the SEG
+    returned: the SR references it)."""
     study = _send_study(db, store, _ct_series())
     seg, sr = nodule_seg_and_sr(
         study.deid,
@@ -852,6 +853,14 @@ def test_seg_and_its_sr_are_delivered_with_references_between_them(
     )
     center.add(seg, kind="seg")
     center.add(sr, kind="sr")
+    return study, seg
+
+
+def test_seg_and_its_sr_are_delivered_with_references_between_them(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
+) -> None:
+    db, store = edge
+    study, seg = _ct_study_with_seg_and_sr(db, store, center)
     d = _deliverer(db, store, center, pacs.port)
     try:
         assert d.poll() == 2
@@ -879,15 +888,7 @@ def test_a_studys_objects_are_stored_side_by_side(
     until the second arrives (a deliverer storing one object after the other would leave it
     waiting until the bound)."""
     db, store = edge
-    study = _send_study(db, store, _ct_series())
-    seg, sr = nodule_seg_and_sr(
-        study.deid,
-        _nodule_mask(),
-        [Nodule((-3.5, -2.8, -115.0), diameter_mm=4.2, volume_mm3=44.1, segment_number=1)],
-        ALGO,
-    )
-    center.add(seg, kind="seg")
-    center.add(sr, kind="sr")
+    _ct_study_with_seg_and_sr(db, store, center)
     pacs = Pacs()
     arrived: list[int] = []
     both = threading.Event()

@@ -24,9 +24,11 @@ operator and integration secrets; every test goes through the real signatures.
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -47,6 +49,8 @@ from radbridge.agreements import Priority
 from radbridge.errors import AuthError, ConfigError, validation_problems
 from radbridge.files import write_atomic
 
+log = logging.getLogger("radbridge.edge.auth")
+
 __all__ = [
     "AUDIENCE",
     "TOKEN_TTL_S",
@@ -66,6 +70,7 @@ __all__ = [
 AUDIENCE = "radbridge-center"
 TOKEN_TTL_S = 120
 LEEWAY_S = 30
+SKEW_TOLERANCE_S = 5  # an edge clock this close to the center's needs no correction
 MIN_SECRET_BYTES = 32
 _ID = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _PRIORITY_RANK = {Priority.ROUTINE: 0, Priority.URGENT: 1, Priority.STAT: 2}
@@ -216,15 +221,74 @@ def edge_token(key: EdgeKey, edge_id: str, method: str, path: str, now: float | 
 
 class EdgeAuth(httpx.Auth):
     """httpx authentication of an edge: a fresh token for each request it sends (also for
-    each retry), bound to that request's method and path."""
+    each retry), bound to that request's method and path.
+
+    Its times are the center's: the center checks ``iat``/``exp`` against its own clock, so an
+    edge whose wall clock stepped (an NTP step, a virtual machine restored from a snapshot)
+    would otherwise be refused until it is set right. Each answer's ``Date`` header gives the
+    center's time; an offset of more than :data:`SKEW_TOLERANCE_S` from the edge's clock is
+    added to the tokens' times from then on, and a request the center refused with 401 while
+    the offset was unknown goes once more with it. Only a center that passed the TLS check
+    can set the offset, and it can only make tokens fresh by its own clock, which it checks
+    anyway.
+    """
 
     def __init__(self, key: EdgeKey, edge_id: str) -> None:
         self.key, self.edge_id = key, edge_id
+        self.offset_s = 0.0  # the center's clock minus the edge's, as last seen (whole seconds)
 
     def auth_flow(self, request: httpx.Request) -> Any:
-        token = edge_token(self.key, self.edge_id, request.method, request.url.path)
+        offset = self.offset_s
+        sent = self._sign(request, offset)
+        response = yield request
+        self._learn(response, sent)
+        if response.status_code == 401 and self.offset_s != offset:
+            sent = self._sign(request, self.offset_s)
+            response = yield request
+            self._learn(response, sent)
+
+    def _sign(self, request: httpx.Request, offset_s: float) -> float:
+        """Sign ``request`` with the center's time; when (``time.monotonic``) it was signed."""
+        now = time.time() + offset_s
+        token = edge_token(self.key, self.edge_id, request.method, request.url.path, now)
         request.headers["Authorization"] = f"Bearer {token}"
-        yield request
+        return time.monotonic()
+
+    def _learn(self, response: httpx.Response, sent: float) -> None:
+        """The center wrote ``Date`` (whole seconds) in the ``elapsed`` seconds since ``sent``
+        (a long poll: anywhere in them), so the offset lies in [Date - now, Date + 1 - now +
+        elapsed] (the monotonic clock: the wall clock may step mid-request). Zero when that
+        range allows it (within the tolerance), the current offset when it does, else the
+        middle of the range (a long poll's is wide: a later short request narrows it)."""
+        center = _http_date(response.headers.get("date"))
+        if center is None:
+            return
+        low = center - time.time()
+        high = low + 1 + (time.monotonic() - sent)
+        tolerance = SKEW_TOLERANCE_S
+        if low - tolerance <= 0 <= high + tolerance:
+            offset = 0.0
+        elif low - tolerance <= self.offset_s <= high + tolerance:
+            return
+        else:
+            offset = float(round((low + high) / 2))
+        if offset != self.offset_s:
+            log.warning(
+                "the center's clock is %+.0f s from this edge's: request tokens use the "
+                "center's time",
+                offset,
+            )
+            self.offset_s = offset
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header as a POSIX time; None when absent or not a date."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def secret_hash(token: str) -> str:
@@ -267,9 +331,15 @@ class Verifier:
         self.last_failure = ""  # why the last request was refused, for the log (no token)
 
     def authenticate(
-        self, authorization: str | None, method: str, path: str, address: str = "?"
+        self,
+        authorization: str | None,
+        method: str,
+        path: str,
+        address: str = "?",
+        now: float | None = None,
     ) -> Caller:
-        now = time.time()
+        """``now``: the center's clock (POSIX seconds; the wall clock when None)."""
+        now = time.time() if now is None else now
         with self._lock:
             until = self._locked.get(address, 0.0)
         if until > now:
@@ -320,14 +390,23 @@ class Verifier:
                 algorithms=["EdDSA"],
                 audience=AUDIENCE,
                 issuer=edge.id,
-                leeway=LEEWAY_S,
-                options={"require": ["iss", "sub", "aud", "iat", "exp", "jti", "htm", "htu"]},
+                options={
+                    "require": ["iss", "sub", "aud", "iat", "exp", "jti", "htm", "htu"],
+                    # checked below against ``now``, the one clock of this check
+                    "verify_exp": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token ({type(exc).__name__})") from None
         if claims["sub"] != edge.id:
             raise AuthError("subject is not the issuer")
-        if int(claims["exp"]) - int(claims["iat"]) > TOKEN_TTL_S or claims["iat"] > now + LEEWAY_S:
+        iat, exp = claims["iat"], claims["exp"]
+        if not all(type(t) is int for t in (iat, exp)):
+            raise AuthError("token times are not whole seconds")
+        if exp < now - LEEWAY_S:
+            raise AuthError("token expired")
+        if exp - iat > TOKEN_TTL_S or iat > now + LEEWAY_S:
             raise AuthError("token lifetime out of bounds")
         if claims["htm"] != method.upper() or claims["htu"] != path:
             raise AuthError("token is for another request")

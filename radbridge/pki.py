@@ -26,6 +26,9 @@ __all__ = ["RENEW_BEFORE", "check_server_files", "ensure_local_tls"]
 
 VALID_FOR = dt.timedelta(days=365)
 RENEW_BEFORE = dt.timedelta(days=7)
+# Valid from a day before they are made: an edge whose clock lags (or stepped back an hour)
+# still accepts the center's certificate, as it would one a real CA issued days before.
+BACKDATED = dt.timedelta(days=1)
 SERVER_NAMES = ("localhost",)
 SERVER_ADDRESSES = ("127.0.0.1", "::1")
 
@@ -43,7 +46,7 @@ def ensure_local_tls(ca_file: Path, cert_file: Path, key_file: Path) -> None:
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATED)
         .not_valid_after(now + VALID_FOR)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -74,7 +77,7 @@ def ensure_local_tls(ca_file: Path, cert_file: Path, key_file: Path) -> None:
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATED)
         .not_valid_after(now + VALID_FOR)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)

@@ -124,7 +124,13 @@ class ResultVerifier:
                 key,
                 algorithms=["EdDSA"],
                 issuer=ISSUER,
-                options={"require": ["iss", "iat", *_BOUND, "agreement", "edges"]},
+                options={
+                    "require": ["iss", "iat", *_BOUND, "agreement", "edges"],
+                    # A result's signature does not expire and ``iat`` only records when it
+                    # was made: an edge whose clock lags the center's (a step back) must not
+                    # refuse a result "signed in the future" for ever.
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise SignatureError("invalid", f"signature invalid ({type(exc).__name__})") from None

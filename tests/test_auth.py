@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import stat
 import time
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 import yaml
@@ -14,7 +16,9 @@ from radbridge.agreements import Priority
 from radbridge.auth import (
     AUDIENCE,
     Caller,
+    EdgeAuth,
     EdgeEntry,
+    EdgeKey,
     Role,
     SecretEntry,
     TrustFile,
@@ -246,3 +250,91 @@ def test_production_settings_refuse_unsafe_values() -> None:
     ):
         with pytest.raises(ConfigError, match=named):
             load_settings(mode="production", edge={**good, **change})
+
+
+def _center_with_clock(
+    verifier: Verifier, offset_s: float, date: bool = True
+) -> tuple[httpx.MockTransport, list[int]]:
+    """An httpx transport answering as a center whose clock is ``offset_s`` from this one:
+    200 to a token its Verifier accepts at that time, 401 otherwise; a Date header."""
+    calls: list[int] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        now = time.time() + offset_s
+        try:
+            verifier.authenticate(
+                request.headers.get("authorization"), request.method, request.url.path, now=now
+            )
+            status = 200
+        except AuthError:
+            status = 401
+        calls.append(status)
+        headers = {"Date": email.utils.formatdate(now, usegmt=True)} if date else {}
+        return httpx.Response(status, headers=headers)
+
+    return httpx.MockTransport(handle), calls
+
+
+@pytest.mark.parametrize("offset_s", [-3600, 3600, -200])
+def test_edge_tokens_follow_the_centers_clock_when_the_edges_steps(
+    keys, verifier, offset_s
+) -> None:  # type: ignore[no-untyped-def]
+    """An edge clock an hour (or minutes) off the center's: the first refusal teaches the
+    offset from the answer's Date and the request goes again at once; the next ones pass."""
+    key, _ = keys
+    auth = EdgeAuth(key, "edge-a")
+    transport, calls = _center_with_clock(verifier, offset_s)
+    with httpx.Client(transport=transport, auth=auth, base_url="https://center") as client:
+        assert client.post("/v1/studies").status_code == 200
+        assert calls == [401, 200]
+        assert abs(auth.offset_s - offset_s) <= 1
+        assert client.get("/v1/result-objects").status_code == 200
+        assert calls == [401, 200, 200]
+
+
+def test_edge_tokens_keep_the_edges_clock_within_the_tolerance_and_return_to_it(
+    keys, verifier
+) -> None:  # type: ignore[no-untyped-def]
+    key, _ = keys
+    auth = EdgeAuth(key, "edge-a")
+    transport, calls = _center_with_clock(verifier, 2)
+    with httpx.Client(transport=transport, auth=auth, base_url="https://center") as client:
+        assert client.get("/v1/result-objects").status_code == 200
+    assert auth.offset_s == 0.0 and calls == [200]
+    auth.offset_s = 3600.0  # learnt before the edge's clock was set right
+    transport, calls = _center_with_clock(verifier, 0)
+    with httpx.Client(transport=transport, auth=auth, base_url="https://center") as client:
+        assert client.get("/v1/result-objects").status_code == 200
+    assert auth.offset_s == 0.0 and calls == [401, 200]
+
+
+def test_a_refusal_without_a_date_is_not_sent_again(
+    keys: tuple[EdgeKey, EdgeKey], verifier: Verifier
+) -> None:
+    key, _ = keys
+    auth = EdgeAuth(key, "edge-a")
+    transport, calls = _center_with_clock(verifier, 3600, date=False)
+    with httpx.Client(transport=transport, auth=auth, base_url="https://center") as client:
+        assert client.post("/v1/studies").status_code == 401
+    assert calls == [401] and auth.offset_s == 0.0
+
+
+def test_a_long_polls_date_moves_the_offset_only_to_the_range_it_proves(
+    keys: tuple[EdgeKey, EdgeKey],
+) -> None:
+    """A Date written anywhere in a 20 s long poll proves the offset lies in a 21 s range:
+    an offset already in it stays; one outside moves to the range's middle."""
+    auth = EdgeAuth(keys[0], "edge-a")
+
+    def answer(center_s: float) -> httpx.Response:
+        return httpx.Response(200, headers={"Date": email.utils.formatdate(center_s, usegmt=True)})
+
+    now, started = time.time(), time.monotonic() - 20
+    auth.offset_s = 7199.0
+    auth._learn(answer(now + 7184), sent=started)  # Date written 5 s into the poll
+    assert auth.offset_s == 7199.0
+    auth.offset_s = 0.0
+    auth._learn(answer(now + 3600), sent=started)
+    assert 3609 <= auth.offset_s <= 3611  # 0 lies below the range [3600, 3621]: its middle
+    auth._learn(answer(time.time() - 7200), sent=time.monotonic())  # a short request: exact
+    assert -7201 <= auth.offset_s <= -7199

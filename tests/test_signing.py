@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,19 @@ def test_anything_else_is_refused_with_its_reason(
     with pytest.raises(SignatureError) as err:
         _verify(verifier, _sign(signer, **token_over), **verify_over)
     assert err.value.reason == reason
+
+
+def test_a_result_signed_by_a_clock_ahead_of_the_edges_is_accepted(
+    signer: ResultSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge's clock stepped back two hours: the center's signature is "from the future"
+    to it, and still binds the same bytes (a result's signature does not expire)."""
+    real = time.time
+    monkeypatch.setattr("radbridge.signing.time.time", lambda: real() + 7200)
+    token = _sign(signer)
+    monkeypatch.setattr("radbridge.signing.time.time", real)
+    claims = _verify(ResultVerifier([signer.jwk]), token)
+    assert claims["iat"] > real() + 7000
 
 
 def test_unsigned_foreign_key_and_tampered_tokens_are_refused(signer: ResultSigner) -> None:

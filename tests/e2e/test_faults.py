@@ -12,13 +12,16 @@ the test controls. Each test sends studies from Orthanc, injects one fault, and 
 
 Faults: the gateway SIGKILLed while it de-identifies and forwards a study, then restarted; the
 edge -> center connection cut in the middle of a STOW-RS request body; and cut while the
-center's answer to a STOW-RS request is on its way (the center stored it, the edge never heard).
+center's answer to a STOW-RS request is on its way (the center stored it, the edge never heard);
+the center SIGKILLed mid-job; a ModelRunner replica SIGKILLed mid-job; the center out of disk;
+PostgreSQL restarted under both; the gateway's wall clock stepped back an hour, twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,8 +32,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
+import pydicom
 import pytest
 import yaml
 from sqlalchemy import func, select
@@ -544,3 +549,89 @@ def test_postgresql_restarted_under_edge_and_center_loses_and_repeats_nothing(
             states = s.scalars(select(JobRow.state)).all()
         # A database restart is not the study's fault: no job failed, no "not read" notice.
         assert sorted(states) == [JobState.DONE, JobState.DONE], states
+
+
+def _wall_clock_shim(folder: Path) -> Path:
+    """tests/e2e/wall_clock_step.c built into ``folder`` (an LD_PRELOAD library)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.fail("no C compiler for the wall-clock shim (./run test installs gcc)")
+    lib = folder / "libwall_clock_step.so"
+    source = Path(__file__).with_name("wall_clock_step.c")
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(lib), str(source), "-ldl"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return lib
+
+
+def _study_attempts(split: Split, study_uid: str) -> int:
+    with split.edge_db.session() as s:
+        return int(s.scalar(select(StudyRow.attempts).where(StudyRow.study_uid == study_uid)) or 0)
+
+
+def test_a_wall_clock_stepped_back_an_hour_holds_no_quiet_period_and_no_retry(
+    split: Split, tmp_path: Path
+) -> None:
+    """`radbridge gateway` with its wall clock stepped (tests/e2e/wall_clock_step.c, preloaded):
+    it steps back an hour during a
+    study's quiet period (20 s here), then again while its forward waits to retry (20 s
+    after a connection cut mid-STOW). Each wait ends when it would have without the step,
+    not an hour later; the result comes back once; the metric and the log say what happened.
+    The monotonic clock is left alone, as an NTP step leaves it; the center and the PACS keep
+    the true time, as they would on their own machines."""
+    stop_gateway(split.gateway, split.gateway_log)
+    raw = yaml.safe_load((split.root / "agreements.yaml").read_text())
+    raw["agreements"][0]["quiet_period_s"] = 20
+    agreements = tmp_path / "agreements.yaml"
+    agreements.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    clock = tmp_path / "wall-clock-offset-s"
+    clock.write_text("0\n")
+    metrics_port = free_port()
+    env = dict(
+        split.edge_env,
+        LD_PRELOAD=str(_wall_clock_shim(tmp_path)),
+        WALL_CLOCK_OFFSET_FILE=str(clock),
+        RADBRIDGE_AGREEMENTS_FILE=str(agreements),
+        RADBRIDGE_EDGE__RETRY_BASE_S="20",
+        RADBRIDGE_EDGE__RETRY_MAX_S="20",
+        RADBRIDGE_EDGE__METRICS_PORT=str(metrics_port),
+    )
+    split.gateway = start_gateway(env, split.gateway_log, split.edge_port)
+    try:
+        split.proxy.cut("request", 100_000, 1)  # the study's STOW-RS body, not a listing
+        files = _cxr(tmp_path / "cxr", 998, "clock")
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        study = split.send(files)
+        t0 = time.monotonic()
+        time.sleep(2)
+        clock.write_text("-3600\n")  # 18 s of the quiet period left
+        while _study_attempts(split, study_uid) == 0:  # forwarded and cut: a retry in 20 s
+            assert time.monotonic() - t0 < 60, f"the quiet period outlived 60 s\n{split.report()}"
+            time.sleep(0.2)
+        assert split.proxy.cuts["request"] == 1, split.report()
+        t1 = time.monotonic()
+        time.sleep(2)
+        clock.write_text("-7200\n")  # 18 s of the retry's wait left
+        split.wait_for({study: {"DX": 3, "SR": 1}}, timeout_s=90)
+        assert time.monotonic() - t1 < 60, "the retry waited for the hour"
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        steps = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("radbridge_edge_clock_steps_back_total")
+        ]
+        assert steps and steps[0] >= 2, metrics  # one per step at least (forwarder, deliverer)
+        log = split.gateway_log.read_text()
+        assert re.search(r"the wall clock stepped\s+back 3[56]\d\d s", log), log[-3000:]
+        # the center's clock: the edge's request tokens follow it (radbridge.auth.EdgeAuth)
+        offsets = [int(v) for v in re.findall(r"the center's clock is\s+([+-]\d+) s", log)]
+        assert any(abs(v - 3600) <= 11 for v in offsets), log[-3000:]
+        # a long poll's Date proves a range as wide as the poll; its middle is within 11 s
+        assert all(min(abs(v - true) for true in (0, 3600, 7200)) <= 11 for v in offsets), offsets
+    finally:
+        stop_gateway(split.gateway, split.gateway_log)
+        split.restart_gateway()
+    _assert_settled(split)

@@ -95,9 +95,18 @@ def _stages(data: Path, study_uid: str, acked_at: datetime) -> dict[str, float |
     center_db = Database(f"sqlite:///{next((data / 'center').glob('*.db'))}")
     try:
         pseudo = lookup_pseudonym(edge_db, AGREEMENT, "uid", study_uid)
-        with edge_db.session() as s:
-            edge = s.scalars(select(StudyRow).where(StudyRow.study_uid == study_uid)).one()
-            deliveries = list(s.scalars(select(DeliveryRow).where(DeliveryRow.study_id == edge.id)))
+        # The PACS holds both objects a moment before the edge records their delivery.
+        deadline = time.monotonic() + 10
+        while True:
+            with edge_db.session() as s:
+                edge = s.scalars(select(StudyRow).where(StudyRow.study_uid == study_uid)).one()
+                deliveries = list(
+                    s.scalars(select(DeliveryRow).where(DeliveryRow.study_id == edge.id))
+                )
+            recorded = len(deliveries) >= 2 and all(d.delivered_at for d in deliveries)
+            if recorded or time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
         with center_db.session() as s:
             study = s.scalars(select(StudyRow).where(StudyRow.study_uid == pseudo)).one()
             job = s.scalars(

@@ -7,26 +7,18 @@ may poll side by side. ``run()`` keeps one listener per active agreement whose l
 the center (``wait_s``, a long poll) until the first new object is built, then wakes ``tick()``:
 a finished job reaches the PACS without waiting for a poll interval.
 
-``tick()`` claims each due row, downloads the object (sha256 checked against the listing),
-re-identifies it from the identity map and an original instance of the study, and C-STOREs it
-to the agreement's return destination: up to ``DELIVERY_THREADS`` objects side by side, each on
-its own association (a study's SEG and SR reach the PACS together). Failures are retried
-with exponential backoff; ``ReidentificationError`` (the result cannot be tied to what this
-edge sent) is final. A delivered object is never sent again unless a person asks
-(``resend``).
+``tick()`` claims each due row and attempts it (``dicom_io.delivery_step``: download, sha256
+and signature checked, re-identified from the identity map and an original instance of the
+study, C-STOREd to the agreement's return destination): up to ``DELIVERY_THREADS`` objects
+side by side, each on its own association (a study's SEG and SR reach the PACS together).
+Failures are retried with exponential backoff; ``ReidentificationError`` (the result cannot be
+tied to what this edge sent) and a refused signature are final. A delivered object is never
+sent again unless a person asks (``resend``).
 
 Claims. There is no "delivering" state: a claim is a compare-and-swap on ``attempts`` (the
 attempt counter goes up by one) that also moves ``next_attempt_at`` to a lease in the future.
 Of two replicas that picked the same row exactly one claim succeeds; a replica that dies
 mid-attempt leaves the row due again once the lease runs out.
-
-Companions. ``reidentify`` refuses nested references it cannot resolve, except UIDs of other
-result objects of the same study (an SR referencing its SEG, a version 2 SR referencing its
-predecessor). Those are the SOP Instance and Series Instance UIDs of every object the center
-listed for the study. No column holds series UIDs, so each attempt re-reads the listing over
-the id window of the study's ``deliveries`` rows (all versions and kinds; usually one short
-page) and keeps the objects whose pseudonymous study UID is this one's. The same read gives the
-sha256 to check the download against, so nothing of the listing has to be stored.
 
 Maximum age. Each delivery gets at least one attempt (also a manual resend, or a fresh row
 polled after a long outage); once ``now - result_ready_at > max_age_s`` a failed attempt does
@@ -39,39 +31,34 @@ ids and DIMSE statuses only; the center's own answers carry only pseudonymous da
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from io import BytesIO
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dicom_io.identity_map import lookup_original
-from dicom_io.reidentify import reidentify
-from dicom_io.scu import store_dataset
+from dicom_io.delivery_step import (
+    PACS_OK_STATUSES,
+    PAGE_SIZE,
+    AttemptFailed,
+    DeliveryStep,
+    Sent,
+    unknown_study,
+)
 from dicom_io.store import DurableStore
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
 from radbridge.clock import WallClock
 from radbridge.contract import CenterClient, ResultObject, backoff_s
 from radbridge.db.engine import Database
-from radbridge.db.tables import DeliveryRow, InstanceRow, SeriesRow, StudyRow, utcnow
+from radbridge.db.tables import DeliveryRow, StudyRow, utcnow
 from radbridge.errors import (
-    CenterError,
     NotFoundError,
-    PeerError,
-    RadbridgeError,
     ReidentificationError,
-    SignatureError,
     redacted,
 )
 from radbridge.lifecycle import DeliveryState
@@ -82,37 +69,17 @@ __all__ = ["PACS_OK_STATUSES", "Deliverer", "ResultObject", "resend_delivery"]
 
 log = logging.getLogger("radbridge.edge.delivery")
 
-# C-STORE success (0x0000) and the warnings (PS3.4 B.2.3): coercion of data elements (0xB000),
-# elements discarded (0xB006), data set does not match SOP class (0xB007). The PACS stored it.
-PACS_OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-PAGE_SIZE = 200  # listing page
 _STOP_CHECK_S = 0.25  # run() notices stop this soon
 BATCH = 200  # due deliveries considered per tick
 DELIVERY_THREADS = 4  # objects delivered at once, each on its own association to the PACS
 _PRIORITY_ORDER = {"stat": 0, "urgent": 1}
 
 
-class _Failed(Exception):
-    """One attempt failed. ``reason`` is a failure-counter label; the message has no identity."""
-
-    def __init__(self, reason: str, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.permanent = permanent
-
-
-@dataclass(frozen=True)
-class _Sent:
-    status: int
-    sha256: str
-    priority: str
-    first_received_at: datetime
-    evidence: str  # the center's signature, verified
-    study_uid: str  # pseudonymous, as listed
-    destination: str  # the PACS's AE title
-
-
 class Deliverer:
+    """The edge's inbox of result objects: listens for the center's new ones, queues a row
+    each, and attempts the due rows side by side (claims, retries, maximum age); each attempt
+    is a ``DeliveryStep``."""
+
     def __init__(
         self,
         db: Database,
@@ -138,18 +105,16 @@ class Deliverer:
         self._wake = threading.Event()  # a listener queued something: tick now
         self._closing = False
         self._listeners: dict[str, threading.Thread] = {}
-        self._results, self._edge_id = results, edge_id
         self._audit = audit  # DICOM Instances Transferred per delivery, refusals as alerts
         self.db, self.store, self._agreements = db, store, agreements
-        self._calling_ae = calling_ae
         self._metrics = metrics
-        self._timeout_s = timeout_s
         self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
         self._max_age = timedelta(seconds=max_age_s)
         # A claimed row is due again after this long: longer than one attempt can take
         # (listing, download, association, store: each bounded by timeout_s).
         self._lease = timedelta(seconds=max(60.0, 5 * timeout_s))
         self._center = center
+        self._step = DeliveryStep(db, store, center, results, edge_id, calling_ae, timeout_s)
         self._poll_failing: set[str] = set()
         self._clock = WallClock()
         # Objects are delivered side by side (a study's SEG and SR on two associations): the
@@ -263,9 +228,9 @@ class Deliverer:
         added = 0
         while True:
             try:
-                page = self._list(agreement_id, after, PAGE_SIZE, wait_s)
+                page = self._step.list(agreement_id, after, PAGE_SIZE, wait_s)
                 wait_s = 0.0  # only the first page waits
-            except _Failed as exc:
+            except AttemptFailed as exc:
                 self._metrics.delivery_failures.labels(agreement_id, exc.reason).inc()
                 if agreement_id not in self._poll_failing and not self._closing:
                     log.warning("result listing for agreement %s failed: %s", agreement_id, exc)
@@ -287,7 +252,7 @@ class Deliverer:
         insert = postgresql.insert if self.db.engine.dialect.name == "postgresql" else sqlite.insert
         added = 0
         for obj in objects:
-            study_id = self._resolve_study(agreement_id, obj.study_uid)
+            study_id = self._step.resolve_study(agreement_id, obj.study_uid)
             row = {
                 "agreement_id": agreement_id,
                 "center_object_id": obj.id,
@@ -298,7 +263,7 @@ class Deliverer:
                 "state": DeliveryState.PENDING if study_id is not None else DeliveryState.DEAD,
                 "attempts": 0,
                 "next_attempt_at": None,
-                "last_error": None if study_id is not None else _unknown_study(obj.id),
+                "last_error": None if study_id is not None else unknown_study(obj.id),
                 "result_ready_at": obj.created_at,
                 "created_at": now,
             }
@@ -315,7 +280,7 @@ class Deliverer:
                     "result object %d of agreement %s is dead: %s",
                     obj.id,
                     agreement_id,
-                    _unknown_study(obj.id),
+                    unknown_study(obj.id),
                 )
             else:
                 log.info(
@@ -326,26 +291,6 @@ class Deliverer:
                     agreement_id,
                 )
         return added
-
-    def _list(
-        self, agreement_id: str, after: int, limit: int, wait_s: float = 0.0
-    ) -> list[ResultObject]:
-        try:
-            return self._center.result_objects(agreement_id, after, limit, wait_s)
-        except CenterError as exc:
-            raise _Failed("center", str(exc)) from None
-
-    def _resolve_study(self, agreement_id: str, pseudo_study_uid: str) -> int | None:
-        """The edge's study row behind a pseudonymous study UID, if this edge sent that study."""
-        original = lookup_original(self.db, agreement_id, "uid", pseudo_study_uid)
-        if original is None:
-            return None
-        with self.db.session() as s:
-            return s.scalars(
-                select(StudyRow.id).where(
-                    StudyRow.agreement_id == agreement_id, StudyRow.study_uid == original
-                )
-            ).first()
 
     # -- tick -----------------------------------------------------------------------------
 
@@ -435,15 +380,15 @@ class Deliverer:
     def _attempt(self, d: DeliveryRow, agreement: Agreement, now: datetime) -> int:
         attempts = d.attempts + 1  # counted by the claim
         try:
-            sent = self._deliver(d, agreement)
+            sent = self._step.deliver(d, agreement)
         except ReidentificationError as exc:
             self._dead(d, f"re-identification refused: {exc}", "reidentification")
             return 0
         except Exception as exc:  # never let one object stop the queue, never log its values
             failed = (
                 exc
-                if isinstance(exc, _Failed)
-                else _Failed(
+                if isinstance(exc, AttemptFailed)
+                else AttemptFailed(
                     "reidentification",
                     f"unexpected {type(exc).__name__} while preparing the object",
                 )
@@ -467,147 +412,9 @@ class Deliverer:
         self._delivered(d, sent)
         return 1
 
-    def _deliver(self, d: DeliveryRow, agreement: Agreement) -> _Sent:
-        listed, companions = self._listed(d)
-        study = self._study(d, listed)
-        original = self._original(study)
-        data = self._download(listed)
-        evidence = self._verify(d, listed, data)  # before a byte of it is parsed
-        ds = _parse(data, listed)
-        out = reidentify(ds, agreement.id, self.db, original, companions).dataset
-        buf = BytesIO()
-        out.save_as(buf, enforce_file_format=True)
-        node = agreement.hospital.return_destination
-        try:
-            status = store_dataset(
-                out, node.host, node.port, node.ae_title, self._calling_ae, self._timeout_s
-            )
-        except PeerError as exc:
-            raise _Failed(exc.reason, str(exc)) from None
-        if status not in PACS_OK_STATUSES:
-            raise _Failed("pacs_refused", f"the PACS answered C-STORE status 0x{status:04X}")
-        return _Sent(
-            status,
-            hashlib.sha256(buf.getvalue()).hexdigest(),
-            study.priority,
-            study.first_received_at,
-            evidence,
-            listed.study_uid,
-            agreement.hospital.return_destination.ae_title,
-        )
-
-    # -- steps ----------------------------------------------------------------------------
-
-    def _listed(self, d: DeliveryRow) -> tuple[ResultObject, frozenset[str]]:
-        """This object's listing entry and the UIDs of every object listed for its study."""
-        ids = [d.center_object_id]
-        if d.study_id is not None:
-            with self.db.session() as s:
-                ids += s.scalars(
-                    select(DeliveryRow.center_object_id).where(
-                        DeliveryRow.agreement_id == d.agreement_id,
-                        DeliveryRow.study_id == d.study_id,
-                    )
-                ).all()
-        lo, hi = min(ids), max(ids)
-        window: dict[int, ResultObject] = {}
-        after = lo - 1
-        while True:
-            page = self._list(d.agreement_id, after, PAGE_SIZE)
-            window.update((o.id, o) for o in page if lo <= o.id <= hi)
-            if len(page) < PAGE_SIZE or page[-1].id >= hi or page[-1].id <= after:
-                break
-            after = page[-1].id
-        listed = window.get(d.center_object_id)
-        if listed is None:
-            raise _Failed(
-                "center",
-                f"the center no longer lists result object {d.center_object_id}",
-                permanent=True,
-            )
-        companions = frozenset(
-            uid
-            for o in window.values()
-            if o.study_uid == listed.study_uid
-            for uid in (o.sop_instance_uid, o.series_instance_uid)
-        )
-        return listed, companions
-
-    def _study(self, d: DeliveryRow, listed: ResultObject) -> StudyRow:
-        study_id = d.study_id
-        if study_id is None:  # queued before its study was known here, then resent
-            study_id = self._resolve_study(d.agreement_id, listed.study_uid)
-        with self.db.session() as s:
-            study = s.get(StudyRow, study_id) if study_id is not None else None
-            if study is not None and d.study_id is None:
-                s.execute(
-                    update(DeliveryRow).where(DeliveryRow.id == d.id).values(study_id=study.id)
-                )
-        if study is None:
-            raise ReidentificationError(_unknown_study(d.center_object_id))
-        return study
-
-    def _original(self, study: StudyRow) -> Dataset:
-        """The header of one original instance of the study, from the edge store."""
-        with self.db.session() as s:
-            relpath = s.scalars(
-                select(InstanceRow.path)
-                .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
-                .where(SeriesRow.study_id == study.id)
-                .order_by(InstanceRow.id)
-                .limit(1)
-            ).first()
-        if relpath is None:
-            raise ReidentificationError("the edge holds no original instance of the study")
-        try:
-            return pydicom.dcmread(self.store.path(relpath), stop_before_pixels=True)
-        except (OSError, InvalidDicomError, RadbridgeError) as exc:
-            raise ReidentificationError(
-                f"the original instance of the study cannot be read ({type(exc).__name__})"
-            ) from None
-
-    def _verify(self, d: DeliveryRow, listed: ResultObject, data: bytes) -> str:
-        """The center's signature of these bytes, verified; else a permanent failure (the
-        delivery is dead with the reason, nothing reaches the PACS)."""
-        try:
-            self._results.verify(
-                listed.signature,
-                edge_id=self._edge_id,
-                agreement_id=d.agreement_id,
-                sha256=hashlib.sha256(data).hexdigest(),
-                expected={
-                    "sop_instance_uid": listed.sop_instance_uid,
-                    "sop_class_uid": listed.sop_class_uid,
-                    "study_uid": listed.study_uid,
-                    "kind": listed.kind,
-                    "version": listed.version,
-                },
-            )
-        except SignatureError as exc:
-            raise _Failed(
-                "signature",
-                f"result object {listed.id} refused: {exc} ({exc.reason})",
-                permanent=True,
-            ) from None
-        assert listed.signature is not None
-        return listed.signature
-
-    def _download(self, listed: ResultObject) -> bytes:
-        try:
-            data = self._center.result_object(listed.id)
-        except CenterError as exc:
-            if exc.status == 404:
-                raise _Failed(
-                    "center", f"the center has no result object {listed.id} (404)", permanent=True
-                ) from None
-            raise _Failed("center", str(exc)) from None
-        if hashlib.sha256(data).hexdigest() != listed.sha256.lower():
-            raise _Failed("center", f"result object {listed.id} does not match its listed sha256")
-        return data
-
     # -- outcomes -------------------------------------------------------------------------
 
-    def _delivered(self, d: DeliveryRow, sent: _Sent) -> None:
+    def _delivered(self, d: DeliveryRow, sent: Sent) -> None:
         at = utcnow()
         with self.db.session() as s:
             s.execute(
@@ -756,29 +563,6 @@ def resend_delivery(db: Database, delivery_id: int) -> str:
 
 def _due(now: datetime) -> ColumnElement[bool]:
     return DeliveryRow.next_attempt_at.is_(None) | (DeliveryRow.next_attempt_at <= now)
-
-
-def _parse(data: bytes, listed: ResultObject) -> Dataset:
-    try:
-        ds = pydicom.dcmread(BytesIO(data))
-        matches = (
-            str(ds.SOPInstanceUID) == listed.sop_instance_uid
-            and str(ds.SOPClassUID) == listed.sop_class_uid
-            and "TransferSyntaxUID" in ds.file_meta
-        )
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError):
-        raise _Failed(
-            "center", f"result object {listed.id} is not a readable DICOM file", permanent=True
-        ) from None
-    if not matches:
-        raise _Failed(
-            "center", f"result object {listed.id} does not match its listing", permanent=True
-        )
-    return ds
-
-
-def _unknown_study(center_object_id: int) -> str:
-    return f"result object {center_object_id} is for a study this edge did not send"
 
 
 def _too_old(max_age: timedelta, attempts: int) -> str:

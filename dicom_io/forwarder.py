@@ -6,6 +6,15 @@ to the identity map, its instances POSTed to the center (``dicom_io.stow_sender`
 in flight while the next is de-identified), and the study completed there. Any
 failure puts it back with exponential backoff; a restart resets claimed studies. The center
 de-duplicates, so a re-sent study is harmless.
+
+Sending early (``forward_early``). While a study's quiet period runs, every full request of
+instances already received (``REQUEST_INSTANCES``) is de-identified and sent at once, after
+the same checks a forward makes first (transfer basis, consent, person ceiling); the study is
+not claimed and the center does not start its job before ``complete``. When the quiet period
+ends, the forward sends only the rest on the same ``StudySender`` and completes the study: the
+de-identification and most of the upload are off the path from the last instance to the
+result. What was sent early is kept in memory only. After a restart, a failed early request,
+or a refusal, the forward sends the whole study as before (the center keeps one copy).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 
@@ -28,7 +38,7 @@ from dicom_io.part10 import to_part10
 from dicom_io.person_ledger import CEILING_REASON, PersonLedger
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
-from dicom_io.stow_sender import StudySender
+from dicom_io.stow_sender import REQUEST_INSTANCES, StudySender
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
 from radbridge.clock import WallClock
@@ -47,7 +57,19 @@ _MIN_WAIT_S = 0.005  # a quiet period ending now: tick again almost at once, nev
 _STOP_CHECK_S = 0.25  # run() notices stop this soon
 
 
+@dataclass
+class _Early:
+    """What a study whose quiet period runs has sent already (``forward_early``)."""
+
+    sender: StudySender
+    pseudo: Pseudonymizer
+    done: set[int] = field(default_factory=set)  # instance ids de-identified into ``sender``
+    held: list[str] = field(default_factory=list)  # reasons of instances quarantined
+
+
 class Forwarder:
+    """The edge's outbox to the center: each stable study de-identified, sent, completed."""
+
     def __init__(
         self,
         db: Database,
@@ -62,11 +84,13 @@ class Forwarder:
         audit: AuditTrail | None = None,
         ledger: PersonLedger | None = None,
         consent: ConsentRegister | None = None,
+        forward_early: bool = True,
     ) -> None:
         """``audit``: the edge's trail, which gets an Export record (DICOM 110106) for every
         study that left, with the agreement's legal mechanism and reference. ``ledger``: the
         PIPL person ledger, and ``consent``: the consent register, both asked before a study's
-        first byte leaves."""
+        first byte leaves. ``forward_early``: send full requests while the quiet period runs
+        (module docstring)."""
         self.db, self.store, self._agreements = db, store, agreements
         self._secret = master_secret
         self._metrics = metrics
@@ -80,6 +104,9 @@ class Forwarder:
         self._clock = WallClock()
         # Sends a study's STOW-RS requests while the forwarder de-identifies the next part.
         self._sending = ThreadPoolExecutor(1, thread_name_prefix="radbridge-stow")
+        self._forward_early = forward_early
+        self._early: dict[int, _Early] = {}  # study id -> what it sent during its quiet period
+        self._not_early: set[int] = set()  # studies that go whole at the end (a failure, a hold)
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue. A study last received
@@ -125,6 +152,8 @@ class Forwarder:
         self._wake.clear()
 
     def close(self) -> None:
+        for study_id in list(self._early):
+            self._drop_early(study_id)
         self._sending.shutdown(wait=True)
         self._center.close()
 
@@ -158,6 +187,8 @@ class Forwarder:
                 stable = _stable_at(study, agreement)
                 if self._next_stable is None or stable < self._next_stable:
                     self._next_stable = stable
+                if self._forward_early and study.state == EdgeStudyState.RECEIVING:
+                    self._send_early(study, agreement, now, stop)
                 continue
             if not agreement.may_transfer(now.date()):
                 if study.state != EdgeStudyState.BLOCKED:
@@ -167,6 +198,10 @@ class Forwarder:
                 continue  # refused by de-identification: needs a person, not a retry
             if self._claim(study, now):
                 done += self._forward_claimed(study, agreement, now, stop)
+        waiting = {study.id for study in due if study.state == EdgeStudyState.RECEIVING}
+        for study_id in [i for i in self._early if i not in waiting]:
+            self._drop_early(study_id)  # forwarded, purged or retried meanwhile
+        self._not_early &= waiting
         return done
 
     # -- steps ----------------------------------------------------------------------------
@@ -201,6 +236,65 @@ class Forwarder:
             step.total_seconds(),
             moved,
         )
+
+    def _send_early(
+        self, study: StudyRow, agreement: Agreement, now: datetime, stop: threading.Event
+    ) -> None:
+        """Send the study's full requests of instances not sent yet, while its quiet period
+        runs. Anything unusual (a refusal, a failure, a hold, a stop) leaves the study to be
+        sent whole when it is stable, with the usual outcome."""
+        early = self._early.get(study.id)
+        if study.id in self._not_early or study.attempts:
+            return
+        if early is not None and early.sender.failed:
+            log.info("study %s: an early request failed; it goes whole when stable", study.id)
+            self._not_early.add(study.id)
+            self._drop_early(study.id)
+            return
+        if study.instance_count - (len(early.done) if early else 0) < REQUEST_INSTANCES:
+            return
+        rows = self._instance_rows(study)
+        try:
+            if early is None:
+                if not agreement.may_transfer(now.date()):
+                    raise _NotEarly
+                self._check_consent(agreement, rows)
+                self._count_person(study, agreement, rows)
+                pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
+                sender = StudySender(
+                    self._sending, self._center, self.db, agreement.id, study.priority, pseudo
+                )
+                early = self._early[study.id] = _Early(sender, pseudo)
+            todo = [row for row in rows if row[0] not in early.done]
+            todo = todo[: len(todo) - len(todo) % REQUEST_INSTANCES]  # full requests only
+            early.held += self._deidentify_study(
+                study, todo, early.pseudo, agreement, stop, early.sender
+            )
+            early.done.update(instance_id for instance_id, _ in todo)
+            early.sender.flush()
+        except Exception as exc:  # incl. _Interrupted, _NoConsent, _AtCeiling, CenterError
+            if not isinstance(exc, _NotEarly | _Interrupted | _NoConsent | _AtCeiling):
+                log.info(
+                    "study %s: early sending stopped (%s); it goes whole when stable",
+                    study.id,
+                    redacted(exc),
+                )
+            self._not_early.add(study.id)
+            self._drop_early(study.id)
+
+    def _drop_early(self, study_id: int) -> None:
+        early = self._early.pop(study_id, None)
+        if early is not None:
+            early.sender.abandon()
+
+    def _instance_rows(self, study: StudyRow) -> Sequence[Row[int, str]]:
+        with self.db.session() as s:
+            return s.execute(
+                select(InstanceRow.id, InstanceRow.path)
+                .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+                .where(SeriesRow.study_id == study.id)
+                .order_by(InstanceRow.id)
+            ).all()
 
     def _unclaim(self, study: StudyRow) -> None:
         """Give a claimed study back to the queue in the state it was claimed from."""
@@ -285,21 +379,31 @@ class Forwarder:
     ) -> tuple[int, list[str], str, int]:
         """Send the study's instances; returns how many were sent, why others were held, the
         pseudonymous study UID and the bytes sent."""
-        pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
-        with self.db.session() as s:
-            rows = s.execute(
-                select(InstanceRow.id, InstanceRow.path)
-                .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
-                .where(SeriesRow.study_id == study.id)
-                .order_by(InstanceRow.id)
-            ).all()
-        self._check_consent(agreement, rows)
-        self._count_person(study, agreement, rows)
-        sender = StudySender(
-            self._sending, self._center, self.db, agreement.id, study.priority, pseudo
-        )
+        rows = self._instance_rows(study)
+        early = self._early.pop(study.id, None)
+        self._not_early.discard(study.id)
+        if early is not None and early.sender.failed:  # send it whole, not retry it later
+            early.sender.abandon()
+            early = None
         try:
-            held = self._deidentify_study(study, rows, pseudo, agreement, stop, sender)
+            self._check_consent(agreement, rows)
+            self._count_person(study, agreement, rows)
+        except BaseException:
+            if early is not None:
+                early.sender.abandon()
+            raise
+        if early is None:
+            pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
+            early = _Early(
+                StudySender(
+                    self._sending, self._center, self.db, agreement.id, study.priority, pseudo
+                ),
+                pseudo,
+            )
+        pseudo, sender = early.pseudo, early.sender
+        rest = [row for row in rows if row[0] not in early.done]
+        try:
+            held = early.held + self._deidentify_study(study, rest, pseudo, agreement, stop, sender)
             sender.finish()
         except BaseException:
             sender.abandon()
@@ -508,6 +612,10 @@ class _NoConsent(Exception):
     def __init__(self, reason: str, final: bool) -> None:
         super().__init__(reason)
         self.reason, self.final = reason, final
+
+
+class _NotEarly(Exception):
+    """The study may not be sent before it is stable (no transfer basis today)."""
 
 
 class _Interrupted(Exception):

@@ -113,6 +113,7 @@ class Gateway:
             consent=ConsentRegister(
                 self.db, settings.edge.master_secret.get_secret_value(), self.audit
             ),
+            forward_early=settings.edge.forward_early,
         )
         ingestor.on_stored = self.forwarder.wake  # a new study's quiet period starts now
         self.purges = PurgeOutbox(

@@ -73,6 +73,18 @@ class StudySender:
         self._batch.append(part)
         self._batch_bytes += len(part)
 
+    @property
+    def failed(self) -> bool:
+        """The request in flight has failed already (it raises at the next call)."""
+        f = self._in_flight
+        return f is not None and f.done() and f.exception() is not None
+
+    def flush(self) -> None:
+        """Send what is queued now, without waiting for its answer (a failure raises at the
+        next ``add``, ``flush`` or ``finish``)."""
+        if self._batch:
+            self._send_batch()
+
     def finish(self) -> None:
         """Send what is left and wait for every request's answer."""
         if self._batch:

@@ -408,6 +408,7 @@ class Gateway(Receiver):
             RADBRIDGE_EDGE__METRICS_PORT="0",
             RADBRIDGE_EDGE__STOW_PORT="0",
             RADBRIDGE_EDGE__CENTER_URL="http://127.0.0.1:9",  # never reached: 24 h quiet period
+            RADBRIDGE_EDGE__FORWARD_EARLY="false",  # nor during it: the run measures receiving
             RADBRIDGE_EDGE__MAX_PDU=str(DCMTK_PDU),  # the same PDU as storescp and Orthanc
         )
         env.pop("RADBRIDGE_CONFIG", None)

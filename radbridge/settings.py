@@ -92,6 +92,12 @@ class EdgeSettings(_Strict):
     forward_timeout_s: float = Field(60.0, gt=0)
     retry_base_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    forward_early: bool = Field(
+        True,
+        description="Send a study's full STOW-RS requests (16 instances) while its quiet "
+        "period runs, after the checks a forward makes first; the center starts the job only "
+        "when the study is complete. False: nothing leaves before the quiet period ends.",
+    )
     delivery_poll_s: float = Field(
         2.0,
         gt=0,

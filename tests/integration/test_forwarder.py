@@ -768,3 +768,137 @@ def test_the_outbox_reports_the_age_of_its_oldest_waiting_study(
         s.scalars(select(StudyRow)).one().state = "forwarded"
     fwd.tick()
     assert metrics.registry.get_sample_value("radbridge_edge_outbox_oldest_seconds") == 0.0
+
+
+def _center_instances(center: Center, wanted: int, timeout_s: float = 10) -> int:
+    """The instances the center holds, once it holds ``wanted`` (or after ``timeout_s``): an
+    early request is still in flight when ``tick`` returns."""
+    from radbridge.db.tables import InstanceRow
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with center.db.session() as s:
+            n = len(s.scalars(select(InstanceRow.id)).all())
+        if n >= wanted or time.monotonic() > deadline:
+            return n
+        time.sleep(0.02)
+
+
+def _quiet_minute(**agreement: object):  # type: ignore[no-untyped-def]
+    """The demo agreement with a 60 s quiet period (a test's own steps take seconds)."""
+    raw = yaml.safe_load(AGREEMENTS.read_text())
+    raw["agreements"][0].update(quiet_period_s=60, **agreement)
+    return parse_agreements(raw)
+
+
+STABLE = timedelta(seconds=61)
+
+
+def test_full_requests_go_during_the_quiet_period_and_the_rest_when_stable(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """37 instances in their quiet period: two full requests (32) go at once, the center
+    starts nothing; stable, the last 5 go on the same sender and the study completes with
+    all 37, one job, one Export record of 37, nothing sent twice."""
+    from radbridge.audit import records
+
+    db, store = edge
+    instances = _ingest(db, store, n=37)
+    audit = AuditTrail(db, "edge:test")
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port, _quiet_minute(), audit=audit)
+        assert fwd.tick(utcnow()) == 0  # quiet period running: not forwarded
+        assert _center_instances(center, 32) == 32
+        assert len(center.priorities) == 2  # two requests of 16
+        with center.db.session() as s:
+            assert s.scalars(select(JobRow)).all() == []  # no job before complete
+        assert _state(db).state == "receiving"
+        assert fwd.tick(utcnow()) == 0  # nothing new: nothing sent again
+        assert len(center.priorities) == 2
+        assert fwd.tick(utcnow() + STABLE) == 1
+    finally:
+        center.stop()
+    assert len(center.priorities) == 3  # the last request: 5 instances
+    assert _center_instances(center, 37) == 37
+    with center.db.session() as s:
+        assert len(s.scalars(select(JobRow)).all()) == 1
+        assert s.scalars(select(StudyRow)).one().instance_count == len(instances)
+    details = [json.loads(r.details) for r in records(db)]
+    exports = [d for d in details if d["event"] == "export"]
+    assert len(exports) == 1 and exports[0]["instances"] == 37, exports
+
+
+def test_a_failed_early_request_leaves_the_study_to_go_whole_when_stable(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """The center refuses the early request (503): no second early try (no storm on every
+    arriving instance), the study stays receiving with no attempt counted, and when stable
+    it goes whole."""
+    db, store = edge
+    _ingest(db, store, n=20)
+    center = Center(tmp_path)
+    center.overloaded = True
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port, _quiet_minute())
+        assert fwd.tick(utcnow()) == 0
+        fwd._sending.submit(lambda: None).result()  # the early request has its answer
+        assert fwd.tick(utcnow()) == 0  # the failure surfaces: early sending stops
+        assert fwd.tick(utcnow()) == 0
+        assert len(center.priorities) == 1  # one early request, refused; none after it
+        st = _state(db)
+        assert st.state == "receiving" and st.attempts == 0
+        center.overloaded = False
+        assert fwd.tick(utcnow() + STABLE) == 1
+    finally:
+        center.stop()
+    assert _center_instances(center, 20) == 20
+    assert len(center.priorities) == 1 + 2  # the whole study: 16 + 4
+
+
+def test_forward_early_off_sends_nothing_before_the_quiet_period_ends(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    db, store = edge
+    _ingest(db, store, n=20)
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port, _quiet_minute(), forward_early=False)
+        assert fwd.tick(utcnow()) == 0
+        fwd._sending.submit(lambda: None).result()
+        assert center.priorities == []
+        assert fwd.tick(utcnow() + STABLE) == 1
+    finally:
+        center.stop()
+    assert len(center.priorities) == 2
+
+
+def test_early_sending_waits_for_consent_like_the_forward(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """An agreement that requires consent, none recorded: nothing leaves early either."""
+    from dicom_io.consent import ConsentRegister
+
+    db, store = edge
+    _ingest(db, store, n=20)
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(
+            db,
+            store,
+            center.port,
+            _quiet_minute(consent={"required": True}),
+            consent=ConsentRegister(db, "test-secret", AuditTrail(db, "edge:test")),
+        )
+        assert fwd.tick(utcnow()) == 0
+        fwd._sending.submit(lambda: None).result()
+        assert center.priorities == []
+        assert fwd.tick(utcnow() + STABLE) == 0  # held, as without early sends
+    finally:
+        center.stop()
+    assert center.priorities == []
+    assert _state(db).state == "blocked"

@@ -151,3 +151,30 @@ def test_abandon_waits_for_the_request_in_flight(
     sender.abandon()  # returns only once request 1 was answered; instance 1 never leaves
     assert release.is_set() and center.concurrent == 0
     assert len(center.requests) == 1
+
+
+def test_flush_sends_what_is_queued_without_waiting_and_failed_tells_of_a_refusal(
+    migrated_db: Database, pool: ThreadPoolExecutor
+) -> None:
+    """The forwarder's early requests: ``flush`` sends a partial request at once and returns
+    while it is in flight; ``failed`` says, without raising, that it was refused."""
+    release = threading.Event()
+
+    def answer(index: int, parts: list[bytes]) -> httpx.Response:
+        release.wait(10)
+        return _refused(0xA700) if index == 1 else _stored(index, parts)
+
+    center = FakeCenter(answer)
+    pseudo = Pseudonymizer(b"k" * 32)
+    sender = StudySender(pool, center, migrated_db, AGREEMENT, "stat", pseudo, 4 * MB)  # type: ignore[arg-type]
+    sender.add(_part(0, MB))
+    sender.flush()  # one instance, far from a full request: it leaves now
+    assert not sender.failed  # in flight, not answered
+    release.set()
+    sender.add(_part(1, MB))
+    sender.flush()  # waits for request 1's answer first (in order), then sends request 2
+    pool.submit(lambda: None).result()  # request 2 answered (the pool runs one at a time)
+    assert sender.failed and sender.sent == 1
+    with pytest.raises(CenterError):
+        sender.finish()
+    assert [len(r) for r in center.requests] == [1, 1]

@@ -16,6 +16,10 @@ The stages come from the timestamps each node records anyway (edge study: last r
 stable, forwarded; center job: created, started, finished, with its own stage clocks
 decoded/windows/objects; result objects: created; edge deliveries: listed, delivered).
 
+With ``edge.forward_early`` (the default) most slices reach the center during the quiet
+period: "stable -> first instance at the center" is then negative, and "stable -> forwarded"
+is the last partial request plus "complete".
+
 The pure model path runs in this process on the same files: read the series, resample, MONAI
 sliding-window on raw ONNX Runtime (CPU provider, the runner's thread settings), nodules and the
 probability map back on the source slices (``serving.segmentation.segment_series``) — the

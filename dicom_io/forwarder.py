@@ -260,11 +260,7 @@ class Forwarder:
                     raise _NotEarly
                 self._check_consent(agreement, rows)
                 self._count_person(study, agreement, rows)
-                pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
-                sender = StudySender(
-                    self._sending, self._center, self.db, agreement.id, study.priority, pseudo
-                )
-                early = self._early[study.id] = _Early(sender, pseudo)
+                early = self._early[study.id] = self._new_sender(study, agreement)
             todo = [row for row in rows if row[0] not in early.done]
             todo = todo[: len(todo) - len(todo) % REQUEST_INSTANCES]  # full requests only
             early.held += self._deidentify_study(
@@ -281,6 +277,22 @@ class Forwarder:
                 )
             self._not_early.add(study.id)
             self._drop_early(study.id)
+
+    def _new_sender(self, study: StudyRow, agreement: Agreement) -> _Early:
+        """A sender for the study, which records Begin Transferring before its first request."""
+        pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
+        sender = StudySender(
+            self._sending,
+            self._center,
+            self.db,
+            agreement.id,
+            study.priority,
+            pseudo,
+            before_first=lambda: self._record_transfer(
+                "begin-transferring", agreement, pseudo.uid(study.study_uid)
+            ),
+        )
+        return _Early(sender, pseudo)
 
     def _drop_early(self, study_id: int) -> None:
         early = self._early.pop(study_id, None)
@@ -352,7 +364,7 @@ class Forwarder:
                 )
             return 0
         if sent:
-            self._record_export(agreement, pseudo_study_uid, sent, nbytes)
+            self._record_transfer("export", agreement, pseudo_study_uid, sent, nbytes)
         if held:
             return self._quarantine(study, agreement, sent, held)
         with self.db.session() as s:
@@ -393,13 +405,7 @@ class Forwarder:
                 early.sender.abandon()
             raise
         if early is None:
-            pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
-            early = _Early(
-                StudySender(
-                    self._sending, self._center, self.db, agreement.id, study.priority, pseudo
-                ),
-                pseudo,
-            )
+            early = self._new_sender(study, agreement)
         pseudo, sender = early.pseudo, early.sender
         rest = [row for row in rows if row[0] not in early.done]
         try:
@@ -477,25 +483,25 @@ class Forwarder:
                 )
             )
 
-    def _record_export(self, agreement: Agreement, study_uid: str, sent: int, nbytes: int) -> None:
-        """The Export record (DICOM 110106): what left, under which legal basis."""
+    def _record_transfer(
+        self, event: str, agreement: Agreement, study_uid: str, sent: int = 0, nbytes: int = 0
+    ) -> None:
+        """Begin Transferring (DICOM 110102: the study's first request is about to leave, early
+        or not) or Export (110106: the study completed at the center, with what left), under
+        which legal basis. A study interrupted part-way has the first without the second."""
         if self._audit is None:
             return
         basis = agreement.transfer_basis
-        self._audit.record(
-            "export",
-            agreement_id=agreement.id,
-            study_uid=study_uid,
-            details={
-                "mechanism": str(basis.mechanism),
-                "reference": basis.reference,
-                "instances": sent,
-                "bytes": nbytes,
-                "source": self._audit.node,
-                "destination": "center",
-                "deidentification": agreement.deidentification.profile,
-            },
-        )
+        details: dict[str, object] = {
+            "mechanism": str(basis.mechanism),
+            "reference": basis.reference,
+            "source": self._audit.node,
+            "destination": "center",
+            "deidentification": agreement.deidentification.profile,
+        }
+        if event == "export":
+            details.update(instances=sent, bytes=nbytes)
+        self._audit.record(event, agreement_id=agreement.id, study_uid=study_uid, details=details)
 
     def _deidentify_study(
         self,

@@ -16,6 +16,7 @@ a SOP Instance UID.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
@@ -49,7 +50,10 @@ class StudySender:
         pseudo: Pseudonymizer,
         request_bytes: int = REQUEST_BYTES,
         request_instances: int = REQUEST_INSTANCES,
+        before_first: Callable[[], object] | None = None,
     ) -> None:
+        """``before_first``: called once, before the study's first request leaves (the
+        forwarder's Begin Transferring audit record); if it raises, nothing leaves."""
         self._pool = pool
         self._center = center
         self._db = db
@@ -62,6 +66,7 @@ class StudySender:
         self._batch_bytes = 0
         self._recorded: set[tuple[str, str]] = set()
         self._in_flight: Future[tuple[int, int]] | None = None
+        self._before_first = before_first
         self.sent = 0  # instances the center acknowledged
         self.sent_bytes = 0
 
@@ -102,6 +107,9 @@ class StudySender:
 
     def _send_batch(self) -> None:
         self._wait()  # one in flight at most, in order; its failure stops the study here
+        if self._before_first is not None:
+            self._before_first()
+            self._before_first = None
         issued = self._pseudo.issued
         new = {k: v for k, v in issued.items() if k not in self._recorded}
         record_pseudonyms(self._db, self._agreement_id, new)  # before any byte leaves

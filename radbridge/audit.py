@@ -50,6 +50,7 @@ GENESIS = "0" * 64
 
 # event name -> (DICOM CID 400 code, meaning, EventActionCode, CID 401 type code or None)
 EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
+    "begin-transferring": ("110102", "Begin Transferring DICOM Instances", "E", None),
     "export": ("110106", "Export", "R", None),
     "import": ("110107", "Import", "C", None),
     "instances-accessed": ("110103", "DICOM Instances Accessed", "R", None),

@@ -132,9 +132,10 @@ def test_reader_signs_and_the_report_reaches_the_pacs(tmp_path: Path) -> None:
         finally:
             center_db.dispose()
             edge_db.dispose()
-        # Edge: exported (with its legal basis), results and reports delivered to the PACS,
-        # the center's deletion confirmed. Center: imported, viewed, signed, deleted.
-        assert edge_story[0] == "110106" and edge_story[-1] == "110105", edge_story
+        # Edge: began transferring, exported (with its legal basis), results and reports
+        # delivered to the PACS, the center's deletion confirmed. Center: imported, viewed,
+        # signed, deleted.
+        assert edge_story[:2] == ["110102", "110106"] and edge_story[-1] == "110105", edge_story
         assert edge_story.count("110104") >= 4  # the AI SR and three reports at the PACS
         assert center_story[0] == "110107" and center_story[-1] == "110105", center_story
         assert center_story.index("110103") < center_story.index("110110")  # viewed, signed

@@ -826,8 +826,9 @@ def test_full_requests_go_during_the_quiet_period_and_the_rest_when_stable(
         assert len(s.scalars(select(JobRow)).all()) == 1
         assert s.scalars(select(StudyRow)).one().instance_count == len(instances)
     details = [json.loads(r.details) for r in records(db)]
-    exports = [d for d in details if d["event"] == "export"]
-    assert len(exports) == 1 and exports[0]["instances"] == 37, exports
+    assert [d["event"] for d in details] == ["begin-transferring", "export"], details
+    assert details[0]["mechanism"] and "instances" not in details[0]  # before the first request
+    assert details[1]["instances"] == 37
 
 
 def test_a_failed_early_request_leaves_the_study_to_go_whole_when_stable(
@@ -902,3 +903,31 @@ def test_early_sending_waits_for_consent_like_the_forward(
         center.stop()
     assert center.priorities == []
     assert _state(db).state == "blocked"
+
+
+def test_a_study_stopped_after_its_early_requests_is_on_the_trail(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """Instances left early, then the gateway stopped before the study was stable: the trail
+    has Begin Transferring (DICOM 110102) for what left, and no Export yet; sent whole later,
+    Begin Transferring again, then one Export."""
+    from radbridge.audit import records
+
+    db, store = edge
+    _ingest(db, store, n=16)
+    audit = AuditTrail(db, "edge:test")
+    center = Center(tmp_path)
+    center.start()
+    try:
+        fwd = _forwarder(db, store, center.port, _quiet_minute(), audit=audit)
+        assert fwd.tick(utcnow()) == 0
+        assert _center_instances(center, 16) == 16
+        fwd.close()  # the gateway stops: what was sent early is forgotten
+        events = [json.loads(r.details)["event"] for r in records(db)]
+        assert events == ["begin-transferring"], events
+        fwd = _forwarder(db, store, center.port, _quiet_minute(), audit=audit)
+        assert fwd.tick(utcnow() + STABLE) == 1
+    finally:
+        center.stop()
+    events = [json.loads(r.details)["event"] for r in records(db)]
+    assert events == ["begin-transferring", "begin-transferring", "export"], events

@@ -67,17 +67,20 @@ def study_detail(
             select(ReportRow).where(ReportRow.study_id == study.id).order_by(ReportRow.version)
         ).all()
         # Priors: the same patient's earlier studies under this agreement (one indexed query),
-        # each with one image instance whose header gives its date and series.
+        # each with one image instance whose header gives its date and series. "Earlier" is
+        # received in full before this one: the edge sends a large study's first requests
+        # during its quiet period (forward_early), so a CT's first slices can reach the center
+        # before a radiograph sent ahead of it.
         others = (
             s.execute(
-                select(StudyRow.id, StudyRow.study_uid, StudyRow.first_received_at)
+                select(StudyRow.id, StudyRow.study_uid, StudyRow.last_received_at)
                 .where(
                     StudyRow.agreement_id == study.agreement_id,
                     StudyRow.patient_key == study.patient_key,
                     StudyRow.id != study.id,
-                    StudyRow.first_received_at < study.first_received_at,
+                    StudyRow.last_received_at < study.last_received_at,
                 )
-                .order_by(StudyRow.first_received_at.desc())
+                .order_by(StudyRow.last_received_at.desc())
                 .limit(_MAX_PRIORS)
             ).all()
             if study.patient_key

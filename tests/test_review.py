@@ -248,6 +248,9 @@ def test_priors_are_the_same_patients_earlier_studies_of_the_agreement(room, agr
     with db.session() as s:  # a third study of another patient
         stranger = _study(db, store)
         s.query(StudyRow).filter_by(id=stranger).update({"patient_key": "0" * 64})
+    with db.session() as s:  # later's first slices came first (sent during a quiet period)
+        first = s.get(StudyRow, earlier).first_received_at  # type: ignore[union-attr]
+        s.query(StudyRow).filter_by(id=later).update({"first_received_at": first - timedelta(1)})
     detail = study_detail(db, store, later, alice, agreements)
     assert [p["study_id"] for p in detail["priors"]] == [earlier]
     prior = detail["priors"][0]

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pydicom
 from pydicom.uid import generate_uid
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_io.ai_notice import Unread, ai_not_performed_sr
@@ -168,6 +168,21 @@ def build_notice(
 
 
 def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> list[ResultObject]:
+    """The agreement's listable objects after ``after``, in id order, stopping before the
+    first object of a job not finished yet: the edge's cursor is the highest id it was given,
+    so an object listed past one still being finished would make the edge skip that one for
+    ever (two jobs finishing in the other order than their objects were written)."""
+    unfinished = (
+        select(func.min(ResultObjectRow.id))
+        .join(JobRow, ResultObjectRow.job_id == JobRow.id)
+        .where(
+            ResultObjectRow.agreement_id == agreement_id,
+            ResultObjectRow.id > after,
+            JobRow.state.in_((JobState.QUEUED, JobState.RUNNING)),
+            ResultObjectRow.kind.not_in(("report", "notice")),
+        )
+        .scalar_subquery()
+    )
     with db.session() as s:
         rows = s.scalars(
             select(ResultObjectRow)
@@ -175,6 +190,7 @@ def list_objects(db: Database, agreement_id: str, after: int, limit: int) -> lis
             .where(
                 ResultObjectRow.agreement_id == agreement_id,
                 ResultObjectRow.id > after,
+                or_(unfinished.is_(None), ResultObjectRow.id < unfinished),
                 # never half a job's objects; a failed job's notice, and a signed report
                 # (whatever the AI did), stand on their own
                 or_(

@@ -217,3 +217,31 @@ def test_an_interrupted_runs_objects_are_discarded_rows_and_files(
     assert result_objects.discard_unlisted(migrated_db, store, job.id) == 0
     with pytest.raises(NotFoundError):
         result_objects.object_path(migrated_db, oid)
+
+
+def test_an_unfinished_jobs_object_holds_back_the_later_ones(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    """Version 1's objects are written but its job is not finished when version 2's job ends:
+    the listing stops before version 1's object (the edge's cursor would pass it for ever) and
+    gives both, in order, once version 1's job is done."""
+    from radbridge.db.tables import JobRow
+
+    store = DurableStore(tmp_path)
+    manifests = {"chest-xray-demo:1": _manifest()}
+    parts = _deid_study(3)
+    uid = receive_instances(migrated_db, store, AGREEMENT, parts[:2]).stored[0].study_uid
+    first_job = _run_job(migrated_db, uid, 2)
+    first = result_objects.build_for_job(migrated_db, store, first_job, manifests)
+    with migrated_db.session() as s:  # its objects written, its job not finished yet
+        s.query(JobRow).filter_by(id=first_job).update({"state": "running"})
+    receive_instances(migrated_db, store, AGREEMENT, parts[2:])
+    second = result_objects.build_for_job(
+        migrated_db, store, _run_job(migrated_db, uid, 3), manifests
+    )
+    assert second[0] > first[0]
+    assert result_objects.list_objects(migrated_db, AGREEMENT, 0, 10) == []
+    with migrated_db.session() as s:
+        s.query(JobRow).filter_by(id=first_job).update({"state": "done"})
+    listed = [o.id for o in result_objects.list_objects(migrated_db, AGREEMENT, 0, 10)]
+    assert listed == [*first, *second]

@@ -1,22 +1,18 @@
 """Api ingress deployment (FastAPI): STOW-RS intake, study completion, results, sync inference.
 
-Handlers are thin: they validate, call one function, answer. A completed study becomes a job
-that runs on this replica's event loop: preprocessing and inference go through the other
-deployments' handles, so concurrent instances form batches in the ModelRunner. Study work is
-dispatched by priority (STAT first, routine waits capped) through a :class:`PriorityGate`;
-STOW-RS answers 503 + Retry-After while the backlog is over its bound (the edge's outbox
-retries; nothing acknowledged is dropped). ``user_config`` (:class:`ApiConfig`) pins model
-versions and shadows and is hot-reloaded.
+Handlers are thin: they authenticate the caller's role and agreement, validate, call one
+function, answer. A completed study is handed to the job engine (serving/pipeline.py), which
+runs it on this replica's event loop. STOW-RS answers 503 + Retry-After while the backlog is
+over its bound (the edge's outbox retries; nothing acknowledged is dropped). ``user_config``
+(:class:`ApiConfig`) pins model versions and shadows and is hot-reloaded.
 """
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import json
 import logging
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
@@ -25,9 +21,7 @@ from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
-from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_io.header import parse_header
@@ -56,15 +50,12 @@ from radbridge.contract import (
     PurgeOut,
     PurgeStudy,
     ResultObjectList,
-    backoff_s,
 )
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
-from radbridge.db.tables import utcnow
 from radbridge.errors import (
     DatasetError,
     ForbiddenError,
-    NoModelError,
     NotFoundError,
     OverloadedError,
     PolicyError,
@@ -80,18 +71,14 @@ from serving import boundary, jobs, result_objects, retention
 from serving.config import ApiConfig
 from serving.inference import Inference
 from serving.intake import receive_instances, stow_response
-from serving.result_objects import unread_reasons
-from serving.scheduling import PriorityGate
+from serving.pipeline import Pipeline, model_ref
 from serving.schemas import (
-    Finding,
     InferBatchResponse,
     InferItem,
     InferResponse,
-    InstanceResult,
     JobOut,
     StudyResults,
 )
-from serving.segmentation import segment_series
 
 __all__ = ["Api", "api"]
 
@@ -145,7 +132,6 @@ _STOW_BODY = {
     }
 }
 _BACKLOG_TTL_S = 1.0
-_JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S = 2.0, 60.0  # a job whose run broke (database, store)
 # A waiting listing looks at the database this often for objects built elsewhere (another Api
 # replica's job, a report signed in the reading room).
 LISTING_RECHECK_S = 0.5
@@ -155,18 +141,6 @@ def _image_shape(manifest: ModelManifest) -> tuple[int | str, ...]:
     """The model's input shape without its batch axis. A named (dynamic) axis there matches
     no tensor: the runner stacks a batch, so every image must have the same, fixed shape."""
     return tuple(manifest.input.shape[1:])
-
-
-def _transient(exc: BaseException) -> bool:
-    """A failure of the infrastructure (the database, the store, a ModelRunner replica that
-    died), not of the study or the model: the job runs again instead of failing. A study the
-    AI cannot read fails the job and the hospital is told; a database that restarts must not
-    tell it that."""
-    return isinstance(exc, DBAPIError | StorageError | OSError | RayActorError)
-
-
-def _model_ref(manifest: ModelManifest) -> dict[str, str]:
-    return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
 
 
 def _media_type(request: Request) -> str:
@@ -210,6 +184,10 @@ api.middleware("http")(boundary.authenticate)
 @serve.deployment(name="Api", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Api:
+    """The center's HTTP front: the edges' routes (STOW-RS, complete, purge, result listing
+    and download), the RIS's sync inference, health and metrics. It owns the job engine
+    (:class:`Pipeline`) and the retention pass, and admits new studies by the backlog."""
+
     def __init__(
         self,
         settings: Settings,
@@ -240,14 +218,12 @@ class Api:
         self.inference = Inference(
             settings.models_dir, preprocessor, runner, self.metrics, self.store
         )
-        self.dispatch = PriorityGate(capacity=64, max_waiting=0)
+        self.pipeline = Pipeline(
+            self.db, self.store, self.inference, self.metrics, self.agreements, self._sign
+        )
         self.config = ApiConfig()
         self._backlog = (0, 0.0)  # (instances, monotonic time counted)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Set (and replaced) whenever a job's result objects become listable: wakes the
-        # edges' waiting listings.
-        self._objects_built = asyncio.Event()
-        self._resumed = False
         self._retention_due = time.monotonic() + 60.0  # first pass a minute after start
         self.reconfigure({})
         # The first SEG + SR a process builds pays for highdicom's first use (0.25 s on a
@@ -262,8 +238,9 @@ class Api:
         cfg = ApiConfig.model_validate(user_config or {})
         self.inference.reload(cfg)  # ConfigError for a pin to a version not installed
         self.config = cfg
-        self.dispatch.capacity = cfg.dispatch_concurrency
-        self.dispatch.max_wait_s = {str(p): s for p, s in cfg.max_wait_s.items()}
+        self.pipeline.configure(
+            cfg.dispatch_concurrency, {str(p): s for p, s in cfg.max_wait_s.items()}
+        )
 
     @property
     def manifests(self) -> dict[str, Any]:
@@ -344,7 +321,7 @@ class Api:
                     "destination": "center",
                 },
             )
-            self._spawn(job.id)
+            self.pipeline.spawn(job.id)
         return JobOut(
             job_id=job.id,
             study_uid=study_uid,
@@ -396,7 +373,7 @@ class Api:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
-            built = self._objects_built  # taken before the query: no wake-up falls between
+            built = self.pipeline.objects_built  # taken before the query: no wake-up falls between
             objects = await asyncio.to_thread(
                 result_objects.list_objects, self.db, agreement_id, after, limit
             )
@@ -464,7 +441,7 @@ class Api:
             raise
         seconds = self._answered(manifest, prio, t0)
         return InferResponse(
-            model=_model_ref(manifest),
+            model=model_ref(manifest),
             provider=out.provider,
             priority=priority,
             findings=out.findings,
@@ -507,7 +484,7 @@ class Api:
             raise
         seconds = self._answered(manifest, prio, t0)
         return InferBatchResponse(
-            model=_model_ref(manifest),
+            model=model_ref(manifest),
             provider=outs[0].provider,
             priority=priority,
             results=[InferItem(findings=o.findings, timings_ms=o.timings_ms) for o in outs],
@@ -517,7 +494,7 @@ class Api:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        self._resume()
+        self.pipeline.resume()
         return {"status": "ok", "models": sorted(self.manifests)}
 
     @api.get(
@@ -533,7 +510,7 @@ class Api:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def check_health(self) -> None:
-        self._resume()
+        self.pipeline.resume()
         self.metrics.refresh()
         if time.monotonic() >= self._retention_due:  # Serve calls this every few seconds
             self._retention_due = time.monotonic() + self.config.retention_interval_s
@@ -551,7 +528,7 @@ class Api:
         except Exception:
             log.exception("retention pass failed; the next one retries")
 
-    # -- jobs -----------------------------------------------------------------------------
+    # -- helpers --------------------------------------------------------------------------
 
     async def _admit(self, priority: Priority) -> None:
         """Refuse new studies with 503 + Retry-After while the backlog is over its bound
@@ -604,212 +581,3 @@ class Api:
                 raise DatasetError("body_too_large", f"request body over {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    def _resume(self) -> None:
-        if self._resumed:
-            return
-        self._resumed = True
-        for job_id in jobs.pending_jobs(self.db):
-            self._spawn(job_id)
-
-    def _spawn(self, job_id: int, attempt: int = 0) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_job(job_id, attempt))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_job(self, job_id: int, attempt: int = 0) -> None:
-        """Run the job; when the run itself breaks (the database or the store went away: a
-        failing model or study fails the job instead, inside), run it again after a backoff,
-        so that no job is left queued or running until the replica restarts."""
-        try:
-            await self._run_job_once(job_id)
-        except Exception as exc:
-            delay = backoff_s(attempt + 1, _JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S)
-            log.error(
-                "job %d: the run broke (%s); run again in %.0f s",
-                job_id,
-                type(exc).__name__,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            self._spawn(job_id, attempt + 1)
-
-    async def _run_job_once(self, job_id: int) -> None:
-        t0 = time.perf_counter()
-        # A run cut short (the center killed mid-job, resumed now) may have written objects.
-        await asyncio.to_thread(result_objects.discard_unlisted, self.db, self.store, job_id)
-        agreement, modality, priority, first_received = await asyncio.to_thread(
-            jobs.start_job, self.db, job_id
-        )
-        instances = await asyncio.to_thread(jobs.job_instances, self.db, job_id)
-        work = self._work(job_id, instances, priority)
-        outcomes = await asyncio.gather(*work, return_exceptions=True)
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        broken = next((e for e in errors if _transient(e)), None)
-        if broken is not None:  # not the study's fault: the whole run goes again, later
-            raise broken
-        error = None
-        if errors:
-            error = "; ".join(sorted({f"{type(e).__name__}: {e}" for e in errors}))[:2000]
-            log.error("job %d failed for %d of %d instances", job_id, len(errors), len(instances))
-            await self._tell_the_hospital(job_id, agreement, modality, errors)
-        else:
-            try:
-                await asyncio.to_thread(
-                    result_objects.build_for_job,
-                    self.db,
-                    self.store,
-                    job_id,
-                    self.manifests,
-                    self._sign,
-                )
-            except Exception as exc:  # the job's findings stay; no object leaves unfinished
-                error = f"result objects: {type(exc).__name__}: {exc}"[:2000]
-                log.error("job %d: building result objects failed (%s)", job_id, type(exc).__name__)
-        await asyncio.to_thread(jobs.finish_job, self.db, job_id, error)
-        self._objects_built.set()
-        self._objects_built = asyncio.Event()
-        mod = safe_label(modality)
-        self.metrics.jobs.labels(agreement, "failed" if error else "done").inc()
-        self.metrics.job.labels(agreement, mod).observe(time.perf_counter() - t0)
-        if first_received is not None and not error:
-            self.metrics.end_to_end.labels(agreement, mod, safe_label(priority)).observe(
-                (utcnow() - first_received).total_seconds()
-            )
-
-    async def _tell_the_hospital(
-        self, job_id: int, agreement_id: str, modality: str | None, errors: list[BaseException]
-    ) -> None:
-        """A failed job still answers the hospital: an SR saying the AI did not read the
-        study, why (a closed set of reasons) and that the radiologist's report follows."""
-        a = self.agreements.get(agreement_id)
-        languages = a.report_languages if a is not None else ["en"]
-        center = a.reading_center.name if a is not None else "radbridge"
-        try:
-            await asyncio.to_thread(
-                result_objects.build_notice,
-                self.db,
-                self.store,
-                job_id,
-                unread_reasons(errors, safe_label(modality)),
-                languages,
-                center,
-                self._sign,
-            )
-        except Exception as exc:  # the job stays failed and on the worklist; logged, counted
-            log.error("job %d: the not-read notice failed (%s)", job_id, type(exc).__name__)
-
-    def _work(
-        self, job_id: int, instances: list[jobs.JobInstance], priority: str
-    ) -> list[Coroutine[Any, Any, None]]:
-        """Per series: a classifier runs per instance, a segmenter once on the whole volume.
-        Each unit waits for a dispatch slot: STAT jobs' units go first."""
-        by_series: dict[int, list[jobs.JobInstance]] = {}
-        for inst in instances:
-            by_series.setdefault(inst.series_id, []).append(inst)
-        work: list[Coroutine[Any, Any, None]] = []
-        for series in by_series.values():
-            key = self.inference.route(series[0].modality, series[0].body_part)
-            if key is None:
-                work.append(self._unrouted(series[0].modality))
-            elif self.manifests[key].task == "segmentation":
-                work.append(
-                    self._dispatched(priority, self._segment_series(job_id, key, series, priority))
-                )
-            else:
-                work.extend(
-                    self._dispatched(priority, self._infer_instance(job_id, key, inst, priority))
-                    for inst in series
-                )
-        return work
-
-    async def _dispatched(self, priority: str, unit: Coroutine[Any, Any, None]) -> None:
-        try:
-            async with self.dispatch.slot(priority):
-                await unit
-        finally:
-            unit.close()  # never started when the wait was cancelled: no "never awaited"
-
-    @staticmethod
-    async def _unrouted(modality: str | None) -> None:
-        code = safe_label(modality)
-        raise NoModelError(code, f"no model serves modality {code}")
-
-    async def _segment_series(
-        self, job_id: int, key: str, series: list[jobs.JobInstance], priority: str
-    ) -> None:
-        """Sliding-window inference on the series' volume: decoded and resampled here, its
-        windows run inside the ModelRunner (one round trip for the volume)."""
-        manifest = self.manifests[key]
-        loop = asyncio.get_running_loop()
-        encoded = await asyncio.to_thread(lambda: [self.store.read(i.path) for i in series])
-        stats: dict[str, Any] = {"windows": 0, "seconds": 0.0, "provider": ""}
-
-        def probabilities(image: np.ndarray) -> np.ndarray:  # called from the worker thread
-            call = self.inference.segment(key, image, priority)
-            out = asyncio.run_coroutine_threadsafe(call, loop).result()
-            stats.update(windows=out["windows"], seconds=out["seconds"], provider=out["provider"])
-            return np.asarray(out["probabilities"])
-
-        t0 = time.perf_counter()
-        seg = await asyncio.to_thread(segment_series, encoded, manifest, probabilities)
-        total = time.perf_counter() - t0
-        self.metrics.request.labels(manifest.name, manifest.version, priority, "study").observe(
-            total
-        )
-        label = manifest.labels[0]
-        finding = Finding(
-            label=label.key,
-            display=dict(label.display),
-            codes={k: v for k, v in (("SCT", label.snomed), ("RADLEX", label.radlex)) if v},
-            probability=round(seg.max_probability, 6),
-            threshold=label.threshold,
-            present=bool(seg.nodules),
-        )
-        first = min(series, key=lambda i: i.instance_id)
-        result = InstanceResult(
-            sop_instance_uid=first.sop_instance_uid,
-            model=_model_ref(manifest),
-            input_sha256=hashlib.sha256(b"".join(sorted(encoded))).hexdigest(),
-            provider=stats["provider"],
-            findings=[finding],
-            timings_ms={
-                "total": round(total * 1000, 3),
-                "inference": round(stats["seconds"] * 1000, 3),
-                "windows": stats["windows"],
-                **{stage: round(sec * 1000, 3) for stage, sec in seg.seconds.items()},
-            },
-            intended_use=manifest.intended_use,
-            nodules=[n.as_dict() for n in seg.nodules],
-        )
-        await asyncio.to_thread(jobs.save_result, self.db, job_id, first.instance_id, result)
-        await asyncio.to_thread(
-            result_objects.save_segmentation_objects,
-            self.db,
-            self.store,
-            job_id,
-            seg,
-            manifest,
-            self._sign,
-        )
-
-    async def _infer_instance(
-        self, job_id: int, key: str, inst: jobs.JobInstance, priority: str
-    ) -> None:
-        t0 = time.perf_counter()
-        data = await asyncio.to_thread(self.store.read, inst.path)
-        out = await self.inference.classify_encoded(key, data, priority, shed=False)
-        m = out.manifest
-        result = InstanceResult(
-            sop_instance_uid=inst.sop_instance_uid,
-            model=_model_ref(m),
-            input_sha256=hashlib.sha256(data).hexdigest(),
-            provider=out.provider,
-            findings=out.findings,
-            timings_ms=out.timings_ms,
-            intended_use=m.intended_use,
-        )
-        await asyncio.to_thread(jobs.save_result, self.db, job_id, inst.instance_id, result)
-        self.metrics.request.labels(m.name, m.version, priority, "study").observe(
-            time.perf_counter() - t0
-        )

@@ -238,7 +238,7 @@ def test_a_broken_database_store_or_replica_reruns_the_job_a_bad_study_fails_it(
     from sqlalchemy.exc import OperationalError
 
     from radbridge.errors import ModelError, NoModelError, StorageError
-    from serving.ingress import _transient
+    from serving.pipeline import _transient
 
     rerun = [
         OperationalError("SELECT 1", {}, Exception("terminating connection")),

@@ -9,6 +9,10 @@ listed for the study. No column holds series UIDs, so each attempt re-reads the 
 the id window of the study's ``deliveries`` rows (all versions and kinds; usually one short
 page) and keeps the objects whose pseudonymous study UID is this one's. The same read gives the
 sha256 to check the download against, so nothing of the listing has to be stored.
+Listing entries are immutable at the center (an object's bytes, digest and signature never
+change), so the step remembers the entries its listings returned (``LISTING_MEMORY`` of them):
+an attempt right after the listener queued a study's objects finds every companion there and
+lists nothing (one round trip to the center less, per object, on every result's way home).
 
 Order. The signature is verified before a byte of the download is parsed; nothing reaches the
 PACS that the center did not sign for this edge and agreement.
@@ -20,6 +24,8 @@ ids and DIMSE statuses only.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -59,6 +65,7 @@ __all__ = [
 # elements discarded (0xB006), data set does not match SOP class (0xB007). The PACS stored it.
 PACS_OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 PAGE_SIZE = 200  # listing page
+LISTING_MEMORY = 4096  # listing entries remembered (a few hundred bytes each)
 
 
 class AttemptFailed(Exception):
@@ -100,6 +107,10 @@ class DeliveryStep:
         self.db, self.store, self._center = db, store, center
         self._results, self._edge_id = results, edge_id
         self._calling_ae, self._timeout_s = calling_ae, timeout_s
+        # (agreement, center object id) -> its listing entry, newest last (listener and
+        # delivery threads share it)
+        self._listed_before: OrderedDict[tuple[str, int], ResultObject] = OrderedDict()
+        self._memory_lock = threading.Lock()
 
     def deliver(self, d: DeliveryRow, agreement: Agreement) -> Sent:
         """Deliver one claimed object; raises ``AttemptFailed`` (``permanent`` for a result
@@ -143,15 +154,9 @@ class DeliveryStep:
                         DeliveryRow.study_id == d.study_id,
                     )
                 ).all()
-        lo, hi = min(ids), max(ids)
-        window: dict[int, ResultObject] = {}
-        after = lo - 1
-        while True:
-            page = self.list(d.agreement_id, after, PAGE_SIZE)
-            window.update((o.id, o) for o in page if lo <= o.id <= hi)
-            if len(page) < PAGE_SIZE or page[-1].id >= hi or page[-1].id <= after:
-                break
-            after = page[-1].id
+        window = self._remembered(d.agreement_id, ids)
+        if window is None:
+            window = self._list_window(d.agreement_id, min(ids), max(ids))
         listed = window.get(d.center_object_id)
         if listed is None:
             raise AttemptFailed(
@@ -166,6 +171,25 @@ class DeliveryStep:
             for uid in (o.sop_instance_uid, o.series_instance_uid)
         )
         return listed, companions
+
+    def _remembered(self, agreement_id: str, ids: list[int]) -> dict[int, ResultObject] | None:
+        """The entries of ``ids`` from earlier listings, if every one of them is remembered."""
+        with self._memory_lock:
+            found = {i: self._listed_before.get((agreement_id, i)) for i in ids}
+        if any(o is None for o in found.values()):
+            return None
+        return {i: o for i, o in found.items() if o is not None}
+
+    def _list_window(self, agreement_id: str, lo: int, hi: int) -> dict[int, ResultObject]:
+        """The center's listing entries with ids from ``lo`` to ``hi``."""
+        window: dict[int, ResultObject] = {}
+        after = lo - 1
+        while True:
+            page = self.list(agreement_id, after, PAGE_SIZE)
+            window.update((o.id, o) for o in page if lo <= o.id <= hi)
+            if len(page) < PAGE_SIZE or page[-1].id >= hi or page[-1].id <= after:
+                return window
+            after = page[-1].id
 
     def _study(self, d: DeliveryRow, listed: ResultObject) -> StudyRow:
         study_id = d.study_id
@@ -245,9 +269,16 @@ class DeliveryStep:
         self, agreement_id: str, after: int, limit: int, wait_s: float = 0.0
     ) -> list[ResultObject]:
         try:
-            return self._center.result_objects(agreement_id, after, limit, wait_s)
+            page = self._center.result_objects(agreement_id, after, limit, wait_s)
         except CenterError as exc:
             raise AttemptFailed("center", str(exc)) from None
+        with self._memory_lock:
+            for o in page:
+                self._listed_before[(agreement_id, o.id)] = o
+                self._listed_before.move_to_end((agreement_id, o.id))
+            while len(self._listed_before) > LISTING_MEMORY:
+                self._listed_before.popitem(last=False)
+        return page
 
     def resolve_study(self, agreement_id: str, pseudo_study_uid: str) -> int | None:
         """The edge's study row behind a pseudonymous study UID, if this edge sent that study."""

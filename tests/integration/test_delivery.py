@@ -864,9 +864,37 @@ def test_seg_and_its_sr_are_delivered_with_references_between_them(
     d = _deliverer(db, store, center, pacs.port)
     try:
         assert d.poll() == 2
+        listed = center.listings
         assert d.tick() == 2
+        assert center.listings == listed  # the companions were in the listing it queued from
     finally:
         d.close()
+    _assert_seg_and_sr_reference_each_other(db, study, seg, pacs)
+
+
+def test_a_gateway_that_did_not_queue_the_objects_lists_them_again_for_the_companions(
+    edge: tuple[Database, DurableStore], center: FakeCenter, pacs: Pacs
+) -> None:
+    db, store = edge
+    study, seg = _ct_study_with_seg_and_sr(db, store, center)
+    queued_by = _deliverer(db, store, center, pacs.port)
+    try:
+        assert queued_by.poll() == 2
+    finally:
+        queued_by.close()
+    d = _deliverer(db, store, center, pacs.port)  # a restart: nothing remembered
+    try:
+        listed = center.listings
+        assert d.tick() == 2
+        assert center.listings > listed
+    finally:
+        d.close()
+    _assert_seg_and_sr_reference_each_other(db, study, seg, pacs)
+
+
+def _assert_seg_and_sr_reference_each_other(
+    db: Database, study: SentStudy, seg: Dataset, pacs: Pacs
+) -> None:
     assert [r.state for r in _rows(db)] == ["delivered", "delivered"]
     got_seg, got_sr = sorted(pacs.received, key=lambda ds: ds.Modality != "SEG")
     originals = {str(o.SOPInstanceUID) for o in study.originals}

@@ -13,8 +13,11 @@ the same checks a forward makes first (transfer basis, consent, person ceiling);
 not claimed and the center does not start its job before ``complete``. When the quiet period
 ends, the forward sends only the rest on the same ``StudySender`` and completes the study: the
 de-identification and most of the upload are off the path from the last instance to the
-result. What was sent early is kept in memory only. After a restart, a failed early request,
-or a refusal, the forward sends the whole study as before (the center keeps one copy).
+result. Once no instance has come for ``EARLY_REST_FRACTION`` of the quiet period, the rest (a
+partial request) goes too, so that a stable study usually needs only ``complete``; an instance
+arriving later goes the same way. What was sent early is kept in memory only. After a
+restart, a failed early request, or a refusal, the forward sends the whole study as before (the
+center keeps one copy).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ log = logging.getLogger("radbridge.edge.forwarder")
 _NO_BASIS = "no legal transfer basis in force for this agreement"
 _MIN_WAIT_S = 0.005  # a quiet period ending now: tick again almost at once, never spin
 _STOP_CHECK_S = 0.25  # run() notices stop this soon
+# The part of a study's quiet period without a new instance after which its rest (a partial
+# request) goes early: the sender has most likely finished, and a later instance still goes.
+EARLY_REST_FRACTION = 0.25
 
 
 @dataclass
@@ -99,7 +105,7 @@ class Forwarder:
         self._audit = audit
         self._ledger = ledger
         self._consent = consent
-        self._next_stable: datetime | None = None  # the earliest quiet period still running
+        self._next_due: datetime | None = None  # the earliest quiet period end or rest due
         self._wake = threading.Event()
         self._clock = WallClock()
         # Sends a study's STOW-RS requests while the forwarder de-identifies the next part.
@@ -133,8 +139,8 @@ class Forwarder:
             except Exception as exc:  # the loop must survive anything; the study stays queued
                 log.error("forwarder tick failed: %s", redacted(exc))
             wait = interval_s
-            if self._next_stable is not None:
-                until = (self._next_stable - utcnow()).total_seconds()
+            if self._next_due is not None:
+                until = (self._next_due - utcnow()).total_seconds()
                 wait = min(wait, max(until, _MIN_WAIT_S))
             self._sleep(stop, wait)
 
@@ -176,7 +182,7 @@ class Forwarder:
             ).all()
         self._update_depth()
         done = 0
-        self._next_stable = None
+        self._next_due = None
         for study in due:
             if stop.is_set():
                 break
@@ -185,10 +191,12 @@ class Forwarder:
                 continue
             if not _complete(study, agreement, now):
                 stable = _stable_at(study, agreement)
-                if self._next_stable is None or stable < self._next_stable:
-                    self._next_stable = stable
+                if self._next_due is None or stable < self._next_due:
+                    self._next_due = stable
                 if self._forward_early and study.state == EdgeStudyState.RECEIVING:
-                    self._send_early(study, agreement, now, stop)
+                    rest_at = self._send_early(study, agreement, now, stop)
+                    if rest_at is not None and rest_at < self._next_due:
+                        self._next_due = rest_at  # wake then to send the rest
                 continue
             if not agreement.may_transfer(now.date()):
                 if study.state != EdgeStudyState.BLOCKED:
@@ -239,20 +247,27 @@ class Forwarder:
 
     def _send_early(
         self, study: StudyRow, agreement: Agreement, now: datetime, stop: threading.Event
-    ) -> None:
+    ) -> datetime | None:
         """Send the study's full requests of instances not sent yet, while its quiet period
-        runs. Anything unusual (a refusal, a failure, a hold, a stop) leaves the study to be
-        sent whole when it is stable, with the usual outcome."""
+        runs, and its rest once it has been idle for ``EARLY_REST_FRACTION`` of the period.
+        Anything unusual (a refusal, a failure, a hold, a stop) leaves the study to be sent
+        whole when it is stable, with the usual outcome. Returns when its rest is due to go,
+        if some of it waits for that."""
         early = self._early.get(study.id)
         if study.id in self._not_early or study.attempts:
-            return
+            return None
         if early is not None and early.sender.failed:
             log.info("study %s: an early request failed; it goes whole when stable", study.id)
             self._not_early.add(study.id)
             self._drop_early(study.id)
-            return
-        if study.instance_count - (len(early.done) if early else 0) < REQUEST_INSTANCES:
-            return
+            return None
+        waiting = study.instance_count - (len(early.done) if early else 0)
+        rest_at = study.last_received_at + timedelta(
+            seconds=agreement.quiet_period_s * EARLY_REST_FRACTION
+        )
+        rest = now >= rest_at
+        if waiting <= 0 or (waiting < REQUEST_INSTANCES and not rest):
+            return rest_at if waiting > 0 else None
         rows = self._instance_rows(study)
         try:
             if early is None:
@@ -262,12 +277,14 @@ class Forwarder:
                 self._count_person(study, agreement, rows)
                 early = self._early[study.id] = self._new_sender(study, agreement)
             todo = [row for row in rows if row[0] not in early.done]
-            todo = todo[: len(todo) - len(todo) % REQUEST_INSTANCES]  # full requests only
+            if not rest:
+                todo = todo[: len(todo) - len(todo) % REQUEST_INSTANCES]  # full requests only
             early.held += self._deidentify_study(
                 study, todo, early.pseudo, agreement, stop, early.sender
             )
             early.done.update(instance_id for instance_id, _ in todo)
             early.sender.flush()
+            return None if rest else rest_at
         except Exception as exc:  # incl. _Interrupted, _NoConsent, _AtCeiling, CenterError
             if not isinstance(exc, _NotEarly | _Interrupted | _NoConsent | _AtCeiling):
                 log.info(
@@ -277,6 +294,7 @@ class Forwarder:
                 )
             self._not_early.add(study.id)
             self._drop_early(study.id)
+            return None
 
     def _new_sender(self, study: StudyRow, agreement: Agreement) -> _Early:
         """A sender for the study, which records Begin Transferring before its first request."""

@@ -831,6 +831,47 @@ def test_full_requests_go_during_the_quiet_period_and_the_rest_when_stable(
     assert details[1]["instances"] == 37
 
 
+def test_the_rest_goes_once_the_study_is_idle_and_stable_needs_only_complete(
+    edge: tuple[Database, DurableStore], tmp_path: Path
+) -> None:
+    """37 instances: two full requests at once; idle for a quarter of the quiet period, the
+    last 5 go too and the center still starts nothing; an instance arriving then goes at
+    its own idle time; stable, the forward sends nothing more and completes with all 38."""
+    from dicom_io.forwarder import EARLY_REST_FRACTION
+
+    db, store = edge
+    instances = _ingest(db, store, n=37)
+    center = Center(tmp_path)
+    center.start()
+    idle = timedelta(seconds=60 * EARLY_REST_FRACTION + 1)
+    try:
+        fwd = _forwarder(db, store, center.port, _quiet_minute())
+        assert fwd.tick(utcnow()) == 0
+        assert _center_instances(center, 32) == 32
+        assert fwd.tick(utcnow() + idle - timedelta(seconds=2)) == 0  # not idle long enough
+        assert len(center.priorities) == 2
+        assert fwd.tick(utcnow() + idle) == 0
+        assert _center_instances(center, 37) == 37
+        assert len(center.priorities) == 3  # the rest: one partial request
+        with center.db.session() as s:
+            assert s.scalars(select(JobRow)).all() == []  # no job before complete
+        assert _state(db).state == "receiving"
+        late = make_instance(instances[0].StudyInstanceUID, instances[0].SeriesInstanceUID, seed=99)
+        _ingest(db, store, n=1, first=late)
+        assert fwd.tick(utcnow()) == 0  # it just came: it waits for its own idle time
+        assert len(center.priorities) == 3
+        assert fwd.tick(utcnow() + idle) == 0
+        assert _center_instances(center, 38) == 38
+        assert len(center.priorities) == 4
+        assert fwd.tick(utcnow() + STABLE) == 1
+    finally:
+        center.stop()
+    assert len(center.priorities) == 4  # stable: nothing left to send, only complete
+    with center.db.session() as s:
+        assert len(s.scalars(select(JobRow)).all()) == 1
+        assert s.scalars(select(StudyRow)).one().instance_count == 38
+
+
 def test_a_failed_early_request_leaves_the_study_to_go_whole_when_stable(
     edge: tuple[Database, DurableStore], tmp_path: Path
 ) -> None:

@@ -39,7 +39,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, case, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_io.delivery_step import (
     PACS_OK_STATUSES,
@@ -249,7 +248,7 @@ class Deliverer:
         if not objects:
             return 0
         now = utcnow()
-        insert = postgresql.insert if self.db.engine.dialect.name == "postgresql" else sqlite.insert
+        insert = self.db.insert_or_skip(DeliveryRow, ["agreement_id", "center_object_id"])
         added = 0
         for obj in objects:
             study_id = self._step.resolve_study(agreement_id, obj.study_uid)
@@ -267,10 +266,8 @@ class Deliverer:
                 "result_ready_at": obj.created_at,
                 "created_at": now,
             }
-            stmt = insert(DeliveryRow).values(row)
-            stmt = stmt.on_conflict_do_nothing(index_elements=["agreement_id", "center_object_id"])
             with self.db.session() as s:
-                inserted = bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+                inserted = bool(s.execute(insert.values(row)).rowcount)  # type: ignore[attr-defined]
             if not inserted:
                 continue  # another replica queued it first
             added += 1

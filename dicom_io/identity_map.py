@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from radbridge.db.engine import Database
 from radbridge.db.tables import IdentityMapRow, utcnow
@@ -25,11 +24,7 @@ def record_pseudonyms(db: Database, agreement_id: str, issued: dict[tuple[str, s
         }
         for (kind, original), pseudonym in issued.items()
     ]
-    dialect = db.engine.dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(IdentityMapRow).on_conflict_do_nothing(
-        index_elements=["agreement_id", "kind", "original"]
-    )
+    stmt = db.insert_or_skip(IdentityMapRow, ["agreement_id", "kind", "original"])
     with db.session() as s:
         s.execute(stmt, rows)
 

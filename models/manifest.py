@@ -32,6 +32,7 @@ __all__ = [
     "TransformSpec",
     "dump_manifest",
     "load_manifest",
+    "version_key",
 ]
 
 DEMO_INTENDED_USE = "demo model — not for diagnostic use"
@@ -42,6 +43,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def version_key(version: str) -> tuple[int, str]:
+    """How model versions sort: numbers by value, after any non-numeric version."""
+    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 def _slug(v: str) -> str:
@@ -60,6 +66,11 @@ class LabelSpec(_Strict):
     threshold: float = Field(
         ge=0.0, le=1.0, description="Probability (per image or voxel) at or above which present."
     )
+
+    @property
+    def codes(self) -> dict[str, str]:
+        """The finding's codes by scheme (SCT, RADLEX), those the manifest gives."""
+        return {k: v for k, v in (("SCT", self.snomed), ("RADLEX", self.radlex)) if v}
 
     @field_validator("key")
     @classmethod

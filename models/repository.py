@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from models.manifest import ModelManifest, TensorSpec, load_manifest
+from models.manifest import ModelManifest, TensorSpec, load_manifest, version_key
 from radbridge.errors import ModelError
 
 __all__ = ["MANIFEST_FILE", "MODEL_FILE", "LoadedModel", "ModelRepository", "file_sha256"]
@@ -47,10 +47,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 def _graph_dims(value: onnx.ValueInfoProto) -> tuple[str | None, list[int | str | None]]:
@@ -157,7 +153,7 @@ class ModelRepository:
             for v in model_dir.iterdir():
                 if v.is_dir() and (v / MANIFEST_FILE).is_file():
                     found.append(v)
-        return sorted(found, key=lambda p: (p.parent.name, _version_key(p.name)))
+        return sorted(found, key=lambda p: (p.parent.name, version_key(p.name)))
 
     def list(self) -> builtins.list[LoadedModel]:
         """Every model version with a manifest, validated, sorted by name then version.

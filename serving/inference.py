@@ -24,7 +24,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dicom_io.store import DurableStore
-from models.manifest import ModelManifest
+from models.manifest import ModelManifest, version_key
 from models.repository import ModelRepository
 from radbridge.errors import ConfigError, NotFoundError, RadbridgeError
 from radbridge.metrics import CenterMetrics, batch_bucket, safe_label
@@ -91,7 +91,7 @@ class Inference:
         keys = [k for k, m in self.manifests.items() if m.name == name]
         if not keys:
             raise NotFoundError(f"no model named {name}")
-        return max(keys, key=lambda k: _version_order(self.manifests[k].version))
+        return max(keys, key=lambda k: version_key(self.manifests[k].version))
 
     def route(self, modality: str | None, body_part: str | None) -> str | None:
         key = route(self.manifests, modality, body_part)
@@ -244,7 +244,3 @@ async def _unwrapped(call: Awaitable[Any]) -> Any:
         if isinstance(exc.cause, RadbridgeError):
             raise exc.cause from None
         raise
-
-
-def _version_order(v: str) -> tuple[int, str]:
-    return (int(v), "") if v.isdigit() else (-1, v)

@@ -18,7 +18,7 @@ def findings_from_logits(logits: np.ndarray, manifest: ModelManifest) -> list[Fi
         )
     out = []
     for p, label in zip(probs, manifest.labels, strict=True):
-        codes = {k: v for k, v in (("SCT", label.snomed), ("RADLEX", label.radlex)) if v}
+        codes = label.codes
         out.append(
             Finding(
                 label=label.key,

@@ -341,7 +341,7 @@ def save_segmentation_objects(
             {
                 "label": label.key,
                 "display": dict(label.display),
-                "codes": {k: v for k, v in (("SCT", label.snomed), ("RADLEX", label.radlex)) if v},
+                "codes": label.codes,
                 "probability": min(max(seg.max_probability, 0.0), 1.0),
                 "threshold": label.threshold,
                 "present": False,

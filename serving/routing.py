@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.manifest import ModelManifest
+from models.manifest import ModelManifest, version_key
 
 __all__ = ["route"]
 
@@ -17,11 +17,7 @@ def route(
             continue
         if body_part and m.body_parts and body_part.upper() not in m.body_parts:
             continue
-        candidates.append((m.name, _version_key(m.version), key))
+        candidates.append((m.name, version_key(m.version), key))
     if not candidates:
         return None
     return sorted(candidates)[-1][2]
-
-
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v), "") if v.isdigit() else (-1, v)

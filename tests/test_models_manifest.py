@@ -16,6 +16,7 @@ from models.manifest import (
     TransformSpec,
     dump_manifest,
     load_manifest,
+    version_key,
 )
 from models.transforms import DEMO_PREPROCESSING, build_pipeline
 from radbridge.errors import ModelError
@@ -129,3 +130,8 @@ def test_pipeline_rejects_bad_args_and_rank() -> None:
     run = build_pipeline([TransformSpec.model_validate(s) for s in DEMO_PREPROCESSING])
     with pytest.raises(ModelError, match="2-D"):
         run(np.zeros((2, 8, 8), dtype=np.float32))
+
+
+def test_versions_sort_by_number_after_any_non_numeric_one() -> None:
+    """The repository, the router and the Api's newest version all sort by this one key."""
+    assert sorted(["10", "2", "beta", "1"], key=version_key) == ["beta", "1", "2", "10"]

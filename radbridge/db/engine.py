@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -85,6 +86,12 @@ class Database:
                 s.add(row)
         except IntegrityError:
             pass
+
+    def insert_or_skip(self, table: Any, unique: list[str]) -> Any:
+        """``INSERT ... ON CONFLICT (unique) DO NOTHING`` for ``table`` in this database's
+        dialect (SQLite and PostgreSQL spell it alike, from different modules)."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table).on_conflict_do_nothing(index_elements=unique)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -9,10 +9,13 @@ listed for the study. No column holds series UIDs, so each attempt re-reads the 
 the id window of the study's ``deliveries`` rows (all versions and kinds; usually one short
 page) and keeps the objects whose pseudonymous study UID is this one's. The same read gives the
 sha256 to check the download against, so nothing of the listing has to be stored.
-Listing entries are immutable at the center (an object's bytes, digest and signature never
-change), so the step remembers the entries its listings returned (``LISTING_MEMORY`` of them):
-an attempt right after the listener queued a study's objects finds every companion there and
-lists nothing (one round trip to the center less, per object, on every result's way home).
+The center never changes a listing entry (an object's bytes, digest and signature), so the step
+remembers the entries its listings returned (``LISTING_MEMORY`` of them): an attempt right after
+the listener queued a study's objects finds every companion there and lists nothing (one round
+trip to the center less, per object, on every result's way home). A download that does not
+match a remembered digest is judged against the center's listing of now, listed again: an
+object altered at the center then fails its signature check and is refused for good, as it
+would have been without the memory.
 
 Order. The signature is verified before a byte of the download is parsed; nothing reaches the
 PACS that the center did not sign for this edge and agreement.
@@ -119,6 +122,12 @@ class DeliveryStep:
         study = self._study(d, listed)
         original = self._original(study)
         data = self._download(listed)
+        if _sha256(data) != listed.sha256.lower() and self._forget(d):
+            listed, companions = self._listed(d)  # remembered: what does the center say now?
+        if _sha256(data) != listed.sha256.lower():
+            raise AttemptFailed(
+                "center", f"result object {listed.id} does not match its listed sha256"
+            )
         evidence = self._verify(d, listed, data)  # before a byte of it is parsed
         ds = _parse(data, listed)
         out = reidentify(ds, agreement.id, self.db, original, companions).dataset
@@ -180,6 +189,11 @@ class DeliveryStep:
             return None
         return {i: o for i, o in found.items() if o is not None}
 
+    def _forget(self, d: DeliveryRow) -> bool:
+        """Drop the remembered entry of ``d``'s object; whether there was one."""
+        with self._memory_lock:
+            return self._listed_before.pop((d.agreement_id, d.center_object_id), None) is not None
+
     def _list_window(self, agreement_id: str, lo: int, hi: int) -> dict[int, ResultObject]:
         """The center's listing entries with ids from ``lo`` to ``hi``."""
         window: dict[int, ResultObject] = {}
@@ -232,7 +246,7 @@ class DeliveryStep:
                 listed.signature,
                 edge_id=self._edge_id,
                 agreement_id=d.agreement_id,
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=_sha256(data),
                 expected={
                     "sop_instance_uid": listed.sop_instance_uid,
                     "sop_class_uid": listed.sop_class_uid,
@@ -259,10 +273,6 @@ class DeliveryStep:
                     "center", f"the center has no result object {listed.id} (404)", permanent=True
                 ) from None
             raise AttemptFailed("center", str(exc)) from None
-        if hashlib.sha256(data).hexdigest() != listed.sha256.lower():
-            raise AttemptFailed(
-                "center", f"result object {listed.id} does not match its listed sha256"
-            )
         return data
 
     def list(
@@ -291,6 +301,10 @@ class DeliveryStep:
                     StudyRow.agreement_id == agreement_id, StudyRow.study_uid == original
                 )
             ).first()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _parse(data: bytes, listed: ResultObject) -> Dataset:

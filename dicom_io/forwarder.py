@@ -15,7 +15,9 @@ ends, the forward sends only the rest on the same ``StudySender`` and completes 
 de-identification and most of the upload are off the path from the last instance to the
 result. Once no instance has come for ``EARLY_REST_FRACTION`` of the quiet period, the rest (a
 partial request) goes too, so that a stable study usually needs only ``complete``; an instance
-arriving later goes the same way. What was sent early is kept in memory only. After a
+arriving later goes the same way. With the rest gone, the edge tells the center the study is
+probably whole (``prepare``, a hint), and an idle center segments its volumes ahead of the job
+that ``complete`` will start. What was sent early is kept in memory only. After a
 restart, a failed early request, or a refusal, the forward sends the whole study as before (the
 center keeps one copy).
 """
@@ -45,7 +47,7 @@ from dicom_io.stow_sender import REQUEST_INSTANCES, StudySender
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
 from radbridge.clock import WallClock
-from radbridge.contract import CenterClient, CompleteStudy, backoff_s
+from radbridge.contract import CenterClient, CompleteStudy, PrepareStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
 from radbridge.errors import CenterError, DeidentificationError, PolicyError, redacted
@@ -71,6 +73,7 @@ class _Early:
     pseudo: Pseudonymizer
     done: set[int] = field(default_factory=set)  # instance ids de-identified into ``sender``
     held: list[str] = field(default_factory=list)  # reasons of instances quarantined
+    hinted: int = 0  # the instance count the center was told is probably whole
 
 
 class Forwarder:
@@ -267,6 +270,8 @@ class Forwarder:
         )
         rest = now >= rest_at
         if waiting <= 0 or (waiting < REQUEST_INSTANCES and not rest):
+            if waiting <= 0 and rest and early is not None:
+                self._hint_whole(study, agreement, early)
             return rest_at if waiting > 0 else None
         rows = self._instance_rows(study)
         try:
@@ -284,6 +289,8 @@ class Forwarder:
             )
             early.done.update(instance_id for instance_id, _ in todo)
             early.sender.flush()
+            if rest:
+                self._hint_whole(study, agreement, early)
             return None if rest else rest_at
         except Exception as exc:  # incl. _Interrupted, _NoConsent, _AtCeiling, CenterError
             if not isinstance(exc, _NotEarly | _Interrupted | _NoConsent | _AtCeiling):
@@ -295,6 +302,21 @@ class Forwarder:
             self._not_early.add(study.id)
             self._drop_early(study.id)
             return None
+
+    def _hint_whole(self, study: StudyRow, agreement: Agreement, early: _Early) -> None:
+        """Every instance received has gone and the study is idle: tell the center it is
+        probably whole (``PrepareStudy``), once per count, after those requests' answers. The
+        center may segment ahead during the rest of the quiet period; the forward still
+        completes the study when it is stable."""
+        count = early.sender.submitted
+        if early.held or count == 0 or early.hinted == count:
+            return
+        early.hinted = count
+        pseudo_study_uid = early.pseudo.uid(study.study_uid)
+        body = PrepareStudy(
+            agreement_id=agreement.id, priority=study.priority, instance_count=count
+        )
+        early.sender.after_sent(lambda: self._center.prepare(pseudo_study_uid, body))
 
     def _new_sender(self, study: StudyRow, agreement: Agreement) -> _Early:
         """A sender for the study, which records Begin Transferring before its first request."""

@@ -16,6 +16,7 @@ a SOP Instance UID.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,9 +27,11 @@ from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.stow import encode_multipart
 from radbridge.contract import CenterClient
 from radbridge.db.engine import Database
-from radbridge.errors import CenterError, PolicyError
+from radbridge.errors import CenterError, PolicyError, redacted
 
 __all__ = ["REQUEST_BYTES", "REQUEST_INSTANCES", "StudySender", "raise_on_refused_instances"]
+
+log = logging.getLogger("radbridge.edge.forwarder")
 
 # Small enough that the center stores one request while the next is de-identified, large
 # enough that the per-request cost (a transaction, an HTTP round trip) stays small: 16 CT
@@ -69,6 +72,7 @@ class StudySender:
         self._before_first = before_first
         self.sent = 0  # instances the center acknowledged
         self.sent_bytes = 0
+        self.submitted = 0  # instances in requests handed to the pool
 
     def add(self, part: bytes) -> None:
         """Queue one de-identified instance; sends the request it completes."""
@@ -96,6 +100,19 @@ class StudySender:
             self._send_batch()
         self._wait()
 
+    def after_sent(self, call: Callable[[], object]) -> None:
+        """Run ``call`` on the pool once the requests handed to it so far have had their
+        answers (the pool has one thread: it runs in order). ``call`` is a hint: whatever it
+        raises is logged by type and dropped, the study's own requests are not affected."""
+
+        def hint() -> None:
+            try:
+                call()
+            except Exception as exc:
+                log.info("a hint to the center failed (%s); nothing depends on it", redacted(exc))
+
+        self._pool.submit(hint)
+
     def abandon(self) -> None:
         """Wait for the request in flight (its answer no longer matters) and drop the rest:
         after an error, so that no request of this study is still leaving."""
@@ -115,6 +132,7 @@ class StudySender:
         record_pseudonyms(self._db, self._agreement_id, new)  # before any byte leaves
         self._recorded.update(new)
         batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self.submitted += len(batch)
         self._in_flight = self._pool.submit(self._post, batch)
 
     def _wait(self) -> None:

@@ -1,7 +1,7 @@
 """CT read-back latency: the last slice acknowledged by the edge -> the SEG and SR stored in the
 hospital's PACS, against the pure model path on the same volume.
 
-    .venv/bin/python -m loadtests.ct_latency [--runs 3]
+    .venv/bin/python -m loadtests.ct_latency [--runs 3] [--prepare-ahead both|on|off]
 
 Stack: `radbridge up` (edge + local center, its defaults) with Orthanc as the hospital PACS
 (tests/e2e/stack.stack_with_pacs; every dcmtk peer with TCP_NODELAY=1). The demo agreement's
@@ -16,9 +16,14 @@ The stages come from the timestamps each node records anyway (edge study: last r
 stable, forwarded; center job: created, started, finished, with its own stage clocks
 decoded/windows/objects; result objects: created; edge deliveries: listed, delivered).
 
-With ``edge.forward_early`` (the default) most slices reach the center during the quiet
-period: "stable -> first instance at the center" is then negative, and "stable -> forwarded"
-is the last partial request plus "complete".
+With ``edge.forward_early`` (the default) every slice reaches the center during the quiet
+period: full requests as they come, the rest once the study has been idle for a quarter of
+the period; "stable -> first instance at the center" is then negative, and "stable ->
+forwarded" is "complete". The edge then tells the center the study is probably whole, and an
+idle center segments the volume ahead (the Api's ``prepare_ahead``, on by default): the job
+that "complete" starts takes that segmentation, and its decode/window/map stages were spent
+during the quiet period. The benchmark runs the stack twice, with ``prepare_ahead`` on and off
+(``--prepare-ahead on|off|both``), so both figures are printed side by side.
 
 The pure model path runs in this process on the same files: read the series, resample, MONAI
 sliding-window on raw ONNX Runtime (CPU provider, the runner's thread settings), nodules and the
@@ -44,6 +49,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pydicom
+import yaml
 from sqlalchemy import select
 
 from dicom_io.identity_map import lookup_pseudonym
@@ -54,6 +60,7 @@ from models.repository import ModelRepository
 from radbridge.db import Database
 from radbridge.db.tables import DeliveryRow, JobRow, ResultObjectRow, ResultRow, StudyRow
 from serving.segmentation import segment_series
+from tests.conftest import REPO
 from tests.e2e.stack import AGREEMENT, stack_with_pacs, storescu
 
 MODEL = "ct-lung-nodule-demo"
@@ -192,53 +199,80 @@ def _stored_kinds(pacs: Any, study_uid: str) -> set[str]:
     return {s["MainDicomTags"].get("Modality", "") for s in found.json()}
 
 
+def _serve_config(workdir: Path, prepare_ahead: bool) -> Path:
+    """serving/serve.yaml with the Api's ``prepare_ahead`` set."""
+    raw = yaml.safe_load((REPO / "serving" / "serve.yaml").read_text())
+    for app in raw["applications"]:
+        for d in app.get("deployments", []):
+            if d["name"] == "Api":
+                d.setdefault("user_config", {})["prepare_ahead"] = prepare_ahead
+    path = workdir / f"serve-prepare-{'on' if prepare_ahead else 'off'}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, choices=range(1, 10), metavar="1..9")
+    parser.add_argument("--prepare-ahead", choices=("both", "on", "off"), default="both")
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="radbridge-ct-latency-"))
-    try:
-        runs = []
-        with stack_with_pacs(workdir, _default_delivery_poll) as (pacs, stack):
-            for i in range(args.runs):
-                run = one_run(pacs, stack, workdir, seed=i + 1)
-                print(f"  run {i + 1}/{args.runs}: read back in {run['readback']:.2f} s")
-                runs.append(run)
-            models = Path(str(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"]))  # type: ignore[index]
-        # The model path after the stack stopped, so it has the machine to itself.
-        model_s = model_path_seconds(runs[0]["files"], models)
-        # The first read-back after the stack starts is shown apart: a median would hide it.
-        first, warm = runs[0], runs[1:] or runs
-        readback = statistics.median(r["readback"] for r in warm)
-        slices = len(runs[0]["files"])
-        alone = {
-            "  job: series read + decoded": model_s["decode"],
-            "  job: resample + sliding window + nodules": model_s["sliding_window"],
-            "  job: map onto the source slices": model_s["map"],
-        }
-        print(f"\nCT read-back: {slices} slices, {args.runs} runs, 2 CPUs")
+    settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.prepare_ahead]
+    for prepare_ahead in settings:
+        workdir = Path(tempfile.mkdtemp(prefix="radbridge-ct-latency-"))
+        try:
+            report(workdir, args.runs, prepare_ahead)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def report(workdir: Path, n_runs: int, prepare_ahead: bool) -> None:
+    """One stack, ``n_runs`` CTs through it, then the stage table and the ratios."""
+    print(f"\nprepare_ahead {'on' if prepare_ahead else 'off'}:")
+    runs = []
+    serve_config = _serve_config(workdir, prepare_ahead)
+    with stack_with_pacs(
+        workdir, _default_delivery_poll, RADBRIDGE_CENTER__SERVE_CONFIG=str(serve_config)
+    ) as (pacs, stack):
+        for i in range(n_runs):
+            run = one_run(pacs, stack, workdir, seed=i + 1)
+            print(f"  run {i + 1}/{n_runs}: read back in {run['readback']:.2f} s")
+            runs.append(run)
+        models = Path(str(stack["env"]["RADBRIDGE_MODEL_REPOSITORY"]))  # type: ignore[index]
+    # The model path after the stack stopped, so it has the machine to itself.
+    model_s = model_path_seconds(runs[0]["files"], models)
+    # The first read-back after the stack starts is shown apart: a median would hide it.
+    first, warm = runs[0], runs[1:] or runs
+    readback = statistics.median(r["readback"] for r in warm)
+    slices = len(runs[0]["files"])
+    alone = {
+        "  job: series read + decoded": model_s["decode"],
+        "  job: resample + sliding window + nodules": model_s["sliding_window"],
+        "  job: map onto the source slices": model_s["map"],
+    }
+    print(f"\nCT read-back: {slices} slices, {n_runs} runs, 2 CPUs")
+    print(f"  {'stage':<42} {'first run':>9} {'median of the rest':>18} {'model path alone':>18}")
+    for stage in runs[0]["stages"]:
+        values = [r["stages"][stage] for r in warm if r["stages"][stage] is not None]
+        shown = f"{statistics.median(values):7.2f} s" if values else "      - "
+        cold = first["stages"][stage]
+        cold_shown = f"{cold:7.2f} s" if cold is not None else "      - "
+        by_itself = f"{alone[stage]:7.2f} s" if stage in alone else ""
+        print(f"  {stage:<42} {cold_shown:>9} {shown:>18} {by_itself:>18}")
+    total = "last ack -> SEG + SR stored at the PACS"
+    print(f"  {total:<42} {first['readback']:7.2f} s {readback:16.2f} s")
+    print(f"  {'pure model path (raw ONNX Runtime)':<42} {'':>9} {model_s['total']:16.2f} s")
+    if prepare_ahead:
         print(
-            f"  {'stage':<42} {'first run':>9} {'median of the rest':>18} {'model path alone':>18}"
+            "  (the job's decode, window and map stages ran during the quiet period, on the "
+            "edge's hint, where the job found them prepared)"
         )
-        for stage in runs[0]["stages"]:
-            values = [r["stages"][stage] for r in warm if r["stages"][stage] is not None]
-            shown = f"{statistics.median(values):7.2f} s" if values else "      - "
-            cold = first["stages"][stage]
-            cold_shown = f"{cold:7.2f} s" if cold is not None else "      - "
-            by_itself = f"{alone[stage]:7.2f} s" if stage in alone else ""
-            print(f"  {stage:<42} {cold_shown:>9} {shown:>18} {by_itself:>18}")
-        total = "last ack -> SEG + SR stored at the PACS"
-        print(f"  {total:<42} {first['readback']:7.2f} s {readback:16.2f} s")
-        print(f"  {'pure model path (raw ONNX Runtime)':<42} {'':>9} {model_s['total']:16.2f} s")
-        for label, value in (("first run", first["readback"]), ("the rest", readback)):
-            ratio = (value - QUIET_PERIOD_S) / model_s["total"]
-            print(
-                f"  ratio, {label} (read-back - the agreement's quiet period "
-                f"{QUIET_PERIOD_S:.0f} s) / model path: {ratio:.2f}x"
-            )
-        return 0
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    for label, value in (("first run", first["readback"]), ("the rest", readback)):
+        ratio = (value - QUIET_PERIOD_S) / model_s["total"]
+        print(
+            f"  ratio, {label} (read-back - the agreement's quiet period "
+            f"{QUIET_PERIOD_S:.0f} s) / model path: {ratio:.2f}x"
+        )
 
 
 def _default_delivery_poll(raw: dict[str, Any]) -> None:

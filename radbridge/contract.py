@@ -36,12 +36,15 @@ __all__ = [
     "RESULT_OBJECT",
     "STUDIES",
     "STUDY_COMPLETE",
+    "STUDY_PREPARE",
     "STUDY_PURGE",
     "STUDY_RESULTS",
     "UID",
     "CenterClient",
     "CenterError",
     "CompleteStudy",
+    "PrepareOut",
+    "PrepareStudy",
     "PurgeOut",
     "PurgeStudy",
     "ResultObject",
@@ -55,6 +58,7 @@ __all__ = [
 # -- paths (FastAPI templates; the client fills them in) -------------------------------------
 STUDIES = "/v1/studies"  # STOW-RS: multipart/related; type="application/dicom"
 STUDY_COMPLETE = "/v1/studies/{study_uid}/complete"
+STUDY_PREPARE = "/v1/studies/{study_uid}/prepare"  # a hint: the study is probably whole
 STUDY_RESULTS = "/v1/studies/{study_uid}/results"
 STUDY_PURGE = "/v1/studies/{study_uid}/purge"
 AGREEMENT_RESULT_OBJECTS = "/v1/agreements/{agreement_id}/result-objects"
@@ -98,6 +102,24 @@ class CompleteStudy(BaseModel):
     instance_count: int = Field(ge=1, le=1_000_000)
     edge_elapsed_s: float = Field(
         0.0, ge=0, le=10 * 365 * 86_400.0, description="From the edge's first instance to now."
+    )
+
+
+class PrepareStudy(BaseModel):
+    """Sent by the edge while a study's quiet period still runs, once no instance has come for
+    a while and every one it holds was accepted: the study is probably whole. A hint, never a
+    completion: the center may compute ahead, but starts no job and releases nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    agreement_id: str = Field(pattern=AGREEMENT_ID)
+    priority: Priority = Priority.ROUTINE
+    instance_count: int = Field(ge=1, le=1_000_000)
+
+
+class PrepareOut(BaseModel):
+    preparing: bool = Field(
+        description="The center computes ahead: it held exactly instance_count instances and "
+        "had nothing else to do."
     )
 
 
@@ -171,6 +193,15 @@ class CenterClient:
     def complete(self, study_uid: str, body: CompleteStudy) -> httpx.Response:
         path = STUDY_COMPLETE.format(study_uid=study_uid)
         return self._call("POST", path, "complete", json=body.model_dump(mode="json"))
+
+    def prepare(self, study_uid: str, body: PrepareStudy) -> PrepareOut:
+        """Tell the center the study is probably whole (``PrepareStudy``); a hint only."""
+        path = STUDY_PREPARE.format(study_uid=study_uid)
+        resp = self._call("POST", path, "prepare", json=body.model_dump(mode="json"))
+        try:
+            return PrepareOut.model_validate_json(resp.content)
+        except ValueError:
+            raise CenterError("center sent an invalid prepare answer") from None
 
     def purge(self, study_uid: str, body: PurgeStudy) -> PurgeOut:
         """Ask the center to delete the study now (409 while its job runs: retry later)."""

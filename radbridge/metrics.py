@@ -382,6 +382,14 @@ class CenterMetrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0),
             registry=r,
         )
+        self.prepared = Counter(
+            "radbridge_center_prepared_series_total",
+            "Series segmented ahead of their job on an edge's hint, by outcome: started, used "
+            "by the job, unused (dropped, or the study changed), skipped (the replica had job "
+            "work, or prepare_ahead is off).",
+            ["outcome"],
+            registry=r,
+        )
         self.jobs = Counter(
             "radbridge_center_jobs_total",
             "Inference jobs finished, by outcome.",

@@ -172,6 +172,12 @@ class ApiConfig(_Strict):
         description="Seconds between retention passes (serving/retention.py) of each Api "
         "replica; replicas never purge one study twice.",
     )
+    prepare_ahead: bool = Field(
+        True,
+        description="When an edge says a study is probably whole (POST .../prepare, during "
+        "its quiet period) and this replica has no job work, segment its volumes ahead; the "
+        "job started by complete uses them if its instances are the same.",
+    )
 
 
 class AppArgs(_Strict):

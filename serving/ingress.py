@@ -43,10 +43,13 @@ from radbridge.contract import (
     RESULT_OBJECT,
     STUDIES,
     STUDY_COMPLETE,
+    STUDY_PREPARE,
     STUDY_PURGE,
     STUDY_RESULTS,
     UID,
     CompleteStudy,
+    PrepareOut,
+    PrepareStudy,
     PurgeOut,
     PurgeStudy,
     ResultObjectList,
@@ -239,7 +242,9 @@ class Api:
         self.inference.reload(cfg)  # ConfigError for a pin to a version not installed
         self.config = cfg
         self.pipeline.configure(
-            cfg.dispatch_concurrency, {str(p): s for p, s in cfg.max_wait_s.items()}
+            cfg.dispatch_concurrency,
+            {str(p): s for p, s in cfg.max_wait_s.items()},
+            cfg.prepare_ahead,
         )
 
     @property
@@ -329,6 +334,18 @@ class Api:
             state=job.state,
             created_at=job.created_at,
         )
+
+    @api.post(STUDY_PREPARE, status_code=202, responses=_answers(400, *_EDGE, 409))
+    async def prepare(
+        self, request: Request, body: PrepareStudy, study_uid: str = Path(pattern=UID)
+    ) -> PrepareOut:
+        """The edge's hint that the study is probably whole (its quiet period still runs):
+        its volumes may be segmented ahead of its job. Starts no job, releases nothing."""
+        caller = self._caller(request, Role.EDGE)
+        agreement = self._agreement(caller, body.agreement_id)
+        priority = caller.capped(body.priority).value
+        began = await self.pipeline.prepare(agreement, study_uid, body.instance_count, priority)
+        return PrepareOut(preparing=began)
 
     @api.post(STUDY_PURGE, responses=_answers(400, *_EDGE, 409))
     async def purge(

@@ -32,6 +32,7 @@ __all__ = [
     "pending_jobs",
     "save_result",
     "start_job",
+    "study_instances",
     "study_results",
 ]
 
@@ -152,16 +153,35 @@ def job_instances(db: Database, job_id: int) -> list[JobInstance]:
         job = s.get(JobRow, job_id)
         if job is None:
             raise NotFoundError("unknown job")
-        rows = s.execute(
-            select(InstanceRow, SeriesRow)
-            .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
-            .where(SeriesRow.study_id == job.study_id)
-            .order_by(InstanceRow.id)
-        ).all()
-        return [
-            JobInstance(i.id, i.sop_instance_uid, i.path, se.modality, se.body_part, se.id)
-            for i, se in rows
-        ]
+        return _instances(s, job.study_id)
+
+
+def study_instances(
+    db: Database, agreement_id: str, study_uid: str, count: int
+) -> list[JobInstance] | None:
+    """The study's instances, as its job will read them, if it holds exactly ``count``."""
+    with db.session() as s:
+        study = s.scalars(
+            select(StudyRow).where(
+                StudyRow.study_uid == study_uid, StudyRow.agreement_id == agreement_id
+            )
+        ).first()
+        if study is None or study.instance_count != count:
+            return None
+        return _instances(s, study.id)
+
+
+def _instances(s: Any, study_id: int) -> list[JobInstance]:
+    rows = s.execute(
+        select(InstanceRow, SeriesRow)
+        .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+        .where(SeriesRow.study_id == study_id)
+        .order_by(InstanceRow.id)
+    ).all()
+    return [
+        JobInstance(i.id, i.sop_instance_uid, i.path, se.modality, se.body_part, se.id)
+        for i, se in rows
+    ]
 
 
 def save_result(db: Database, job_id: int, instance_id: int, result: InstanceResult) -> None:

@@ -19,7 +19,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,13 +41,39 @@ from serving.inference import Inference
 from serving.result_objects import unread_reasons
 from serving.scheduling import PriorityGate
 from serving.schemas import Finding, InstanceResult
-from serving.segmentation import segment_series
+from serving.segmentation import SeriesSegmentation, segment_series
 
 __all__ = ["Pipeline", "model_ref"]
 
 log = logging.getLogger("ray.serve")
 
 _JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S = 2.0, 60.0  # a job whose run broke (database, store)
+# Series segmented ahead and kept for their jobs (a CT's probabilities are gone by then: a
+# segmentation holds its mask, some MB); the oldest is dropped unused beyond this.
+PREPARED_MAX = 4
+
+
+@dataclass(frozen=True)
+class _Segmented:
+    """One series' segmentation, and what its result records of how it was made."""
+
+    seg: SeriesSegmentation
+    stats: dict[str, Any]  # windows, seconds in the runner, provider
+    seconds: float
+    input_sha256: str
+
+
+def _by_series(instances: list[jobs.JobInstance]) -> dict[int, list[jobs.JobInstance]]:
+    by_series: dict[int, list[jobs.JobInstance]] = {}
+    for inst in instances:
+        by_series.setdefault(inst.series_id, []).append(inst)
+    return by_series
+
+
+def _retrieved(task: asyncio.Task[_Segmented]) -> None:
+    """A prepared segmentation nobody awaits (dropped unused) must not log "never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _transient(exc: BaseException) -> bool:
@@ -86,15 +114,24 @@ class Pipeline:
         self.objects_built = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._resumed = False
+        self.prepare_ahead = True
+        # (model key, instance ids) -> the series' segmentation, computed or computing
+        self._prepared: OrderedDict[tuple[str, tuple[int, ...]], asyncio.Task[_Segmented]] = (
+            OrderedDict()
+        )
 
     @property
     def manifests(self) -> dict[str, ModelManifest]:
         return self.inference.manifests
 
-    def configure(self, concurrency: int, max_wait_s: dict[str, float]) -> None:
-        """How many work units run at once, and how long each priority may wait for one."""
+    def configure(
+        self, concurrency: int, max_wait_s: dict[str, float], prepare_ahead: bool = True
+    ) -> None:
+        """How many work units run at once, how long each priority may wait for one, and
+        whether a study's volumes may be segmented ahead (:meth:`prepare`)."""
         self.dispatch.capacity = concurrency
         self.dispatch.max_wait_s = dict(max_wait_s)
+        self.prepare_ahead = prepare_ahead
 
     def resume(self) -> None:
         """Run the jobs left queued or running (a replica that died mid-job); once."""
@@ -197,11 +234,8 @@ class Pipeline:
     ) -> list[Coroutine[Any, Any, None]]:
         """Per series: a classifier runs per instance, a segmenter once on the whole volume.
         Each unit waits for a dispatch slot: STAT jobs' units go first."""
-        by_series: dict[int, list[jobs.JobInstance]] = {}
-        for inst in instances:
-            by_series.setdefault(inst.series_id, []).append(inst)
         work: list[Coroutine[Any, Any, None]] = []
-        for series in by_series.values():
+        for series in _by_series(instances).values():
             key = self.inference.route(series[0].modality, series[0].body_part)
             if key is None:
                 work.append(self._unrouted(series[0].modality))
@@ -228,9 +262,46 @@ class Pipeline:
         code = safe_label(modality)
         raise NoModelError(code, f"no model serves modality {code}")
 
-    async def _segment_series(
-        self, job_id: int, key: str, series: list[jobs.JobInstance], priority: str
-    ) -> None:
+    async def prepare(self, agreement_id: str, study_uid: str, count: int, priority: str) -> bool:
+        """Segment the study's volumes ahead of its job, if this replica has no job work and
+        the study holds exactly ``count`` instances (the edge's hint, during the quiet
+        period). The job that ``complete`` starts awaits or takes the result if its series
+        have the same instances; otherwise it is dropped unused. Returns whether it began."""
+        if not self.prepare_ahead or self.dispatch.running or self.dispatch.waiting:
+            self.metrics.prepared.labels("skipped").inc()
+            return False
+        instances = await asyncio.to_thread(
+            jobs.study_instances, self.db, agreement_id, study_uid, count
+        )
+        began = False
+        for key, series in self._segmented_series(instances or []):
+            ids = (key, tuple(i.instance_id for i in series))
+            if ids in self._prepared:
+                continue
+            task = asyncio.get_running_loop().create_task(self._segmentation(key, series, priority))
+            task.add_done_callback(_retrieved)
+            self._prepared[ids] = task
+            self.metrics.prepared.labels("started").inc()
+            while len(self._prepared) > PREPARED_MAX:
+                self._prepared.popitem(last=False)
+                self.metrics.prepared.labels("unused").inc()
+            began = True
+        return began
+
+    def _segmented_series(
+        self, instances: list[jobs.JobInstance]
+    ) -> list[tuple[str, list[jobs.JobInstance]]]:
+        """The study's series that a segmentation model reads, with its model's key."""
+        found = []
+        for series in _by_series(instances).values():
+            key = self.inference.route(series[0].modality, series[0].body_part)
+            if key is not None and self.manifests[key].task == "segmentation":
+                found.append((key, series))
+        return found
+
+    async def _segmentation(
+        self, key: str, series: list[jobs.JobInstance], priority: str
+    ) -> _Segmented:
         """Sliding-window inference on the series' volume: decoded and resampled here, its
         windows run inside the ModelRunner (one round trip for the volume)."""
         manifest = self.manifests[key]
@@ -246,7 +317,30 @@ class Pipeline:
 
         t0 = time.perf_counter()
         seg = await asyncio.to_thread(segment_series, encoded, manifest, probabilities)
-        total = time.perf_counter() - t0
+        digest = hashlib.sha256(b"".join(sorted(encoded))).hexdigest()
+        return _Segmented(seg, stats, time.perf_counter() - t0, digest)
+
+    async def _segment_series(
+        self, job_id: int, key: str, series: list[jobs.JobInstance], priority: str
+    ) -> None:
+        """The series' segmentation (prepared ahead, or computed now), then its result and
+        its SEG."""
+        manifest = self.manifests[key]
+        ahead = self._prepared.pop((key, tuple(i.instance_id for i in series)), None)
+        done: _Segmented | None = None
+        if ahead is not None:
+            try:
+                done = await ahead
+                self.metrics.prepared.labels("used").inc()
+            except Exception as exc:  # computed again below: the job reports its own fault
+                log.warning(
+                    "job %d: the segmentation prepared ahead failed (%s)",
+                    job_id,
+                    type(exc).__name__,
+                )
+        if done is None:
+            done = await self._segmentation(key, series, priority)
+        seg, stats, total = done.seg, done.stats, done.seconds
         self.metrics.request.labels(manifest.name, manifest.version, priority, "study").observe(
             total
         )
@@ -254,7 +348,7 @@ class Pipeline:
         finding = Finding(
             label=label.key,
             display=dict(label.display),
-            codes={k: v for k, v in (("SCT", label.snomed), ("RADLEX", label.radlex)) if v},
+            codes=label.codes,
             probability=round(seg.max_probability, 6),
             threshold=label.threshold,
             present=bool(seg.nodules),
@@ -263,7 +357,7 @@ class Pipeline:
         result = InstanceResult(
             sop_instance_uid=first.sop_instance_uid,
             model=model_ref(manifest),
-            input_sha256=hashlib.sha256(b"".join(sorted(encoded))).hexdigest(),
+            input_sha256=done.input_sha256,
             provider=stats["provider"],
             findings=[finding],
             timings_ms={

@@ -193,11 +193,14 @@ def running_stack(
 
 @contextmanager
 def stack_with_pacs(
-    tmp_path: Path, edit_agreements: Callable[[dict[str, Any]], None] | None = None
+    tmp_path: Path,
+    edit_agreements: Callable[[dict[str, Any]], None] | None = None,
+    **env: str,
 ) -> Iterator[tuple[OrthancPeer, dict[str, object]]]:
     """Orthanc as the hospital PACS, and `radbridge up` (data in ``tmp_path/stack``) whose demo
     agreement returns its results to that Orthanc; the edge polls for results every second.
-    ``edit_agreements`` may change the agreements file's content (e.g. add an agreement)."""
+    ``edit_agreements`` may change the agreements file's content (e.g. add an agreement);
+    ``env``: more RADBRIDGE_* settings of the stack."""
     ports = {"edge": free_port(), "metrics": free_port(), "center": free_port()}
     with OrthancPeer(
         modalities={"radbridge": ("RADBRIDGE", "127.0.0.1", ports["edge"])},
@@ -220,6 +223,7 @@ def stack_with_pacs(
             ports,
             RADBRIDGE_AGREEMENTS_FILE=str(agreements),
             RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
+            **env,
         ) as stack:
             yield pacs, stack
 

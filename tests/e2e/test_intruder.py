@@ -211,6 +211,7 @@ def _center_probes(
         # A well-formed body where the route takes JSON, so a refusal is the boundary's.
         bodies = {
             "/complete": {"agreement_id": AGREEMENT, "priority": "routine", "instance_count": 2},
+            "/prepare": {"agreement_id": AGREEMENT, "priority": "routine", "instance_count": 2},
             "/purge": {"agreement_id": AGREEMENT, "reason": "consent-withdrawn"},
         }
         well_formed = next((b for end, b in bodies.items() if path.endswith(end)), None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -36,9 +36,12 @@ from radbridge.contract import (
     PRIORITY_HEADER,
     STUDIES,
     STUDY_COMPLETE,
+    STUDY_PREPARE,
     STUDY_PURGE,
     CenterClient,
     CompleteStudy,
+    PrepareOut,
+    PrepareStudy,
     PurgeOut,
     PurgeStudy,
 )
@@ -68,6 +71,7 @@ class Center:
         self.port = free_port()
         self.overloaded = False  # answer STOW-RS like the Serve center over its backlog bound
         self.priorities: list[str] = []
+        self.hints: list[tuple[str, int, bool]] = []  # (study, count, the center held it)
         app = FastAPI()
         app.add_exception_handler(RadbridgeError, radbridge_error_handler)
 
@@ -93,6 +97,12 @@ class Center:
         async def complete(study_uid: str, body: CompleteStudy) -> dict[str, int]:
             job, _ = jobs.complete_study(self.db, study_uid, body)
             return {"job_id": job.id}
+
+        @app.post(STUDY_PREPARE, status_code=202)
+        async def prepare(study_uid: str, body: PrepareStudy) -> PrepareOut:
+            held = jobs.study_instances(self.db, body.agreement_id, study_uid, body.instance_count)
+            self.hints.append((study_uid, body.instance_count, held is not None))
+            return PrepareOut(preparing=held is not None)
 
         @app.post(STUDY_PURGE)
         async def purge(study_uid: str, body: PurgeStudy) -> PurgeOut:
@@ -784,6 +794,13 @@ def _center_instances(center: Center, wanted: int, timeout_s: float = 10) -> int
         time.sleep(0.02)
 
 
+def _wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.02)
+
+
 def _quiet_minute(**agreement: object):  # type: ignore[no-untyped-def]
     """The demo agreement with a 60 s quiet period (a test's own steps take seconds)."""
     raw = yaml.safe_load(AGREEMENTS.read_text())
@@ -853,9 +870,12 @@ def test_the_rest_goes_once_the_study_is_idle_and_stable_needs_only_complete(
         assert fwd.tick(utcnow() + idle) == 0
         assert _center_instances(center, 37) == 37
         assert len(center.priorities) == 3  # the rest: one partial request
+        _wait_for(lambda: len(center.hints) == 1)
+        assert [h[1:] for h in center.hints] == [(37, True)]  # probably whole: all 37 held
         with center.db.session() as s:
             assert s.scalars(select(JobRow)).all() == []  # no job before complete
         assert _state(db).state == "receiving"
+        assert fwd.tick(utcnow() + idle) == 0  # still idle, nothing new: no second hint
         late = make_instance(instances[0].StudyInstanceUID, instances[0].SeriesInstanceUID, seed=99)
         _ingest(db, store, n=1, first=late)
         assert fwd.tick(utcnow()) == 0  # it just came: it waits for its own idle time
@@ -863,10 +883,16 @@ def test_the_rest_goes_once_the_study_is_idle_and_stable_needs_only_complete(
         assert fwd.tick(utcnow() + idle) == 0
         assert _center_instances(center, 38) == 38
         assert len(center.priorities) == 4
+        _wait_for(lambda: len(center.hints) == 2)
         assert fwd.tick(utcnow() + STABLE) == 1
     finally:
         center.stop()
     assert len(center.priorities) == 4  # stable: nothing left to send, only complete
+    assert [h[1:] for h in center.hints] == [(37, True), (38, True)]
+    assert (
+        len({h[0] for h in center.hints}) == 1
+        and center.hints[0][0] != instances[0].StudyInstanceUID
+    )
     with center.db.session() as s:
         assert len(s.scalars(select(JobRow)).all()) == 1
         assert s.scalars(select(StudyRow)).one().instance_count == 38

@@ -9,7 +9,7 @@ import warnings
 from prometheus_client import start_http_server
 
 from dicom_io.consent import ConsentRegister
-from dicom_io.deid_ocr import tesseract
+from dicom_io.deid.ocr import tesseract
 from dicom_io.delivery import Deliverer
 from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor

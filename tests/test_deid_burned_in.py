@@ -13,7 +13,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_io.deid import BurnedInAnnotationError, deidentify
-from dicom_io.deid_burned_in import (
+from dicom_io.deid.burned_in import (
     FLAGGED,
     SECONDARY_CAPTURE,
     ULTRASOUND,

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_io.deid import deidentify
-from dicom_io.deid_values import date_offset_days, shift_dates
+from dicom_io.deid.values import date_offset_days, shift_dates
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError

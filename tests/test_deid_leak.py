@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_io.deid import deidentify
-from dicom_io.deid_leak import compile_needles, find_leak, identifying_values
+from dicom_io.deid.leak import compile_needles, find_leak, identifying_values
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError

@@ -1,4 +1,4 @@
-"""Text burned into projection images without Burned In Annotation (dicom_io/deid_ocr.py), with
+"""Text burned into projection images without Burned In Annotation (dicom_io/deid/ocr.py), with
 Debian's Tesseract: a generated radiograph with the patient's name, ID and birth date drawn into
 its pixels leaves masked (or not at all); a clean one leaves untouched."""
 
@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_io.deid import deidentify
-from dicom_io.deid_burned_in import BurnedInAnnotationError
-from dicom_io.deid_ocr import TEXT_IN_PIXELS, _display, _identifier_tokens, needs_scan, read_words
-from dicom_io.deid_ocr import _spells_identifier as spells
+from dicom_io.deid.burned_in import BurnedInAnnotationError
+from dicom_io.deid.ocr import TEXT_IN_PIXELS, _display, _identifier_tokens, needs_scan, read_words
+from dicom_io.deid.ocr import _spells_identifier as spells
 from dicom_io.pseudonyms import Pseudonymizer
 from models.phantoms import chest_radiograph
 from tests.conftest import PATIENT, make_instance
@@ -123,7 +123,7 @@ WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"  # ./run test installs it
 def test_a_chinese_name_burned_in_as_ideographs_is_masked() -> None:
     """The hospitals are in China: a name drawn as 王小东 is read (Tesseract's chi_sim, which
     ./run installs) and masked like one in pinyin."""
-    from dicom_io.deid_ocr import languages
+    from dicom_io.deid.ocr import languages
 
     assert "chi_sim" in languages(), "tesseract-ocr-chi-sim is missing (./run installs it)"
     ds = _radiograph(text=False)

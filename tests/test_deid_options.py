@@ -15,8 +15,8 @@ from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
 from dicom_io.deid import deidentify
-from dicom_io.deid_private import SAFE_PRIVATE, SAFE_VRS
-from dicom_io.deid_profile import OPTION_COLUMNS, action_for, rules
+from dicom_io.deid.private import SAFE_PRIVATE, SAFE_VRS
+from dicom_io.deid.profile import OPTION_COLUMNS, action_for, rules
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import Agreement, DeidOption
 from radbridge.errors import DeidentificationError

@@ -2,7 +2,7 @@ import pytest
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 
-from dicom_io.deid_profile import ACTIONS, EDITION, action_for, resolve_code, rule_for, rules
+from dicom_io.deid.profile import ACTIONS, EDITION, action_for, resolve_code, rule_for, rules
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError
 

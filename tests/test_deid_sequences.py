@@ -7,7 +7,7 @@ from io import BytesIO
 from pydicom.dataset import Dataset
 
 from dicom_io.deid import deidentify
-from dicom_io.deid_profile import action_for
+from dicom_io.deid.profile import action_for
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from tests.conftest import make_instance

@@ -1,6 +1,6 @@
 import pytest
 
-from dicom_io.deid_text import clean_text, identity_terms
+from dicom_io.deid.text import clean_text, identity_terms
 from tests.conftest import make_instance
 
 

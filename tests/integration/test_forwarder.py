@@ -724,8 +724,8 @@ def test_a_radiograph_with_the_name_in_its_pixels_reaches_the_center_masked(
 ) -> None:
     """The demo agreement reads text in unflagged projection images (text_in_pixels: mask):
     the patient's name, ID and birth date drawn into a CR's pixels never reach the center."""
-    from dicom_io.deid_ocr import _display, _identifier_tokens, read_words
-    from dicom_io.deid_ocr import _spells_identifier as spells
+    from dicom_io.deid.ocr import _display, _identifier_tokens, read_words
+    from dicom_io.deid.ocr import _spells_identifier as spells
     from tests.test_deid_ocr import _radiograph
 
     db, store = edge

@@ -1,13 +1,13 @@
 """Table-driven de-identification: DICOM PS3.15 2024b Annex E, made safer than the table.
 
 Every element at every depth (sequences, tags after Pixel Data) gets the action of PS3.15
-Table E.1-1 under the agreement's options (:mod:`dicom_io.deid_profile`), or, when the table
-does not list it, an action judged by its VR (:mod:`dicom_io.deid_walk`). UIDs are remapped with
+Table E.1-1 under the agreement's options (:mod:`dicom_io.deid.profile`), or, when the table
+does not list it, an action judged by its VR (:mod:`dicom_io.deid.walk`). UIDs are remapped with
 keyed pseudonyms; patient identity is replaced by a keyed pseudonym; free text is removed or, with
-Clean Descriptors, cleaned (:mod:`dicom_io.deid_text`). File meta and preamble are rebuilt.
+Clean Descriptors, cleaned (:mod:`dicom_io.deid.text`). File meta and preamble are rebuilt.
 An instance whose pixels may show identity is quarantined or, when the agreement asks and it is
-safe, masked (:mod:`dicom_io.deid_burned_in`). Before returning, the output is checked for any
-original identifying value (:mod:`dicom_io.deid_leak`); a hit raises.
+safe, masked (:mod:`dicom_io.deid.burned_in`). Before returning, the output is checked for any
+original identifying value (:mod:`dicom_io.deid.leak`); a hit raises.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from dicom_io.deid_burned_in import BurnedInAnnotationError, burned_in_risk, plan_mask, quarantine
-from dicom_io.deid_leak import assert_no_leak, identifying_values
-from dicom_io.deid_ocr import needs_scan, scan_text
-from dicom_io.deid_raw import EXPLICIT_LITTLE, Element, Encoding, encode, new_dataset, text_of
-from dicom_io.deid_walk import NON_REMAPPED_UIDS, WalkContext, walk_items
+from dicom_io.deid.burned_in import BurnedInAnnotationError, burned_in_risk, plan_mask, quarantine
+from dicom_io.deid.leak import assert_no_leak, identifying_values
+from dicom_io.deid.ocr import needs_scan, scan_text
+from dicom_io.deid.raw import EXPLICIT_LITTLE, Element, Encoding, encode, new_dataset, text_of
+from dicom_io.deid.walk import NON_REMAPPED_UIDS, WalkContext, walk_items
 from dicom_io.pseudonyms import Pseudonymizer
 from radbridge.agreements import DeidOption
 from radbridge.errors import DeidentificationError

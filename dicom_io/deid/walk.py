@@ -1,6 +1,6 @@
 """The recursive, table-driven walk: every element at every depth gets exactly one action.
 
-Listed attributes follow PS3.15 2024b Table E.1-1 (:mod:`dicom_io.deid_profile`); unlisted ones
+Listed attributes follow PS3.15 2024b Table E.1-1 (:mod:`dicom_io.deid.profile`); unlisted ones
 are judged by VR, which is safer than the table: PN emptied, DA/DT/TM removed, UI remapped,
 free text removed unless on a short allowlist of technical attributes, numbers kept. Overlays
 (60xx), Original/Request Attributes and Icon Image sequences are always removed (Clean Graphics
@@ -13,7 +13,7 @@ UIDs are remapped; coded strings and numbers stay, so the items keep their struc
 (Clean Structured Content, Clean Graphics, Clean Descriptors) keeps its items cleaned (the
 *clean* scope: unlisted free text is cleaned, dates shifted or given dummies, names given
 dummies). Within either scope listed attributes still follow the table. Private attributes go,
-unless Retain Safe Private is selected and they are on the safe-list (:mod:`dicom_io.deid_private`).
+unless Retain Safe Private is selected and they are on the safe-list (:mod:`dicom_io.deid.private`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from dicom_io.deid_private import retained_private
-from dicom_io.deid_profile import action_for
-from dicom_io.deid_raw import (
+from dicom_io.deid.private import retained_private
+from dicom_io.deid.profile import action_for
+from dicom_io.deid.raw import (
     EXPLICIT_LITTLE,
     Element,
     Encoding,
@@ -43,8 +43,8 @@ from dicom_io.deid_raw import (
     resolve,
     strings,
 )
-from dicom_io.deid_text import clean_text, identity_terms
-from dicom_io.deid_values import (
+from dicom_io.deid.text import clean_text, identity_terms
+from dicom_io.deid.values import (
     BINARY_VRS,
     NUMERIC_VRS,
     date_offset_days,
@@ -179,7 +179,7 @@ class WalkContext:
 def walk(src: Dataset, ctx: WalkContext) -> Dataset:
     """Return a new dataset holding the de-identified elements of ``src``, recursively.
 
-    Elements are read and written raw where possible (:mod:`dicom_io.deid_raw`); the result is
+    Elements are read and written raw where possible (:mod:`dicom_io.deid.raw`); the result is
     a UTF-8 dataset in ``ctx.encoding``.
     """
     return new_dataset(walk_items(src, ctx), ctx.encoding)

@@ -14,7 +14,7 @@ on the image: nothing leaves the edge) and says what to do:
   set to black in every frame;
 - after masking the image is read again; if an identifier can still be read, or the pixel data
   cannot be masked (compressed, signed, an odd photometric interpretation), the instance is
-  quarantined at the edge (:class:`~dicom_io.deid_burned_in.BurnedInAnnotationError`).
+  quarantined at the edge (:class:`~dicom_io.deid.burned_in.BurnedInAnnotationError`).
 
 It runs in the outbox's de-identification step (``radbridge_edge_deidentify_seconds`` includes
 it), never on the acknowledgement path.
@@ -35,8 +35,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_io.deid_burned_in import Mask, black_value, quarantine
-from dicom_io.deid_raw import text_of
+from dicom_io.deid.burned_in import Mask, black_value, quarantine
+from dicom_io.deid.raw import text_of
 from radbridge.errors import ConfigError
 
 __all__ = ["SCANNED_MODALITIES", "TEXT_IN_PIXELS", "Word", "needs_scan", "scan_text", "tesseract"]

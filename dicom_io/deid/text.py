@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
 
-from dicom_io.deid_raw import iter_all, strings
+from dicom_io.deid.raw import iter_all, strings
 
 __all__ = [
     "clean_text",

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.uid import UID
 
-from dicom_io.deid_raw import text_of
+from dicom_io.deid.raw import text_of
 from radbridge.errors import DeidentificationError
 
 __all__ = [
@@ -111,7 +111,7 @@ def quarantine(reason: str, why: str) -> BurnedInAnnotationError:
 @dataclass(frozen=True)
 class Mask:
     """What to black out: everything outside ``keep`` rectangles, or the top ``band`` rows,
-    or (``hide``) just these rectangles (text found by dicom_io/deid_ocr.py)."""
+    or (``hide``) just these rectangles (text found by dicom_io/deid/ocr.py)."""
 
     keep: tuple[tuple[int, int, int, int], ...]  # (x0, y0, x1, y1), inclusive
     band: int

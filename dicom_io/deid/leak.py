@@ -8,7 +8,7 @@ searched, case-insensitively, after PN separators (``^``, ``=``) and runs of whi
 folded to one space (so ``WANG^XIAODONG`` and ``wang xiaodong`` both match). Binary values
 (OB, OW, UN...: ICC profiles, encapsulated documents, waveforms, anything a modality put there)
 are searched as the text they may carry (their UTF-8 and Latin-1 readings), up to
-``BINARY_SCAN_BYTES`` each; only pixel data is not (its text is pixels: deid_burned_in).
+``BINARY_SCAN_BYTES`` each; only pixel data is not (its text is pixels: dicom_io.deid.burned_in).
 
 How a needle matches depends on its length, because a short value is not identifying on its own
 and occurs everywhere (a sex code ``M``, a patient ID ``12`` inside ``512``, ``Ann`` inside
@@ -36,9 +36,9 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
-from dicom_io.deid_raw import Element, iter_all, numbers, strings
-from dicom_io.deid_text import date_spellings
-from dicom_io.deid_values import BINARY_VRS, NUMERIC_VRS, is_standard_uid
+from dicom_io.deid.raw import Element, iter_all, numbers, strings
+from dicom_io.deid.text import date_spellings
+from dicom_io.deid.values import BINARY_VRS, NUMERIC_VRS, is_standard_uid
 from radbridge.errors import DeidentificationError
 
 __all__ = [

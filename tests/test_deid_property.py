@@ -323,7 +323,6 @@ _FILLER = {
 }
 _DOMAINS = ["pumch.cn", "163.com", "qq.com", "mail.ru", "yandex.ru"]
 _NAME_CHARS = {c for _, cjk in _CN_SURNAMES + _CN_GIVEN for c in cjk}
-assert not any(set(w) & _NAME_CHARS for w in _FILLER["cjk"]), "filler shares a name character"
 
 
 def _script(text: str) -> str:
@@ -499,7 +498,6 @@ uids = st.builds(
     st.sampled_from(_UID_ROOTS),
     st.lists(st.integers(10**5, 10**7 - 1), min_size=3, max_size=4),
 )
-assert all(UID(u).name == u for u in ("2.25.1", "1.2.156.112605.14.1"))  # not standard UIDs
 
 
 # -- where to plant -------------------------------------------------------------------------
@@ -554,12 +552,6 @@ def _tag(keyword: str) -> int:
     tag = tag_for_keyword(keyword)
     assert tag is not None, keyword
     return tag
-
-
-for _vr, _kws in [("PN", _PN), ("LO", _ID_LO), ("SH", _ID_SH), ("DA", _DA), ("DT", _DT)]:
-    assert all(dictionary_VR(_tag(k)) == _vr for k in _kws), _vr
-for _vr, _kws in [("TM", _TM), ("UI", _UI), ("SQ", _SQ), *_TEXT.items()]:
-    assert all(dictionary_VR(_tag(k)) == _vr for k in _kws), _vr
 
 
 @dataclass
@@ -823,3 +815,15 @@ def test_planted_identity_never_leaks(case: Case) -> None:
     assert back.PatientID == back.PatientName == pseudo.issued[("patient_id", str(src.PatientID))]
     if not case.retain_uids:
         assert back.SOPInstanceUID == pseudo.uid(str(src.SOPInstanceUID)) != src.SOPInstanceUID
+
+
+def test_the_generators_draw_what_they_claim() -> None:
+    """The vocabularies the properties draw from: filler words share no character with the
+    names (a hit would be a false leak), the UID roots are not standard UIDs, and every
+    keyword list holds keywords of the VR it is used for."""
+    assert not any(set(w) & _NAME_CHARS for w in _FILLER["cjk"]), "filler shares a name character"
+    assert all(UID(u).name == u for u in ("2.25.1", "1.2.156.112605.14.1"))
+    lists = [("PN", _PN), ("LO", _ID_LO), ("SH", _ID_SH), ("DA", _DA), ("DT", _DT)]
+    lists += [("TM", _TM), ("UI", _UI), ("SQ", _SQ), *_TEXT.items()]
+    for vr, keywords in lists:
+        assert all(dictionary_VR(_tag(k)) == vr for k in keywords), vr

@@ -34,8 +34,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_io.dimse_statuses import NOT_AUTHORIZED, PROCESSING_FAILURE, SUCCESS, status_for
 from dicom_io.ingest import Ingestor
-from dicom_io.statuses import NOT_AUTHORIZED, PROCESSING_FAILURE, SUCCESS, status_for
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.errors import RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label

@@ -1,7 +1,7 @@
-"""Building blocks shared by the SR writers (the AI results of :mod:`dicom_io.results` and the
-signed report of :mod:`dicom_io.report_sr`): coded concepts, the TID 1204 language codes, the
-procedure reported, the Long String fit, the Type 2 study/patient attributes and highdicom's
-expected warnings."""
+"""Building blocks shared by the SR writers (the AI results of
+:mod:`dicom_io.result_builders` and the signed report of :mod:`dicom_io.report_sr`): coded
+concepts, the TID 1204 language codes, the procedure reported, the Long String fit, the Type 2
+study/patient attributes and highdicom's expected warnings."""
 
 from __future__ import annotations
 

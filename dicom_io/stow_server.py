@@ -33,9 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from dicom_io.dimse_statuses import PROCESSING_FAILURE, status_for
 from dicom_io.header import InstanceHeader, parse_header
 from dicom_io.ingest import Ingestor
-from dicom_io.statuses import PROCESSING_FAILURE, status_for
 from dicom_io.stow import DICOM_MEDIA_TYPE, decode_multipart, store_response, store_status
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.errors import DatasetError, RadbridgeError

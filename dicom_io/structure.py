@@ -27,7 +27,7 @@ structure, decoding no values but the few pixel-module integers:
   could decode it.
 
 Each failure is a :class:`~radbridge.errors.DatasetError` whose ``reason`` the DIMSE and STOW
-status tables map (``dicom_io.statuses``); messages name the element tag, never its value.
+status tables map (``dicom_io.dimse_statuses``); messages name the element tag, never its value.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
 from dicom_io.scu import _nodelay
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from models.repository import ModelRepository
 from tests.e2e.stack import AGREEMENT, stack_with_pacs
 

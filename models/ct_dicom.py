@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from models.ct_phantoms import CTPhantom
-from models.phantom_dicom import save_phantom_instance
+from models.cxr_dicom import save_phantom_instance
 from radbridge.errors import ModelError
 
 __all__ = ["CT_IMAGE_STORAGE", "LUNG_WINDOW", "RESCALE_INTERCEPT", "write_ct_series"]

@@ -20,10 +20,10 @@ import onnxruntime as ort
 import torch
 from monai.networks.nets import DenseNet
 
+from models.cxr_phantoms import FINDINGS, sample_dataset
 from models.manifest import DEMO_INTENDED_USE, ModelManifest, TransformSpec, dump_manifest
 from models.metrics import auroc, sens_spec, youden_threshold
 from models.onnx_export import export_onnx
-from models.phantoms import FINDINGS, sample_dataset
 from models.repository import MANIFEST_FILE, MODEL_FILE, LoadedModel, ModelRepository, file_sha256
 from models.transforms import DEMO_PREPROCESSING, build_pipeline
 from radbridge.errors import ModelError
@@ -241,7 +241,7 @@ def build(
             "labels": labels,
             "sha256": sha,
             "provenance": {
-                "trained_on": "synthetic PA chest radiograph phantoms (models.phantoms)",
+                "trained_on": "synthetic PA chest radiograph phantoms (models.cxr_phantoms)",
                 "seed": seed,
                 "n_train": n_train,
                 "n_val": N_VAL,

@@ -270,7 +270,7 @@ def gateway(ctx: typer.Context) -> None:
 @gateway_app.command("status")
 def gateway_status_cmd() -> None:
     """Associations, outbox depth by state, retrying/blocked studies, disk headroom."""
-    from dicom_io.status import gateway_status
+    from dicom_io.gateway_status import gateway_status
     from dicom_io.store import DurableStore
     from radbridge.db.engine import Database
     from radbridge.db.migrate import upgrade
@@ -531,7 +531,7 @@ def demo(
 
     from dicom_io.identity_map import lookup_pseudonym
     from dicom_io.scu import send_files
-    from models.phantom_dicom import write_cxr_study
+    from models.cxr_dicom import write_cxr_study
     from radbridge.agreements import load_agreements
     from radbridge.contract import center_client
     from radbridge.db.engine import Database

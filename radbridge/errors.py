@@ -1,7 +1,7 @@
 """The one exception root of radbridge and its per-boundary subclasses.
 
 Each boundary maps these to its own wire codes in exactly one place:
-DIMSE statuses in ``dicom_io.statuses``, HTTP codes in ``radbridge.http_errors``.
+DIMSE statuses in ``dicom_io.dimse_statuses``, HTTP codes in ``radbridge.http_errors``.
 """
 
 from __future__ import annotations

@@ -17,14 +17,14 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_io.ai_notice import Unread, ai_not_performed_sr
-from dicom_io.result_store import Sign, record_objects, save_object
-from dicom_io.results import (
+from dicom_io.result_builders import (
     AlgorithmInfo,
     ImageFinding,
     Nodule,
     classification_sr,
     nodule_seg_and_sr,
 )
+from dicom_io.result_store import Sign, record_objects, save_object
 from dicom_io.sr_parts import Coded
 from dicom_io.store import DurableStore
 from models.manifest import ModelManifest

@@ -19,7 +19,7 @@ from dicom_io.deid.burned_in import BurnedInAnnotationError
 from dicom_io.deid.ocr import TEXT_IN_PIXELS, _display, _identifier_tokens, needs_scan, read_words
 from dicom_io.deid.ocr import _spells_identifier as spells
 from dicom_io.pseudonyms import Pseudonymizer
-from models.phantoms import chest_radiograph
+from models.cxr_phantoms import chest_radiograph
 from tests.conftest import PATIENT, make_instance
 
 NAME = "WANG XIAODONG"  # the test patient's name, as a modality overlay writes it

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import start_http_server
 
-from dicom_io.status import gateway_status
+from dicom_io.gateway_status import gateway_status
 from dicom_io.store import DurableStore
 from radbridge.db import Database
 from radbridge.db.tables import DeliveryRow, StudyRow, utcnow

@@ -16,9 +16,9 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 
 from models.cxr_demo import MANIFEST_TEMPLATE, build
+from models.cxr_dicom import image_rng, write_cxr_study
+from models.cxr_phantoms import FINDINGS, chest_radiograph, sample_dataset
 from models.metrics import auroc
-from models.phantom_dicom import image_rng, write_cxr_study
-from models.phantoms import FINDINGS, chest_radiograph, sample_dataset
 from models.repository import LoadedModel, ModelRepository
 from models.transforms import build_pipeline
 from radbridge.errors import ModelError

@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.phantom_dicom import DX_FOR_PRESENTATION, PRIVATE_CREATOR, image_rng, write_cxr_study
-from models.phantoms import FINDINGS, chest_radiograph, sample_dataset
+from models.cxr_dicom import DX_FOR_PRESENTATION, PRIVATE_CREATOR, image_rng, write_cxr_study
+from models.cxr_phantoms import FINDINGS, chest_radiograph, sample_dataset
 from radbridge.errors import ModelError
 
 SEEDS = range(6)

@@ -137,7 +137,7 @@ def test_more_than_10000_needs_a_security_assessment() -> None:
 
 
 def test_gateway_status_shows_this_years_count(migrated_db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from dicom_io.status import gateway_status
+    from dicom_io.gateway_status import gateway_status
     from dicom_io.store import DurableStore
     from radbridge.db.tables import utcnow
 

@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_io.report_sr import AIAssessment, ReportFinding, ReportSpec, report_sr
-from dicom_io.results import AlgorithmInfo, ImageFinding, classification_sr
+from dicom_io.result_builders import AlgorithmInfo, ImageFinding, classification_sr
 from dicom_io.sr_parts import Coded
 from tests.conftest import make_instance
 from tests.dciodvfy import dciodvfy, part10

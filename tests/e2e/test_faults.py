@@ -42,7 +42,7 @@ from sqlalchemy import func, select
 
 from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, SeriesRow, StudyRow, utcnow
 from radbridge.lifecycle import EdgeStudyState, JobState

@@ -19,8 +19,8 @@ import torch
 import yaml
 from monai.networks.nets import DenseNet
 
+from models.cxr_dicom import write_cxr_study
 from models.onnx_export import export_onnx
-from models.phantom_dicom import write_cxr_study
 from tests.e2e.stack import running_stack, storescu, wait_for_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -40,7 +40,7 @@ from sqlalchemy import select
 
 from dicom_io.delivery import resend_delivery
 from dicom_io.stow import encode_multipart
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from radbridge.auth import (
     EdgeAuth,
     EdgeEntry,

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from radbridge.contract import tls_verify
 from radbridge.db import Database
 from radbridge.db.tables import AuditRow, StudyRow

@@ -33,7 +33,7 @@ import pytest
 
 from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from radbridge.contract import tls_verify
 from tests.conftest import REPO
 from tests.dciodvfy import dciodvfy

@@ -23,7 +23,7 @@ import yaml
 
 from models.ct_dicom import write_ct_series
 from models.ct_phantoms import chest_ct
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from tests.e2e.stack import stack_report, stack_with_pacs
 from tests.peers import OrthancPeer
 

@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
-from models.phantom_dicom import write_cxr_study
+from models.cxr_dicom import write_cxr_study
 from radbridge.db import Database
 from tests.conftest import free_port
 from tests.e2e.stack import echo as _echo

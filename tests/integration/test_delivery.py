@@ -1,7 +1,7 @@
 """Results back to the hospital: center listing -> re-identification -> C-STORE to the PACS.
 
 The center is a loopback FastAPI app (uvicorn) serving the two result-object endpoints from
-objects built here the way the center builds them (``dicom_io.results`` on de-identified
+objects built here the way the center builds them (``dicom_io.result_builders`` on de-identified
 datasets). The PACS is either a pynetdicom Storage SCP started in the test (fast cases: it can
 be down, refuse, or answer warnings on demand) or a real Orthanc (``slow``). Every test runs on
 SQLite and PostgreSQL (``migrated_db``).
@@ -37,12 +37,13 @@ from sqlalchemy import select, update
 
 from dicom_io.deid import deidentify
 from dicom_io.delivery import Deliverer
+from dicom_io.gateway_status import gateway_status
 from dicom_io.header import parse_header
 from dicom_io.identity_map import record_pseudonyms
 from dicom_io.ingest import Ingestor
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.reidentify import reidentify
-from dicom_io.results import (
+from dicom_io.result_builders import (
     AlgorithmInfo,
     ImageFinding,
     Nodule,
@@ -50,7 +51,6 @@ from dicom_io.results import (
     nodule_seg_and_sr,
 )
 from dicom_io.sr_parts import Coded
-from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from radbridge.agreements import AgreementSet, parse_agreements
 from radbridge.contract import AGREEMENT_RESULT_OBJECTS, RESULT_OBJECT, CenterClient

@@ -23,10 +23,10 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
 from dicom_io.forwarder import Forwarder
+from dicom_io.gateway_status import gateway_status
 from dicom_io.header import parse_header
 from dicom_io.identity_map import lookup_pseudonym
 from dicom_io.ingest import Ingestor
-from dicom_io.status import gateway_status
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from radbridge.agreements import load_agreements, parse_agreements

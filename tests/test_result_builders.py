@@ -19,7 +19,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_io.results import (
+from dicom_io.result_builders import (
     AlgorithmInfo,
     ImageFinding,
     Nodule,
@@ -422,7 +422,7 @@ def test_pseudonymous_names_raise_no_person_name_warning() -> None:
 def test_warm_up_runs_the_real_builders_on_a_made_up_ct() -> None:
     """The Api runs this before it is ready: it goes through the real builders, so a change
     that breaks them on a plain CT fails here, not at the first study."""
-    from dicom_io.results import _made_up_ct, warm_up
+    from dicom_io.result_builders import _made_up_ct, warm_up
 
     assert warm_up() > 0
     sources = _made_up_ct(slices=6, size=16)

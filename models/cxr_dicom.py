@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from models.phantoms import chest_radiograph
+from models.cxr_phantoms import chest_radiograph
 
 __all__ = [
     "DX_FOR_PRESENTATION",
@@ -60,7 +60,7 @@ def write_cxr_study(
     Args:
         out_dir: Folder to write into (created).
         seed: Seed of pixels, UIDs and dates.
-        findings: Subset of ``models.phantoms.FINDINGS`` drawn in every image.
+        findings: Subset of ``models.cxr_phantoms.FINDINGS`` drawn in every image.
         patient_name: DICOM PN, e.g. ``"Zhang^Wei=张^伟"`` (written as UTF-8).
         patient_id: PatientID.
         birth_date: PatientBirthDate, ``YYYYMMDD``.

@@ -263,6 +263,14 @@ class Retention(_Strict):
         le=10 * 8760,
         description="Hours the center keeps the rest (reports, AI results, the study's rows).",
     )
+    incomplete_hours: int = Field(
+        168,
+        ge=1,
+        le=10 * 8760,
+        description="Hours the center keeps the instances of a study the edge never completed "
+        "(sent during its quiet period, then stopped, blocked or withdrawn at the edge), "
+        "counted from its last instance; then the study goes whole.",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> Retention:

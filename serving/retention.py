@@ -9,6 +9,11 @@ listed to the edge before it). Then, per agreement (``retention`` in the agreeme
 - after ``reports_hours`` the rest goes: report and result-object files, and the study's rows
   (jobs, results, result objects, the read, its reports), so nothing of it is left.
 
+A study the edge never completed has no read and no job: instances sent during its quiet period
+by an edge that then stopped, blocked it, or held it for consent. It goes whole
+``incomplete_hours`` after its last instance (reason "never completed"), so pseudonymous images
+do not stay at the center without a purpose.
+
 The edge may also ask for a study to be purged now (a withdrawn consent): :func:`purge_now`.
 
 Each purge is crash-safe: the study is first marked (``purging-images`` / ``purging``) in its
@@ -77,15 +82,35 @@ def due(db: Database, agreements: AgreementSet, now: datetime | None = None) -> 
     with db.session() as s:
         # Only a study whose read went home, or one a purge was started on, can be due: the
         # rest of the center's studies are not loaded at all.
-        rows = s.execute(
-            select(StudyRow, ReadRow.sent_at)
-            .outerjoin(ReadRow, ReadRow.study_id == StudyRow.id)
-            .where(or_(ReadRow.sent_at.is_not(None), StudyRow.state.in_(list(_MARK.values()))))
+        rows: list[tuple[StudyRow, datetime | None]] = [
+            (study, sent_at)
+            for study, sent_at in s.execute(
+                select(StudyRow, ReadRow.sent_at)
+                .outerjoin(ReadRow, ReadRow.study_id == StudyRow.id)
+                .where(or_(ReadRow.sent_at.is_not(None), StudyRow.state.in_(list(_MARK.values()))))
+            ).all()
+        ]
+        never: set[int] = set()
+        never_completed = s.scalars(
+            select(StudyRow).where(
+                StudyRow.state == CenterStudyState.RECEIVING,
+                ~select(JobRow.id).where(JobRow.study_id == StudyRow.id).exists(),
+            )
         ).all()
+        for study in never_completed:
+            agreement = agreements.get(study.agreement_id)
+            if agreement is None:
+                continue
+            idle = timedelta(hours=agreement.retention.incomplete_hours)
+            if now >= study.last_received_at + idle:
+                rows.append((study, None))
+                never.add(study.id)
         for study, sent_at in rows:
             what: What | None = None
             reason = "retention"
-            if study.state == CenterStudyState.PURGING:
+            if study.id in never:
+                what, reason = "study", "never completed"
+            elif study.state == CenterStudyState.PURGING:
                 what, reason = "study", "unfinished purge"
             elif study.state == CenterStudyState.PURGING_IMAGES:
                 what, reason = "images", "unfinished purge"

@@ -142,6 +142,37 @@ def test_the_edge_may_ask_for_a_purge_and_a_purged_study_takes_no_instance(cente
     assert refused.stored == [] and "purged" in refused.failed[0][3]
 
 
+def test_a_study_never_completed_goes_whole_after_incomplete_hours(center) -> None:  # type: ignore[no-untyped-def]
+    """Instances that came during a quiet period whose study the edge never completed (it
+    stopped, blocked or held it): no job, no read. After ``incomplete_hours`` from its last
+    instance the study goes whole and is audited; a completed study is not touched by this."""
+    db, store, audit, agreements = center
+    hours = agreements.agreements[0].retention.incomplete_hours
+    parts = _deid_study(2)
+    uid = receive_instances(db, store, AGREEMENT, parts).stored[0].study_uid
+    completed = _study(db, store)  # has its job (and an SR), no read yet
+    with db.session() as s:
+        for study in s.scalars(select(StudyRow)).all():
+            study.last_received_at = utcnow() - timedelta(hours=hours + 1)
+    assert retention.due(db, agreements, utcnow() - timedelta(hours=2)) == []  # not yet
+    [item] = retention.run(db, store, audit, agreements)
+    assert (item.study_uid, item.what, item.reason, item.files) == (
+        uid,
+        "study",
+        "never completed",
+        2,
+    )
+    with db.session() as s:
+        assert [st.id for st in s.scalars(select(StudyRow)).all()] == [completed]
+    assert len(_files(store)) == 2 + 1  # the completed study's images and SR
+    with db.session() as s:
+        (deleted,) = s.scalars(select(AuditRow).where(AuditRow.event_id == "110105")).all()
+    record = json.loads(deleted.details)
+    assert record["reason"] == "never completed" and record["what"] == "study"
+    assert deleted.study_uid == uid
+    assert retention.due(db, agreements) == []
+
+
 def test_a_purge_request_waits_for_the_studys_running_job(center) -> None:  # type: ignore[no-untyped-def]
     db, store, audit, _ = center
     study_id = _study(db, store)

@@ -36,6 +36,10 @@ class IngestOutcome:
 
 
 class Ingestor:
+    """The edge's receive path for one gateway process: checks an instance (its agreement's
+    limits and the structure checks), writes it durably, then indexes it (study, series,
+    instance rows, ids cached per series), all before the SCP or STOW-RS answers success."""
+
     def __init__(
         self,
         db: Database,

@@ -101,6 +101,10 @@ class _Session:
 
 @serve.deployment(name="ModelRunner", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=320)
 class ModelRunner:
+    """One replica's ONNX Runtime sessions (a model version each, multiplexed), behind a
+    priority gate and a batcher: classifier images batched, a segmenter's volume windowed
+    here beside its session (the module docstring tells how)."""
+
     def __init__(self, repository: str) -> None:
         self.repository = ModelRepository(Path(repository))
         self.config = RunnerConfig()

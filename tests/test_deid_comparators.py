@@ -13,7 +13,12 @@ Every tool gets each file as bytes read by pydicom and its output is written bac
 
 * ``radbridge``: ``deidentify`` with the basic profile, and with every option except Retain UIDs;
 * ``dicognito``: one ``Anonymizer`` for the corpus (as its documentation says for a study);
-* ``deid``: ``replace_identifiers`` with its default recipe and default arguments;
+* ``deid``: as its documentation runs it, ``get_identifiers`` then ``replace_identifiers`` with
+  the variables its stock recipe (``deid.dicom``) asks for: ``entity_id`` and ``item_id`` (a
+  patient and a study pseudonym), ``entity_timestamp`` and ``item_timestamp`` (birth and study
+  dates moved back by a fixed 17 days). That recipe removes every UID (``REMOVE contains:UID``)
+  by design, so its missing UIDs and lost references are its recipe's, not the harness's; this
+  deid release ships no other general recipe (only chest X-ray and ultrasound filters);
 * ``unchanged``: a control that returns its input, which must leak every planted value (it
   shows that the search finds what it looks for).
 
@@ -34,6 +39,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -201,14 +207,31 @@ Tool = Callable[[Dataset], Dataset]
 
 
 def _deid() -> Tool:
-    from deid.dicom import replace_identifiers
+    from deid.dicom import get_identifiers, replace_identifiers
     from deid.logger import bot
     from deid.logger.message import ERROR
 
     bot.level = ERROR  # not its warning that the default recipe is used, once per file
+    patients: dict[str, str] = {}
+    studies: dict[str, str] = {}
+
+    def shifted(value: object) -> str:
+        text = str(value or "")
+        if not re.fullmatch(r"\d{8}", text):
+            return ""
+        day = datetime.strptime(text, "%Y%m%d") - timedelta(days=17)
+        return day.strftime("%Y%m%d")
 
     def run(ds: Dataset) -> Dataset:
-        out = replace_identifiers(dicom_files=[ds])
+        items = get_identifiers([ds])
+        patient = str(ds.get("PatientID", ""))
+        study = str(ds.get("StudyInstanceUID", ""))
+        for item in items.values():
+            item["entity_id"] = patients.setdefault(patient, f"PATIENT-{len(patients) + 1:04d}")
+            item["item_id"] = studies.setdefault(study, f"STUDY-{len(studies) + 1:04d}")
+            item["entity_timestamp"] = shifted(ds.get("PatientBirthDate"))
+            item["item_timestamp"] = shifted(ds.get("StudyDate"))
+        out = replace_identifiers(dicom_files=[ds], ids=items)
         assert len(out) == 1
         result: Dataset = out[0]
         return result

@@ -86,7 +86,7 @@ def test_job_becomes_sr_and_late_instance_the_next_version(
 
 
 def _ct_job(db: Database, store: DurableStore) -> tuple[int, list[pydicom.Dataset]]:
-    from tests.test_results import _ct_series
+    from tests.test_result_builders import _ct_series
 
     p = Pseudonymizer(b"k" * 32)
     sources = [deidentify(ds, p).dataset for ds in _ct_series()]
@@ -109,7 +109,7 @@ def test_segmentation_objects_with_and_without_nodules(
     from models.manifest import ModelManifest
     from models.nodules import DetectedNodule
     from serving.segmentation import SeriesSegmentation
-    from tests.test_results import _mask
+    from tests.test_result_builders import _mask
 
     manifest = ModelManifest.model_validate({**MANIFEST_TEMPLATE, "sha256": "0" * 64})
     store = DurableStore(tmp_path)

@@ -274,7 +274,7 @@ def test_interface_strings_and_plurals() -> None:
 
 def test_a_nodule_marker_falls_on_its_slice_and_pixel() -> None:
     from review.study import _marker
-    from tests.test_results import _ct_series
+    from tests.test_result_builders import _ct_series
 
     series = _ct_series()
     target = series[3]

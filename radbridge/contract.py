@@ -17,7 +17,7 @@ import random
 import ssl
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -54,6 +54,8 @@ __all__ = [
     "retry_after_s",
     "tls_verify",
 ]
+
+_Answer = TypeVar("_Answer", bound=BaseModel)
 
 # -- paths (FastAPI templates; the client fills them in) -------------------------------------
 STUDIES = "/v1/studies"  # STOW-RS: multipart/related; type="application/dicom"
@@ -196,21 +198,22 @@ class CenterClient:
 
     def prepare(self, study_uid: str, body: PrepareStudy) -> PrepareOut:
         """Tell the center the study is probably whole (``PrepareStudy``); a hint only."""
-        path = STUDY_PREPARE.format(study_uid=study_uid)
-        resp = self._call("POST", path, "prepare", json=body.model_dump(mode="json"))
-        try:
-            return PrepareOut.model_validate_json(resp.content)
-        except ValueError:
-            raise CenterError("center sent an invalid prepare answer") from None
+        return self._post_for(STUDY_PREPARE, study_uid, "prepare", body, PrepareOut)
 
     def purge(self, study_uid: str, body: PurgeStudy) -> PurgeOut:
         """Ask the center to delete the study now (409 while its job runs: retry later)."""
-        path = STUDY_PURGE.format(study_uid=study_uid)
-        resp = self._call("POST", path, "purge", json=body.model_dump(mode="json"))
+        return self._post_for(STUDY_PURGE, study_uid, "purge", body, PurgeOut)
+
+    def _post_for(
+        self, template: str, study_uid: str, what: str, body: BaseModel, answer: type[_Answer]
+    ) -> _Answer:
+        """POST ``body`` to a study's route; its JSON answer as ``answer`` (else CenterError)."""
+        path = template.format(study_uid=study_uid)
+        resp = self._call("POST", path, what, json=body.model_dump(mode="json"))
         try:
-            return PurgeOut.model_validate_json(resp.content)
+            return answer.model_validate_json(resp.content)
         except ValueError:
-            raise CenterError("center sent an invalid purge answer") from None
+            raise CenterError(f"center sent an invalid {what} answer") from None
 
     def study_results(self, study_uid: str) -> dict[str, Any]:
         """The center's results of a study (its job's state and the findings), as JSON."""

@@ -11,7 +11,17 @@ Otherwise A-ASSOCIATE-RJ with the standard result/source/reason (PS3.8 9.3.4 / 7
 | called AE title not the hospital's | 1, 1, 7 called AE not recognized |
 | source address, TLS required, client certificate | 1, 1, 1 no reason given |
 | hospital's max_associations reached | 2, 3, 2 local limit exceeded |
-| edge.max_associations reached (pynetdicom) | 2, 3, 2 local limit exceeded |
+| edge.max_associations reached | 2, 3, 2 local limit exceeded |
+| application context not DICOM's | 1, 1, 2 application context name not supported |
+
+The protocol is radbridge's own lean acceptor (``dicom_io.upper_layer``, ``dimse_commands``):
+one thread per association reads each PDU straight off the socket, a C-STORE's data set
+fragments are joined once, and the answer goes as soon as the instance is durable. pynetdicom's
+reactor polled with 1 ms sleeps on two threads per association and built a DIMSE message
+object per PDU, which bounded one association at about 80 instances/s (docs/performance.md).
+A peer that breaks the protocol gets an A-ABORT (source 2, with the reason) and a log line
+naming the problem; a data set over ``max_instance_bytes`` is read to its end and discarded,
+then refused 0xA701, so memory stays bounded by one instance.
 
 Every transfer syntax pynetdicom knows is accepted and stored as received (store-and-forward
 must not lose what a modality sent). Pixels are decoded only on demand (``dicom_io.pixels``);
@@ -21,23 +31,32 @@ one (video, JPEG XL, HTJ2K) is kept and forwarded but skipped by the models.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
 import threading
 import time
-import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.association import Association
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_io.dimse_statuses import NOT_AUTHORIZED, PROCESSING_FAILURE, SUCCESS, status_for
+from dicom_io import upper_layer as ul
+from dicom_io.dimse_commands import (
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    MAX_COMMAND,
+    Command,
+    file_meta,
+    parse_command,
+    response,
+)
+from dicom_io.dimse_statuses import PROCESSING_FAILURE, SUCCESS, status_for
 from dicom_io.ingest import Ingestor
 from radbridge.agreements import Agreement, AgreementSet
-from radbridge.errors import RadbridgeError
+from radbridge.errors import DatasetError, ProtocolError, RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label
 
 __all__ = ["StorageSCP"]
@@ -46,12 +65,46 @@ log = logging.getLogger("radbridge.edge.scp")
 
 REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
 SERVICE_USER, SERVICE_PROVIDER_PRESENTATION = 0x01, 0x03
-NO_REASON, CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x01, 0x03, 0x07
+NO_REASON, APPLICATION_CONTEXT_NOT_SUPPORTED = 0x01, 0x02
+CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
 LOCAL_LIMIT_EXCEEDED = 0x02
+VERIFICATION = "1.2.840.10008.1.1"
+UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.3: a command this provider does not perform
+COMMAND, LAST = 0x01, 0x02  # message control header bits, PS3.8 E.2
+ACCEPT_POLL_S = 0.25  # how soon stop() is noticed by a listener
+
+
+@dataclass
+class _Refusal:
+    reason: str  # the metric's label
+    result: int
+    source: int
+    diagnostic: int
+
+
+@dataclass
+class _Association:
+    """An accepted association: its agreement, counted open until released or gone."""
+
+    agreement: Agreement
+    contexts: dict[int, ul.PresentationContext]
+    counted: bool = True
+
+
+@dataclass
+class _Message:
+    """One DIMSE message being assembled from its PDVs."""
+
+    context: ul.PresentationContext
+    command_parts: list[bytes] = field(default_factory=list)
+    command_size: int = 0
+    command: Command | None = None
+    data_parts: list[bytes] = field(default_factory=list)
+    data_size: int = 0
 
 
 class StorageSCP:
-    """A pynetdicom AE serving C-ECHO and C-STORE for the agreements given."""
+    """The edge's C-ECHO and C-STORE acceptor for the agreements given, on one or more ports."""
 
     def __init__(
         self,
@@ -69,157 +122,331 @@ class StorageSCP:
         self._agreements = agreements
         self._ingestor = ingestor
         self._metrics = metrics
-        self._by_assoc: weakref.WeakKeyDictionary[Association, Agreement] = (
-            weakref.WeakKeyDictionary()
+        self._max_associations = max_associations
+        # 0 means "no limit" on the wire; the receiver still bounds what it reads at once.
+        self._max_pdu = max_pdu
+        self._read_bound = max_pdu or 16 << 20
+        self._acse_timeout = acse_timeout_s
+        self._dimse_timeout = dimse_timeout_s
+        self._network_timeout = network_timeout_s
+        self._abstract_syntaxes = frozenset(
+            {VERIFICATION} | {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
         )
+        self._transfer_syntaxes = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
         self._open: dict[str, int] = {}  # agreement id -> accepted associations still open
+        self._connections: set[socket.socket] = set()  # every connection being served
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._listeners: list[tuple[socket.socket, threading.Thread]] = []
         self.ae_title = ae_title
-        ae = AE(ae_title=ae_title)
-        ae.require_called_aet = False  # checked per hospital in _on_requested
-        ae.maximum_pdu_size = max_pdu  # 0: no limit on the P-DATA PDUs we receive
-        ae.maximum_associations = max_associations  # beyond: A-ASSOCIATE-RJ transient, 2/3/2
-        ae.acse_timeout = acse_timeout_s
-        ae.dimse_timeout = dimse_timeout_s
-        ae.network_timeout = network_timeout_s
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.ae = ae
-        self._servers: list[object] = []
 
     def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         """Listen on ``host:port``; with ``ssl_context`` the port speaks DICOM TLS.
 
         May be called twice (plain and TLS ports); both share the policy and the limits.
         """
-        tls = ssl_context is not None
-        handlers: list = [  # type: ignore[type-arg]
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
-            (evt.EVT_REQUESTED, self._on_requested, [tls]),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
-        ]
-        server = self.ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        self._stopping.clear()
+        listener = socket.create_server((host, port), backlog=64)
+        listener.settimeout(ACCEPT_POLL_S)
+        thread = threading.Thread(
+            target=self._accept_loop,
+            args=(listener, ssl_context),
+            name=f"radbridge-scp-{port}",
+            daemon=True,
         )
-        self._servers.append(server)
+        thread.start()
+        self._listeners.append((listener, thread))
 
     def stop(self) -> None:
-        for server in self._servers:
-            server.shutdown()  # type: ignore[attr-defined]
-        self._servers.clear()
+        """Stop listening and cut every open association (the peer sees the connection close)."""
+        self._stopping.set()
+        for listener, thread in self._listeners:
+            thread.join(timeout=5)
+            listener.close()
+        self._listeners.clear()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     @property
     def active_associations(self) -> int:
-        return len(self.ae.active_associations)
+        with self._lock:
+            return len(self._connections)
 
-    # -- handlers -------------------------------------------------------------------------
+    # -- connections ----------------------------------------------------------------------
 
-    def _on_conn_open(self, event: evt.Event) -> None:
-        # pynetdicom leaves Nagle's algorithm on, which stalls each C-STORE response ~40 ms.
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _accept_loop(self, listener: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, address = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if not self._stopping.is_set():
+                    log.exception("the DICOM listener failed; no new associations")
+                return
+            threading.Thread(
+                target=self._serve,
+                args=(conn, str(address[0]), ssl_context),
+                name="radbridge-association",
+                daemon=True,
+            ).start()
 
-    def _on_requested(self, event: evt.Event, tls: bool) -> None:
-        assoc = event.assoc
-        primitive = assoc.requestor.primitive
-        assert primitive is not None
-        calling = str(primitive.calling_ae_title).strip()
-        agreement = self._agreements().for_calling_ae(calling)
+    def _serve(self, conn: socket.socket, address: str, ssl_context: ssl.SSLContext | None) -> None:
+        """One association, from the connection to its release or abort, on its own thread."""
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self._acse_timeout)
+        with self._lock:
+            self._connections.add(conn)
+            over_limit = len(self._connections) > self._max_associations
+        association: _Association | None = None
+        try:
+            if ssl_context is not None:
+                tls_conn = self._handshake(conn, ssl_context)
+                if tls_conn is None:
+                    return
+                with self._lock:
+                    self._connections.discard(conn)
+                    self._connections.add(tls_conn)
+                conn = tls_conn
+            association = self._associate(conn, address, over_limit)
+            if association is not None:
+                self._exchange(conn, association)
+        except ProtocolError as exc:
+            log.warning("association aborted (%s): %s", _whose(association), exc)
+            _send_quietly(conn, ul.abort_pdu(0x02, exc.reason))
+        except TimeoutError:
+            log.warning("association aborted (%s): the peer went silent", _whose(association))
+            _send_quietly(conn, ul.abort_pdu(0x02, 0x00))
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            if not self._stopping.is_set():
+                log.info("association ended (%s): %s", _whose(association), type(exc).__name__)
+        finally:
+            if association is not None:
+                self._uncount(association)
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _handshake(self, conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket | None:
+        try:
+            return context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("DICOM TLS handshake refused: %s", type(exc).__name__)
+            return None
+
+    # -- association ----------------------------------------------------------------------
+
+    def _associate(
+        self, conn: socket.socket, address: str, over_limit: bool
+    ) -> _Association | None:
+        """Read the A-ASSOCIATE-RQ and answer it: RJ with the table's reason, or AC."""
+        pdu_type, body = ul.read_pdu(conn, ul.MAX_ASSOCIATE_RQ)
+        if pdu_type != ul.ASSOCIATE_RQ:
+            raise ProtocolError(ul.UNEXPECTED_PDU, f"PDU 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
+        request = ul.parse_associate_rq(body)
+        if over_limit:
+            log.warning("association rejected: edge.max_associations reached")
+            conn.sendall(
+                ul.associate_rj(
+                    REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED
+                )
+            )
+            return None
+        outcome = self._policy(request, address, conn)
+        if isinstance(outcome, _Refusal):
+            self._metrics.associations_rejected.labels(outcome.reason).inc()
+            conn.sendall(ul.associate_rj(outcome.result, outcome.source, outcome.diagnostic))
+            return None
+        association = _Association(outcome, {})
+        if request.application_context != ul.APPLICATION_CONTEXT:
+            self._uncount(association)
+            log.warning("association rejected: not the DICOM application context")
+            conn.sendall(
+                ul.associate_rj(REJECTED_PERMANENT, SERVICE_USER, APPLICATION_CONTEXT_NOT_SUPPORTED)
+            )
+            return None
+        for context in request.contexts:
+            if context.abstract_syntax not in self._abstract_syntaxes:
+                context.result = ul.ABSTRACT_SYNTAX_NOT_SUPPORTED
+                continue
+            chosen = next(
+                (ts for ts in context.transfer_syntaxes if ts in self._transfer_syntaxes), None
+            )
+            if chosen is None:
+                context.result = ul.TRANSFER_SYNTAXES_NOT_SUPPORTED
+                continue
+            context.result, context.transfer_syntax = ul.ACCEPTANCE, chosen
+            association.contexts[context.id] = context
+        conn.sendall(ul.associate_ac(request, self._max_pdu))
+        return association
+
+    def _policy(
+        self, request: ul.AssociateRequest, address: str, conn: socket.socket
+    ) -> Agreement | _Refusal:
+        """The agreement whose association this is (counted open), or why it is refused."""
+        tls = isinstance(conn, ssl.SSLSocket)
+        agreement = self._agreements().for_calling_ae(request.calling_ae)
         if agreement is None:
-            log.warning("association rejected: calling AE %r has no active agreement", calling)
-            self._refuse(assoc, "calling_ae", CALLING_AE_NOT_RECOGNIZED)
-            return
+            log.warning(
+                "association rejected: calling AE %r has no active agreement", request.calling_ae
+            )
+            return _Refusal(
+                "calling_ae", REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED
+            )
         hospital = agreement.hospital
-        called = str(primitive.called_ae_title).strip()
-        if called != (hospital.called_ae_title or self.ae_title):
+        if request.called_ae != (hospital.called_ae_title or self.ae_title):
             log.warning("association rejected: wrong called AE for agreement %s", agreement.id)
-            self._refuse(assoc, "called_ae", CALLED_AE_NOT_RECOGNIZED)
-            return
-        address = assoc.requestor.address
+            return _Refusal("called_ae", REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED)
         if not hospital.allows_ip(address):
             log.warning(
                 "association rejected: %s is not an allowed source for agreement %s",
                 address,
                 agreement.id,
             )
-            self._refuse(assoc, "source_ip", NO_REASON)
-            return
+            return _Refusal("source_ip", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
         if hospital.require_tls and not tls:
             log.warning("association rejected: agreement %s requires DICOM TLS", agreement.id)
-            self._refuse(assoc, "tls_required", NO_REASON)
-            return
+            return _Refusal("tls_required", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
         if tls and hospital.tls_client_names:
-            name = _peer_common_name(assoc)
+            name = _peer_common_name(conn)
             if name not in hospital.tls_client_names:
                 log.warning(
                     "association rejected: client certificate not allowed for agreement %s",
                     agreement.id,
                 )
-                self._refuse(assoc, "client_cert", NO_REASON)
-                return
+                return _Refusal("client_cert", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
         with self._lock:
             limit = hospital.max_associations
             if limit is not None and self._open.get(agreement.id, 0) >= limit:
                 refused = True
             else:
                 refused = False
-                self._by_assoc[assoc] = agreement
                 self._open[agreement.id] = self._open.get(agreement.id, 0) + 1
         if refused:
             log.warning("association rejected: agreement %s at its association limit", agreement.id)
-            self._refuse(
-                assoc,
+            return _Refusal(
                 "agreement_limit",
+                REJECTED_TRANSIENT,
+                SERVICE_PROVIDER_PRESENTATION,
                 LOCAL_LIMIT_EXCEEDED,
-                result=REJECTED_TRANSIENT,
-                source=SERVICE_PROVIDER_PRESENTATION,
             )
+        return agreement
 
-    def _on_conn_close(self, event: evt.Event) -> None:
+    def _uncount(self, association: _Association) -> None:
         with self._lock:
-            agreement = self._by_assoc.pop(event.assoc, None)
-            if agreement is not None:
-                self._open[agreement.id] = max(self._open.get(agreement.id, 1) - 1, 0)
+            if association.counted:
+                association.counted = False
+                key = association.agreement.id
+                self._open[key] = max(self._open.get(key, 1) - 1, 0)
 
-    def _refuse(
+    # -- DIMSE ----------------------------------------------------------------------------
+
+    def _exchange(self, conn: socket.socket, association: _Association) -> None:
+        """P-DATA until A-RELEASE-RQ or A-ABORT; each complete request is answered at once."""
+        message: _Message | None = None
+        idle, busy = self._network_timeout, min(self._dimse_timeout, self._network_timeout)
+        while True:
+            conn.settimeout(busy if message is not None else idle)
+            pdu_type, body = ul.read_pdu(conn, self._read_bound)
+            if pdu_type == ul.RELEASE_RQ:
+                if message is not None:
+                    raise ProtocolError(ul.UNEXPECTED_PDU, "A-RELEASE-RQ inside a DIMSE message")
+                self._uncount(association)  # freed before the RP: the peer may reconnect
+                conn.sendall(ul.release_rp())
+                return
+            if pdu_type == ul.ABORT:
+                return
+            if pdu_type != ul.P_DATA_TF:
+                raise ProtocolError(ul.UNEXPECTED_PDU, f"PDU 0x{pdu_type:02X} in an association")
+            for context_id, control, fragment in ul.pdvs(body):
+                message = self._fragment(message, association, context_id, control, fragment)
+                if message.command is not None and (
+                    not message.command.has_data_set or (not control & COMMAND and control & LAST)
+                ):
+                    self._answer(conn, association, message)
+                    message = None
+
+    def _fragment(
         self,
-        assoc: Association,
-        reason: str,
-        diagnostic: int,
-        *,
-        result: int = REJECTED_PERMANENT,
-        source: int = SERVICE_USER,
-    ) -> None:
-        self._metrics.associations_rejected.labels(reason).inc()
-        assoc.acse.send_reject(result, source, diagnostic)
-        # As pynetdicom's own ACSE does: let the DUL flush the A-ASSOCIATE-RJ before the
-        # connection is shut down, or the peer sees an abort instead of the reason.
-        assoc.kill()
+        message: _Message | None,
+        association: _Association,
+        context_id: int,
+        control: int,
+        fragment: memoryview,
+    ) -> _Message:
+        """Add one PDV to the message being assembled (PS3.8 E.2, PS3.7 8.1: the command's
+        fragments, then the data set's, on one presentation context)."""
+        context = association.contexts.get(context_id)
+        if context is None:
+            raise ProtocolError(
+                ul.INVALID_PARAMETER, f"PDV on presentation context {context_id}, not accepted"
+            )
+        if control & ~(COMMAND | LAST):
+            raise ProtocolError(ul.INVALID_PARAMETER, f"PDV control header 0x{control:02X}")
+        if message is None:
+            message = _Message(context)
+        elif message.context.id != context_id:
+            raise ProtocolError(ul.INVALID_PARAMETER, "a message's PDVs on two contexts")
+        if control & COMMAND:
+            if message.command is not None:
+                raise ProtocolError(ul.UNEXPECTED_PDU, "a command fragment after the command")
+            message.command_size += len(fragment)
+            if message.command_size > MAX_COMMAND:
+                raise ProtocolError(ul.INVALID_PARAMETER, "a command set over 64 KiB")
+            message.command_parts.append(bytes(fragment))
+            if control & LAST:
+                message.command = parse_command(b"".join(message.command_parts))
+            return message
+        if message.command is None or not message.command.has_data_set:
+            raise ProtocolError(ul.UNEXPECTED_PDU, "a data set fragment without its command")
+        message.data_size += len(fragment)
+        if message.data_size <= self._ingestor.max_instance_bytes:
+            message.data_parts.append(bytes(fragment))
+        else:  # read to its end and refused then; memory stays bounded by one instance
+            message.data_parts.clear()
+        return message
 
-    def _on_echo(self, event: evt.Event) -> int:
-        return SUCCESS
+    def _answer(self, conn: socket.socket, association: _Association, message: _Message) -> None:
+        command = message.command
+        assert command is not None
+        if command.field == C_ECHO_RQ:
+            status = SUCCESS
+        elif command.field == C_STORE_RQ:
+            status = self._store(association.agreement, message)
+        else:
+            log.warning("DIMSE command 0x%04X refused: not a C-STORE or C-ECHO", command.field)
+            status = UNRECOGNIZED_OPERATION
+        conn.sendall(ul.p_data_tf(message.context.id, COMMAND | LAST, response(command, status)))
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _store(self, agreement: Agreement, message: _Message) -> int:
         t0 = time.perf_counter()
-        with self._lock:
-            agreement = self._by_assoc.get(event.assoc)
-        if agreement is None:  # cannot happen: policy runs before any DIMSE message
-            return NOT_AUTHORIZED
+        command = message.command
+        assert command is not None
         modality = "other"
         try:
-            encoded = event.encoded_dataset(include_meta=True)
-            outcome, header = self._ingestor.accept(
-                agreement, encoded, str(event.request.AffectedSOPClassUID)
+            if message.data_size > self._ingestor.max_instance_bytes:
+                raise DatasetError(
+                    "instance_too_large",
+                    f"instance of {message.data_size} bytes is over the limit of "
+                    f"{self._ingestor.max_instance_bytes}",
+                )
+            meta = file_meta(
+                command.sop_class_uid,
+                command.sop_instance_uid,
+                message.context.transfer_syntax,
+                ul.IMPLEMENTATION_CLASS_UID,
+                ul.IMPLEMENTATION_VERSION_NAME,
             )
+            encoded = b"".join((meta, *message.data_parts))
+            message.data_parts.clear()
+            outcome, header = self._ingestor.accept(agreement, encoded, command.sop_class_uid)
             modality = safe_label(header.modality)
         except RadbridgeError as exc:
             return self._failed(agreement, exc, status_for(exc))
-        except Exception as exc:  # never pynetdicom's 0xC211 with a traceback full of values
+        except Exception as exc:  # never a traceback full of values
             log.error(
                 "C-STORE failed (agreement %s): 0x%04X %s",
                 agreement.id,
@@ -241,9 +468,17 @@ class StorageSCP:
         return status
 
 
-def _peer_common_name(assoc: Association) -> str | None:
+def _whose(association: _Association | None) -> str:
+    return f"agreement {association.agreement.id}" if association else "not associated"
+
+
+def _send_quietly(conn: socket.socket, pdu: bytes) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(pdu)
+
+
+def _peer_common_name(sock: socket.socket) -> str | None:
     """The subject CN of the TLS client certificate, or None."""
-    sock = getattr(assoc.dul.socket, "socket", None)
     if not isinstance(sock, ssl.SSLSocket):
         return None
     cert = sock.getpeercert() or {}

@@ -29,7 +29,7 @@ use, and the ratios gateway/storescp and gateway/Orthanc.
 ``--profile`` adds one gateway run on the CT corpus under ``py-spy record`` (idle samples
 included, per thread) and writes the collapsed stacks to ``var/bench/`` (open them in
 https://speedscope.app or with flamegraph.pl), then prints where the gateway's threads spend
-their time: fsync, SQLite, pydicom parsing, pynetdicom PDU/DIMSE handling, waiting.
+their time: fsync, SQLite, pydicom parsing, the structure check, PDU/DIMSE handling, waiting.
 
 Loopback only; every subprocess runs under a timeout; the work folders are deleted at the end.
 """
@@ -596,10 +596,10 @@ STACK_RULES = [
     ("SQLite commit", re.compile(r"\b(commit|_commit_impl|do_commit) \([^;]*sqlalchemy")),
     ("SQL queries + flush", re.compile(r"sqlalchemy/")),
     ("pydicom header parse", re.compile(r"\bparse_header \(")),
-    ("pynetdicom encoded_dataset", re.compile(r"\bencoded_dataset \(")),
-    ("other ingest (in the handler)", re.compile(r"\b_on_store \(")),
-    ("socket recv", re.compile(r"\brecv \([^;]*transport\.py:\d+\)$")),
-    ("pynetdicom PDU/DIMSE", re.compile(r"pynetdicom/")),
+    ("structure check", re.compile(r"\bcheck_structure \(")),
+    ("socket recv", re.compile(r"\brecv_exact \(")),
+    ("PDU/DIMSE (upper_layer, dimse_commands)", re.compile(r"upper_layer\.py|dimse_commands")),
+    ("other ingest (in the handler)", re.compile(r"\b_store \(")),
 ]
 
 
@@ -625,10 +625,8 @@ def _category(stack: str) -> str:
 def _role(stacks: collections.Counter[str]) -> str | None:
     """What a thread does, from its stacks (py-spy's thread names can be stale)."""
     joined = "\n".join(stacks)
-    if "DULServiceProvider.run_reactor" in joined:
-        return "DUL thread: socket reads + PDU decoding"
-    if "Association._run_reactor" in joined and "_on_store" in joined:
-        return "association thread: DIMSE assembly + C-STORE handler"
+    if "StorageSCP._serve" in joined:
+        return "association thread: PDUs, DIMSE and the C-STORE handler"
     if "Forwarder.run (" in joined:
         return "outbox forwarder"
     return None

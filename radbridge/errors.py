@@ -21,6 +21,7 @@ __all__ = [
     "OverloadedError",
     "PeerError",
     "PolicyError",
+    "ProtocolError",
     "RadbridgeError",
     "ReidentificationError",
     "SignatureError",
@@ -52,6 +53,17 @@ class DatasetError(RadbridgeError):
     """
 
     def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ProtocolError(RadbridgeError):
+    """A DICOM peer broke the upper layer protocol (PS3.8 9): the association is aborted with
+    ``reason``, an A-ABORT reason/diagnostic (PS3.8 9.3.8: 0 not specified, 1 unrecognized
+    PDU, 2 unexpected PDU, 4 unrecognized PDU parameter, 5 unexpected PDU parameter, 6 invalid
+    PDU parameter value)."""
+
+    def __init__(self, reason: int, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

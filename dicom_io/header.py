@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import IS
 
+from dicom_io.structure import Walked
 from radbridge.errors import DatasetError
 
-__all__ = ["InstanceHeader", "parse_header"]
+__all__ = ["InstanceHeader", "header_from_walk", "parse_header"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -65,6 +68,53 @@ def parse_header(encoded: bytes, declared_sop_class: str | None = None) -> Insta
         raise DatasetError(
             "unparseable", f"dataset cannot be parsed: {type(exc).__name__}"
         ) from None
+    return _header(values, requested, tsuid, declared_sop_class)
+
+
+_TAGS = {
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "Modality": 0x00080060,
+    "BodyPartExamined": 0x00180015,
+    "PatientIdentityRemoved": 0x00120062,
+    "NumberOfStudyRelatedInstances": 0x00201208,
+    "PatientID": 0x00100020,
+}
+
+
+def header_from_walk(
+    walked: Walked, declared_sop_class: str | None = None
+) -> InstanceHeader | None:
+    """The same header as :func:`parse_header`, from the raw values the structure walk kept
+    (``check_structure``), without parsing the data set again; None where only pydicom can
+    say what it would read (a value with a backslash, read as several; a Patient ID outside
+    ASCII, decoded by the Specific Character Set): the caller parses those with
+    :func:`parse_header`. tests/test_header.py compares both over the pydicom-data corpus."""
+    raw = [*walked.values.values(), *walked.request_priorities]
+    if any(b"\\" in value or not value.isascii() for value in raw):
+        return None
+    values: dict[str, object] = {}
+    for kw, tag in _TAGS.items():
+        value = walked.values.get(tag)
+        values[kw] = None if value is None else _text(value)
+    count = values["NumberOfStudyRelatedInstances"]
+    if count:
+        with contextlib.suppress(TypeError, ValueError):  # else kept as text, then ignored
+            values["NumberOfStudyRelatedInstances"] = IS(str(count).strip())
+    priorities = [walked.values.get(0x00401003), *walked.request_priorities]
+    found: list[object] = [_text(p) for p in priorities if p is not None]
+    return _header(values, _highest(found), walked.transfer_syntax, declared_sop_class)
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii")
+
+
+def _header(
+    values: dict[str, object], requested: str | None, tsuid: str, declared_sop_class: str | None
+) -> InstanceHeader:
     uids = {}
     for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         v = values[kw]
@@ -113,6 +163,10 @@ def _requested_priority(ds: pydicom.Dataset) -> str | None:
     found = [ds.get("RequestedProcedurePriority")]
     for item in ds.get("RequestAttributesSequence") or []:
         found.append(item.get("RequestedProcedurePriority"))
+    return _highest(found)
+
+
+def _highest(found: list[object]) -> str | None:
     mapped = [_PRIORITIES.get(str(v).strip().upper()) for v in found if v]
     known = [m for m in mapped if m is not None]
     return min(known, key=_RANK.__getitem__) if known else None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from sqlalchemy import Connection, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from dicom_io.header import InstanceHeader, parse_header
+from dicom_io.header import InstanceHeader, header_from_walk, parse_header
 from dicom_io.store import DurableStore
 from dicom_io.structure import Limits, check_structure
 from radbridge.agreements import Agreement
@@ -79,8 +79,12 @@ class Ingestor:
                 "instance_too_large",
                 f"instance of {len(encoded)} bytes is over the limit of {self.max_instance_bytes}",
             )
-        check_structure(encoded, self.limits)
-        header = header or parse_header(encoded, declared_sop_class)
+        walked = check_structure(encoded, self.limits)
+        header = (
+            header
+            or header_from_walk(walked, declared_sop_class)
+            or parse_header(encoded, declared_sop_class)
+        )
         if header.modality not in agreement.modalities:
             raise DatasetError(
                 "modality_not_allowed",

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from radbridge.errors import DatasetError
 
-__all__ = ["DEFLATED", "Limits", "check_structure"]
+__all__ = ["DEFLATED", "HEADER_TAGS", "Limits", "Walked", "check_structure"]
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
@@ -61,6 +61,15 @@ _ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x0028010
 _FRAMES, _PHOTOMETRIC = 0x00280008, 0x00280004
 _WANTED = frozenset({_ROWS, _COLUMNS, _SAMPLES, _BITS, _FRAMES, _PHOTOMETRIC})
 _OTHER_PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009})  # Float / Double Float Pixel Data
+# Top-level elements whose raw values the walk keeps for the index's header (dicom_io.header):
+# Specific Character Set, SOP Class/Instance, Modality, Patient ID, Body Part Examined, Patient
+# Identity Removed, Study/Series Instance UID, Number of Study Related Instances, Requested
+# Procedure Priority; and that priority inside the Request Attributes Sequence's items.
+HEADER_TAGS = frozenset(
+    {0x00080005, 0x00080016, 0x00080018, 0x00080060, 0x00100020, 0x00180015, 0x00120062}
+    | {0x0020000D, 0x0020000E, 0x00201208, 0x00401003}
+)
+_REQUEST_ATTRIBUTES, _REQUESTED_PRIORITY = 0x00400275, 0x00401003
 _MAX_DEPTH = 32
 
 
@@ -72,20 +81,35 @@ class Limits:
     max_pixel_bytes: int = 1 << 30  # Rows × Columns × Frames × Samples × Bits Allocated / 8
 
 
+@dataclass(frozen=True)
+class Walked:
+    """What the walk read on its way: the transfer syntax, the raw top-level values of
+    ``HEADER_TAGS`` (duplicates: the last), and each Requested Procedure Priority found in an
+    item of the Request Attributes Sequence."""
+
+    transfer_syntax: str
+    values: dict[int, bytes]
+    request_priorities: list[bytes]
+
+
 @dataclass
 class _Walk:
     buf: bytes | memoryview
     implicit: bool
     little: bool
     pixel: dict[int, bytes] = field(default_factory=dict)  # top-level pixel-module values
+    header: dict[int, bytes] = field(default_factory=dict)  # top-level HEADER_TAGS values
+    request_priorities: list[bytes] = field(default_factory=list)
+    in_request_attributes: bool = False
     pixel_data: tuple[int, int, int] | None = None  # (vr code, value offset, length or -1)
     fragments: list[int] = field(default_factory=list)  # offsets of fragment items
     bot: bytes = b""
     other_pixels: bool = False  # Float or Double Float Pixel Data
 
 
-def check_structure(encoded: bytes, limits: Limits | None = None) -> None:
-    """Raise :class:`DatasetError` unless ``encoded`` (Part 10) parses in full; see module doc."""
+def check_structure(encoded: bytes, limits: Limits | None = None) -> Walked:
+    """Raise :class:`DatasetError` unless ``encoded`` (Part 10) parses in full; see module doc.
+    Returns the values the index's header is read from, so the receive path walks once."""
     limits = limits or Limits()
     try:
         ts, start = _file_meta(encoded)
@@ -98,6 +122,7 @@ def check_structure(encoded: bytes, limits: Limits | None = None) -> None:
         if end != len(body):
             raise _malformed("an item or sequence delimiter outside any sequence")
         _check_pixels(w, native=ts in _NATIVE, limits=limits)
+        return Walked(ts, w.header, w.request_priorities)
     except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
         raise _malformed(f"element structure cannot be read ({type(exc).__name__})") from None
 
@@ -199,7 +224,12 @@ def _dataset(w: _Walk, pos: int, end: int, depth: int, top: bool = False) -> int
                 pos = _encapsulated(w, value, end)
             elif vr in (b"SQ", b"UN") or w.implicit:
                 # An undefined-length UN holds implicit VR little endian (PS3.5 6.2.2).
+                w.in_request_attributes = w.in_request_attributes or (
+                    top and tag == _REQUEST_ATTRIBUTES
+                )
                 pos = _sequence(w, value, end, depth, implicit_items=vr == b"UN")
+                if top:
+                    w.in_request_attributes = False
             else:
                 raise _malformed(f"element ({group:04X},{elem:04X}) has undefined length")
             continue
@@ -208,15 +238,24 @@ def _dataset(w: _Walk, pos: int, end: int, depth: int, top: bool = False) -> int
                 "truncated", f"element ({group:04X},{elem:04X}) runs past the end of its container"
             )
         if vr == b"SQ" or (w.implicit and _implicit_sequence(w, tag, value, length)):
+            w.in_request_attributes = w.in_request_attributes or (
+                top and tag == _REQUEST_ATTRIBUTES
+            )
             if _sequence(w, value, value + length, depth, defined=True) != value + length:
                 raise _malformed(f"sequence ({group:04X},{elem:04X}) ends inside an item")
+            if top:
+                w.in_request_attributes = False
         elif top:
+            if tag in HEADER_TAGS:
+                w.header[tag] = bytes(buf[value : value + length])
             if tag in _WANTED:
                 w.pixel[tag] = bytes(buf[value : value + length])
             elif tag == _PIXEL_DATA:
                 w.pixel_data = (0, value, length)
             elif tag in _OTHER_PIXEL_DATA:
                 w.other_pixels = True
+        elif depth == 1 and w.in_request_attributes and tag == _REQUESTED_PRIORITY:
+            w.request_priorities.append(bytes(buf[value : value + length]))
         pos = value + length
     if pos != end:
         raise DatasetError("truncated", "data set ends inside an element")

@@ -22,9 +22,19 @@ def test_recover_removes_half_written_files(tmp_path: Path) -> None:
     assert list((tmp_path / STAGING).iterdir()) == []
 
 
-def test_refuses_paths_outside_the_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "relpath", ["../evil", "a/../../evil", "/etc/evil", "", ".", "a/..", "a/\x00b"]
+)
+def test_refuses_paths_outside_the_store(tmp_path: Path, relpath: str) -> None:
     with pytest.raises(StorageError, match="escapes"):
-        DurableStore(tmp_path / "s").write("../evil", b"x")
+        DurableStore(tmp_path / "s").write(relpath, b"x")
+    assert not (tmp_path / "evil").exists()
+
+
+def test_a_path_inside_the_store_is_kept_under_its_root(tmp_path: Path) -> None:
+    store = DurableStore(tmp_path / "s")
+    store.write("a/./b/../c.dcm", b"x")
+    assert (tmp_path / "s" / "a" / "c.dcm").read_bytes() == b"x"
 
 
 def test_disk_watermark_refuses_before_writing(tmp_path: Path) -> None:
@@ -42,24 +52,26 @@ def test_write_failure_cleans_staging(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / STAGING) == []
 
 
-def test_write_many_writes_every_file_and_fsyncs_each_file_and_folder(
+def test_write_many_writes_every_file_and_syncs_each_file_and_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced: list[int] = []
-    fsync = os.fsync
+    synced: dict[str, list[int]] = {"fsync": [], "fdatasync": []}
+    for name in synced:
+        real = getattr(os, name)
 
-    def counting(fd: int) -> None:
-        synced.append(fd)
-        fsync(fd)
+        def counting(fd: int, real=real, calls=synced[name]) -> None:  # type: ignore[no-untyped-def]
+            calls.append(fd)
+            real(fd)
 
-    monkeypatch.setattr(os, "fsync", counting)
+        monkeypatch.setattr(os, name, counting)
     store = DurableStore(tmp_path)
     files = [(f"s/{i % 2}/{i}.dcm", bytes([i]) * (1000 + i)) for i in range(130)]  # 3 groups
     store.write_many(files)
     for relpath, data in files:
         assert (tmp_path / relpath).read_bytes() == data
     assert list((tmp_path / STAGING).iterdir()) == []
-    assert len(synced) == 130 + 2  # each file, then each of its two folders once
+    assert len(synced["fdatasync"]) == 130  # each file's data
+    assert len(synced["fsync"]) == 2  # then each of its two folders once
 
 
 def test_write_many_is_all_or_none(tmp_path: Path) -> None:

@@ -560,6 +560,11 @@ def one_run(
     receiver: Receiver, corpus: Corpus, work: Path, *, keep: bool = False, associations: int = 1
 ) -> Run:
     work.mkdir(parents=True)
+    # Write back every dirty page first: storescp does not fsync, and the 150+ MB it leaves
+    # in the page cache would otherwise be flushed during the next receiver's run, slowing
+    # that receiver's own fsyncs (seen: the gateway's fdatasync 0.4 ms alone, 1.8 ms after
+    # storescp). Every receiver starts on a clean page cache.
+    os.sync()
     port = receiver.start(work)
     try:
         pid = receiver.pid()
@@ -588,7 +593,7 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):(?P<line>\d+)\)$")
 # (category, test on the leaf frame's source line) then (category, regex over the stack).
 LEAF_RULES = [
     ("waiting: sleep/poll/lock", re.compile(r"\b(sleep|wait|select|poll|acquire)\(")),
-    ("fsync (file + directory)", re.compile(r"\bfsync\(")),
+    ("fsync (file + directory)", re.compile(r"\b(fsync|fdatasync)\(")),
     ("file write + rename", re.compile(r"\bos\.(write|replace|open|close)\(|\bmkdir\(")),
     ("sha256", re.compile(r"\bsha256\(")),
 ]

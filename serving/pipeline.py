@@ -113,6 +113,9 @@ class Pipeline:
         # edges' waiting listings.
         self.objects_built = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Every segmentation begun ahead, until it ends: the event loop keeps only a weak
+        # reference to a task, and one dropped from _prepared (over PREPARED_MAX) still runs.
+        self._running_ahead: set[asyncio.Task[_Segmented]] = set()
         self._resumed = False
         self.prepare_ahead = True
         # (model key, instance ids) -> the series' segmentation, computed or computing
@@ -280,6 +283,8 @@ class Pipeline:
                 continue
             task = asyncio.get_running_loop().create_task(self._segmentation(key, series, priority))
             task.add_done_callback(_retrieved)
+            self._running_ahead.add(task)
+            task.add_done_callback(self._running_ahead.discard)
             self._prepared[ids] = task
             self.metrics.prepared.labels("started").inc()
             while len(self._prepared) > PREPARED_MAX:

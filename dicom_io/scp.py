@@ -18,7 +18,8 @@ The protocol is radbridge's own lean acceptor (``dicom_io.upper_layer``, ``dimse
 one thread per association reads each PDU straight off the socket, a C-STORE's data set
 fragments are joined once, and the answer goes as soon as the instance is durable. pynetdicom's
 reactor polled with 1 ms sleeps on two threads per association and built a DIMSE message
-object per PDU, which bounded one association at about 80 instances/s (docs/performance.md).
+object per PDU, which bounded one association at about 80 instances/s (`loadtests.ingest_bench
+--profile`).
 A peer that breaks the protocol gets an A-ABORT (source 2, with the reason) and a log line
 naming the problem; a data set over ``max_instance_bytes`` is read to its end and discarded,
 then refused 0xA701, so memory stays bounded by one instance.

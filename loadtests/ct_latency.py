@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pydicom
-import yaml
 from sqlalchemy import select
 
 from dicom_io.identity_map import lookup_pseudonym
@@ -60,8 +59,7 @@ from models.repository import ModelRepository
 from radbridge.db import Database
 from radbridge.db.tables import DeliveryRow, JobRow, ResultObjectRow, ResultRow, StudyRow
 from serving.segmentation import segment_series
-from tests.conftest import REPO
-from tests.e2e.stack import AGREEMENT, stack_with_pacs, storescu
+from tests.e2e.stack import AGREEMENT, serve_config_with, stack_with_pacs, storescu
 
 MODEL = "ct-lung-nodule-demo"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -199,18 +197,6 @@ def _stored_kinds(pacs: Any, study_uid: str) -> set[str]:
     return {s["MainDicomTags"].get("Modality", "") for s in found.json()}
 
 
-def _serve_config(workdir: Path, prepare_ahead: bool) -> Path:
-    """serving/serve.yaml with the Api's ``prepare_ahead`` set."""
-    raw = yaml.safe_load((REPO / "serving" / "serve.yaml").read_text())
-    for app in raw["applications"]:
-        for d in app.get("deployments", []):
-            if d["name"] == "Api":
-                d.setdefault("user_config", {})["prepare_ahead"] = prepare_ahead
-    path = workdir / f"serve-prepare-{'on' if prepare_ahead else 'off'}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, choices=range(1, 10), metavar="1..9")
@@ -230,7 +216,7 @@ def report(workdir: Path, n_runs: int, prepare_ahead: bool) -> None:
     """One stack, ``n_runs`` CTs through it, then the stage table and the ratios."""
     print(f"\nprepare_ahead {'on' if prepare_ahead else 'off'}:")
     runs = []
-    serve_config = _serve_config(workdir, prepare_ahead)
+    serve_config = serve_config_with(workdir, prepare_ahead=prepare_ahead)
     with stack_with_pacs(
         workdir, _default_delivery_poll, RADBRIDGE_CENTER__SERVE_CONFIG=str(serve_config)
     ) as (pacs, stack):

@@ -32,6 +32,19 @@ AGREEMENT = "demo-hospital-to-center"
 BIN = Path(sys.executable).parent
 
 
+def serve_config_with(workdir: Path, *, prepare_ahead: bool) -> Path:
+    """A copy of serving/serve.yaml with the Api's ``prepare_ahead`` set (pass its path as
+    RADBRIDGE_CENTER__SERVE_CONFIG)."""
+    raw = yaml.safe_load((REPO / "serving" / "serve.yaml").read_text())
+    for app in raw["applications"]:
+        for d in app.get("deployments", []):
+            if d["name"] == "Api":
+                d.setdefault("user_config", {})["prepare_ahead"] = prepare_ahead
+    path = workdir / f"serve-prepare-{'on' if prepare_ahead else 'off'}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
     """dcmtk echoscu to the edge."""
     return subprocess.run(

@@ -48,7 +48,7 @@ from radbridge.db.tables import InstanceRow, JobRow, ResultObjectRow, SeriesRow,
 from radbridge.lifecycle import EdgeStudyState, JobState
 from tests.conftest import REPO, free_port, fresh_postgres_database
 from tests.e2e.gateway_process import BIN, start_gateway, stop_gateway
-from tests.e2e.stack import stack_report
+from tests.e2e.stack import serve_config_with, stack_report
 from tests.peers import OrthancPeer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -407,7 +407,14 @@ def test_center_killed_mid_job_resumes_it_and_the_hospital_gets_one_result(
 ) -> None:
     """SIGKILL of ``radbridge center`` (its Ray node goes with it) while a CT job runs: the
     restarted center resumes the job, discards what the cut run wrote, and the PACS gets one
-    SEG and one SR; the edge's outboxes wait through the outage."""
+    SEG and one SR; the edge's outboxes wait through the outage.
+
+    The center runs with ``prepare_ahead`` off until the kill: with it on, the job only takes
+    the volume segmented during the quiet period and is RUNNING for about 0.1 s, too short
+    for the kill to land in it reliably; off, the job segments (about 0.7 s here)."""
+    split.restart_center(
+        RADBRIDGE_CENTER__SERVE_CONFIG=str(serve_config_with(tmp_path, prepare_ahead=False))
+    )
     phantom = chest_ct(np.random.default_rng([20261206, 2]), n_nodules=1)
     ct = write_ct_series(
         tmp_path / "ct",

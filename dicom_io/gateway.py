@@ -15,6 +15,7 @@ from dicom_io.forwarder import Forwarder
 from dicom_io.ingest import Ingestor
 from dicom_io.person_ledger import PersonLedger
 from dicom_io.purge_requests import PurgeOutbox
+from dicom_io.receivers import Receivers
 from dicom_io.scp import StorageSCP
 from dicom_io.store import DurableStore
 from dicom_io.stow_server import StowServer, build_stow_app
@@ -62,6 +63,10 @@ class Gateway:
         e = settings.edge
         self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)
         self._tls_context = server_context(e.tls) if e.tls else None  # fails fast on bad files
+        self.receivers: Receivers | None = None
+        if e.receivers > 1:
+            ids = [a.id for a in self.agreements.agreements]
+            self.receivers = Receivers(settings, ids, e.receivers - 1)
         ingestor = Ingestor(
             self.db,
             self.store,
@@ -69,6 +74,7 @@ class Gateway:
             limits=Limits(
                 max_inflated_bytes=e.max_inflated_bytes, max_pixel_bytes=e.max_pixel_bytes
             ),
+            index_lock=self.receivers.index_lock if self.receivers else None,
         )
         self.scp = StorageSCP(
             e.ae_title,
@@ -80,6 +86,8 @@ class Gateway:
             acse_timeout_s=e.acse_timeout_s,
             dimse_timeout_s=e.dimse_timeout_s,
             network_timeout_s=e.network_timeout_s,
+            counts=self.receivers.counts if self.receivers else None,
+            reuse_port=self.receivers is not None,
         )
         self.stow: StowServer | None = None
         if e.stow_port:
@@ -165,6 +173,8 @@ class Gateway:
             )
             self._metrics_server = server
         self.scp.start(e.host, e.port)
+        if self.receivers is not None:
+            self.receivers.start(self.metrics, self.forwarder.wake)
         if self._tls_context is not None:
             assert e.tls is not None
             self.scp.start(e.host, e.tls.port, ssl_context=self._tls_context)
@@ -190,6 +200,8 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scp.stop()
         if self.stow is not None:
             self.stow.stop()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -47,12 +49,16 @@ class Ingestor:
         *,
         max_instance_bytes: int = 2 << 30,
         limits: Limits | None = None,
+        index_lock: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.db = db
         self.store = store
         self.max_instance_bytes = max_instance_bytes
         self.limits = limits or Limits()
-        self._lock = threading.Lock()  # serialises index updates of one gateway process
+        # Serialises index updates: this process's threads, or (edge.receivers > 1) every
+        # receiving process's, with a lock they share. Left to SQLite, writers in several
+        # processes meet its busy handler, which sleeps milliseconds between tries.
+        self._lock = index_lock or threading.Lock()
         self._ids: dict[tuple[str, str, str], tuple[int, int]] = {}
         # Called after an instance of a series new to this receive path is stored, or the last
         # of the count its sender stated (the gateway wakes its forwarder: a new study's quiet

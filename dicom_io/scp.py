@@ -45,6 +45,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_io import upper_layer as ul
+from dicom_io.association_counts import AssociationCounts, LocalCounts
 from dicom_io.dimse_commands import (
     C_ECHO_RQ,
     C_STORE_RQ,
@@ -119,6 +120,8 @@ class StorageSCP:
         acse_timeout_s: float = 30.0,
         dimse_timeout_s: float = 60.0,
         network_timeout_s: float = 60.0,
+        counts: AssociationCounts | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._agreements = agreements
         self._ingestor = ingestor
@@ -134,7 +137,10 @@ class StorageSCP:
             {VERIFICATION} | {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
         )
         self._transfer_syntaxes = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
-        self._open: dict[str, int] = {}  # agreement id -> accepted associations still open
+        # Open associations per agreement and in all: this process's, or shared with the
+        # gateway's other receiving processes (edge.receivers), which listen on the same port.
+        self._counts: AssociationCounts = counts or LocalCounts()
+        self._reuse_port = reuse_port
         self._connections: set[socket.socket] = set()  # every connection being served
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -147,7 +153,7 @@ class StorageSCP:
         May be called twice (plain and TLS ports); both share the policy and the limits.
         """
         self._stopping.clear()
-        listener = socket.create_server((host, port), backlog=64)
+        listener = socket.create_server((host, port), backlog=64, reuse_port=self._reuse_port)
         listener.settimeout(ACCEPT_POLL_S)
         thread = threading.Thread(
             target=self._accept_loop,
@@ -173,8 +179,8 @@ class StorageSCP:
 
     @property
     def active_associations(self) -> int:
-        with self._lock:
-            return len(self._connections)
+        """Connections being served, under the limit (all receiving processes' when shared)."""
+        return self._counts.connections
 
     # -- connections ----------------------------------------------------------------------
 
@@ -201,7 +207,7 @@ class StorageSCP:
         conn.settimeout(self._acse_timeout)
         with self._lock:
             self._connections.add(conn)
-            over_limit = len(self._connections) > self._max_associations
+        counted = self._counts.connect(self._max_associations)
         association: _Association | None = None
         try:
             if ssl_context is not None:
@@ -212,7 +218,7 @@ class StorageSCP:
                     self._connections.discard(conn)
                     self._connections.add(tls_conn)
                 conn = tls_conn
-            association = self._associate(conn, address, over_limit)
+            association = self._associate(conn, address, over_limit=not counted)
             if association is not None:
                 self._exchange(conn, association)
         except ProtocolError as exc:
@@ -227,6 +233,8 @@ class StorageSCP:
         finally:
             if association is not None:
                 self._uncount(association)
+            if counted:
+                self._counts.disconnect()
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
@@ -241,7 +249,7 @@ class StorageSCP:
     # -- association ----------------------------------------------------------------------
 
     def _associate(
-        self, conn: socket.socket, address: str, over_limit: bool
+        self, conn: socket.socket, address: str, *, over_limit: bool
     ) -> _Association | None:
         """Read the A-ASSOCIATE-RQ and answer it: RJ with the table's reason, or AC."""
         pdu_type, body = ul.read_pdu(conn, ul.MAX_ASSOCIATE_RQ)
@@ -319,14 +327,7 @@ class StorageSCP:
                     agreement.id,
                 )
                 return _Refusal("client_cert", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
-        with self._lock:
-            limit = hospital.max_associations
-            if limit is not None and self._open.get(agreement.id, 0) >= limit:
-                refused = True
-            else:
-                refused = False
-                self._open[agreement.id] = self._open.get(agreement.id, 0) + 1
-        if refused:
+        if not self._counts.open(agreement.id, hospital.max_associations):
             log.warning("association rejected: agreement %s at its association limit", agreement.id)
             return _Refusal(
                 "agreement_limit",
@@ -338,10 +339,9 @@ class StorageSCP:
 
     def _uncount(self, association: _Association) -> None:
         with self._lock:
-            if association.counted:
-                association.counted = False
-                key = association.agreement.id
-                self._open[key] = max(self._open.get(key, 1) - 1, 0)
+            counted, association.counted = association.counted, False
+        if counted:
+            self._counts.close(association.agreement.id)
 
     # -- DIMSE ----------------------------------------------------------------------------
 

@@ -20,8 +20,10 @@ compressed). Receivers, each on a free loopback port and started afresh for ever
 Sender: dcmtk ``storescu`` (one association, ``-aet STORESCU``, only the presentation contexts
 the files need, each file's own transfer syntax proposed; TCP_NODELAY=1); with
 ``--associations N``, N storescu at once, each sending every N-th file on its own association
-(storescp then runs with ``--fork``, a process per association; Orthanc and the gateway serve
-them with their own threads). Receiver CPU includes storescp's forked children. Runs are interleaved
+(storescp then runs with ``--fork``, a process per association; Orthanc serves them with its
+own threads, the gateway with a thread per association in each of ``--gateway-receivers``
+processes, 1 by default: on this 2-core machine kind, 2 measured slower than 1). Receiver CPU
+includes storescp's forked children and the gateway's receiving processes. Runs are interleaved
 (receiver order rotates each round); every run is checked (storescu exit status, instance
 count at the receiver). Prints the median instances/s and MB/s per receiver, the receiver's CPU
 use, and the ratios gateway/storescp and gateway/Orthanc.
@@ -384,9 +386,12 @@ def gateway_command() -> list[str]:
 class Gateway(Receiver):
     name, ae, durable = "radbridge gateway", "RADBRIDGE", "fsync file+dir + SQLite index"
 
-    def __init__(self, modalities: set[str], profile_to: Path | None = None) -> None:
+    def __init__(
+        self, modalities: set[str], profile_to: Path | None = None, receivers: int = 1
+    ) -> None:
         self.modalities = sorted(modalities)
         self.profile_to = profile_to
+        self.receivers = receivers
 
     def start(self, work: Path) -> int:
         self.work = work
@@ -410,6 +415,7 @@ class Gateway(Receiver):
             RADBRIDGE_EDGE__CENTER_URL="http://127.0.0.1:9",  # never reached: 24 h quiet period
             RADBRIDGE_EDGE__FORWARD_EARLY="false",  # nor during it: the run measures receiving
             RADBRIDGE_EDGE__MAX_PDU=str(DCMTK_PDU),  # the same PDU as storescp and Orthanc
+            RADBRIDGE_EDGE__RECEIVERS=str(self.receivers),
         )
         env.pop("RADBRIDGE_CONFIG", None)
         cmd = gateway_command()
@@ -548,12 +554,22 @@ def fsync_latency_ms(folder: Path, size: int = 524_288, rounds: int = 20) -> flo
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU of the process and of its children it has waited for (storescp --fork's)."""
+    """CPU of the process, of its children it has waited for (storescp --fork's) and of its
+    live descendants (the gateway's receiving processes)."""
     try:
-        t = psutil.Process(pid).cpu_times()
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        kids = proc.children(recursive=True)
     except psutil.Error:
         return 0.0
-    return float(t.user + t.system + t.children_user + t.children_system)
+    total = t.user + t.system + t.children_user + t.children_system
+    for kid in kids:
+        try:
+            k = kid.cpu_times()
+        except psutil.Error:
+            continue
+        total += k.user + k.system
+    return float(total)
 
 
 def one_run(
@@ -733,9 +749,17 @@ def main() -> None:
         default=1,
         help="parallel storescu associations per run (1..8; storescp then runs with --fork)",
     )
+    ap.add_argument(
+        "--gateway-receivers",
+        type=int,
+        default=0,
+        help="the gateway's edge.receivers (1..8, default 1: on 2 cores, 2 processes measured "
+        "slower with 4 associations than one)",
+    )
     args = ap.parse_args()
     count, runs = max(1, min(args.count, 5000)), max(1, min(args.runs, 9))
     associations = max(1, min(args.associations, 8))
+    gateway_receivers = max(1, min(args.gateway_receivers or 1, 8))
     for tool in ("storescu", "storescp", "echoscu", "dcmdump"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs dcmtk ({tool})")
@@ -754,7 +778,7 @@ def main() -> None:
         receivers: list[Receiver] = [
             Storescp(fork=associations > 1),
             Orthanc(),
-            Gateway(modalities),
+            Gateway(modalities, receivers=gateway_receivers),
         ]
         results: dict[str, dict[str, list[Run]]] = {
             c.name: {r.name: [] for r in receivers} for c in corpora
@@ -778,7 +802,8 @@ def main() -> None:
             "association(s) at once per run.\n"
             f"  storescp{fork}: +B +xa, max PDU {DCMTK_PDU}; "
             f"Orthanc {Orthanc.durable}, max PDU {DCMTK_PDU}\n"
-            f"  gateway: {Gateway.durable}, max PDU {DCMTK_PDU}\n"
+            f"  gateway: {Gateway.durable}, max PDU {DCMTK_PDU}, "
+            f"{gateway_receivers} receiving process(es)\n"
             f"  new 512 KiB file write+fsync: {fsync_ms:.2f} ms (median); {os.cpu_count()} CPUs"
         )
         for corpus in corpora:

@@ -122,6 +122,13 @@ class EdgeSettings(_Strict):
         512 << 20, ge=0, description="Disk watermark: below it C-STORE is refused (0xA700)."
     )
     max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations.")
+    receivers: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="Processes receiving C-STOREs on the DICOM port (SO_REUSEPORT): above 1, "
+        "several associations at once use more than one core; the limits hold across them.",
+    )
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)

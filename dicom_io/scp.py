@@ -73,7 +73,7 @@ LOCAL_LIMIT_EXCEEDED = 0x02
 VERIFICATION = "1.2.840.10008.1.1"
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.3: a command this provider does not perform
 COMMAND, LAST = 0x01, 0x02  # message control header bits, PS3.8 E.2
-ACCEPT_POLL_S = 0.25  # how soon stop() is noticed by a listener
+ACCEPT_POLL_S = 0.25  # how soon stop() is noticed where shutdown() does not wake accept()
 
 
 @dataclass
@@ -90,6 +90,7 @@ class _Association:
 
     agreement: Agreement
     contexts: dict[int, ul.PresentationContext]
+    peer_max_pdu: int = 0  # the requestor's maximum length received; 0: no limit
     counted: bool = True
 
 
@@ -168,6 +169,8 @@ class StorageSCP:
         """Stop listening and cut every open association (the peer sees the connection close)."""
         self._stopping.set()
         for listener, thread in self._listeners:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept() now (Linux)
             thread.join(timeout=5)
             listener.close()
         self._listeners.clear()
@@ -269,7 +272,7 @@ class StorageSCP:
             self._metrics.associations_rejected.labels(outcome.reason).inc()
             conn.sendall(ul.associate_rj(outcome.result, outcome.source, outcome.diagnostic))
             return None
-        association = _Association(outcome, {})
+        association = _Association(outcome, {}, peer_max_pdu=request.max_pdu)
         if request.application_context != ul.APPLICATION_CONTEXT:
             self._uncount(association)
             log.warning("association rejected: not the DICOM application context")
@@ -420,7 +423,18 @@ class StorageSCP:
         else:
             log.warning("DIMSE command 0x%04X refused: not a C-STORE or C-ECHO", command.field)
             status = UNRECOGNIZED_OPERATION
-        conn.sendall(ul.p_data_tf(message.context.id, COMMAND | LAST, response(command, status)))
+        rsp = response(command, status)
+        # Each PDV within the requestor's maximum length (its 6-byte item header included).
+        step = max(association.peer_max_pdu - 6, 2) if association.peer_max_pdu else len(rsp)
+        pdus = [
+            ul.p_data_tf(
+                message.context.id,
+                COMMAND | (LAST if at + step >= len(rsp) else 0),
+                rsp[at : at + step],
+            )
+            for at in range(0, len(rsp), step)
+        ]
+        conn.sendall(b"".join(pdus))
 
     def _store(self, agreement: Agreement, message: _Message) -> int:
         t0 = time.perf_counter()

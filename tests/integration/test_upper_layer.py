@@ -318,3 +318,22 @@ def test_an_instance_over_the_size_limit_is_read_to_its_end_and_refused(
     assert not list(store.rglob("*.dcm"))
     peer.send(_pdu(0x05, bytes(4)))
     assert peer.read()[0] == 0x06
+
+
+def test_a_response_fits_the_requestors_maximum_length(edge: tuple[int, Database, Path]) -> None:
+    """A requestor that receives at most 32 bytes per P-DATA-TF gets the C-ECHO response in
+    fragments of at most 26 bytes, the last one flagged, which join to the full command."""
+    peer = Peer(edge[0])
+    peer.associate([(1, VERIFICATION, [EXPLICIT])], max_pdu=32)
+    peer.send(_pdu(0x04, pdv(1, 0x03, command(0x0030, 9, VERIFICATION))))
+    parts, controls = [], []
+    while not controls or not controls[-1] & 0x02:
+        kind, body = peer.read()
+        assert kind == 0x04 and len(body) <= 32
+        length, context_id, control = struct.unpack_from(">IBB", body)
+        assert length == len(body) - 4 and context_id == 1 and control & 0x01
+        parts.append(body[6:])
+        controls.append(control)
+    assert len(parts) >= 3 and controls[:-1] == [0x01] * (len(parts) - 1)
+    rsp = b"".join(parts)
+    assert struct.unpack_from("<H", rsp, rsp.index(struct.pack("<HHI", 0, 0x0900, 2)) + 8) == (0,)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 from prometheus_client import start_http_server
 
+from dicom_io.association_counts import AssociationCounts
 from dicom_io.consent import ConsentRegister
 from dicom_io.deid.ocr import tesseract
 from dicom_io.delivery import Deliverer
@@ -32,7 +36,7 @@ from radbridge.pki import certificate_expiry
 from radbridge.settings import Settings
 from radbridge.signing import ResultVerifier, load_center_keys
 
-__all__ = ["Gateway", "quiet_value_echoing_warnings"]
+__all__ = ["Gateway", "quiet_value_echoing_warnings", "receive_path"]
 
 log = logging.getLogger("radbridge.edge")
 
@@ -47,6 +51,42 @@ def quiet_value_echoing_warnings() -> None:
     config.settings.reading_validation_mode = config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def receive_path(
+    settings: Settings,
+    db: Database,
+    store: DurableStore,
+    agreements: Callable[[], AgreementSet],
+    metrics: EdgeMetrics,
+    *,
+    index_lock: AbstractContextManager[Any] | None = None,
+    counts: AssociationCounts | None = None,
+) -> tuple[Ingestor, StorageSCP]:
+    """The Ingestor and the SCP in front of it, from the edge's settings: the gateway's, and
+    each receiving process's (``dicom_io.receivers``; ``counts`` shared: the port is too)."""
+    e = settings.edge
+    ingestor = Ingestor(
+        db,
+        store,
+        max_instance_bytes=e.max_instance_bytes,
+        limits=Limits(max_inflated_bytes=e.max_inflated_bytes, max_pixel_bytes=e.max_pixel_bytes),
+        index_lock=index_lock,
+    )
+    scp = StorageSCP(
+        e.ae_title,
+        agreements,
+        ingestor,
+        metrics,
+        max_associations=e.max_associations,
+        max_pdu=e.max_pdu,
+        acse_timeout_s=e.acse_timeout_s,
+        dimse_timeout_s=e.dimse_timeout_s,
+        network_timeout_s=e.network_timeout_s,
+        counts=counts,
+        reuse_port=counts is not None,
+    )
+    return ingestor, scp
 
 
 class Gateway:
@@ -67,27 +107,14 @@ class Gateway:
         if e.receivers > 1:
             ids = [a.id for a in self.agreements.agreements]
             self.receivers = Receivers(settings, ids, e.receivers - 1)
-        ingestor = Ingestor(
+        ingestor, self.scp = receive_path(
+            settings,
             self.db,
             self.store,
-            max_instance_bytes=e.max_instance_bytes,
-            limits=Limits(
-                max_inflated_bytes=e.max_inflated_bytes, max_pixel_bytes=e.max_pixel_bytes
-            ),
-            index_lock=self.receivers.index_lock if self.receivers else None,
-        )
-        self.scp = StorageSCP(
-            e.ae_title,
             lambda: self.agreements,
-            ingestor,
             self.metrics,
-            max_associations=e.max_associations,
-            max_pdu=e.max_pdu,
-            acse_timeout_s=e.acse_timeout_s,
-            dimse_timeout_s=e.dimse_timeout_s,
-            network_timeout_s=e.network_timeout_s,
+            index_lock=self.receivers.index_lock if self.receivers else None,
             counts=self.receivers.counts if self.receivers else None,
-            reuse_port=self.receivers is not None,
         )
         self.stow: StowServer | None = None
         if e.stow_port:

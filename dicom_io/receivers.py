@@ -95,11 +95,8 @@ def receiver_main(
     parent: int,
 ) -> None:
     """A receiving process: the SCP on the edge's plain DICOM port, until ``stop``."""
-    from dicom_io.gateway import quiet_value_echoing_warnings
-    from dicom_io.ingest import Ingestor
-    from dicom_io.scp import StorageSCP
+    from dicom_io.gateway import quiet_value_echoing_warnings, receive_path
     from dicom_io.store import DurableStore
-    from dicom_io.structure import Limits
     from radbridge.agreements import load_agreements
     from radbridge.db.engine import Database
 
@@ -108,27 +105,16 @@ def receiver_main(
     e = settings.edge
     agreements = load_agreements(settings.agreements_file)
     db = Database(settings.edge_db_url)
-    ingestor = Ingestor(
+    ingestor, scp = receive_path(
+        settings,
         db,
         DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes),
-        max_instance_bytes=e.max_instance_bytes,
-        limits=Limits(max_inflated_bytes=e.max_inflated_bytes, max_pixel_bytes=e.max_pixel_bytes),
+        lambda: agreements,
+        Relay(events),  # type: ignore[arg-type]
         index_lock=index_lock,
+        counts=counts,
     )
     ingestor.on_stored = lambda: events.put(("wake",))
-    scp = StorageSCP(
-        e.ae_title,
-        lambda: agreements,
-        ingestor,
-        Relay(events),  # type: ignore[arg-type]
-        max_associations=e.max_associations,
-        max_pdu=e.max_pdu,
-        acse_timeout_s=e.acse_timeout_s,
-        dimse_timeout_s=e.dimse_timeout_s,
-        network_timeout_s=e.network_timeout_s,
-        counts=counts,
-        reuse_port=True,
-    )
     scp.start(e.host, e.port)
     ready.set()
     try:

@@ -56,6 +56,7 @@ from radbridge.contract import (
 )
 from radbridge.db.agreements import sync_agreements
 from radbridge.db.engine import Database
+from radbridge.db.tables import JobRow
 from radbridge.errors import (
     DatasetError,
     ForbiddenError,
@@ -312,21 +313,22 @@ class Api:
         caller = self._caller(request, Role.EDGE)
         self._agreement(caller, body.agreement_id)
         body = body.model_copy(update={"priority": caller.capped(body.priority)})
-        job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
-        if created:
-            await asyncio.to_thread(
-                self.audit.record,
+        source = f"edge:{caller.id}"
+
+        def record(job: JobRow) -> None:
+            self.audit.record(
                 "import",
                 agreement_id=body.agreement_id,
                 study_uid=study_uid,
                 details={
                     "instances": body.instance_count,
                     "version": job.version,
-                    "source": f"edge:{caller.id}",
+                    "source": source,
                     "destination": "center",
                 },
             )
-            self.pipeline.spawn(job.id)
+
+        job, _created = await self.pipeline.complete(study_uid, body, record)
         return JobOut(
             job_id=job.id,
             study_uid=study_uid,

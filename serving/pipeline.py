@@ -9,8 +9,8 @@ of its agreement) and wakes the edges' waiting listings; a job the AI cannot rea
 hospital a not-read notice; a run the infrastructure broke (the database, the store, a runner
 replica) runs again after a backoff instead of failing the study.
 
-The Api (serving/ingress.py) owns the routes and calls :meth:`Pipeline.spawn` when a study
-completes; nothing here knows HTTP.
+The Api (serving/ingress.py) owns the routes and calls :meth:`Pipeline.complete` when an edge
+completes a study; nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray.exceptions import RayActorError
@@ -31,9 +31,9 @@ from sqlalchemy.exc import DBAPIError
 from dicom_io.store import DurableStore
 from models.manifest import ModelManifest
 from radbridge.agreements import AgreementSet
-from radbridge.contract import backoff_s
+from radbridge.contract import CompleteStudy, backoff_s
 from radbridge.db.engine import Database
-from radbridge.db.tables import utcnow
+from radbridge.db.tables import JobRow, utcnow
 from radbridge.errors import NoModelError, StorageError
 from radbridge.metrics import CenterMetrics, safe_label
 from serving import jobs, result_objects
@@ -46,6 +46,7 @@ from serving.segmentation import SeriesSegmentation, segment_series
 __all__ = ["Pipeline", "model_ref"]
 
 log = logging.getLogger("ray.serve")
+_T = TypeVar("_T")
 
 _JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S = 2.0, 60.0  # a job whose run broke (database, store)
 # Series segmented ahead and kept for their jobs (a CT's probabilities are gone by then: a
@@ -112,7 +113,7 @@ class Pipeline:
         # Set (and replaced) whenever a job's result objects become listable: wakes the
         # edges' waiting listings.
         self.objects_built = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         # Every segmentation begun ahead, until it ends: the event loop keeps only a weak
         # reference to a task, and one dropped from _prepared (over PREPARED_MAX) still runs.
         self._running_ahead: set[asyncio.Task[_Segmented]] = set()
@@ -146,9 +147,38 @@ class Pipeline:
 
     def spawn(self, job_id: int, attempt: int = 0) -> None:
         """Run job ``job_id`` on this event loop (a task the pipeline keeps until it ends)."""
-        task = asyncio.get_running_loop().create_task(self._run_job(job_id, attempt))
+        self._keep(self._run_job(job_id, attempt))
+
+    def _keep(self, unit: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """``unit`` as a task the pipeline holds until it ends (the loop holds tasks weakly)."""
+        task = asyncio.get_running_loop().create_task(unit)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def complete(
+        self, study_uid: str, body: CompleteStudy, record: Callable[[JobRow], None]
+    ) -> tuple[JobRow, bool]:
+        """Create the study's job (idempotent: an earlier job that sees every instance is
+        returned) and start it; ``record`` (the audit's import) is called, in a worker thread,
+        for a job created. Returns (job, created).
+
+        It runs to its end even when the caller is cancelled: Serve cancels a request whose
+        client went away (an edge killed while completing), and a job committed but never
+        started would wait, queued, until the replica restarts, while the edge's repeated
+        ``complete`` finds it queued and starts nothing."""
+        return await asyncio.shield(self._keep(self._complete(study_uid, body, record)))
+
+    async def _complete(
+        self, study_uid: str, body: CompleteStudy, record: Callable[[JobRow], None]
+    ) -> tuple[JobRow, bool]:
+        job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
+        if created:
+            try:
+                await asyncio.to_thread(record, job)
+            finally:
+                self.spawn(job.id)  # whatever the audit did: a committed job runs
+        return job, created
 
     async def _run_job(self, job_id: int, attempt: int = 0) -> None:
         """Run the job; when the run itself breaks (the database or the store went away: a

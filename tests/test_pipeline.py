@@ -211,3 +211,37 @@ def test_no_preparing_while_job_work_runs_nor_for_a_study_that_changed(
         assert _used(p, "used") == 0.0
 
     asyncio.run(scenario())
+
+
+def test_a_completion_whose_caller_went_away_still_starts_its_job(
+    center: tuple[Database, DurableStore], ct_parts: list[bytes]
+) -> None:
+    """Serve cancels a request whose client disconnected (an edge killed while completing):
+    the job it committed must still run, or it stays queued and the edge's repeated
+    ``complete`` finds it queued and starts nothing."""
+    db, store = center
+    assert not receive_instances(db, store, AGREEMENT, ct_parts).failed
+    uid, n = _study_uid(ct_parts), len(ct_parts)
+    body = CompleteStudy(agreement_id=AGREEMENT, instance_count=n)
+    recorded: list[int] = []
+
+    async def scenario() -> None:
+        inference = RawInference()
+        p = _pipeline(db, store, inference)
+        caller = asyncio.create_task(p.complete(uid, body, lambda job: recorded.append(job.id)))
+        await asyncio.sleep(0)  # the request has begun: its job is being committed
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        while p._tasks:
+            await asyncio.sleep(0.01)
+        job, created = await p.complete(uid, body, lambda job: recorded.append(job.id))
+        assert not created  # the edge's repeat: the same job, nothing started again
+        while p._tasks:
+            await asyncio.sleep(0.01)
+        with db.session() as s:
+            assert s.get(JobRow, job.id).state == "done"  # type: ignore[union-attr]
+        assert recorded == [job.id]  # audited once
+        assert inference.segmented == 1
+
+    asyncio.run(scenario())

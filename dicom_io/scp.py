@@ -1,18 +1,7 @@
 """The edge's DICOM SCP: Verification and Storage, with per-agreement association policy.
 
-The association is accepted only from a calling AE title owned by an active agreement, a source
-address that agreement allows, the called AE title the hospital must use, over TLS with a known
-client certificate when the agreement requires it, and within the hospital's association limit.
-Otherwise A-ASSOCIATE-RJ with the standard result/source/reason (PS3.8 9.3.4 / 7.1.1.9):
-
-| check | result, source, reason |
-|---|---|
-| calling AE title unknown or its agreement inactive | 1, 1, 3 calling AE not recognized |
-| called AE title not the hospital's | 1, 1, 7 called AE not recognized |
-| source address, TLS required, client certificate | 1, 1, 1 no reason given |
-| hospital's max_associations reached | 2, 3, 2 local limit exceeded |
-| edge.max_associations reached | 2, 3, 2 local limit exceeded |
-| application context not DICOM's | 1, 1, 2 application context name not supported |
+Who may associate, and the A-ASSOCIATE-RJ each refusal gets, is ``dicom_io.association_policy``
+(its table); this module adds the edge-wide association limit and the application context.
 
 The protocol is radbridge's own lean acceptor (``dicom_io.upper_layer``, ``dimse_commands``):
 one thread per association reads each PDU straight off the socket, a C-STORE's data set
@@ -46,6 +35,17 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_io import upper_layer as ul
 from dicom_io.association_counts import AssociationCounts, LocalCounts
+from dicom_io.association_policy import (
+    APPLICATION_CONTEXT_NOT_SUPPORTED,
+    LOCAL_LIMIT_EXCEEDED,
+    REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SERVICE_PROVIDER_PRESENTATION,
+    SERVICE_USER,
+    Peer,
+    Refusal,
+    admit,
+)
 from dicom_io.dimse_commands import (
     C_ECHO_RQ,
     C_STORE_RQ,
@@ -65,23 +65,10 @@ __all__ = ["StorageSCP"]
 
 log = logging.getLogger("radbridge.edge.scp")
 
-REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
-SERVICE_USER, SERVICE_PROVIDER_PRESENTATION = 0x01, 0x03
-NO_REASON, APPLICATION_CONTEXT_NOT_SUPPORTED = 0x01, 0x02
-CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
-LOCAL_LIMIT_EXCEEDED = 0x02
 VERIFICATION = "1.2.840.10008.1.1"
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.3: a command this provider does not perform
 COMMAND, LAST = 0x01, 0x02  # message control header bits, PS3.8 E.2
 ACCEPT_POLL_S = 0.25  # how soon stop() is noticed where shutdown() does not wake accept()
-
-
-@dataclass
-class _Refusal:
-    reason: str  # the metric's label
-    result: int
-    source: int
-    diagnostic: int
 
 
 @dataclass
@@ -267,8 +254,10 @@ class StorageSCP:
                 )
             )
             return None
-        outcome = self._policy(request, address, conn)
-        if isinstance(outcome, _Refusal):
+        tls = isinstance(conn, ssl.SSLSocket)
+        peer = Peer(address, tls, _peer_common_name(conn) if tls else None)
+        outcome = admit(request, peer, self._agreements(), self.ae_title, self._counts)
+        if isinstance(outcome, Refusal):
             self._metrics.associations_rejected.labels(outcome.reason).inc()
             conn.sendall(ul.associate_rj(outcome.result, outcome.source, outcome.diagnostic))
             return None
@@ -294,51 +283,6 @@ class StorageSCP:
             association.contexts[context.id] = context
         conn.sendall(ul.associate_ac(request, self._max_pdu))
         return association
-
-    def _policy(
-        self, request: ul.AssociateRequest, address: str, conn: socket.socket
-    ) -> Agreement | _Refusal:
-        """The agreement whose association this is (counted open), or why it is refused."""
-        tls = isinstance(conn, ssl.SSLSocket)
-        agreement = self._agreements().for_calling_ae(request.calling_ae)
-        if agreement is None:
-            log.warning(
-                "association rejected: calling AE %r has no active agreement", request.calling_ae
-            )
-            return _Refusal(
-                "calling_ae", REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED
-            )
-        hospital = agreement.hospital
-        if request.called_ae != (hospital.called_ae_title or self.ae_title):
-            log.warning("association rejected: wrong called AE for agreement %s", agreement.id)
-            return _Refusal("called_ae", REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED)
-        if not hospital.allows_ip(address):
-            log.warning(
-                "association rejected: %s is not an allowed source for agreement %s",
-                address,
-                agreement.id,
-            )
-            return _Refusal("source_ip", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
-        if hospital.require_tls and not tls:
-            log.warning("association rejected: agreement %s requires DICOM TLS", agreement.id)
-            return _Refusal("tls_required", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
-        if tls and hospital.tls_client_names:
-            name = _peer_common_name(conn)
-            if name not in hospital.tls_client_names:
-                log.warning(
-                    "association rejected: client certificate not allowed for agreement %s",
-                    agreement.id,
-                )
-                return _Refusal("client_cert", REJECTED_PERMANENT, SERVICE_USER, NO_REASON)
-        if not self._counts.open(agreement.id, hospital.max_associations):
-            log.warning("association rejected: agreement %s at its association limit", agreement.id)
-            return _Refusal(
-                "agreement_limit",
-                REJECTED_TRANSIENT,
-                SERVICE_PROVIDER_PRESENTATION,
-                LOCAL_LIMIT_EXCEEDED,
-            )
-        return agreement
 
     def _uncount(self, association: _Association) -> None:
         with self._lock:

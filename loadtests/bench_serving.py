@@ -40,7 +40,8 @@ is serve.yaml's (the local CPU default) except for the knobs given (``--max-batc
 ``--batch-wait-ms``, ``--intra-op-threads``, ``--capacity``, ``--allow-spinning``, ``--hold``;
 ``max_ongoing_requests`` raised to capacity + max_queued when needed). Ray is initialised here
 with start_center's own arguments (loopback, ``num_cpus`` = ``--ray-num-cpus`` or radbridge's
-default) except that it is always a new local instance and the replicas' per-request log lines
+default) and environment (``serving.center.SERVE_ENV_DEFAULTS``, but the workers' niceness)
+except that it is always a new local instance and the replicas' per-request log lines
 stay in Ray's log files (``--ray-logs`` prints them). ``--ray-env NAME=VALUE`` sets environment
 variables for Ray and Serve (e.g. ``RAY_SERVE_...``, ``RAY_worker_niceness``) before Ray starts;
 ``--no-access-log`` turns Serve's access log off in the config copy.
@@ -93,6 +94,7 @@ if not __package__:  # run as a file (python loadtests/bench_serving.py): the re
     sys.path.insert(0, str(REPO))
 from loadtests.cpu_roles import cpu_delta, cpu_snapshot, loadavg, renice_driver  # noqa: E402
 from loadtests.serving_report import Phase, pct, plot, print_report, summarize  # noqa: E402
+from serving.center import SERVE_ENV_DEFAULTS  # noqa: E402
 
 DEMO_MODEL = REPO / "var" / "models" / "chest-xray-demo" / "1"
 APP_NAME = "radbridge-center"
@@ -644,6 +646,11 @@ def main() -> None:
         os.environ[k] = v
     for k in [k for k in os.environ if k.startswith("RADBRIDGE_")]:
         del os.environ[k]  # the benchmark's settings only
+    # What start_center sets before its own ray.init (this benchmark starts Ray first), but the
+    # workers' niceness: they stay at Ray's 15, like this process once the center is up.
+    for k, v in SERVE_ENV_DEFAULTS.items():
+        if k != "RAY_worker_niceness":
+            os.environ.setdefault(k, v)
     os.environ.pop("RAY_ADDRESS", None)  # it would override ray.init(address="local")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-serving-"))
     out.mkdir(parents=True, exist_ok=True)

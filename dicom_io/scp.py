@@ -68,6 +68,10 @@ log = logging.getLogger("radbridge.edge.scp")
 VERIFICATION = "1.2.840.10008.1.1"
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.3: a command this provider does not perform
 COMMAND, LAST = 0x01, 0x02  # message control header bits, PS3.8 E.2
+# Connections over edge.max_associations are answered A-ASSOCIATE-RJ, a few at a time, each
+# given this long to send its request; more than that at once are closed unread.
+OVER_LIMIT_ANSWERED, OVER_LIMIT_READ_S = 8, 5.0
+FLOOD_LOG_EVERY_S = 10.0  # one log line per this long for connections closed unread
 ACCEPT_POLL_S = 0.25  # how soon stop() is noticed where shutdown() does not wake accept()
 
 
@@ -130,6 +134,8 @@ class StorageSCP:
         self._counts: AssociationCounts = counts or LocalCounts()
         self._reuse_port = reuse_port
         self._connections: set[socket.socket] = set()  # every connection being served
+        self._over_limit = 0  # of them, those over edge.max_associations (to be refused)
+        self._flood_closed, self._flood_logged_at = 0, float("-inf")
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._listeners: list[tuple[socket.socket, threading.Thread]] = []
@@ -184,20 +190,55 @@ class StorageSCP:
                 if not self._stopping.is_set():
                     log.exception("the DICOM listener failed; no new associations")
                 return
+            counted = self._counts.connect(self._max_associations)
+            if not counted and not self._answer_over_limit():
+                # A flood past the limit gets no thread: closed unread (an A-ASSOCIATE-RJ
+                # needs the request read first, which is what the flood would hold us to).
+                self._metrics.associations_rejected.labels("edge_flood").inc()
+                conn.close()
+                self._flood_closed += 1
+                if time.monotonic() - self._flood_logged_at >= FLOOD_LOG_EVERY_S:
+                    self._flood_logged_at = time.monotonic()
+                    log.warning(
+                        "%d connections closed unread since the last line: edge.max_associations "
+                        "reached and %d more already waiting for their refusal",
+                        self._flood_closed,
+                        OVER_LIMIT_ANSWERED,
+                    )
+                    self._flood_closed = 0
+                continue
             threading.Thread(
                 target=self._serve,
-                args=(conn, str(address[0]), ssl_context),
+                args=(conn, str(address[0]), ssl_context, counted),
                 name="radbridge-association",
                 daemon=True,
             ).start()
 
-    def _serve(self, conn: socket.socket, address: str, ssl_context: ssl.SSLContext | None) -> None:
-        """One association, from the connection to its release or abort, on its own thread."""
+    def _answer_over_limit(self) -> bool:
+        """Take one of the few places for connections over the limit, answered A-ASSOCIATE-RJ
+        (local limit exceeded) once their request is read; False when all are taken."""
+        with self._lock:
+            if self._over_limit >= OVER_LIMIT_ANSWERED:
+                return False
+            self._over_limit += 1
+            return True
+
+    def _serve(
+        self,
+        conn: socket.socket,
+        address: str,
+        ssl_context: ssl.SSLContext | None,
+        counted: bool,
+    ) -> None:
+        """One association, from the connection to its release or abort, on its own thread.
+        ``counted``: under the edge's limit; otherwise it is refused once its request is read,
+        which may take at most ``OVER_LIMIT_READ_S``."""
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(self._acse_timeout)
+        conn.settimeout(
+            self._acse_timeout if counted else min(self._acse_timeout, OVER_LIMIT_READ_S)
+        )
         with self._lock:
             self._connections.add(conn)
-        counted = self._counts.connect(self._max_associations)
         association: _Association | None = None
         try:
             if ssl_context is not None:
@@ -223,10 +264,12 @@ class StorageSCP:
         finally:
             if association is not None:
                 self._uncount(association)
-            if counted:
-                self._counts.disconnect()
             with self._lock:
                 self._connections.discard(conn)
+                if not counted:
+                    self._over_limit -= 1
+            if counted:
+                self._counts.disconnect()
             conn.close()
 
     def _handshake(self, conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import select as io_select
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -14,7 +18,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verific
 from sqlalchemy import select
 
 from dicom_io.ingest import Ingestor
-from dicom_io.scp import StorageSCP
+from dicom_io.scp import OVER_LIMIT_ANSWERED, StorageSCP
 from dicom_io.store import DurableStore
 from loadtests.fuzz_ingest import send_request
 from radbridge.agreements import load_agreements
@@ -198,6 +202,56 @@ def test_association_limit_rejects_transiently(migrated_db: Database, tmp_path: 
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         first.release()
     finally:
+        server.stop()
+
+
+def test_a_connection_flood_past_the_limit_gets_no_thread_and_is_closed_unread(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    """Silent TCP connections past edge.max_associations: a few wait for their request (to be
+    refused A-ASSOCIATE-RJ), the rest are closed at once; none of them holds the limit."""
+    agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
+    metrics = EdgeMetrics()
+    server = StorageSCP(
+        "RADBRIDGE",
+        lambda: agreements,
+        Ingestor(migrated_db, DurableStore(tmp_path / "store")),
+        metrics,
+        max_associations=1,
+    )
+    port = free_port()
+    server.start("127.0.0.1", port)
+    flood: list[socket.socket] = []
+    try:
+        first = _assoc(port)
+        assert first.is_established
+        threads = threading.active_count()
+        flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        closed: set[socket.socket] = set()
+        deadline = time.monotonic() + 10
+        while len(closed) < 40 - OVER_LIMIT_ANSWERED and time.monotonic() < deadline:
+            readable, _, _ = io_select.select([c for c in flood if c not in closed], [], [], 0.2)
+            closed.update(c for c in readable if c.recv(1) == b"")  # closed unread: EOF
+        assert len(closed) == 40 - OVER_LIMIT_ANSWERED
+        assert threading.active_count() - threads <= OVER_LIMIT_ANSWERED
+        refused = metrics.registry.get_sample_value(
+            "radbridge_edge_associations_rejected_total", {"reason": "edge_flood"}
+        )
+        assert refused == 40 - OVER_LIMIT_ANSWERED
+        for c in flood:
+            c.close()  # the waiting ones end at once (the peer closed), freeing their places
+        deadline = time.monotonic() + 10
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _assoc(port)  # over the limit still, and answered as the standard says
+        assert second.is_rejected
+        rj = second.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        first.release()
+        assert _assoc(port).is_established  # the flood held nothing
+    finally:
+        for c in flood:
+            c.close()
         server.stop()
 
 

@@ -5,7 +5,8 @@ passed is claimed (``forwarding``), de-identified instance by instance, its pseu
 to the identity map, its instances POSTed to the center (``dicom_io.stow_sender``: one request
 in flight while the next is de-identified), and the study completed there. Any
 failure puts it back with exponential backoff; a restart resets claimed studies. The center
-de-duplicates, so a re-sent study is harmless.
+de-duplicates, so a re-sent study is harmless. What a study passes as it leaves (consent, the
+person ceiling, de-identification, the audit's records) is ``dicom_io.export_gate``'s.
 
 Sending early (``forward_early``). While a study's quiet period runs, every full request of
 instances already received (``REQUEST_INSTANCES``) is de-identified and sent at once, after
@@ -32,14 +33,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from io import BytesIO
 
-import pydicom
 from sqlalchemy import Row, func, select, update
 
-from dicom_io.consent import NO_REFERENCE, ConsentRegister, patient_of
-from dicom_io.deid import BurnedInAnnotationError, deidentify
-from dicom_io.part10 import to_part10
+from dicom_io.consent import NO_REFERENCE, ConsentRegister
+from dicom_io.export_gate import AtCeiling, ExportGate, Interrupted, NoConsent
 from dicom_io.person_ledger import CEILING_REASON, PersonLedger
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
@@ -106,8 +104,7 @@ class Forwarder:
         self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
         self._center = center
         self._audit = audit
-        self._ledger = ledger
-        self._consent = consent
+        self.gate = ExportGate(store, metrics, audit, ledger, consent)
         self._next_due: datetime | None = None  # the earliest quiet period end or rest due
         self._wake = threading.Event()
         self._clock = WallClock()
@@ -278,13 +275,13 @@ class Forwarder:
             if early is None:
                 if not agreement.may_transfer(now.date()):
                     raise _NotEarly
-                self._check_consent(agreement, rows)
-                self._count_person(study, agreement, rows)
+                self.gate.check_consent(agreement, rows)
+                self.gate.count_person(study, agreement, rows)
                 early = self._early[study.id] = self._new_sender(study, agreement)
             todo = [row for row in rows if row[0] not in early.done]
             if not rest:
                 todo = todo[: len(todo) - len(todo) % REQUEST_INSTANCES]  # full requests only
-            early.held += self._deidentify_study(
+            early.held += self.gate.deidentify_study(
                 study, todo, early.pseudo, agreement, stop, early.sender
             )
             early.done.update(instance_id for instance_id, _ in todo)
@@ -292,8 +289,8 @@ class Forwarder:
             if rest:
                 self._hint_whole(study, agreement, early)
             return None if rest else rest_at
-        except Exception as exc:  # incl. _Interrupted, _NoConsent, _AtCeiling, CenterError
-            if not isinstance(exc, _NotEarly | _Interrupted | _NoConsent | _AtCeiling):
+        except Exception as exc:  # incl. Interrupted, NoConsent, AtCeiling, CenterError
+            if not isinstance(exc, _NotEarly | Interrupted | NoConsent | AtCeiling):
                 log.info(
                     "study %s: early sending stopped (%s); it goes whole when stable",
                     study.id,
@@ -328,7 +325,7 @@ class Forwarder:
             agreement.id,
             study.priority,
             pseudo,
-            before_first=lambda: self._record_transfer(
+            before_first=lambda: self.gate.record_transfer(
                 "begin-transferring", agreement, pseudo.uid(study.study_uid)
             ),
         )
@@ -376,7 +373,7 @@ class Forwarder:
     ) -> int:
         try:
             sent, held, pseudo_study_uid, nbytes = self._forward(study, agreement, stop)
-        except _Interrupted:  # the study waits for the next start (and is sent whole again)
+        except Interrupted:  # the study waits for the next start (and is sent whole again)
             self._unclaim(study)
             return 0
         except DeidentificationError as exc:
@@ -388,10 +385,10 @@ class Forwarder:
         except CenterError as exc:
             self._retry(study, agreement, str(exc), exc.retry_after_s)
             return 0
-        except _AtCeiling as exc:
+        except AtCeiling as exc:
             self._hold_at_ceiling(study, agreement, exc.reason, stable_at)
             return 0
-        except _NoConsent as exc:  # withdrawn: for good; no reference yet: look again hourly
+        except NoConsent as exc:  # withdrawn: for good; no reference yet: look again hourly
             log.warning("study %s held at the edge: %s", study.id, exc.reason)
             retry = None if exc.final else max(stable_at, utcnow()) + timedelta(hours=1)
             with self.db.session() as s:
@@ -404,7 +401,7 @@ class Forwarder:
                 )
             return 0
         if sent:
-            self._record_transfer("export", agreement, pseudo_study_uid, sent, nbytes)
+            self.gate.record_transfer("export", agreement, pseudo_study_uid, sent, nbytes)
         if held:
             return self._quarantine(study, agreement, sent, held)
         with self.db.session() as s:
@@ -438,8 +435,8 @@ class Forwarder:
             early.sender.abandon()
             early = None
         try:
-            self._check_consent(agreement, rows)
-            self._count_person(study, agreement, rows)
+            self.gate.check_consent(agreement, rows)
+            self.gate.count_person(study, agreement, rows)
         except BaseException:
             if early is not None:
                 early.sender.abandon()
@@ -449,7 +446,9 @@ class Forwarder:
         pseudo, sender = early.pseudo, early.sender
         rest = [row for row in rows if row[0] not in early.done]
         try:
-            held = early.held + self._deidentify_study(study, rest, pseudo, agreement, stop, sender)
+            held = early.held + self.gate.deidentify_study(
+                study, rest, pseudo, agreement, stop, sender
+            )
             sender.finish()
         except BaseException:
             sender.abandon()
@@ -468,36 +467,6 @@ class Forwarder:
             ),
         )
         return sender.sent, held, pseudo_study_uid, sender.sent_bytes
-
-    def _check_consent(self, agreement: Agreement, rows: Sequence[Row[int, str]]) -> None:
-        """Raise ``_NoConsent`` when the patient's consent holds the study at the edge."""
-        if self._consent is None or not rows:
-            return
-        patient = patient_of(self.store.path(rows[0][1]), agreement)
-        hold = self._consent.hold_reason(agreement, patient)
-        if hold is not None:
-            raise _NoConsent(hold.reason, hold.final)
-
-    def _count_person(
-        self, study: StudyRow, agreement: Agreement, rows: Sequence[Row[int, str]]
-    ) -> None:
-        """Admit the study's patient in the person ledger, or raise ``_AtCeiling``."""
-        if self._ledger is None or not rows:
-            return
-        header = pydicom.dcmread(
-            BytesIO(self.store.read(rows[0][1])),
-            stop_before_pixels=True,
-            specific_tags=["PatientID", "IssuerOfPatientID"],
-        )
-        person = self._ledger.person(
-            agreement.hospital.name,
-            str(header.get("IssuerOfPatientID", "")),
-            str(header.get("PatientID", "")),
-            study.study_uid,
-        )
-        admission = self._ledger.admit(agreement, person, utcnow())
-        if not admission.admitted:
-            raise _AtCeiling(admission.refusal(agreement))
 
     def _hold_at_ceiling(
         self, study: StudyRow, agreement: Agreement, reason: str, now: datetime
@@ -522,72 +491,6 @@ class Forwarder:
                     next_attempt_at=max(now, utcnow()) + timedelta(hours=1),
                 )
             )
-
-    def _record_transfer(
-        self, event: str, agreement: Agreement, study_uid: str, sent: int = 0, nbytes: int = 0
-    ) -> None:
-        """Begin Transferring (DICOM 110102: the study's first request is about to leave, early
-        or not) or Export (110106: the study completed at the center, with what left), under
-        which legal basis. A study interrupted part-way has the first without the second."""
-        if self._audit is None:
-            return
-        basis = agreement.transfer_basis
-        details: dict[str, object] = {
-            "mechanism": str(basis.mechanism),
-            "reference": basis.reference,
-            "source": self._audit.node,
-            "destination": "center",
-            "deidentification": agreement.deidentification.profile,
-        }
-        if event == "export":
-            details.update(instances=sent, bytes=nbytes)
-        self._audit.record(event, agreement_id=agreement.id, study_uid=study_uid, details=details)
-
-    def _deidentify_study(
-        self,
-        study: StudyRow,
-        rows: Sequence[Row[int, str]],
-        pseudo: Pseudonymizer,
-        agreement: Agreement,
-        stop: threading.Event,
-        sender: StudySender,
-    ) -> list[str]:
-        """De-identify every instance into ``sender``; one whose pixels may show identity stays
-        at the edge (returns why). Raise ``_Interrupted`` when ``stop`` is set: a study of a
-        thousand slices with OCR takes minutes, and a gateway asked to stop must not wait for
-        it (what was sent already is sent again, harmlessly, when the study is retried)."""
-        held: list[str] = []
-        for instance_id, path in rows:
-            if stop.is_set():
-                raise _Interrupted
-            try:
-                sender.add(self._deidentify(path, pseudo, agreement))
-            except BurnedInAnnotationError as exc:
-                held.append(exc.reason)
-                self._metrics.forward_failures.labels(agreement.id, exc.reason).inc()
-                log.warning(
-                    "study %s instance %s quarantined at the edge (%s)",
-                    study.id,
-                    instance_id,
-                    exc.reason,
-                )
-        return held
-
-    def _deidentify(self, relpath: str, pseudo: Pseudonymizer, agreement: Agreement) -> bytes:
-        t0 = utcnow()
-        ds = pydicom.dcmread(BytesIO(self.store.read(relpath)))
-        d = agreement.deidentification
-        out = deidentify(
-            ds,
-            pseudo,
-            d.options,
-            burned_in=d.burned_in,
-            top_band_rows=d.burned_in_top_band_rows,
-            text_in_pixels=d.text_in_pixels,
-        ).dataset
-        data = to_part10(out)
-        self._metrics.deidentify.labels(agreement.id).observe((utcnow() - t0).total_seconds())
-        return data
 
     def _retry(
         self, study: StudyRow, agreement: Agreement, reason: str, retry_after_s: float = 0.0
@@ -654,24 +557,8 @@ class Forwarder:
         self._metrics.outbox_oldest.set(max(age, 0.0))
 
 
-class _NoConsent(Exception):
-    def __init__(self, reason: str, final: bool) -> None:
-        super().__init__(reason)
-        self.reason, self.final = reason, final
-
-
 class _NotEarly(Exception):
     """The study may not be sent before it is stable (no transfer basis today)."""
-
-
-class _Interrupted(Exception):
-    """The gateway is stopping while a study is being de-identified."""
-
-
-class _AtCeiling(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _retried_when_due(study: StudyRow) -> bool:

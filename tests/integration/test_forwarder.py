@@ -325,14 +325,14 @@ def test_stop_during_de_identification_returns_the_study_unsent(
     try:
         fwd = _forwarder(db, store, center.port)
         stop = threading.Event()
-        deidentify, calls = fwd._deidentify, []
+        deidentify, calls = fwd.gate.deidentify, []
 
         def stop_after_first(*args: object) -> bytes:
             calls.append(args)
             stop.set()  # SIGTERM arrives while the first instance is being de-identified
             return deidentify(*args)  # type: ignore[arg-type]
 
-        fwd._deidentify = stop_after_first  # type: ignore[method-assign]
+        fwd.gate.deidentify = stop_after_first  # type: ignore[method-assign]
         assert fwd.tick(utcnow() + timedelta(seconds=5), stop=stop) == 0
         assert len(calls) == 1  # the other four were not started
         st = _state(db)
@@ -341,7 +341,7 @@ def test_stop_during_de_identification_returns_the_study_unsent(
             assert s.scalars(select(StudyRow)).all() == []  # nothing reached the center
         assert lookup_pseudonym(db, "demo-hospital-to-center", "uid", st.study_uid) is None
 
-        fwd._deidentify = deidentify  # type: ignore[method-assign]
+        fwd.gate.deidentify = deidentify  # type: ignore[method-assign]
         assert fwd.tick(utcnow() + timedelta(seconds=5)) == 1  # the next start sends it
     finally:
         center.stop()

@@ -292,23 +292,27 @@ class ReadingRoom:
     ) -> dict[str, Any]:
         self._same_origin(request)
         reader = await asyncio.to_thread(self._reader, request)
-        study = await asyncio.to_thread(self._agreement_of, study_id, reader)
-        outcome = await asyncio.to_thread(
-            reports.sign_report,
+        return await asyncio.to_thread(self._sign, study_id, reader, status == "final")
+
+    def _sign(self, study_id: int, reader: Reader, final: bool) -> dict[str, Any]:
+        """Sign, audit and count in one worker-thread call, which runs to its end even when the
+        browser goes away mid-request (Serve then cancels the request's coroutine, not the
+        thread): a signed report never lacks its audit record."""
+        agreement_id, organization, study_uid = self._agreement_of(study_id, reader)
+        outcome = reports.sign_report(
             self.db,
             self.store,
             study_id,
             reader,
             self.agreements,
-            final=status == "final",
-            organization=study[1],
+            final=final,
+            organization=organization,
             sign=lambda row: self.signer.sign_row(row, self.edges),
         )
-        await asyncio.to_thread(
-            self.audit.record,
+        self.audit.record(
             "report-signed",
-            agreement_id=study[0],
-            study_uid=study[2],
+            agreement_id=agreement_id,
+            study_uid=study_uid,
             details={
                 "reader": reader.observer_id,
                 "status": outcome.status,
@@ -317,8 +321,10 @@ class ReadingRoom:
             },
         )
         if outcome.turnaround_s is not None:
-            self.metrics.turnaround.labels(study[0], outcome.priority).observe(outcome.turnaround_s)
-        self.metrics.signed.labels(study[0], outcome.status).inc()
+            self.metrics.turnaround.labels(agreement_id, outcome.priority).observe(
+                outcome.turnaround_s
+            )
+        self.metrics.signed.labels(agreement_id, outcome.status).inc()
         return {"status": outcome.status, "version": outcome.version, "objects": outcome.object_ids}
 
     def _agreement_of(self, study_id: int, reader: Reader) -> tuple[str, str, str]:

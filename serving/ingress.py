@@ -513,7 +513,6 @@ class Api:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        self.pipeline.resume()
         return {"status": "ok", "models": sorted(self.manifests)}
 
     @api.get(
@@ -529,7 +528,7 @@ class Api:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def check_health(self) -> None:
-        self.pipeline.resume()
+        await self.pipeline.resume()
         self.metrics.refresh()
         if time.monotonic() >= self._retention_due:  # Serve calls this every few seconds
             self._retention_due = time.monotonic() + self.config.retention_interval_s

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 
 from radbridge.contract import CompleteStudy
 from radbridge.db.engine import Database
@@ -26,10 +26,12 @@ from serving.schemas import InstanceResult, JobOut, StudyResults
 __all__ = [
     "JobInstance",
     "backlog",
+    "claim_job",
     "complete_study",
     "finish_job",
     "job_instances",
     "pending_jobs",
+    "renew_leases",
     "save_result",
     "start_job",
     "study_instances",
@@ -67,8 +69,15 @@ def _find_study(
     return study
 
 
-def complete_study(db: Database, study_uid: str, req: CompleteStudy) -> tuple[JobRow, bool]:
-    """Create the study's inference job (idempotent). Returns (job, created)."""
+def complete_study(
+    db: Database,
+    study_uid: str,
+    req: CompleteStudy,
+    owner: str | None = None,
+    lease_s: float = 0.0,
+) -> tuple[JobRow, bool]:
+    """Create the study's inference job (idempotent). Returns (job, created). A job created is
+    held by ``owner`` for ``lease_s`` (the replica that will run it; see :func:`claim_job`)."""
     with db.session() as s:
         study = _find_study(s, study_uid, req.agreement_id)
         if study.instance_count < req.instance_count:
@@ -93,6 +102,8 @@ def complete_study(db: Database, study_uid: str, req: CompleteStudy) -> tuple[Jo
             priority=req.priority.value,
             first_received_at=utcnow() - timedelta(seconds=req.edge_elapsed_s),
             created_at=utcnow(),
+            owner=owner,
+            lease_until=utcnow() + timedelta(seconds=lease_s) if owner else None,
         )
         s.add(job)
         s.flush()
@@ -111,14 +122,52 @@ def _covers(job: JobRow, study: StudyRow) -> bool:
     return since >= study.last_received_at
 
 
-def pending_jobs(db: Database) -> list[int]:
-    """Jobs a previous replica left queued or running (resumed at start)."""
+_UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+
+
+def _free(owner: str, now: datetime) -> Any:
+    """A job ``owner`` may take: unowned, its own, or its owner's lease run out."""
+    return or_(
+        JobRow.owner.is_(None),
+        JobRow.owner == owner,
+        JobRow.lease_until.is_(None),
+        JobRow.lease_until < now,
+    )
+
+
+def pending_jobs(db: Database, owner: str) -> list[int]:
+    """Queued or running jobs ``owner`` may resume: no live replica holds them (their replica
+    died, or they were created without an owner)."""
     with db.session() as s:
         return list(
             s.scalars(
-                select(JobRow.id).where(JobRow.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                select(JobRow.id).where(JobRow.state.in_(_UNFINISHED), _free(owner, utcnow()))
             )
         )
+
+
+def claim_job(db: Database, job_id: int, owner: str, lease_s: float) -> bool:
+    """Take the job for ``owner`` for ``lease_s`` if no other live replica holds it (one
+    conditional UPDATE: of two replicas resuming it at once, one wins)."""
+    now = utcnow()
+    with db.session() as s:
+        res = s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.state.in_(_UNFINISHED), _free(owner, now))
+            .values(owner=owner, lease_until=now + timedelta(seconds=lease_s))
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def renew_leases(db: Database, owner: str, lease_s: float) -> int:
+    """Extend ``owner``'s hold on its unfinished jobs (called while the replica is alive)."""
+    with db.session() as s:
+        res = s.execute(
+            update(JobRow)
+            .where(JobRow.owner == owner, JobRow.state.in_(_UNFINISHED))
+            .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        )
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def backlog(db: Database) -> int:

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from radbridge.agreements import AgreementSet
 from radbridge.contract import CompleteStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import JobRow, utcnow
-from radbridge.errors import NoModelError, StorageError
+from radbridge.errors import NoModelError, StorageError, redacted
 from radbridge.metrics import CenterMetrics, safe_label
 from serving import jobs, result_objects
 from serving.inference import Inference
@@ -49,6 +50,9 @@ log = logging.getLogger("ray.serve")
 _T = TypeVar("_T")
 
 _JOB_RETRY_BASE_S, _JOB_RETRY_MAX_S = 2.0, 60.0  # a job whose run broke (database, store)
+# How long a replica holds a job it runs without renewing (every health check renews, about
+# every 10 s): past it, another replica resumes the job (its replica is taken to be dead).
+JOB_LEASE_S = 30.0
 # Series segmented ahead and kept for their jobs (a CT's probabilities are gone by then: a
 # segmentation holds its mask, some MB); the oldest is dropped unused beyond this.
 PREPARED_MAX = 4
@@ -117,7 +121,9 @@ class Pipeline:
         # Every segmentation begun ahead, until it ends: the event loop keeps only a weak
         # reference to a task, and one dropped from _prepared (over PREPARED_MAX) still runs.
         self._running_ahead: set[asyncio.Task[_Segmented]] = set()
-        self._resumed = False
+        # This replica, as the owner of the jobs it runs (jobs.owner), and the jobs it runs.
+        self.owner = uuid.uuid4().hex
+        self._running: set[int] = set()
         self.prepare_ahead = True
         # (model key, instance ids) -> the series' segmentation, computed or computing
         self._prepared: OrderedDict[tuple[str, tuple[int, ...]], asyncio.Task[_Segmented]] = (
@@ -137,16 +143,32 @@ class Pipeline:
         self.dispatch.max_wait_s = dict(max_wait_s)
         self.prepare_ahead = prepare_ahead
 
-    def resume(self) -> None:
-        """Run the jobs left queued or running (a replica that died mid-job); once."""
-        if self._resumed:
-            return
-        self._resumed = True
-        for job_id in jobs.pending_jobs(self.db):
-            self.spawn(job_id)
+    async def resume(self) -> None:
+        """Renew this replica's hold on its jobs, then run the queued or running jobs no live
+        replica holds: a replica that died mid-job, or one that died before starting a job it
+        had created. Called on every health check, so another replica takes a dead one's jobs
+        over within ``JOB_LEASE_S``, while a job a live replica runs is never run twice. A
+        database that does not answer is logged, not raised: the health check stays green
+        and the next one tries again."""
+        try:
+            await asyncio.to_thread(jobs.renew_leases, self.db, self.owner, JOB_LEASE_S)
+            for job_id in await asyncio.to_thread(jobs.pending_jobs, self.db, self.owner):
+                if job_id in self._running:
+                    continue
+                if await asyncio.to_thread(
+                    jobs.claim_job, self.db, job_id, self.owner, JOB_LEASE_S
+                ):
+                    log.info("job %d resumed (no live replica held it)", job_id)
+                    self.spawn(job_id)
+        except Exception as exc:
+            log.error("resuming jobs failed (%s); the next health check tries again", redacted(exc))
 
     def spawn(self, job_id: int, attempt: int = 0) -> None:
-        """Run job ``job_id`` on this event loop (a task the pipeline keeps until it ends)."""
+        """Run job ``job_id`` on this event loop (a task the pipeline keeps until it ends);
+        nothing when it already runs here (``attempt`` 0)."""
+        if attempt == 0 and job_id in self._running:
+            return
+        self._running.add(job_id)
         self._keep(self._run_job(job_id, attempt))
 
     def _keep(self, unit: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
@@ -172,7 +194,9 @@ class Pipeline:
     async def _complete(
         self, study_uid: str, body: CompleteStudy, record: Callable[[JobRow], None]
     ) -> tuple[JobRow, bool]:
-        job, created = await asyncio.to_thread(jobs.complete_study, self.db, study_uid, body)
+        job, created = await asyncio.to_thread(
+            jobs.complete_study, self.db, study_uid, body, self.owner, JOB_LEASE_S
+        )
         if created:
             try:
                 await asyncio.to_thread(record, job)
@@ -195,7 +219,9 @@ class Pipeline:
                 delay,
             )
             await asyncio.sleep(delay)
-            self.spawn(job_id, attempt + 1)
+            self.spawn(job_id, attempt + 1)  # still this replica's (its lease is renewed)
+            return
+        self._running.discard(job_id)
 
     async def _run_job_once(self, job_id: int) -> None:
         t0 = time.perf_counter()

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicom_io.deid import deidentify
 from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
 from radbridge.contract import CompleteStudy
 from radbridge.db import Database
-from radbridge.db.tables import InstanceRow, StudyRow
+from radbridge.db.tables import InstanceRow, JobRow, StudyRow, utcnow
 from radbridge.errors import NotFoundError, PolicyError
 from serving import jobs
 from serving.intake import receive_instances, stow_response
@@ -60,7 +61,7 @@ def test_complete_creates_one_job_and_is_idempotent(migrated_db: Database, tmp_p
     again, created_again = jobs.complete_study(migrated_db, uid, req)
     assert created and not created_again and again.id == job.id
     assert len(jobs.job_instances(migrated_db, job.id)) == 3
-    assert jobs.pending_jobs(migrated_db) == [job.id]
+    assert jobs.pending_jobs(migrated_db, "any replica") == [job.id]  # created without an owner
     # Re-sending the same instances (an edge retry) stores nothing twice.
     receive_instances(migrated_db, store, AGREEMENT, parts)
     assert len(list(tmp_path.rglob("*.dcm"))) == 3
@@ -165,3 +166,32 @@ def test_a_request_cut_short_by_the_store_leaves_none_of_its_files(
     assert [p for p in (tmp_path / "store").rglob("*.part")] == []
     with migrated_db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []
+
+
+def test_a_job_held_by_a_live_replica_is_not_resumed_by_another(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    """Two Api replicas on one database: the one that created a job holds it while it renews
+    its lease; the other resumes it only once that lease has run out (its replica died)."""
+    store = DurableStore(tmp_path)
+    uid = receive_instances(migrated_db, store, AGREEMENT, _deid_study(2)).stored[0].study_uid
+    req = CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
+    job, _ = jobs.complete_study(migrated_db, uid, req, owner="replica-a", lease_s=30)
+    assert jobs.pending_jobs(migrated_db, "replica-b") == []  # a's, and a is alive
+    assert not jobs.claim_job(migrated_db, job.id, "replica-b", 30)
+    assert jobs.pending_jobs(migrated_db, "replica-a") == [job.id]  # its own
+    assert jobs.renew_leases(migrated_db, "replica-a", 30) == 1
+    with migrated_db.session() as s:  # a dies: it renews no more, and its lease runs out
+        s.execute(
+            update(JobRow)
+            .where(JobRow.id == job.id)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+    assert jobs.pending_jobs(migrated_db, "replica-b") == [job.id]
+    assert jobs.claim_job(migrated_db, job.id, "replica-b", 30)
+    assert not jobs.claim_job(migrated_db, job.id, "replica-c", 30)  # b holds it now
+    assert jobs.renew_leases(migrated_db, "replica-a", 30) == 0  # a's hold is gone
+    jobs.start_job(migrated_db, job.id)
+    jobs.finish_job(migrated_db, job.id)
+    assert jobs.pending_jobs(migrated_db, "replica-b") == []  # a finished job is nobody's
+    assert not jobs.claim_job(migrated_db, job.id, "replica-b", 30)

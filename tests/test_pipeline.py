@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from radbridge.agreements import load_agreements
 from radbridge.contract import CompleteStudy
 from radbridge.db import Database, upgrade
 from radbridge.db.agreements import sync_agreements
-from radbridge.db.tables import JobRow, ResultObjectRow, ResultRow
+from radbridge.db.tables import JobRow, ResultObjectRow, ResultRow, utcnow
 from radbridge.metrics import CenterMetrics
 from serving import jobs
 from serving.intake import receive_instances
@@ -243,5 +244,44 @@ def test_a_completion_whose_caller_went_away_still_starts_its_job(
             assert s.get(JobRow, job.id).state == "done"  # type: ignore[union-attr]
         assert recorded == [job.id]  # audited once
         assert inference.segmented == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_resumes_only_the_jobs_no_live_replica_holds(
+    center: tuple[Database, DurableStore], ct_parts: list[bytes]
+) -> None:
+    """An Api replica starting (or health-checking) beside a live one does not run that one's
+    job again; a job whose replica died (its lease ran out) it takes over and runs."""
+    db, store = center
+    assert not receive_instances(db, store, AGREEMENT, ct_parts).failed
+    uid, n = _study_uid(ct_parts), len(ct_parts)
+
+    async def scenario() -> None:
+        inference_a, inference_b = RawInference(), RawInference()
+        a, b = _pipeline(db, store, inference_a), _pipeline(db, store, inference_b)
+        body = CompleteStudy(agreement_id=AGREEMENT, instance_count=n)
+        job, created = await a.complete(uid, body, lambda job: None)
+        assert created
+        await b.resume()  # while a runs it
+        assert not b._running
+        while a._tasks:
+            await asyncio.sleep(0.01)
+        assert (inference_a.segmented, inference_b.segmented) == (1, 0)
+
+        # The same job as a replica that died would leave it: queued, its lease run out.
+        with db.session() as s:
+            row = s.get(JobRow, job.id)
+            assert row is not None
+            row.state, row.owner = "queued", "dead"
+            row.lease_until = utcnow() - timedelta(seconds=1)
+        await b.resume()
+        assert b._running == {job.id}
+        while b._tasks:
+            await asyncio.sleep(0.01)
+        with db.session() as s:
+            row = s.get(JobRow, job.id)
+            assert row is not None and (row.state, row.owner) == ("done", b.owner)
+        assert inference_b.segmented == 1
 
     asyncio.run(scenario())

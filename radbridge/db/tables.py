@@ -206,6 +206,13 @@ class JobRow(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(
+        String(64), doc="The Api replica that runs (or will run) the job; None: any may."
+    )
+    lease_until: Mapped[datetime | None] = mapped_column(
+        doc="Its owner holds the job until then and renews it while alive; past it, another "
+        "replica may resume the job."
+    )
 
 
 class ResultRow(Base):

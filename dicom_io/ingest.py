@@ -11,6 +11,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, func, insert, literal, or_, select, update
@@ -22,7 +23,7 @@ from dicom_io.structure import Limits, check_structure
 from radbridge.agreements import Agreement
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, UTCDateTime, utcnow
-from radbridge.errors import DatasetError
+from radbridge.errors import DatasetError, StorageError
 from radbridge.lifecycle import EdgeStudyState
 
 __all__ = ["IngestOutcome", "Ingestor"]
@@ -60,6 +61,8 @@ class Ingestor:
         # processes meet its busy handler, which sleeps milliseconds between tries.
         self._lock = index_lock or threading.Lock()
         self._ids: dict[tuple[str, str, str], tuple[int, int]] = {}
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
         # Called after an instance of a series new to this receive path is stored, or the last
         # of the count its sender stated (the gateway wakes its forwarder: a new study's quiet
         # period has started, or the study is complete). Must not block.
@@ -113,25 +116,70 @@ class Ingestor:
         # only the index is serialised. Its name carries the digest, so a re-send of the same
         # bytes (rare) rewrites the same file with the same content.
         self.store.write(relpath, encoded, sha256=digest)
+        entry = _Pending(agreement_id, header, relpath, len(encoded), digest, priority)
+        # Group commit: whoever holds the index lock indexes every instance queued so far in
+        # one transaction (one commit, one fsync of the database's log), so associations
+        # arriving while a commit runs share the next one instead of waiting a commit each.
+        with self._queue_lock:
+            self._queue.append(entry)
         with self._lock:
-            for attempt in range(3):
+            if not entry.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._index_all(batch)
+        if entry.error is not None:
+            raise entry.error
+        assert entry.outcome is not None
+        return entry.outcome
+
+    def _index_all(self, batch: list[_Pending]) -> None:
+        """Index ``batch`` in one transaction; when that fails, each entry alone (with its
+        own retries and its own error, which its association answers)."""
+        wake = False
+        try:
+            if len(batch) > 1:
                 try:
-                    size = len(encoded)
-                    return self._index(agreement_id, header, relpath, size, digest, priority)
-                except (IntegrityError, _StaleIds):
-                    # Another replica created the same study/series first, or a cached id's
-                    # row is gone (a purge): forget the ids and look them up again.
+                    wake = self._commit(batch)
+                    return
+                except Exception:  # each entry is tried alone below
                     self._ids.clear()
-                    if attempt == 2:
-                        raise
+            for entry in batch:
+                try:
+                    wake = self._commit_alone(entry) or wake
+                except Exception as exc:  # raised in the entry's own thread
+                    entry.error = exc
+        finally:
+            for entry in batch:
+                if entry.outcome is None and entry.error is None:
+                    entry.error = StorageError("indexing was interrupted")
+                entry.done = True
+            if wake and self.on_stored is not None:
+                self.on_stored()  # a new series (or study), or the count the sender stated is in
+
+    def _commit_alone(self, entry: _Pending) -> bool:
+        for attempt in range(3):
+            try:
+                return self._commit([entry])
+            except (IntegrityError, _StaleIds):
+                # Another replica created the same study/series first, or a cached id's row
+                # is gone (a purge): forget the ids and look them up again.
+                self._ids.clear()
+                if attempt == 2:
+                    raise
         raise AssertionError("unreachable")
 
     def _ids_in(
-        self, conn: Connection, agreement_id: str, header: InstanceHeader
+        self,
+        conn: Connection,
+        agreement_id: str,
+        header: InstanceHeader,
+        new: dict[tuple[str, str, str], tuple[int, int]],
     ) -> tuple[int, int]:
         """(study id, series id) of the instance's series, created in this transaction when
-        new. Cached after a commit, since a CT series sends hundreds of instances in a row."""
-        ids = self._ids.get((agreement_id, header.study_uid, header.series_uid))
+        new. Cached after a commit, since a CT series sends hundreds of instances in a row;
+        ``new`` holds those this transaction looked up, until it commits."""
+        key = (agreement_id, header.study_uid, header.series_uid)
+        ids = self._ids.get(key) or new.get(key)
         if ids is not None:
             return ids
         study_id = conn.execute(
@@ -171,78 +219,104 @@ class Ingestor:
                 )
                 .returning(SeriesRow.id)
             ).scalar_one()
-        return int(study_id), int(series_id)
+        new[key] = (int(study_id), int(series_id))
+        return new[key]
 
-    def _remember(self, agreement_id: str, header: InstanceHeader, ids: tuple[int, int]) -> None:
-        if len(self._ids) >= _ID_CACHE:
-            self._ids.pop(next(iter(self._ids)))
-        self._ids[(agreement_id, header.study_uid, header.series_uid)] = ids
-
-    def _index(
-        self,
-        agreement_id: str,
-        header: InstanceHeader,
-        relpath: str,
-        size: int,
-        digest: str,
-        priority: str,
-    ) -> str:
-        """Index the stored file: one transaction of three indexed statements (the instance
-        looked up, inserted or re-pointed, its study updated in SQL). The statements are built
-        once: the ORM's unit of work and per-call statement building cost more than the fsyncs
-        here (py-spy, ``loadtests.ingest_bench --profile``)."""
-        cached = (agreement_id, header.study_uid, header.series_uid) in self._ids
+    def _commit(self, batch: list[_Pending]) -> bool:
+        """Index each stored file of ``batch`` in one transaction; sets each entry's outcome
+        once it committed. True when the forwarder should wake."""
+        new: dict[tuple[str, str, str], tuple[int, int]] = {}
+        outcomes: list[tuple[str, bool]] = []
         with self.db.engine.begin() as conn:
-            study_id, series_id = self._ids_in(conn, agreement_id, header)
-            existing = conn.execute(
-                _FIND_INSTANCE, {"p_series": series_id, "p_sop": header.sop_instance_uid}
-            ).first()
-            if existing is not None and existing.sha256 == digest:
-                return IngestOutcome.DUPLICATE
-            now = utcnow()
-            fields = {
-                "p_path": relpath,
-                "p_size": size,
-                "p_sha256": digest,
-                "p_ts": header.transfer_syntax_uid,
-                "p_now": now,
-            }
-            if existing is not None:
-                # New bytes for a known SOP UID: the old file stays, the row points at the new.
-                conn.execute(_REPOINT_INSTANCE, {"p_id": existing.id, **fields})
-            else:
-                conn.execute(
-                    _INSERT_INSTANCE,
-                    {
-                        "p_series": series_id,
-                        "p_sop": header.sop_instance_uid,
-                        "p_class": header.sop_class_uid,
-                        **fields,
-                    },
-                )
-            done = conn.execute(
-                _TOUCH_STUDY,
+            for entry in batch:
+                outcomes.append(self._rows(conn, entry, new))
+        if len(self._ids) + len(new) > _ID_CACHE:
+            for key in list(self._ids)[: len(self._ids) + len(new) - _ID_CACHE]:
+                del self._ids[key]
+        self._ids.update(new)
+        wake = False
+        for entry, (outcome, wakes) in zip(batch, outcomes, strict=True):
+            entry.outcome = outcome
+            wake = wake or wakes
+        return wake
+
+    def _rows(
+        self,
+        conn: Connection,
+        entry: _Pending,
+        new: dict[tuple[str, str, str], tuple[int, int]],
+    ) -> tuple[str, bool]:
+        """One stored file's index rows: three indexed statements (the instance looked up,
+        inserted or re-pointed, its study updated in SQL). The statements are built once: the
+        ORM's unit of work and per-call statement building cost more than the fsyncs here
+        (py-spy, ``loadtests.ingest_bench --profile``). Returns the outcome and whether the
+        forwarder should wake (a new series or study, or the count its sender stated is in)."""
+        header = entry.header
+        key = (entry.agreement_id, header.study_uid, header.series_uid)
+        cached = key in self._ids or key in new
+        study_id, series_id = self._ids_in(conn, entry.agreement_id, header, new)
+        existing = conn.execute(
+            _FIND_INSTANCE, {"p_series": series_id, "p_sop": header.sop_instance_uid}
+        ).first()
+        if existing is not None and existing.sha256 == entry.digest:
+            return IngestOutcome.DUPLICATE, False
+        now = utcnow()
+        fields = {
+            "p_path": entry.relpath,
+            "p_size": entry.size,
+            "p_sha256": entry.digest,
+            "p_ts": header.transfer_syntax_uid,
+            "p_now": now,
+        }
+        if existing is not None:
+            # New bytes for a known SOP UID: the old file stays, the row points at the new.
+            conn.execute(_REPOINT_INSTANCE, {"p_id": existing.id, **fields})
+        else:
+            conn.execute(
+                _INSERT_INSTANCE,
                 {
-                    "p_id": study_id,
-                    "p_agreement": agreement_id,
-                    "p_study_uid": header.study_uid,
                     "p_series": series_id,
-                    "p_series_uid": header.series_uid,
-                    "p_now": now,
-                    "p_added": 0 if existing else 1,
-                    "p_rank": _RANK[priority],
-                    "p_priority": priority,
-                    "p_expected": header.expected_study_instances or None,
+                    "p_sop": header.sop_instance_uid,
+                    "p_class": header.sop_class_uid,
+                    **fields,
                 },
             )
-            counts = done.first()
-            if counts is None:
-                raise _StaleIds  # rolls back the instance row; the file stays, unreferenced
-        self._remember(agreement_id, header, (study_id, series_id))
+        done = conn.execute(
+            _TOUCH_STUDY,
+            {
+                "p_id": study_id,
+                "p_agreement": entry.agreement_id,
+                "p_study_uid": header.study_uid,
+                "p_series": series_id,
+                "p_series_uid": header.series_uid,
+                "p_now": now,
+                "p_added": 0 if existing else 1,
+                "p_rank": _RANK[entry.priority],
+                "p_priority": entry.priority,
+                "p_expected": header.expected_study_instances or None,
+            },
+        )
+        counts = done.first()
+        if counts is None:
+            raise _StaleIds  # rolls back the instance rows; the files stay, unreferenced
         count, expected = counts
-        if self.on_stored is not None and (not cached or (expected and count >= expected)):
-            self.on_stored()  # a new series (or study), or the count the sender stated is in
-        return IngestOutcome.NEW_VERSION if existing else IngestOutcome.STORED
+        outcome = IngestOutcome.NEW_VERSION if existing else IngestOutcome.STORED
+        return outcome, not cached or bool(expected and count >= expected)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A durably written instance waiting for its index rows (group commit)."""
+
+    agreement_id: str
+    header: InstanceHeader
+    relpath: str
+    size: int
+    digest: str
+    priority: str
+    done: bool = False
+    outcome: str | None = None
+    error: Exception | None = None
 
 
 _NOW = bindparam("p_now", type_=UTCDateTime())

@@ -425,6 +425,7 @@ class Gateway(Receiver):
                 "record",
                 "--idle",
                 "--threads",
+                "--nonblocking",
                 "--rate",
                 str(PROFILE_RATE),
                 "--format",

@@ -1,14 +1,19 @@
-"""The edge's receive path indexes each instance in one short transaction with the study and
-series ids cached (dicom_io/ingest.py): what it writes must be what the ORM path wrote, and a
-cached id whose row went away must not lose an instance."""
+"""The edge's receive path indexes instances in short transactions with the study and series
+ids cached (dicom_io/ingest.py): what it writes must be what the ORM path wrote, a cached id
+whose row went away must not lose an instance, and instances of several associations queued
+during one commit share the next (group commit) with each answer still its own."""
 
 from __future__ import annotations
 
+import copy
+import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 
 from dicom_io.ingest import Ingestor, IngestOutcome
 from dicom_io.store import DurableStore
@@ -155,3 +160,87 @@ def test_an_id_reused_by_another_study_never_takes_a_late_instance(
         str(late_a.SOPInstanceUID): str(a.SeriesInstanceUID),
         str(b.SOPInstanceUID): str(b.SeriesInstanceUID),
     }
+
+
+def _queued_together(ingestor: Ingestor, datasets: list[Dataset]) -> list[object]:
+    """Accept ``datasets`` on one thread each while the index lock is held, so that each one's
+    file is written and queued before any is indexed; then let them go. Returns each thread's
+    outcome or exception, in order."""
+    answers: list[object] = [None] * len(datasets)
+
+    def accept(i: int, ds: Dataset) -> None:
+        try:
+            answers[i] = ingestor.accept(_agreement(), _raw(ds))[0]
+        except Exception as exc:
+            answers[i] = exc
+
+    threads = [threading.Thread(target=accept, args=(i, ds)) for i, ds in enumerate(datasets)]
+    with ingestor._lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(ingestor._queue) < len(datasets):
+            assert time.monotonic() < deadline, "instances were not queued"
+            time.sleep(0.01)
+    for t in threads:
+        t.join(30)
+    return answers
+
+
+def test_instances_queued_during_a_commit_share_the_next_one(
+    migrated_db: Database, tmp_path: Path
+) -> None:
+    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    woken: list[int] = []
+    ingestor.on_stored = lambda: woken.append(1)
+    first = make_instance()
+    same_series = [
+        make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=s) for s in (1, 2)
+    ]
+    corrected = copy.deepcopy(same_series[1])  # its SOP Instance UID, other bytes
+    corrected.StudyDescription = "corrected"
+    other_study = make_instance(seed=8)
+    commits: list[int] = []
+    event.listen(migrated_db.engine, "commit", lambda conn: commits.append(1))
+    answers = _queued_together(ingestor, [first, *same_series, first, corrected, other_study])
+    assert len(commits) == 1  # six instances, two studies, one transaction
+    assert sorted(map(str, answers)) == sorted(
+        map(
+            str,
+            [IngestOutcome.STORED] * 4 + [IngestOutcome.DUPLICATE, IngestOutcome.NEW_VERSION],
+        )
+    )
+    assert woken  # a new series woke the forwarder
+    assert _study(migrated_db, str(first.StudyInstanceUID)).instance_count == 3
+    assert _study(migrated_db, str(other_study.StudyInstanceUID)).instance_count == 1
+    rows = _instances(migrated_db)
+    assert len(rows) == 4 and {r.version for r in rows} == {1, 2}
+    # The ids found in the shared transaction are cached: a late instance only adds its row.
+    late = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=3)
+    woken.clear()
+    commits.clear()
+    assert ingestor.accept(_agreement(), _raw(late))[0] == IngestOutcome.STORED
+    assert not woken and len(commits) == 1
+
+
+def test_one_bad_instance_in_a_shared_commit_fails_alone(
+    migrated_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    good = [make_instance(seed=s) for s in (1, 2, 3)]
+    bad = make_instance(good[0].StudyInstanceUID, good[0].SeriesInstanceUID, seed=4)
+    rows = ingestor._rows
+
+    def failing_rows(conn, entry, new):  # type: ignore[no-untyped-def]
+        if entry.header.sop_instance_uid == bad.SOPInstanceUID:
+            raise RuntimeError("the index refused this one")
+        return rows(conn, entry, new)
+
+    monkeypatch.setattr(ingestor, "_rows", failing_rows)
+    answers = _queued_together(ingestor, [*good, bad])
+    assert answers[:3] == [IngestOutcome.STORED] * 3
+    assert isinstance(answers[3], RuntimeError)  # its own association answers the failure
+    assert {str(r.sop_instance_uid) for r in _instances(migrated_db)} == {
+        str(ds.SOPInstanceUID) for ds in good
+    }
+    assert _study(migrated_db, str(good[0].StudyInstanceUID)).instance_count == 1

@@ -419,7 +419,7 @@ def center(args: argparse.Namespace, root: Path, serve_yaml: Path) -> Iterator[A
         log_level="WARNING",
         center=center_cfg,
     )
-    upgrade(settings.center_db_url)
+    upgrade(settings.center_db_url, "center")
     try:
         import ray
 

@@ -94,14 +94,15 @@ def db_upgrade(
 ) -> None:
     """Apply the Alembic migrations to the edge and/or center database."""
     from radbridge.db.migrate import upgrade
+    from radbridge.db.tables import NODES
 
     s = _settings()
-    urls = {"edge": s.edge_db_url, "center": s.center_db_url}
-    if role not in ("edge", "center", "all"):
+    if role not in (*NODES, "all"):
         raise typer.BadParameter("role must be edge, center or all")
+    urls = dict(zip(NODES, (s.edge_db_url, s.center_db_url), strict=True))  # NODES' order
     for name, url in urls.items():
         if role in (name, "all"):
-            upgrade(url)
+            upgrade(url, name)
             console.print(f"{name} database at head")
 
 
@@ -232,9 +233,9 @@ def _ensure_ready(s: Settings, *, edge: bool, center: bool) -> None:
 
     load_agreements(s.agreements_file)  # a bad agreement fails here, in a second, naming it
     if edge:
-        upgrade(s.edge_db_url)
+        upgrade(s.edge_db_url, "edge")
     if center:
-        upgrade(s.center_db_url)
+        upgrade(s.center_db_url, "center")
         from models.demo import build_all
         from models.repository import ModelRepository
 
@@ -277,7 +278,7 @@ def gateway_status_cmd() -> None:
 
     s = _settings()
     e = s.edge
-    upgrade(s.edge_db_url)
+    upgrade(s.edge_db_url, "edge")
     st = gateway_status(
         Database(s.edge_db_url),
         DurableStore(s.edge_store, min_free_bytes=e.min_free_bytes),
@@ -351,7 +352,7 @@ def gateway_resend_cmd(
     from radbridge.db.migrate import upgrade
 
     s = _settings()
-    upgrade(s.edge_db_url)
+    upgrade(s.edge_db_url, "edge")
     db = Database(s.edge_db_url)
     try:
         former = resend_delivery(db, delivery_id)
@@ -710,7 +711,7 @@ def _center_db(s: Settings) -> Any:
     from radbridge.db.engine import Database
     from radbridge.db.migrate import upgrade
 
-    upgrade(s.center_db_url)
+    upgrade(s.center_db_url, "center")
     return Database(s.center_db_url)
 
 
@@ -832,7 +833,7 @@ def _consent_register(agreement_id: str) -> Iterator[tuple[Any, Any, Any]]:
     agreement = agreements.get(agreement_id)
     if agreement is None:
         raise ConfigError(f"--agreement: no agreement {agreement_id!r} in {s.agreements_file}")
-    upgrade(s.edge_db_url)
+    upgrade(s.edge_db_url, "edge")
     db = Database(s.edge_db_url)
     try:
         audit = AuditTrail(db, f"edge:{s.edge.id}")

@@ -284,6 +284,12 @@ class Settings(BaseSettings):
             self.center.store_dir = data / "center" / "store"
         if self.center.database_url is None:
             self.center.database_url = f"sqlite:///{data / 'center' / 'center.db'}"
+        if self.edge.database_url == self.center.database_url:
+            # Each node's migrations drop the other's tables (radbridge/db/migrate.py).
+            raise ValueError(
+                "edge.database_url and center.database_url name the same database: the edge "
+                "and the center each need their own"
+            )
         if self.edge.key_file is None:
             self.edge.key_file = data / "keys" / "edge-ed25519.pem"
         if self.center.trust_file is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -9,12 +10,17 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, text
+
+if TYPE_CHECKING:
+    from radbridge.db import Database
+    from radbridge.db.tables import Node
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -154,20 +160,46 @@ def fresh_postgres_database() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest) -> str:
+def backend(request: pytest.FixtureRequest) -> str:
     """Each database test runs on SQLite and on PostgreSQL."""
-    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
-    return str(request.getfixturevalue(fixture))
+    return str(request.param)
 
 
 @pytest.fixture
-def migrated_db(db_url: str):  # type: ignore[no-untyped-def]
+def db_url(backend: str, request: pytest.FixtureRequest) -> str:
+    fixture = "sqlite_url" if backend == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(fixture))
+
+
+def _migrated(url: str, node: Node) -> Database:
+    """A database migrated to ``node``'s branch, the demo agreements synced."""
     from radbridge.agreements import load_agreements
     from radbridge.db import Database, upgrade
     from radbridge.db.agreements import sync_agreements
 
-    upgrade(db_url)
-    db = Database(db_url)
+    upgrade(url, node)
+    db = Database(url)
     sync_agreements(db, load_agreements(REPO / "radbridge/defaults/agreements.yaml"))
+    return db
+
+
+@pytest.fixture
+def edge_db(db_url: str) -> Iterator[Database]:
+    """The edge's database (its migration branch: no center tables)."""
+    db = _migrated(db_url, "edge")
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def center_db(backend: str, tmp_path: Path) -> Iterator[Database]:
+    """The center's database (its migration branch: no edge tables), on the same backend as
+    ``db_url`` but a database of its own, so a test may hold both nodes' databases."""
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'center.db'}"
+        else:
+            url = stack.enter_context(fresh_postgres_database())
+        db = _migrated(url, "center")
+        yield db
+        db.dispose()

@@ -591,7 +591,7 @@ class Edge:
 def running_edge(db_url: str, store_dir: Path) -> Iterator[Edge]:
     """A migrated database, a StorageSCP on a free loopback port, every modality allowed."""
     agreements = all_modalities_agreements()
-    upgrade(db_url)
+    upgrade(db_url, "edge")
     db = Database(db_url)
     sync_agreements(db, agreements)
     server = StorageSCP(

@@ -1,5 +1,5 @@
 """radbridge.audit: the hash chain holds, tampering is named, the export is valid DICOM audit
-XML, and syslog carries it. Runs on SQLite and PostgreSQL (the migrated_db fixture)."""
+XML, and syslog carries it. Runs on SQLite and PostgreSQL (the edge_db fixture)."""
 
 from __future__ import annotations
 
@@ -50,19 +50,19 @@ def _story(trail: AuditTrail) -> None:
     trail.record("agreements-changed", agreement_id=AGREEMENT, details={"sha256": "ab" * 32})
 
 
-def test_a_clean_chain_verifies(migrated_db: Database) -> None:
-    trail = AuditTrail(migrated_db, "edge:local-edge")
-    assert verify(migrated_db) == (0, None)
+def test_a_clean_chain_verifies(edge_db: Database) -> None:
+    trail = AuditTrail(edge_db, "edge:local-edge")
+    assert verify(edge_db) == (0, None)
     _story(trail)
-    assert verify(migrated_db) == (4, None)
-    assert [r.event_id for r in records(migrated_db)] == ["110106", "110107", "110113", "110113"]
-    assert [r.id for r in records(migrated_db, agreement_id=AGREEMENT)] == [1, 2, 4]
+    assert verify(edge_db) == (4, None)
+    assert [r.event_id for r in records(edge_db)] == ["110106", "110107", "110113", "110113"]
+    assert [r.id for r in records(edge_db, agreement_id=AGREEMENT)] == [1, 2, 4]
 
 
 @pytest.mark.parametrize("tamper", ["changed byte", "deleted record", "reordered", "cut tail"])
-def test_tampering_is_found_and_the_record_named(migrated_db: Database, tamper: str) -> None:
-    _story(AuditTrail(migrated_db, "center"))
-    with migrated_db.session() as s:
+def test_tampering_is_found_and_the_record_named(edge_db: Database, tamper: str) -> None:
+    _story(AuditTrail(edge_db, "center"))
+    with edge_db.session() as s:
         if tamper == "changed byte":
             s.execute(update(AuditRow).where(AuditRow.id == 2).values(details='{"instances":4}'))
         elif tamper == "deleted record":
@@ -78,7 +78,7 @@ def test_tampering_is_found_and_the_record_named(migrated_db: Database, tamper: 
                 setattr(three, f, a[f])
         else:
             s.execute(delete(AuditRow).where(AuditRow.id == 4))
-    _, broken = verify(migrated_db)
+    _, broken = verify(edge_db)
     assert broken is not None
     expected = {"changed byte": 2, "deleted record": 2, "reordered": 2, "cut tail": 4}[tamper]
     assert broken.seq == expected, broken
@@ -86,8 +86,8 @@ def test_tampering_is_found_and_the_record_named(migrated_db: Database, tamper: 
         assert "head" in broken.reason
 
 
-def test_appends_from_threads_keep_one_unbroken_chain(migrated_db: Database) -> None:
-    trails = [AuditTrail(Database(migrated_db.url), "center") for _ in range(4)]
+def test_appends_from_threads_keep_one_unbroken_chain(edge_db: Database) -> None:
+    trails = [AuditTrail(Database(edge_db.url), "center") for _ in range(4)]
 
     def work(trail: AuditTrail) -> None:
         for i in range(15):
@@ -100,14 +100,14 @@ def test_appends_from_threads_keep_one_unbroken_chain(migrated_db: Database) -> 
         t.join(120)
     for t in trails:
         t.db.dispose()
-    assert verify(migrated_db) == (60, None)
-    with migrated_db.session() as s:
+    assert verify(edge_db) == (60, None)
+    with edge_db.session() as s:
         head = s.get(AuditHeadRow, "main")
         assert head is not None and head.seq == 60
 
 
-def test_every_event_exports_as_valid_dicom_audit_xml(migrated_db: Database) -> None:
-    trail = AuditTrail(migrated_db, "edge:local-edge")
+def test_every_event_exports_as_valid_dicom_audit_xml(edge_db: Database) -> None:
+    trail = AuditTrail(edge_db, "edge:local-edge")
     for event in EVENTS:
         trail.record(
             event,
@@ -116,7 +116,7 @@ def test_every_event_exports_as_valid_dicom_audit_xml(migrated_db: Database) -> 
             study_uid="2.25.77" if event != "agreements-changed" else None,
             details={"reason": "signature altered", "destination": "DEMO_PACS", "n": 1},
         )
-    exported = list(records(migrated_db))
+    exported = list(records(edge_db))
     assert len(exported) == len(EVENTS)
     for row in exported:
         xml = to_xml(row, "radbridge-edge:local-edge")
@@ -130,9 +130,9 @@ def test_every_event_exports_as_valid_dicom_audit_xml(migrated_db: Database) -> 
         assert details["hash"] == row.hash and details["agreement"] == AGREEMENT
 
 
-def test_export_names_the_transfer_basis_and_no_identity(migrated_db: Database) -> None:
-    _story(AuditTrail(migrated_db, "edge:local-edge"))
-    (export,) = [r for r in records(migrated_db) if r.event_id == "110106"]
+def test_export_names_the_transfer_basis_and_no_identity(edge_db: Database) -> None:
+    _story(AuditTrail(edge_db, "edge:local-edge"))
+    (export,) = [r for r in records(edge_db) if r.event_id == "110106"]
     doc = etree.fromstring(to_xml(export, "radbridge-edge:local-edge").encode())
     details = {
         d.get("type"): base64.b64decode(d.get("value")).decode()
@@ -145,14 +145,14 @@ def test_export_names_the_transfer_basis_and_no_identity(migrated_db: Database) 
     assert roles == ["edge:local-edge", "center"]
 
 
-def test_syslog_carries_rfc5424_messages_to_a_collector(migrated_db: Database) -> None:
-    _story(AuditTrail(migrated_db, "center"))
+def test_syslog_carries_rfc5424_messages_to_a_collector(edge_db: Database) -> None:
+    _story(AuditTrail(edge_db, "center"))
     collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     collector.bind(("127.0.0.1", 0))
     collector.settimeout(5)
     port = collector.getsockname()[1]
     try:
-        messages = (syslog_message(r, "radbridge-center", "center-1") for r in records(migrated_db))
+        messages = (syslog_message(r, "radbridge-center", "center-1") for r in records(edge_db))
         assert send_syslog(messages, f"127.0.0.1:{port}") == 4
         got = [collector.recvfrom(65535)[0] for _ in range(4)]
     finally:
@@ -165,11 +165,11 @@ def test_syslog_carries_rfc5424_messages_to_a_collector(migrated_db: Database) -
     assert SCHEMA.validate(etree.fromstring(xml))
 
 
-def test_the_trail_holds_no_row_that_escaped_the_chain(migrated_db: Database) -> None:
+def test_the_trail_holds_no_row_that_escaped_the_chain(edge_db: Database) -> None:
     """A row written around AuditTrail (straight SQL, as an intruder with the database
     would) breaks the chain at that row."""
-    _story(AuditTrail(migrated_db, "center"))
-    with migrated_db.session() as s:
+    _story(AuditTrail(edge_db, "center"))
+    with edge_db.session() as s:
         s.execute(
             text(
                 "insert into audit_records (id, at, node, event_id, action, outcome, details,"
@@ -177,5 +177,5 @@ def test_the_trail_holds_no_row_that_escaped_the_chain(migrated_db: Database) ->
             ),
             {"at": s.get(AuditRow, 4).at, "p": s.get(AuditRow, 4).hash, "h": "f" * 64},  # type: ignore[union-attr]
         )
-    _, broken = verify(migrated_db)
+    _, broken = verify(edge_db)
     assert broken is not None and broken.seq == 5 and "altered" in broken.reason

@@ -20,7 +20,7 @@ from tests.test_audit import SCHEMA
 def edge_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Database:
     monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
     url = f"sqlite:///{tmp_path / 'edge' / 'edge.db'}"
-    upgrade(url)
+    upgrade(url, "edge")
     db = Database(url)
     trail = AuditTrail(db, "edge:local-edge")
     for i, agreement in enumerate(("a-one", "a-two", "a-one")):

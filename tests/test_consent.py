@@ -29,9 +29,9 @@ def _agreement(db: Database, **consent: object) -> Agreement:
     return aset.agreements[0]
 
 
-def test_without_a_requirement_only_a_withdrawal_holds(migrated_db: Database) -> None:
-    agreement = _agreement(migrated_db)
-    register = ConsentRegister(migrated_db, "secret")
+def test_without_a_requirement_only_a_withdrawal_holds(edge_db: Database) -> None:
+    agreement = _agreement(edge_db)
+    register = ConsentRegister(edge_db, "secret")
     patient = Patient("", "PID-1", None)
     assert register.hold_reason(agreement, patient) is None
     register.withdraw_person(agreement.id, "", "PID-1")
@@ -42,9 +42,9 @@ def test_without_a_requirement_only_a_withdrawal_holds(migrated_db: Database) ->
     assert register.hold_reason(agreement, Patient("OTHER-HOSPITAL", "PID-1", None)) is None
 
 
-def test_a_required_consent_comes_from_the_register_or_the_study(migrated_db: Database) -> None:
-    agreement = _agreement(migrated_db, required=True, attribute="ClinicalTrialProtocolID")
-    register = ConsentRegister(migrated_db, "secret")
+def test_a_required_consent_comes_from_the_register_or_the_study(edge_db: Database) -> None:
+    agreement = _agreement(edge_db, required=True, attribute="ClinicalTrialProtocolID")
+    register = ConsentRegister(edge_db, "secret")
     hold = register.hold_reason(agreement, Patient("", "PID-1", None))
     assert hold is not None and (hold.reason, hold.final) == (NO_REFERENCE, False)
     assert register.hold_reason(agreement, Patient("", "", None)) is not None  # no Patient ID
@@ -61,15 +61,15 @@ def test_a_required_consent_comes_from_the_register_or_the_study(migrated_db: Da
     assert register.hold_reason(agreement, Patient("", "PID-2", None)) is None
 
 
-def test_the_register_holds_no_identifier(migrated_db: Database) -> None:
-    agreement = _agreement(migrated_db, required=True)
-    register = ConsentRegister(migrated_db, "secret")
+def test_the_register_holds_no_identifier(edge_db: Database) -> None:
+    agreement = _agreement(edge_db, required=True)
+    register = ConsentRegister(edge_db, "secret")
     register.record(agreement.id, "ISSUER-9", PATIENT["id"], "REF-1", "cli")
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         row = s.scalars(select(ConsentRow)).one()
     assert PATIENT["id"] not in row.person and len(row.person) == 64
     assert (
-        ConsentRegister(migrated_db, "other secret").person(agreement.id, "ISSUER-9", PATIENT["id"])
+        ConsentRegister(edge_db, "other secret").person(agreement.id, "ISSUER-9", PATIENT["id"])
         != row.person
     )  # keyed: the hash cannot be recomputed without the edge's secret
     with pytest.raises(ConfigError):
@@ -77,8 +77,8 @@ def test_the_register_holds_no_identifier(migrated_db: Database) -> None:
     assert "identifying" in repr(Patient("", PATIENT["id"], None))
 
 
-def test_patient_of_reads_the_header_and_the_named_attribute(migrated_db: Database) -> None:
-    agreement = _agreement(migrated_db, required=True, attribute="ClinicalTrialProtocolID")
+def test_patient_of_reads_the_header_and_the_named_attribute(edge_db: Database) -> None:
+    agreement = _agreement(edge_db, required=True, attribute="ClinicalTrialProtocolID")
     ds = make_instance()
     ds.ClinicalTrialProtocolID = "IRB-2026-7"
     ds.IssuerOfPatientID = "HOSP"

@@ -32,15 +32,15 @@ def _study(db: Database, uid: str, state: str, attempts: int = 0, error: str | N
 
 
 def test_status_reports_depths_stuck_studies_and_associations(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    _study(migrated_db, "1.2.1", "forwarded")
-    _study(migrated_db, "1.2.2", "receiving")
-    _study(migrated_db, "1.2.3", "receiving", attempts=3, error="center unreachable: ConnectError")
-    _study(migrated_db, "1.2.4", "blocked", error="no legal transfer basis in force")
+    _study(edge_db, "1.2.1", "forwarded")
+    _study(edge_db, "1.2.2", "receiving")
+    _study(edge_db, "1.2.3", "receiving", attempts=3, error="center unreachable: ConnectError")
+    _study(edge_db, "1.2.4", "blocked", error="no legal transfer basis in force")
     store = DurableStore(tmp_path, min_free_bytes=1234)
 
-    offline = gateway_status(migrated_db, store, f"http://127.0.0.1:{free_port()}/metrics")
+    offline = gateway_status(edge_db, store, f"http://127.0.0.1:{free_port()}/metrics")
     assert not offline.running and offline.active_associations is None
     assert offline.studies_by_state == {"forwarded": 1, "receiving": 2, "blocked": 1}
     assert [(r.state, r.attempts) for r in offline.stuck] == [("receiving", 3), ("blocked", 0)]
@@ -53,7 +53,7 @@ def test_status_reports_depths_stuck_studies_and_associations(
     port = free_port()
     server, _ = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
     try:
-        live = gateway_status(migrated_db, store, f"http://127.0.0.1:{port}/metrics")
+        live = gateway_status(edge_db, store, f"http://127.0.0.1:{port}/metrics")
     finally:
         server.shutdown()
     assert live.running and live.active_associations == 3
@@ -80,17 +80,15 @@ def _delivery(
 
 
 def test_status_lists_deliveries_by_state_and_the_dead_ones(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    empty = gateway_status(migrated_db, DurableStore(tmp_path), None)
+    empty = gateway_status(edge_db, DurableStore(tmp_path), None)
     assert empty.deliveries_by_state == {"pending": 0, "delivered": 0, "dead": 0}
     assert empty.dead_deliveries == []
-    _delivery(migrated_db, 1, "delivered")
-    _delivery(migrated_db, 2, "pending")
-    dead = _delivery(
-        migrated_db, 3, "dead", "result object 3 is for a study this edge did not send"
-    )
-    st = gateway_status(migrated_db, DurableStore(tmp_path), None)
+    _delivery(edge_db, 1, "delivered")
+    _delivery(edge_db, 2, "pending")
+    dead = _delivery(edge_db, 3, "dead", "result object 3 is for a study this edge did not send")
+    st = gateway_status(edge_db, DurableStore(tmp_path), None)
     assert st.deliveries_by_state == {"pending": 1, "delivered": 1, "dead": 1}
     assert [
         (d.row_id, d.agreement_id, d.version, d.kind, d.attempts) for d in st.dead_deliveries
@@ -101,20 +99,20 @@ def test_status_lists_deliveries_by_state_and_the_dead_ones(
 
 
 def test_gateway_resend_command(
-    migrated_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    edge_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from typer.testing import CliRunner
 
     from radbridge.cli import app
 
     monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("RADBRIDGE_EDGE__DATABASE_URL", migrated_db.url)
-    dead = _delivery(migrated_db, 1, "dead", "not stored at the PACS within 7 days")
+    monkeypatch.setenv("RADBRIDGE_EDGE__DATABASE_URL", edge_db.url)
+    dead = _delivery(edge_db, 1, "dead", "not stored at the PACS within 7 days")
     runner = CliRunner()
     out = runner.invoke(app, ["gateway", "resend", str(dead)])
     assert out.exit_code == 0, out.output
     assert "queued again" in out.output and "was dead" in out.output
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         row = s.get(DeliveryRow, dead)
         assert row is not None and row.state == "pending" and row.last_error is None
     assert "already queued" in runner.invoke(app, ["gateway", "resend", str(dead)]).output
@@ -123,17 +121,17 @@ def test_gateway_resend_command(
 
 
 def test_status_counts_purge_requests_the_center_has_not_confirmed(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
     from sqlalchemy import update
 
     from dicom_io.purge_requests import enqueue_purge
     from radbridge.db.tables import PurgeRequestRow
 
-    assert gateway_status(migrated_db, DurableStore(tmp_path), None).purges_pending == 0
-    enqueue_purge(migrated_db, "demo-hospital-to-center", "2.25.1", "consent-withdrawn")
-    enqueue_purge(migrated_db, "demo-hospital-to-center", "2.25.2", "consent-withdrawn")
-    with migrated_db.session() as s:
+    assert gateway_status(edge_db, DurableStore(tmp_path), None).purges_pending == 0
+    enqueue_purge(edge_db, "demo-hospital-to-center", "2.25.1", "consent-withdrawn")
+    enqueue_purge(edge_db, "demo-hospital-to-center", "2.25.2", "consent-withdrawn")
+    with edge_db.session() as s:
         s.execute(
             update(PurgeRequestRow)
             .where(PurgeRequestRow.study_uid == "2.25.1")
@@ -144,5 +142,5 @@ def test_status_counts_purge_requests_the_center_has_not_confirmed(
             .where(PurgeRequestRow.study_uid == "2.25.2")
             .values(last_error="center answered 409 to purge")
         )
-    st = gateway_status(migrated_db, DurableStore(tmp_path), None)
+    st = gateway_status(edge_db, DurableStore(tmp_path), None)
     assert (st.purges_pending, st.purge_last_error) == (1, "center answered 409 to purge")

@@ -49,9 +49,9 @@ def _instances(db: Database) -> list[InstanceRow]:
 
 
 def test_a_series_is_indexed_once_and_counted_per_instance(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     first = make_instance()
     first.NumberOfStudyRelatedInstances = 3
     outcomes = [ingestor.accept(_agreement(), _raw(first))[0]]
@@ -59,48 +59,48 @@ def test_a_series_is_indexed_once_and_counted_per_instance(
         ds = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=seed)
         outcomes.append(ingestor.accept(_agreement(), _raw(ds))[0])
     assert outcomes == [IngestOutcome.STORED] * 3
-    study = _study(migrated_db, str(first.StudyInstanceUID))
+    study = _study(edge_db, str(first.StudyInstanceUID))
     assert study.instance_count == 3
     assert study.expected_instances == 3  # a later instance without it keeps the stated count
     assert study.state == EdgeStudyState.RECEIVING
     assert study.first_received_at <= study.last_received_at
-    rows = _instances(migrated_db)
+    rows = _instances(edge_db)
     assert len({r.series_id for r in rows}) == 1
     for row in rows:
         assert (tmp_path / row.path).is_file() and row.version == 1 and row.size > 0
 
 
 def test_a_resend_is_a_duplicate_and_new_bytes_a_new_version(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     ds = make_instance()
     assert ingestor.accept(_agreement(), _raw(ds))[0] == IngestOutcome.STORED
     assert ingestor.accept(_agreement(), _raw(ds))[0] == IngestOutcome.DUPLICATE
     ds.StudyDescription = "CHEST PA corrected"
     assert ingestor.accept(_agreement(), _raw(ds))[0] == IngestOutcome.NEW_VERSION
-    (row,) = _instances(migrated_db)
+    (row,) = _instances(edge_db)
     assert row.version == 2
     assert len(list(tmp_path.rglob("*.dcm"))) == 2  # the earlier file is kept beside the new
-    assert _study(migrated_db, str(ds.StudyInstanceUID)).instance_count == 1
+    assert _study(edge_db, str(ds.StudyInstanceUID)).instance_count == 1
 
 
 def test_a_blocked_study_stays_blocked_and_a_forwarded_one_reopens(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     blocked, forwarded = make_instance(), make_instance(seed=5)
     for ds in (blocked, forwarded):
         ingestor.accept(_agreement(), _raw(ds))
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         for ds, state in ((blocked, EdgeStudyState.BLOCKED), (forwarded, EdgeStudyState.FORWARDED)):
             row = s.scalars(select(StudyRow).where(StudyRow.study_uid == ds.StudyInstanceUID)).one()
             row.state = state
     for ds, seed in ((blocked, 6), (forwarded, 7)):
         late = make_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, seed=seed)
         ingestor.accept(_agreement(), _raw(late))
-    assert _study(migrated_db, str(blocked.StudyInstanceUID)).state == EdgeStudyState.BLOCKED
-    assert _study(migrated_db, str(forwarded.StudyInstanceUID)).state == EdgeStudyState.RECEIVING
+    assert _study(edge_db, str(blocked.StudyInstanceUID)).state == EdgeStudyState.BLOCKED
+    assert _study(edge_db, str(forwarded.StudyInstanceUID)).state == EdgeStudyState.RECEIVING
 
 
 def _purge(db: Database, study_uid: str) -> None:
@@ -114,42 +114,42 @@ def _purge(db: Database, study_uid: str) -> None:
 
 
 def test_a_cached_study_whose_rows_went_away_is_indexed_again(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     first = make_instance()
     ingestor.accept(_agreement(), _raw(first))
-    _purge(migrated_db, str(first.StudyInstanceUID))
+    _purge(edge_db, str(first.StudyInstanceUID))
     late = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=9)
     assert ingestor.accept(_agreement(), _raw(late))[0] == IngestOutcome.STORED
-    assert _study(migrated_db, str(first.StudyInstanceUID)).instance_count == 1
-    (row,) = _instances(migrated_db)
+    assert _study(edge_db, str(first.StudyInstanceUID)).instance_count == 1
+    (row,) = _instances(edge_db)
     assert row.sop_instance_uid == late.SOPInstanceUID
 
 
 def test_an_id_reused_by_another_study_never_takes_a_late_instance(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     a = make_instance()
     ingestor.accept(_agreement(), _raw(a))
-    a_id = _study(migrated_db, str(a.StudyInstanceUID)).id
-    _purge(migrated_db, str(a.StudyInstanceUID))
+    a_id = _study(edge_db, str(a.StudyInstanceUID)).id
+    _purge(edge_db, str(a.StudyInstanceUID))
     # Another process's receive path (its own cache) indexes study B, which on SQLite takes
     # A's old ids; this receive path still has A's ids cached.
     b = make_instance(seed=3)
-    Ingestor(migrated_db, DurableStore(tmp_path)).accept(_agreement(), _raw(b))
+    Ingestor(edge_db, DurableStore(tmp_path)).accept(_agreement(), _raw(b))
     late_a = make_instance(a.StudyInstanceUID, a.SeriesInstanceUID, seed=4)
     ingestor.accept(_agreement(), _raw(late_a))
     study_a, study_b = (
-        _study(migrated_db, str(a.StudyInstanceUID)),
-        _study(migrated_db, str(b.StudyInstanceUID)),
+        _study(edge_db, str(a.StudyInstanceUID)),
+        _study(edge_db, str(b.StudyInstanceUID)),
     )
     assert study_a.instance_count == 1 and study_b.instance_count == 1
     assert study_a.id != study_b.id
-    if migrated_db.engine.dialect.name == "sqlite":
+    if edge_db.engine.dialect.name == "sqlite":
         assert study_b.id == a_id  # the reuse this test is about did happen
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         uids = {
             str(r.sop_instance_uid): str(series_uid)
             for r, series_uid in s.execute(
@@ -188,9 +188,9 @@ def _queued_together(ingestor: Ingestor, datasets: list[Dataset]) -> list[object
 
 
 def test_instances_queued_during_a_commit_share_the_next_one(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     woken: list[int] = []
     ingestor.on_stored = lambda: woken.append(1)
     first = make_instance()
@@ -201,7 +201,7 @@ def test_instances_queued_during_a_commit_share_the_next_one(
     corrected.StudyDescription = "corrected"
     other_study = make_instance(seed=8)
     commits: list[int] = []
-    event.listen(migrated_db.engine, "commit", lambda conn: commits.append(1))
+    event.listen(edge_db.engine, "commit", lambda conn: commits.append(1))
     answers = _queued_together(ingestor, [first, *same_series, first, corrected, other_study])
     assert len(commits) == 1  # six instances, two studies, one transaction
     assert sorted(map(str, answers)) == sorted(
@@ -211,9 +211,9 @@ def test_instances_queued_during_a_commit_share_the_next_one(
         )
     )
     assert woken  # a new series woke the forwarder
-    assert _study(migrated_db, str(first.StudyInstanceUID)).instance_count == 3
-    assert _study(migrated_db, str(other_study.StudyInstanceUID)).instance_count == 1
-    rows = _instances(migrated_db)
+    assert _study(edge_db, str(first.StudyInstanceUID)).instance_count == 3
+    assert _study(edge_db, str(other_study.StudyInstanceUID)).instance_count == 1
+    rows = _instances(edge_db)
     assert len(rows) == 4 and {r.version for r in rows} == {1, 2}
     # The ids found in the shared transaction are cached: a late instance only adds its row.
     late = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=3)
@@ -224,9 +224,9 @@ def test_instances_queued_during_a_commit_share_the_next_one(
 
 
 def test_one_bad_instance_in_a_shared_commit_fails_alone(
-    migrated_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    edge_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     good = [make_instance(seed=s) for s in (1, 2, 3)]
     bad = make_instance(good[0].StudyInstanceUID, good[0].SeriesInstanceUID, seed=4)
     rows = ingestor._rows
@@ -240,7 +240,7 @@ def test_one_bad_instance_in_a_shared_commit_fails_alone(
     answers = _queued_together(ingestor, [*good, bad])
     assert answers[:3] == [IngestOutcome.STORED] * 3
     assert isinstance(answers[3], RuntimeError)  # its own association answers the failure
-    assert {str(r.sop_instance_uid) for r in _instances(migrated_db)} == {
+    assert {str(r.sop_instance_uid) for r in _instances(edge_db)} == {
         str(ds.SOPInstanceUID) for ds in good
     }
-    assert _study(migrated_db, str(good[0].StudyInstanceUID)).instance_count == 1
+    assert _study(edge_db, str(good[0].StudyInstanceUID)).instance_count == 1

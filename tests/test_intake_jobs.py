@@ -40,9 +40,9 @@ def _deid_study(n: int) -> list[bytes]:
     return [_bytes(d) for d in out]
 
 
-def test_identified_instances_are_refused(migrated_db: Database, tmp_path: Path) -> None:
+def test_identified_instances_are_refused(center_db: Database, tmp_path: Path) -> None:
     store = DurableStore(tmp_path)
-    outcome = receive_instances(migrated_db, store, AGREEMENT, [_bytes(make_instance())])
+    outcome = receive_instances(center_db, store, AGREEMENT, [_bytes(make_instance())])
     assert outcome.stored == [] and len(outcome.failed) == 1
     assert "PatientIdentityRemoved" in outcome.failed[0][3]
     assert list(tmp_path.rglob("*.dcm")) == []
@@ -50,57 +50,55 @@ def test_identified_instances_are_refused(migrated_db: Database, tmp_path: Path)
     assert response["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
 
 
-def test_complete_creates_one_job_and_is_idempotent(migrated_db: Database, tmp_path: Path) -> None:
+def test_complete_creates_one_job_and_is_idempotent(center_db: Database, tmp_path: Path) -> None:
     parts = _deid_study(3)
     store = DurableStore(tmp_path)
-    outcome = receive_instances(migrated_db, store, AGREEMENT, parts)
+    outcome = receive_instances(center_db, store, AGREEMENT, parts)
     assert len(outcome.stored) == 3 and not outcome.failed
     uid = outcome.stored[0].study_uid
     req = CompleteStudy(agreement_id=AGREEMENT, instance_count=3, edge_elapsed_s=4.5)
-    job, created = jobs.complete_study(migrated_db, uid, req)
-    again, created_again = jobs.complete_study(migrated_db, uid, req)
+    job, created = jobs.complete_study(center_db, uid, req)
+    again, created_again = jobs.complete_study(center_db, uid, req)
     assert created and not created_again and again.id == job.id
-    assert len(jobs.job_instances(migrated_db, job.id)) == 3
-    assert jobs.pending_jobs(migrated_db, "any replica") == [job.id]  # created without an owner
+    assert len(jobs.job_instances(center_db, job.id)) == 3
+    assert jobs.pending_jobs(center_db, "any replica") == [job.id]  # created without an owner
     # Re-sending the same instances (an edge retry) stores nothing twice.
-    receive_instances(migrated_db, store, AGREEMENT, parts)
+    receive_instances(center_db, store, AGREEMENT, parts)
     assert len(list(tmp_path.rglob("*.dcm"))) == 3
 
 
-def test_late_instance_makes_a_new_results_version(migrated_db: Database, tmp_path: Path) -> None:
+def test_late_instance_makes_a_new_results_version(center_db: Database, tmp_path: Path) -> None:
     parts = _deid_study(3)
     store = DurableStore(tmp_path)
-    receive_instances(migrated_db, store, AGREEMENT, parts[:2])
-    uid = receive_instances(migrated_db, store, AGREEMENT, parts[:1]).stored[0].study_uid
+    receive_instances(center_db, store, AGREEMENT, parts[:2])
+    uid = receive_instances(center_db, store, AGREEMENT, parts[:1]).stored[0].study_uid
     first, _ = jobs.complete_study(
-        migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
+        center_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
     )
-    jobs.start_job(migrated_db, first.id)
-    jobs.finish_job(migrated_db, first.id)
+    jobs.start_job(center_db, first.id)
+    jobs.finish_job(center_db, first.id)
     assert first.version == 1
-    receive_instances(migrated_db, store, AGREEMENT, parts[2:])  # arrives after completion
+    receive_instances(center_db, store, AGREEMENT, parts[2:])  # arrives after completion
     second, created = jobs.complete_study(
-        migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=3)
+        center_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=3)
     )
     assert created and second.id != first.id and second.version == 2
-    assert len(jobs.job_instances(migrated_db, second.id)) == 3
-    assert jobs.study_results(migrated_db, uid).job.version == 2
+    assert len(jobs.job_instances(center_db, second.id)) == 3
+    assert jobs.study_results(center_db, uid).job.version == 2
 
 
-def test_incomplete_or_unknown_study(migrated_db: Database, tmp_path: Path) -> None:
+def test_incomplete_or_unknown_study(center_db: Database, tmp_path: Path) -> None:
     parts = _deid_study(1)
-    outcome = receive_instances(migrated_db, DurableStore(tmp_path), AGREEMENT, parts)
+    outcome = receive_instances(center_db, DurableStore(tmp_path), AGREEMENT, parts)
     uid = outcome.stored[0].study_uid
     with pytest.raises(PolicyError, match="1 of 2"):
-        jobs.complete_study(
-            migrated_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
-        )
+        jobs.complete_study(center_db, uid, CompleteStudy(agreement_id=AGREEMENT, instance_count=2))
     with pytest.raises(NotFoundError):
         jobs.complete_study(
-            migrated_db, "2.25.1", CompleteStudy(agreement_id=AGREEMENT, instance_count=1)
+            center_db, "2.25.1", CompleteStudy(agreement_id=AGREEMENT, instance_count=1)
         )
     with pytest.raises(NotFoundError, match="no job"):
-        jobs.study_results(migrated_db, uid)
+        jobs.study_results(center_db, uid)
 
 
 def _count(db: Database) -> tuple[int, int]:
@@ -111,37 +109,37 @@ def _count(db: Database) -> tuple[int, int]:
 
 
 def test_one_request_is_indexed_whole_with_its_duplicates_and_conflicts_answered(
-    migrated_db: Database, tmp_path: Path
+    center_db: Database, tmp_path: Path
 ) -> None:
     store = DurableStore(tmp_path)
     parts = _deid_study(4)
-    first = receive_instances(migrated_db, store, AGREEMENT, parts[:1])
-    assert len(first.stored) == 1 and _count(migrated_db) == (1, 1)
+    first = receive_instances(center_db, store, AGREEMENT, parts[:1])
+    assert len(first.stored) == 1 and _count(center_db) == (1, 1)
     altered = bytearray(parts[0])
     altered[-1] ^= 0xFF  # other bytes under the first instance's SOP Instance UID
     outcome = receive_instances(
-        migrated_db, store, AGREEMENT, [parts[0], bytes(altered), *parts[1:], parts[3]]
+        center_db, store, AGREEMENT, [parts[0], bytes(altered), *parts[1:], parts[3]]
     )
     assert len(outcome.stored) == 5  # the re-send, three new, the in-request repeat
     assert [f[2] for f in outcome.failed] == [0x0111]
-    assert _count(migrated_db) == (4, 4)
+    assert _count(center_db) == (4, 4)
     assert len(list(tmp_path.rglob("*.dcm"))) == 4
-    with migrated_db.session() as s:
+    with center_db.session() as s:
         assert s.scalars(select(StudyRow.patient_key)).one() is not None
 
 
 def test_a_request_the_store_cannot_take_is_refused_whole_and_indexes_nothing(
-    migrated_db: Database, tmp_path: Path
+    center_db: Database, tmp_path: Path
 ) -> None:
     full = DurableStore(tmp_path, min_free_bytes=1 << 62)  # the watermark is always reached
-    outcome = receive_instances(migrated_db, full, AGREEMENT, _deid_study(3))
+    outcome = receive_instances(center_db, full, AGREEMENT, _deid_study(3))
     assert outcome.stored == [] and [f[2] for f in outcome.failed] == [0xA700] * 3
-    with migrated_db.session() as s:
+    with center_db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []
 
 
 def test_a_request_cut_short_by_the_store_leaves_none_of_its_files(
-    migrated_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    center_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The disk fills up after the request's first file: that file goes too (nothing of a
     refused request stays, as a file or as a row)."""
@@ -159,39 +157,39 @@ def test_a_request_cut_short_by_the_store_leaves_none_of_its_files(
         write_all(fd, data)
 
     monkeypatch.setattr(dicom_io.store, "_write_all", fill_up)
-    outcome = receive_instances(migrated_db, store, AGREEMENT, _deid_study(3))
+    outcome = receive_instances(center_db, store, AGREEMENT, _deid_study(3))
     assert len(calls) == 2 and outcome.stored == []
     assert [f[2] for f in outcome.failed] == [0xA700] * 3
     assert [p for p in (tmp_path / "store").rglob("*.dcm")] == []
     assert [p for p in (tmp_path / "store").rglob("*.part")] == []
-    with migrated_db.session() as s:
+    with center_db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []
 
 
 def test_a_job_held_by_a_live_replica_is_not_resumed_by_another(
-    migrated_db: Database, tmp_path: Path
+    center_db: Database, tmp_path: Path
 ) -> None:
     """Two Api replicas on one database: the one that created a job holds it while it renews
     its lease; the other resumes it only once that lease has run out (its replica died)."""
     store = DurableStore(tmp_path)
-    uid = receive_instances(migrated_db, store, AGREEMENT, _deid_study(2)).stored[0].study_uid
+    uid = receive_instances(center_db, store, AGREEMENT, _deid_study(2)).stored[0].study_uid
     req = CompleteStudy(agreement_id=AGREEMENT, instance_count=2)
-    job, _ = jobs.complete_study(migrated_db, uid, req, owner="replica-a", lease_s=30)
-    assert jobs.pending_jobs(migrated_db, "replica-b") == []  # a's, and a is alive
-    assert not jobs.claim_job(migrated_db, job.id, "replica-b", 30)
-    assert jobs.pending_jobs(migrated_db, "replica-a") == [job.id]  # its own
-    assert jobs.renew_leases(migrated_db, "replica-a", 30) == 1
-    with migrated_db.session() as s:  # a dies: it renews no more, and its lease runs out
+    job, _ = jobs.complete_study(center_db, uid, req, owner="replica-a", lease_s=30)
+    assert jobs.pending_jobs(center_db, "replica-b") == []  # a's, and a is alive
+    assert not jobs.claim_job(center_db, job.id, "replica-b", 30)
+    assert jobs.pending_jobs(center_db, "replica-a") == [job.id]  # its own
+    assert jobs.renew_leases(center_db, "replica-a", 30) == 1
+    with center_db.session() as s:  # a dies: it renews no more, and its lease runs out
         s.execute(
             update(JobRow)
             .where(JobRow.id == job.id)
             .values(lease_until=utcnow() - timedelta(seconds=1))
         )
-    assert jobs.pending_jobs(migrated_db, "replica-b") == [job.id]
-    assert jobs.claim_job(migrated_db, job.id, "replica-b", 30)
-    assert not jobs.claim_job(migrated_db, job.id, "replica-c", 30)  # b holds it now
-    assert jobs.renew_leases(migrated_db, "replica-a", 30) == 0  # a's hold is gone
-    jobs.start_job(migrated_db, job.id)
-    jobs.finish_job(migrated_db, job.id)
-    assert jobs.pending_jobs(migrated_db, "replica-b") == []  # a finished job is nobody's
-    assert not jobs.claim_job(migrated_db, job.id, "replica-b", 30)
+    assert jobs.pending_jobs(center_db, "replica-b") == [job.id]
+    assert jobs.claim_job(center_db, job.id, "replica-b", 30)
+    assert not jobs.claim_job(center_db, job.id, "replica-c", 30)  # b holds it now
+    assert jobs.renew_leases(center_db, "replica-a", 30) == 0  # a's hold is gone
+    jobs.start_job(center_db, job.id)
+    jobs.finish_job(center_db, job.id)
+    assert jobs.pending_jobs(center_db, "replica-b") == []  # a finished job is nobody's
+    assert not jobs.claim_job(center_db, job.id, "replica-b", 30)

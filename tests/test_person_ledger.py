@@ -50,11 +50,11 @@ def _prefill(db: Database, hospital: str, persons: int, year: int = 2026) -> Non
 
 
 def test_the_10000th_person_is_refused_and_a_counted_one_still_goes(
-    migrated_db: Database,
+    edge_db: Database,
 ) -> None:
     a, _ = _agreements()
-    ledger = PersonLedger(migrated_db, "secret", EdgeMetrics())
-    _prefill(migrated_db, a.hospital.name, 9_998)
+    ledger = PersonLedger(edge_db, "secret", EdgeMetrics())
+    _prefill(edge_db, a.hospital.name, 9_998)
     p9999 = ledger.person(a.hospital.name, "", "PID-9999", "2.25.1")
     first = ledger.admit(a, p9999, NOW)
     assert first.admitted and first.new_person and first.persons == 9_999
@@ -67,10 +67,10 @@ def test_the_10000th_person_is_refused_and_a_counted_one_still_goes(
 
 
 def test_one_count_across_the_hospitals_agreements_and_a_new_year(
-    migrated_db: Database,
+    edge_db: Database,
 ) -> None:
     a, b = _agreements(max_persons_per_year=3)  # fewer than 3: two persons a year
-    ledger = PersonLedger(migrated_db, "secret")
+    ledger = PersonLedger(edge_db, "secret")
     people = [ledger.person(a.hospital.name, "", f"P{i}", "2.25.9") for i in range(3)]
     assert ledger.admit(a, people[0], NOW).admitted
     assert ledger.admit(b, people[1], NOW).admitted  # the other agreement: same count
@@ -90,14 +90,14 @@ def test_keys_are_keyed_and_a_missing_patient_id_never_merges_persons() -> None:
     assert one.person("H", "ISSUER-A", "7", "x") != one.person("H", "ISSUER-B", "7", "x")
 
 
-def test_crossing_80_percent_is_audited_and_measured(migrated_db: Database) -> None:
+def test_crossing_80_percent_is_audited_and_measured(edge_db: Database) -> None:
     a, _ = _agreements()
     metrics = EdgeMetrics()
-    ledger = PersonLedger(migrated_db, "secret", metrics, AuditTrail(migrated_db, "edge:e"))
-    _prefill(migrated_db, a.hospital.name, 7_999)
+    ledger = PersonLedger(edge_db, "secret", metrics, AuditTrail(edge_db, "edge:e"))
+    _prefill(edge_db, a.hospital.name, 7_999)
     assert ledger.admit(a, ledger.person(a.hospital.name, "", "X", "1"), NOW).persons == 8_000
     assert ledger.admit(a, ledger.person(a.hospital.name, "", "Y", "1"), NOW).persons == 8_001
-    warnings = [json.loads(r.details) for r in records(migrated_db)]
+    warnings = [json.loads(r.details) for r in records(edge_db)]
     assert len(warnings) == 1 and warnings[0]["event"] == "transfer-ceiling"
     assert warnings[0]["persons"] == 8_000 and "80 %" in warnings[0]["reason"]
     sample = metrics.registry.get_sample_value
@@ -105,16 +105,16 @@ def test_crossing_80_percent_is_audited_and_measured(migrated_db: Database) -> N
     assert sample("radbridge_edge_transfer_persons_ceiling", {"agreement": a.id}) == 10_000
 
 
-def test_concurrent_admissions_never_pass_the_ceiling(migrated_db: Database) -> None:
+def test_concurrent_admissions_never_pass_the_ceiling(edge_db: Database) -> None:
     a, _ = _agreements(max_persons_per_year=6)
-    ledger = PersonLedger(migrated_db, "secret")
+    ledger = PersonLedger(edge_db, "secret")
     ledger.admit(a, ledger.person(a.hospital.name, "", "seed", "1"), NOW)
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         s.execute(update(PersonYearRow).values(persons=4))  # one more may go
     results: list[bool] = []
 
     def admit(i: int) -> None:
-        mine = PersonLedger(Database(migrated_db.url), "secret")
+        mine = PersonLedger(Database(edge_db.url), "secret")
         try:
             person = mine.person(a.hospital.name, "", f"racer-{i}", "1")
             results.append(mine.admit(a, person, NOW).admitted)
@@ -136,13 +136,13 @@ def test_more_than_10000_needs_a_security_assessment() -> None:
     assert a.transfer_basis.max_persons_per_year == 50_000
 
 
-def test_gateway_status_shows_this_years_count(migrated_db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_status_shows_this_years_count(edge_db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from dicom_io.gateway_status import gateway_status
     from dicom_io.store import DurableStore
     from radbridge.db.tables import utcnow
 
     a, _ = _agreements()
-    ledger = PersonLedger(migrated_db, "secret")
+    ledger = PersonLedger(edge_db, "secret")
     ledger.admit(a, ledger.person(a.hospital.name, "", "P1", "1"), utcnow())
-    st = gateway_status(migrated_db, DurableStore(tmp_path / "s"), None)
+    st = gateway_status(edge_db, DurableStore(tmp_path / "s"), None)
     assert st.persons_this_year == {a.hospital.name: 1}

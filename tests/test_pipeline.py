@@ -69,7 +69,7 @@ class RawInference:
 
 def _center(where: Path) -> tuple[Database, DurableStore]:
     url = f"sqlite:///{where / 'center.db'}"
-    upgrade(url)
+    upgrade(url, "center")
     db = Database(url)
     sync_agreements(db, load_agreements(REPO / "radbridge/defaults/agreements.yaml"))
     return db, DurableStore(where / "store")

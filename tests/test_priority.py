@@ -70,20 +70,20 @@ def test_the_highest_stated_priority_wins() -> None:
 
 
 def test_edge_study_takes_the_stated_priority_or_the_default_and_a_later_stat_raises_it(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     agreement = agreements.get(AGREEMENT)
     assert agreement is not None
     urgent_default = agreement.model_copy(update={"default_priority": Priority.URGENT})
-    ingestor = Ingestor(migrated_db, DurableStore(tmp_path))
+    ingestor = Ingestor(edge_db, DurableStore(tmp_path))
     first = make_instance()
     ingestor.accept(urgent_default, _raw(first))
     second = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID, seed=2)
     routine = make_instance(seed=3)
 
     def priority_of(uid: str) -> str:
-        with migrated_db.session() as s:
+        with edge_db.session() as s:
             return next(r.priority for r in s.query(StudyRow).all() if r.study_uid == uid)
 
     assert priority_of(str(first.StudyInstanceUID)) == "urgent"  # nothing stated: the default
@@ -96,12 +96,12 @@ def test_edge_study_takes_the_stated_priority_or_the_default_and_a_later_stat_ra
     assert priority_of(str(routine.StudyInstanceUID)) == "routine"
 
 
-def test_center_study_keeps_the_completed_priority(migrated_db: Database, tmp_path: Path) -> None:
+def test_center_study_keeps_the_completed_priority(center_db: Database, tmp_path: Path) -> None:
     parts = _deid_study(2)
-    outcome = receive_instances(migrated_db, DurableStore(tmp_path), AGREEMENT, parts)
+    outcome = receive_instances(center_db, DurableStore(tmp_path), AGREEMENT, parts)
     uid = outcome.stored[0].study_uid
     req = CompleteStudy(agreement_id=AGREEMENT, priority=Priority.STAT, instance_count=2)
-    job, _ = jobs.complete_study(migrated_db, uid, req)
-    with migrated_db.session() as s:
+    job, _ = jobs.complete_study(center_db, uid, req)
+    with center_db.session() as s:
         study = next(r for r in s.query(StudyRow).all() if r.study_uid == uid)
         assert (study.priority, job.priority) == ("stat", "stat")

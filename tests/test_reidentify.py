@@ -66,9 +66,9 @@ def _sr(evidence: list[Dataset], referenced: Dataset) -> Dataset:
 
 
 @pytest.fixture
-def edge_db(migrated_db: Database) -> Database:
-    sync_agreements(migrated_db, load_agreements(REPO / "radbridge/defaults/agreements.yaml"))
-    return migrated_db
+def edge_db(edge_db: Database) -> Database:
+    sync_agreements(edge_db, load_agreements(REPO / "radbridge/defaults/agreements.yaml"))
+    return edge_db
 
 
 def _deid_study(db: Database) -> tuple[list[Dataset], list[Dataset]]:

@@ -35,15 +35,15 @@ from tests.test_review import _study
 
 
 @pytest.fixture
-def center(migrated_db: Database, tmp_path: Path):  # type: ignore[no-untyped-def]
+def center(center_db: Database, tmp_path: Path):  # type: ignore[no-untyped-def]
     base = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     demo = base.agreements[0].model_copy(
         update={"retention": Retention(images_hours=24, reports_hours=72)}
     )
     agreements = AgreementSet(agreements=[demo])
-    sync_agreements(migrated_db, agreements)
+    sync_agreements(center_db, agreements)
     store = DurableStore(tmp_path / "store")
-    return migrated_db, store, AuditTrail(migrated_db, "center"), agreements
+    return center_db, store, AuditTrail(center_db, "center"), agreements
 
 
 def _sent(db: Database, study_id: int, hours_ago: float) -> None:
@@ -204,7 +204,7 @@ def test_the_purge_command_lists_then_deletes_what_is_due(
 
     monkeypatch.setenv("RADBRIDGE_DATA_DIR", str(tmp_path / "data"))
     settings = load_settings()
-    upgrade(settings.center_db_url)
+    upgrade(settings.center_db_url, "center")
     db = Database(settings.center_db_url)
     sync_agreements(db, load_agreements(settings.agreements_file))
     store = DurableStore(settings.center_store)

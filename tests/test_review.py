@@ -48,18 +48,18 @@ def agreements() -> AgreementSet:
 
 
 @pytest.fixture
-def room(migrated_db: Database, tmp_path: Path, agreements: AgreementSet):  # type: ignore[no-untyped-def]
+def room(center_db: Database, tmp_path: Path, agreements: AgreementSet):  # type: ignore[no-untyped-def]
     from radbridge.db.agreements import sync_agreements
 
-    sync_agreements(migrated_db, agreements)
+    sync_agreements(center_db, agreements)
     store = DurableStore(tmp_path / "store")
     center = agreements.agreements[0].reading_center.name
-    alice = add_reader(migrated_db, "alice", PASSWORD, center=center, observer_id="RB-0001")
-    bob = add_reader(migrated_db, "bob", PASSWORD, center=center, observer_id="RB-0002")
+    alice = add_reader(center_db, "alice", PASSWORD, center=center, observer_id="RB-0001")
+    bob = add_reader(center_db, "bob", PASSWORD, center=center, observer_id="RB-0002")
     olga = add_reader(
-        migrated_db, "olga", PASSWORD, center="Other Center", observer_id="RB-0003", locale="zh"
+        center_db, "olga", PASSWORD, center="Other Center", observer_id="RB-0003", locale="zh"
     )
-    return migrated_db, store, alice, bob, olga
+    return center_db, store, alice, bob, olga
 
 
 def _study(

@@ -85,3 +85,14 @@ def test_unknown_nested_keys_and_inverted_retries_fail_naming_them(
     monkeypatch.delenv("RADBRIDGE_CONFIG")
     with pytest.raises(ConfigError, match=r"edge\.retry_base_s .* above edge\.retry_max_s"):
         load_settings(edge={"retry_base_s": 60, "retry_max_s": 30})
+
+
+def test_the_edge_and_the_center_cannot_share_a_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RADBRIDGE_CONFIG", raising=False)
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    with pytest.raises(ConfigError, match=r"edge\.database_url and center\.database_url"):
+        load_settings(edge={"database_url": url}, center={"database_url": url})
+    s = load_settings(edge={"database_url": url})
+    assert s.center_db_url != s.edge_db_url

@@ -68,7 +68,7 @@ def _part(i: int, size: int) -> bytes:
 
 
 def test_requests_leave_in_order_one_at_a_time_each_after_its_pseudonyms_are_committed(
-    migrated_db: Database, pool: ThreadPoolExecutor
+    edge_db: Database, pool: ThreadPoolExecutor
 ) -> None:
     pseudo = Pseudonymizer(b"k" * 32)
     missing: list[str] = []
@@ -76,12 +76,12 @@ def test_requests_leave_in_order_one_at_a_time_each_after_its_pseudonyms_are_com
 
     def answer(index: int, parts: list[bytes]) -> httpx.Response:
         for original in uids_before[index]:
-            if lookup_pseudonym(migrated_db, AGREEMENT, "uid", original) is None:
+            if lookup_pseudonym(edge_db, AGREEMENT, "uid", original) is None:
                 missing.append(original)
         return _stored(index, parts)
 
     center = FakeCenter(answer)
-    sender = StudySender(pool, center, migrated_db, AGREEMENT, "stat", pseudo, 8 * MB)  # type: ignore[arg-type]
+    sender = StudySender(pool, center, edge_db, AGREEMENT, "stat", pseudo, 8 * MB)  # type: ignore[arg-type]
     issued: list[str] = []
     for i in range(7):  # 3 MB each: requests of 2, 2, 2 and 1 instances
         original = f"1.2.826.0.1.3680043.10.{i + 1}"
@@ -102,7 +102,7 @@ def test_requests_leave_in_order_one_at_a_time_each_after_its_pseudonyms_are_com
 
 
 def test_a_request_is_in_flight_while_the_next_instance_is_prepared(
-    migrated_db: Database, pool: ThreadPoolExecutor
+    edge_db: Database, pool: ThreadPoolExecutor
 ) -> None:
     second_added = threading.Event()
     seen_while_in_flight: list[bool] = []
@@ -113,7 +113,7 @@ def test_a_request_is_in_flight_while_the_next_instance_is_prepared(
         return _stored(index, parts)
 
     center = FakeCenter(answer)
-    sender = StudySender(pool, center, migrated_db, AGREEMENT, "stat", Pseudonymizer(b"k" * 32), MB)  # type: ignore[arg-type]
+    sender = StudySender(pool, center, edge_db, AGREEMENT, "stat", Pseudonymizer(b"k" * 32), MB)  # type: ignore[arg-type]
     sender.add(_part(0, MB))
     sender.add(_part(1, MB))  # completes request 1 (instance 0) and sends it
     second_added.set()
@@ -126,10 +126,10 @@ def test_a_request_is_in_flight_while_the_next_instance_is_prepared(
     ("code", "error"), [(0x0111, PolicyError), (0xA700, CenterError)], ids=["refused", "full"]
 )
 def test_a_refused_request_stops_the_study_and_nothing_after_it_leaves(
-    migrated_db: Database, pool: ThreadPoolExecutor, code: int, error: type[Exception]
+    edge_db: Database, pool: ThreadPoolExecutor, code: int, error: type[Exception]
 ) -> None:
     center = FakeCenter(lambda i, parts: _refused(code) if i == 0 else _stored(i, parts))
-    sender = StudySender(pool, center, migrated_db, AGREEMENT, "stat", Pseudonymizer(b"k" * 32), MB)  # type: ignore[arg-type]
+    sender = StudySender(pool, center, edge_db, AGREEMENT, "stat", Pseudonymizer(b"k" * 32), MB)  # type: ignore[arg-type]
     sender.add(_part(0, MB))
     sender.add(_part(1, MB))  # request 1 leaves
     with pytest.raises(error):
@@ -140,11 +140,11 @@ def test_a_refused_request_stops_the_study_and_nothing_after_it_leaves(
 
 
 def test_abandon_waits_for_the_request_in_flight(
-    migrated_db: Database, pool: ThreadPoolExecutor
+    edge_db: Database, pool: ThreadPoolExecutor
 ) -> None:
     release = threading.Event()
     center = FakeCenter(lambda i, parts: (release.wait(10), _stored(i, parts))[1])
-    sender = StudySender(pool, center, migrated_db, AGREEMENT, "stat", Pseudonymizer(b"k" * 32), MB)  # type: ignore[arg-type]
+    sender = StudySender(pool, center, edge_db, AGREEMENT, "stat", Pseudonymizer(b"k" * 32), MB)  # type: ignore[arg-type]
     sender.add(_part(0, MB))
     sender.add(_part(1, MB))
     threading.Timer(0.2, release.set).start()
@@ -154,7 +154,7 @@ def test_abandon_waits_for_the_request_in_flight(
 
 
 def test_flush_sends_what_is_queued_without_waiting_and_failed_tells_of_a_refusal(
-    migrated_db: Database, pool: ThreadPoolExecutor
+    edge_db: Database, pool: ThreadPoolExecutor
 ) -> None:
     """The forwarder's early requests: ``flush`` sends a partial request at once and returns
     while it is in flight; ``failed`` says, without raising, that it was refused."""
@@ -166,7 +166,7 @@ def test_flush_sends_what_is_queued_without_waiting_and_failed_tells_of_a_refusa
 
     center = FakeCenter(answer)
     pseudo = Pseudonymizer(b"k" * 32)
-    sender = StudySender(pool, center, migrated_db, AGREEMENT, "stat", pseudo, 4 * MB)  # type: ignore[arg-type]
+    sender = StudySender(pool, center, edge_db, AGREEMENT, "stat", pseudo, 4 * MB)  # type: ignore[arg-type]
     sender.add(_part(0, MB))
     sender.flush()  # one instance, far from a full request: it leaves now
     assert not sender.failed  # in flight, not answered

@@ -1,15 +1,17 @@
-"""SQLAlchemy 2 tables shared by the edge and the center.
+"""SQLAlchemy 2 tables of the edge's and the center's databases.
 
 Each node has its own database: the edge's holds original identifiers and the identity map and
-never leaves the hospital; the center's holds only pseudonymous UIDs. The same schema serves
-both so one migration chain covers them; ``identity_map`` is used only at the edge, ``jobs`` and
-``results`` only at the center.
+never leaves the hospital; the center's holds only pseudonymous UIDs. Both hold the shared
+tables (agreements, studies, series, instances, the audit trail); each holds its own
+(``EDGE_ONLY``, ``CENTER_ONLY``) and never the other's: the migrations share a trunk up to 0011
+and then branch per node (``edge@head``, ``center@head``; :func:`radbridge.db.migrate.upgrade`),
+each branch dropping the other node's tables.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sqlalchemy import (
     JSON,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -440,3 +443,31 @@ class ReportRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     signed_at: Mapped[datetime | None]
+
+
+# -- which node holds which table -------------------------------------------------------------
+
+Node = Literal["edge", "center"]
+NODES: tuple[Node, ...] = ("edge", "center")
+EDGE_ONLY = frozenset(
+    {"identity_map", "deliveries", "person_ledger", "person_ledger_years", "consents"}
+    | {"purge_requests"}
+)
+CENTER_ONLY = frozenset(
+    {"jobs", "results", "result_objects", "readers", "reader_sessions", "reads", "reports"}
+)
+
+
+def node_tables(node: Node) -> list[Table]:
+    """The tables ``node``'s database holds (the shared ones and its own), in the order of
+    their foreign keys. Each node's migration branch drops the other node's tables."""
+    other = CENTER_ONLY if node == "edge" else EDGE_ONLY
+    return [t for t in Base.metadata.sorted_tables if t.name not in other]
+
+
+def node_metadata(node: Node) -> MetaData:
+    """``node``'s schema as its migrations build it (Alembic compares against this)."""
+    metadata = MetaData(naming_convention=NAMING)
+    for table in node_tables(node):
+        table.to_metadata(metadata)
+    return metadata

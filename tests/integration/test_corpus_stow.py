@@ -48,7 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StowRun]:
     raw["agreements"][0]["hospital"]["stow"] = {"username": USER, "password_env": PASSWORD_ENV}
     agreements = parse_agreements(raw)
     url = f"sqlite:///{root / 'edge.db'}"
-    upgrade(url)
+    upgrade(url, "edge")
     db = Database(url)
     sync_agreements(db, agreements)
     store = root / "store"

@@ -4,7 +4,7 @@ The center is a loopback FastAPI app (uvicorn) serving the two result-object end
 objects built here the way the center builds them (``dicom_io.result_builders`` on de-identified
 datasets). The PACS is either a pynetdicom Storage SCP started in the test (fast cases: it can
 be down, refuse, or answer warnings on demand) or a real Orthanc (``slow``). Every test runs on
-SQLite and PostgreSQL (``migrated_db``).
+SQLite and PostgreSQL (``edge_db``).
 """
 
 from __future__ import annotations
@@ -325,8 +325,8 @@ def _assert_no_identity(text: str, study: SentStudy) -> None:
 
 
 @pytest.fixture
-def edge(migrated_db: Database, tmp_path: Path) -> tuple[Database, DurableStore]:
-    return migrated_db, DurableStore(tmp_path / "edge-store")
+def edge(edge_db: Database, tmp_path: Path) -> tuple[Database, DurableStore]:
+    return edge_db, DurableStore(tmp_path / "edge-store")
 
 
 @pytest.fixture

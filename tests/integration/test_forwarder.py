@@ -62,7 +62,7 @@ class Center:
 
     def __init__(self, tmp: Path) -> None:
         self.db_url = f"sqlite:///{tmp / 'center.db'}"
-        upgrade(self.db_url)
+        upgrade(self.db_url, "center")
         self.db = Database(self.db_url)
         sync_agreements(self.db, load_agreements(AGREEMENTS))
         self.audit = AuditTrail(self.db, "center")
@@ -127,8 +127,8 @@ class Center:
 
 
 @pytest.fixture
-def edge(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[Database, DurableStore]]:
-    yield migrated_db, DurableStore(tmp_path / "edge-store")
+def edge(edge_db: Database, tmp_path: Path) -> Iterator[tuple[Database, DurableStore]]:
+    yield edge_db, DurableStore(tmp_path / "edge-store")
 
 
 def _forwarder(

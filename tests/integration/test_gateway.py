@@ -52,7 +52,7 @@ def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[G
             },
         },
     )
-    upgrade(settings.edge_db_url)
+    upgrade(settings.edge_db_url, "edge")
     gw = Gateway(settings)
     gw.start()
     try:

@@ -39,7 +39,7 @@ def _dataset_bytes(raw: bytes) -> bytes:
 
 @pytest.fixture
 def edge_db(sqlite_url: str) -> Iterator[Database]:
-    upgrade(sqlite_url)
+    upgrade(sqlite_url, "edge")
     db = Database(sqlite_url)
     sync_agreements(db, load_agreements(AGREEMENTS))
     yield db

@@ -40,7 +40,7 @@ def _gateway(tmp_path: Path, *, hospital_limit: int, edge_limit: int = 16) -> Ga
             "max_associations": edge_limit,
         },
     )
-    upgrade(settings.edge_db_url)
+    upgrade(settings.edge_db_url, "edge")
     gw = Gateway(settings)
     gw.start()
     return gw

@@ -28,12 +28,12 @@ from radbridge.metrics import EdgeMetrics
 from tests.conftest import REPO, free_port, make_instance, write_instance
 
 
-def test_two_replicas_one_study(migrated_db: Database, tmp_path: Path) -> None:
+def test_two_replicas_one_study(edge_db: Database, tmp_path: Path) -> None:
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     store_dir = tmp_path / "shared-volume"
     replicas, ports = [], []
     for _ in range(2):
-        db = Database(migrated_db.url)  # each replica has its own engine and pool
+        db = Database(edge_db.url)  # each replica has its own engine and pool
         scp = StorageSCP(
             "RADBRIDGE", lambda: agreements, Ingestor(db, DurableStore(store_dir)), EdgeMetrics()
         )
@@ -73,7 +73,7 @@ def test_two_replicas_one_study(migrated_db: Database, tmp_path: Path) -> None:
         for _db, scp in replicas:
             scp.stop()
     assert statuses == [0] * 12
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         study = s.scalars(select(StudyRow)).one()
         assert study.instance_count == 12
         assert len(s.scalars(select(InstanceRow)).all()) == 12
@@ -91,11 +91,11 @@ def test_two_replicas_one_study(migrated_db: Database, tmp_path: Path) -> None:
         for db, _ in replicas
     ]
     later = utcnow() + timedelta(seconds=10)
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         row = s.scalars(select(StudyRow)).one()
     claims = [f._claim(row, later) for f in forwarders]
     assert sorted(claims) == [False, True]
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         s.execute(update(StudyRow).values(state="receiving"))
     for f in forwarders:
         f.close()

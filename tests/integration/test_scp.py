@@ -31,18 +31,18 @@ MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @pytest.fixture
-def scp(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[int, Database, Path]]:
+def scp(edge_db: Database, tmp_path: Path) -> Iterator[tuple[int, Database, Path]]:
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     store_dir = tmp_path / "store"
     server = StorageSCP(
         "RADBRIDGE",
         lambda: agreements,
-        Ingestor(migrated_db, DurableStore(store_dir)),
+        Ingestor(edge_db, DurableStore(store_dir)),
         EdgeMetrics(),
     )
     port = free_port()
     server.start("127.0.0.1", port)
-    yield port, migrated_db, store_dir
+    yield port, edge_db, store_dir
     server.stop()
 
 
@@ -162,12 +162,10 @@ def test_modality_outside_the_agreement_is_refused(
     assert _dcm_files(store) == []
 
 
-def test_disk_watermark_refuses_with_a700_before_writing(
-    migrated_db: Database, tmp_path: Path
-) -> None:
+def test_disk_watermark_refuses_with_a700_before_writing(edge_db: Database, tmp_path: Path) -> None:
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     full = DurableStore(tmp_path / "store", min_free_bytes=2**62)  # "disk is full"
-    server = StorageSCP("RADBRIDGE", lambda: agreements, Ingestor(migrated_db, full), EdgeMetrics())
+    server = StorageSCP("RADBRIDGE", lambda: agreements, Ingestor(edge_db, full), EdgeMetrics())
     port = free_port()
     server.start("127.0.0.1", port)
     try:
@@ -178,16 +176,16 @@ def test_disk_watermark_refuses_with_a700_before_writing(
     finally:
         server.stop()
     assert _dcm_files(tmp_path / "store") == []
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         assert s.scalars(select(InstanceRow)).all() == []
 
 
-def test_association_limit_rejects_transiently(migrated_db: Database, tmp_path: Path) -> None:
+def test_association_limit_rejects_transiently(edge_db: Database, tmp_path: Path) -> None:
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     server = StorageSCP(
         "RADBRIDGE",
         lambda: agreements,
-        Ingestor(migrated_db, DurableStore(tmp_path / "store")),
+        Ingestor(edge_db, DurableStore(tmp_path / "store")),
         EdgeMetrics(),
         max_associations=1,
     )
@@ -206,7 +204,7 @@ def test_association_limit_rejects_transiently(migrated_db: Database, tmp_path: 
 
 
 def test_a_connection_flood_past_the_limit_gets_no_thread_and_is_closed_unread(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
     """Silent TCP connections past edge.max_associations: a few wait for their request (to be
     refused A-ASSOCIATE-RJ), the rest are closed at once; none of them holds the limit."""
@@ -215,7 +213,7 @@ def test_a_connection_flood_past_the_limit_gets_no_thread_and_is_closed_unread(
     server = StorageSCP(
         "RADBRIDGE",
         lambda: agreements,
-        Ingestor(migrated_db, DurableStore(tmp_path / "store")),
+        Ingestor(edge_db, DurableStore(tmp_path / "store")),
         metrics,
         max_associations=1,
     )

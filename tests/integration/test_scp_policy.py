@@ -62,11 +62,11 @@ def pki(tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_edge(migrated_db: Database, tmp_path: Path, pki: dict[str, Any]) -> Iterator[Any]:
+def make_edge(edge_db: Database, tmp_path: Path, pki: dict[str, Any]) -> Iterator[Any]:
     edges: list[Edge] = []
 
     def start(agreements: AgreementSet) -> Edge:
-        edge = Edge(migrated_db, tmp_path, agreements)
+        edge = Edge(edge_db, tmp_path, agreements)
         tls = EdgeTLS(
             port=edge.tls_port,
             cert_file=pki["server"].cert,
@@ -105,7 +105,7 @@ def _rj(assoc: Any) -> tuple[int, int, int]:
 
 
 def test_tls_store_with_a_client_certificate_the_ca_signed(
-    make_edge: Any, pki: dict[str, Any], tmp_path: Path, migrated_db: Database
+    make_edge: Any, pki: dict[str, Any], tmp_path: Path, edge_db: Database
 ) -> None:
     edge = make_edge(_agreements(require_tls=True, tls_client_names=["demo-pacs"]))
     assoc = _associate(edge.tls_port, tls=_client_ctx(pki["ca"], pki["pacs"]))
@@ -114,7 +114,7 @@ def test_tls_store_with_a_client_certificate_the_ca_signed(
     assert assoc.send_c_echo().Status == 0x0000
     assert assoc.send_c_store(path).Status == 0x0000
     assoc.release()
-    with migrated_db.session() as s:
+    with edge_db.session() as s:
         assert len(s.scalars(select(InstanceRow)).all()) == 1
 
 

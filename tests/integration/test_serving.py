@@ -100,7 +100,7 @@ class Center:
                 "max_body_bytes": 4 << 20,  # small, so the 413 test need not send 256 MiB
             },
         )
-        upgrade(self.settings.center_db_url)
+        upgrade(self.settings.center_db_url, "center")
         self.url = s_url = self.settings.center_url
         assert s_url.startswith("https://")  # the local center speaks TLS, checked below
         self.shape = tuple(manifest["input"]["shape"][1:])

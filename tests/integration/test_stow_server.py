@@ -64,7 +64,7 @@ Serve = Callable[..., Edge]
 
 
 @pytest.fixture
-def serve(migrated_db: Database, tmp_path: Path) -> Iterator[Serve]:
+def serve(edge_db: Database, tmp_path: Path) -> Iterator[Serve]:
     """Start a StowServer on loopback; keyword arguments go to build_stow_app."""
     servers: list[StowServer] = []
 
@@ -73,14 +73,12 @@ def serve(migrated_db: Database, tmp_path: Path) -> Iterator[Serve]:
         kw.setdefault("environ", {PASSWORD_ENV: PASSWORD})
         store = tmp_path / f"store{len(servers)}"
         metrics = EdgeMetrics()
-        app = build_stow_app(
-            lambda: aset, Ingestor(migrated_db, DurableStore(store)), metrics, **kw
-        )
+        app = build_stow_app(lambda: aset, Ingestor(edge_db, DurableStore(store)), metrics, **kw)
         port = free_port()
         server = StowServer(app, "127.0.0.1", port)
         server.start()
         servers.append(server)
-        return Edge(f"http://127.0.0.1:{port}/dicomweb", migrated_db, store, metrics)
+        return Edge(f"http://127.0.0.1:{port}/dicomweb", edge_db, store, metrics)
 
     yield start
     for server in servers:
@@ -217,7 +215,7 @@ def test_unset_password_env_and_foreign_source_are_the_same_401(serve: Serve) ->
 
 
 def test_an_agreement_requiring_tls_takes_stow_only_over_https(
-    migrated_db: Database, tmp_path: Path
+    edge_db: Database, tmp_path: Path
 ) -> None:
     ca = TestCA(tmp_path / "pki")
     server_cert, client_cert = ca.issue("radbridge-edge", server=True), ca.issue("demo-pacs")
@@ -228,7 +226,7 @@ def test_an_agreement_requiring_tls_takes_stow_only_over_https(
         for scheme, options in (("http", None), ("https", tls)):
             app = build_stow_app(
                 lambda: aset,
-                Ingestor(migrated_db, DurableStore(tmp_path / scheme)),
+                Ingestor(edge_db, DurableStore(tmp_path / scheme)),
                 EdgeMetrics(),
                 environ={PASSWORD_ENV: PASSWORD},
             )

@@ -164,18 +164,18 @@ def user_items(ac_body: bytes) -> dict[int, bytes]:
 
 
 @pytest.fixture
-def edge(migrated_db: Database, tmp_path: Path) -> Iterator[tuple[int, Database, Path]]:
+def edge(edge_db: Database, tmp_path: Path) -> Iterator[tuple[int, Database, Path]]:
     agreements = load_agreements(REPO / "radbridge/defaults/agreements.yaml")
     server = StorageSCP(
         "RADBRIDGE",
         lambda: agreements,
-        Ingestor(migrated_db, DurableStore(tmp_path / "store"), max_instance_bytes=1 << 20),
+        Ingestor(edge_db, DurableStore(tmp_path / "store"), max_instance_bytes=1 << 20),
         EdgeMetrics(),
         max_pdu=16384,
     )
     port = free_port()
     server.start("127.0.0.1", port)
-    yield port, migrated_db, tmp_path / "store"
+    yield port, edge_db, tmp_path / "store"
     server.stop()
 
 

@@ -87,6 +87,19 @@ def test_a_database_from_before_the_branches_keeps_its_rows(db_url: str) -> None
         db.dispose()
 
 
+def test_a_node_branch_downgrades_to_the_shared_trunk(db_url: str) -> None:
+    upgrade(db_url, "center")
+    command.downgrade(alembic_config(db_url), "0011")
+    engine = Database(db_url).engine
+    try:
+        assert set(inspect(engine).get_table_names()) >= EDGE_ONLY | CENTER_ONLY
+        assert node_of(db_url) is None
+        upgrade(db_url, "center")
+        assert not set(inspect(engine).get_table_names()) & EDGE_ONLY
+    finally:
+        engine.dispose()
+
+
 def test_datetimes_come_back_as_utc(edge_db: Database) -> None:
     moscow = datetime(2026, 11, 23, 15, 0, tzinfo=UTC) + timedelta(hours=0)
     with edge_db.session() as s:

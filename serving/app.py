@@ -1,4 +1,6 @@
-"""The center's Serve application graph: Api → Preprocessor → ModelRunner (all model versions).
+"""The center's Serve application graph: Api → Preprocessor → ModelRunner (all model versions);
+the Api also calls the ModelRunner with tensors it has (sync ``infer``), and the Preprocessor
+calls it with a CT series' volume.
 
 ``build`` is the application builder named by the Serve config (``import_path:
 serving.app:build``); `serve run serving/serve.yaml`, KubeRay and `radbridge center` all reach
@@ -43,5 +45,5 @@ def build_app(settings: Settings) -> Application:
         raise ModelError(f"no models in {settings.models_dir}: run `radbridge models build` first")
     repository = str(settings.models_dir)
     runner = ModelRunner.bind(repository)  # type: ignore[attr-defined]
-    preprocessor = Preprocessor.bind(repository)  # type: ignore[attr-defined]
+    preprocessor = Preprocessor.bind(repository, runner)  # type: ignore[attr-defined]
     return Api.bind(settings, preprocessor, runner)  # type: ignore[attr-defined,no-any-return]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from dicom_io.store import DurableStore
@@ -32,6 +32,7 @@ from serving.config import ApiConfig
 from serving.postprocess import findings_from_logits
 from serving.routing import route
 from serving.schemas import Finding
+from serving.segmentation import SeriesSegmentation
 
 __all__ = ["Classified", "Inference"]
 
@@ -164,17 +165,22 @@ class Inference:
         self._observe(key, priority, out)
         return out
 
-    async def segment(self, key: str, image: np.ndarray, priority: str) -> dict[str, Any]:
-        """A preprocessed volume through the runner's sliding window (``ModelRunner.segment``);
-        records its queue wait and inference time."""
-        handle = self.runner.options(multiplexed_model_id=key)
-        out: dict[str, Any] = await _unwrapped(handle.segment.remote(image, priority))
+    async def segment_series(
+        self, key: str, encoded: list[bytes], priority: str
+    ) -> tuple[SeriesSegmentation, dict[str, Any]]:
+        """A CT series (its instances' bytes) -> its segmentation, made in the Preprocessor
+        (decode, resample, nodules) and the ModelRunner (sliding windows), and the runner's
+        answer (windows, seconds, queue_wait, provider); records the runner metrics."""
+        out = await _unwrapped(self.preprocessor.segment_series.remote(encoded, key, priority))
+        runner: dict[str, Any] = out["runner"]
         m = self.manifests[key]
         labels = (m.name, m.version)
-        self.metrics.queue_wait.labels(*labels, priority).observe(out["queue_wait"])
-        self.metrics.inference.labels(*labels, "volume", out["provider"]).observe(out["seconds"])
-        self.metrics.provider_info.labels(*labels, out["provider"]).set(1)
-        return out
+        self.metrics.queue_wait.labels(*labels, priority).observe(runner["queue_wait"])
+        self.metrics.inference.labels(*labels, "volume", runner["provider"]).observe(
+            runner["seconds"]
+        )
+        self.metrics.provider_info.labels(*labels, runner["provider"]).set(1)
+        return out["segmentation"], runner
 
     def _observe(self, key: str, priority: str, out: dict[str, Any]) -> None:
         """The runner metrics of one image's answer."""
@@ -241,6 +247,8 @@ async def _unwrapped(call: Awaitable[Any]) -> Any:
     try:
         return await call
     except RayTaskError as exc:
-        if isinstance(exc.cause, RadbridgeError):
+        # A ModelRunner replica that died under the Preprocessor's call is the Pipeline's
+        # transient fault (it runs the job again), as when the Api called it itself.
+        if isinstance(exc.cause, RadbridgeError | RayActorError):
             raise exc.cause from None
         raise

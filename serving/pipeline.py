@@ -1,8 +1,9 @@
 """The center's job engine: a completed study becomes a job, run on the Api replica's event loop.
 
 A job reads its instances, groups them by series and routes each series to a model: a
-classifier runs per instance, a segmenter once on the series' volume (decoded here, its sliding
-windows run inside the ModelRunner beside the session, one round trip for the volume). Work
+classifier runs per instance, a segmenter once on the series' volume (decoded, resampled and
+mapped back in the Preprocessor, its sliding windows inside the ModelRunner beside the session,
+one round trip for the volume; the Api replica only reads the bytes and builds the SEG). Work
 units wait for a :class:`PriorityGate` slot, so STAT studies go first and a routine one waits
 at most its cap. A job that finishes builds its result objects (SEG, SR; signed for the edges
 of its agreement) and wakes the edges' waiting listings; a job the AI cannot read sends the
@@ -25,7 +26,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 from ray.exceptions import RayActorError
 from sqlalchemy.exc import DBAPIError
 
@@ -42,7 +42,7 @@ from serving.inference import Inference
 from serving.result_objects import unread_reasons
 from serving.scheduling import PriorityGate
 from serving.schemas import Finding, InstanceResult
-from serving.segmentation import SeriesSegmentation, segment_series
+from serving.segmentation import SeriesSegmentation
 
 __all__ = ["Pipeline", "model_ref"]
 
@@ -363,21 +363,11 @@ class Pipeline:
     async def _segmentation(
         self, key: str, series: list[jobs.JobInstance], priority: str
     ) -> _Segmented:
-        """Sliding-window inference on the series' volume: decoded and resampled here, its
-        windows run inside the ModelRunner (one round trip for the volume)."""
-        manifest = self.manifests[key]
-        loop = asyncio.get_running_loop()
+        """The series' segmentation: its bytes read here, its volume decoded and resampled in
+        the Preprocessor, its windows run in the ModelRunner (``Inference.segment_series``)."""
         encoded = await asyncio.to_thread(lambda: [self.store.read(i.path) for i in series])
-        stats: dict[str, Any] = {"windows": 0, "seconds": 0.0, "provider": ""}
-
-        def probabilities(image: np.ndarray) -> np.ndarray:  # called from the worker thread
-            call = self.inference.segment(key, image, priority)
-            out = asyncio.run_coroutine_threadsafe(call, loop).result()
-            stats.update(windows=out["windows"], seconds=out["seconds"], provider=out["provider"])
-            return np.asarray(out["probabilities"])
-
         t0 = time.perf_counter()
-        seg = await asyncio.to_thread(segment_series, encoded, manifest, probabilities)
+        seg, stats = await self.inference.segment_series(key, encoded, priority)
         digest = hashlib.sha256(b"".join(sorted(encoded))).hexdigest()
         return _Segmented(seg, stats, time.perf_counter() - t0, digest)
 

@@ -1,4 +1,5 @@
-"""Volumetric segmentation of one CT series at the center (blocking: runs in a worker thread).
+"""Volumetric segmentation of one CT series at the center, in the Preprocessor deployment
+(``Preprocessor.segment_series``; blocking: runs in a worker thread there).
 
 The series is assembled by its geometry (``dicom_io.volume.read_series``: slices sorted along
 the normal, modality LUT applied), resampled and preprocessed with the manifest's pipeline,

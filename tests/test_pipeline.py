@@ -36,6 +36,7 @@ from radbridge.metrics import CenterMetrics
 from serving import jobs
 from serving.intake import receive_instances
 from serving.pipeline import Pipeline
+from serving.segmentation import SeriesSegmentation, segment_series
 from tests.conftest import REPO
 
 AGREEMENT = "demo-hospital-to-center"
@@ -58,13 +59,20 @@ class RawInference:
     def route(self, modality: str | None, body_part: str | None) -> str | None:
         return self.key if modality == "CT" else None
 
-    async def segment(self, key: str, image: np.ndarray, priority: str) -> dict[str, Any]:
+    async def segment_series(
+        self, key: str, encoded: list[bytes], priority: str
+    ) -> tuple[SeriesSegmentation, dict[str, Any]]:
         self.segmented += 1
-        seg = self.manifests[key].segmentation
+        manifest = self.manifests[key]
+        seg = manifest.segmentation
         assert seg is not None
         name = self._session.get_inputs()[0].name
-        probs = sliding_window_probabilities(onnx_predictor(self._session, name), image, seg)
-        return {"probabilities": probs, "windows": 1, "seconds": 0.01, "provider": "cpu"}
+
+        def probabilities(image: np.ndarray) -> np.ndarray:
+            return sliding_window_probabilities(onnx_predictor(self._session, name), image, seg)
+
+        done = await asyncio.to_thread(segment_series, encoded, manifest, probabilities)
+        return done, {"windows": 1, "seconds": 0.01, "provider": "cpu", "queue_wait": 0.0}
 
 
 def _center(where: Path) -> tuple[Database, DurableStore]:

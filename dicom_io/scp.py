@@ -180,6 +180,22 @@ class StorageSCP:
 
     # -- connections ----------------------------------------------------------------------
 
+    def _note_flood(self) -> None:
+        """Count a connection closed unread; one log line per ``FLOOD_LOG_EVERY_S``. Both
+        listeners (plain and TLS) count under the lock, so no line loses a count."""
+        now = time.monotonic()
+        with self._lock:
+            self._flood_closed += 1
+            if now - self._flood_logged_at < FLOOD_LOG_EVERY_S:
+                return
+            closed, self._flood_closed, self._flood_logged_at = self._flood_closed, 0, now
+        log.warning(
+            "%d connections closed unread since the last line: edge.max_associations reached "
+            "and %d more already waiting for their refusal",
+            closed,
+            OVER_LIMIT_ANSWERED,
+        )
+
     def _accept_loop(self, listener: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         while not self._stopping.is_set():
             try:
@@ -196,16 +212,7 @@ class StorageSCP:
                 # needs the request read first, which is what the flood would hold us to).
                 self._metrics.associations_rejected.labels("edge_flood").inc()
                 conn.close()
-                self._flood_closed += 1
-                if time.monotonic() - self._flood_logged_at >= FLOOD_LOG_EVERY_S:
-                    self._flood_logged_at = time.monotonic()
-                    log.warning(
-                        "%d connections closed unread since the last line: edge.max_associations "
-                        "reached and %d more already waiting for their refusal",
-                        self._flood_closed,
-                        OVER_LIMIT_ANSWERED,
-                    )
-                    self._flood_closed = 0
+                self._note_flood()
                 continue
             threading.Thread(
                 target=self._serve,

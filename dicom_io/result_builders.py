@@ -37,6 +37,7 @@ from dicom_io.sr_parts import (
     procedure_code,
     with_type2,
 )
+from dicom_io.volume import sorted_along
 
 __all__ = [
     "AlgorithmInfo",
@@ -506,10 +507,7 @@ def _sorted_by_position(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Data
         if len(values) != 1 or "None" in values:
             raise ValueError(f"sources must share one {keyword}")
     orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
-    return sorted(
-        sources, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float)))
-    )
+    return sorted_along(sources, np.cross(orientation[:3], orientation[3:]))
 
 
 def warm_up() -> float:

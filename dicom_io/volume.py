@@ -27,7 +27,7 @@ from pydicom.pixels import apply_modality_lut
 
 from radbridge.errors import DatasetError
 
-__all__ = ["read_series"]
+__all__ = ["read_series", "sorted_along"]
 
 _ORIENTATION_TOL = 1e-4  # direction cosines of all slices must agree this well
 _SPACING_TOL = 0.01  # relative spread of slice-to-slice distances allowed
@@ -139,3 +139,12 @@ def read_series(
     origin = (float(pos[0][0]), float(pos[0][1]), float(pos[0][2]))
     direction = np.column_stack([row, col, normal])
     return volume, spacing, origin, direction
+
+
+def sorted_along(slices: Sequence[Dataset], normal: Sequence[float] | np.ndarray) -> list[Dataset]:
+    """Single-frame slices in the order of their Image Position (Patient) along ``normal``
+    (the slice normal; its length does not matter)."""
+    n = np.asarray(normal, dtype=np.float64)
+    return sorted(
+        slices, key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), n))
+    )

@@ -9,12 +9,17 @@ plus spatial axes for models that take any volume size).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["BATCH", "export_onnx"]
+from radbridge.errors import ModelError
+
+__all__ = ["BATCH", "MAX_ABS_DIFF", "export_onnx", "torch_vs_onnx"]
+
+MAX_ABS_DIFF = 1e-4  # torch vs ONNX Runtime on the same input, after an export
 
 BATCH: Mapping[int, str] = {0: "batch"}
 
@@ -43,3 +48,30 @@ def export_onnx(
             dynamic_axes={input_name: dict(axes), output_name: dict(axes)},
             dynamo=False,
         )
+
+
+def torch_vs_onnx(
+    path: Path, cases: Mapping[str, np.ndarray], predict: Callable[[np.ndarray], np.ndarray]
+) -> tuple[float, dict[str, float]]:
+    """Check the exported model at ``path`` (ONNX checker), then run each case through ONNX
+    Runtime and through ``predict`` (the torch model): the largest absolute difference, over
+    all and per case. Raises ``ModelError`` on a shape mismatch or a difference of
+    ``MAX_ABS_DIFF`` or more."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    diffs = {}
+    for key, x in cases.items():
+        x = np.ascontiguousarray(x)
+        want = np.asarray(predict(x), dtype=np.float64)
+        got = np.asarray(sess.run(None, {name: x})[0], dtype=np.float64)
+        if got.shape != want.shape:
+            raise ModelError(f"onnx export: {key}: output shape {got.shape} != {want.shape}")
+        diffs[key] = float(np.max(np.abs(got - want)))
+    worst = max(diffs.values())
+    if worst >= MAX_ABS_DIFF:
+        raise ModelError(f"onnx export: max abs diff torch vs ORT {worst:.3g} >= {MAX_ABS_DIFF}")
+    return worst, diffs

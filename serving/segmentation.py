@@ -19,7 +19,7 @@ from io import BytesIO
 import numpy as np
 import pydicom
 
-from dicom_io.volume import read_series
+from dicom_io.volume import read_series, sorted_along
 from models.manifest import ModelManifest
 from models.nodules import DetectedNodule, detect_nodules
 
@@ -53,7 +53,7 @@ def segment_series(
     threshold = manifest.labels[0].threshold
     on_source = _resize(prob, hu.shape)
     headers = [pydicom.dcmread(BytesIO(b), stop_before_pixels=True) for b in encoded]
-    sources = _sorted_by_position(headers, direction)
+    sources = sorted_along(headers, np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2])
     t3 = time.perf_counter()
     return SeriesSegmentation(
         nodules=nodules,
@@ -73,13 +73,3 @@ def _resize(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
     out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="trilinear")
     return np.asarray(out[0, 0].numpy())
-
-
-def _sorted_by_position(
-    headers: Sequence[pydicom.Dataset], direction: np.ndarray
-) -> list[pydicom.Dataset]:
-    normal = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2]
-    return sorted(
-        headers,
-        key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal)),
-    )

@@ -225,6 +225,65 @@ def test_ray_processes_start_with_the_small_machine_proxy_limits(center: Center)
     assert seen["RAY_AUTH_MODE"] == "token"
 
 
+def _replica_ports_on_every_interface() -> list[int]:
+    """The TCP ports Serve replicas of this machine listen on, on every interface (Ray 2.60
+    binds their inter-deployment gRPC server to ``[::]:0``; docs/operations.md)."""
+    import psutil
+
+    ports = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "ServeReplica" not in " ".join(proc.info["cmdline"] or ()):
+            continue
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        ports += [
+            c.laddr.port
+            for c in conns
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("::", "0.0.0.0")
+        ]
+    return ports
+
+
+def test_replica_ports_on_every_interface_refuse_calls_without_the_cluster_token(
+    center: Center,
+) -> None:
+    """A Serve replica's inter-deployment gRPC port listens on every interface; a caller that
+    is not part of the cluster (no token, or a wrong one) is refused before the handler runs.
+    Without Ray's token authentication the same call would reach the replica's handler."""
+    import grpc
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    ports = _replica_ports_on_every_interface()
+    assert ports, "no Serve replica listens on every interface: update docs/operations.md"
+    for port in ports:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = serve_pb2_grpc.ASGIServiceStub(channel)
+            for metadata in ((), (("authorization", "Bearer not-the-cluster-token"),)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.HandleRequest(serve_pb2.ASGIRequest(), metadata=metadata, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (
+                    port,
+                    metadata,
+                    refused.value.details(),
+                )
+    # The control: the cluster's own token gets past the check (the empty request then fails
+    # in the handler, or not at all, but not for want of a token).
+    from ray._private.authentication.grpc_authentication_client_interceptor import (
+        _get_authentication_metadata_tuple,
+    )
+
+    token = _get_authentication_metadata_tuple()
+    assert token, "this driver holds no cluster token"
+    with grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+        stub = serve_pb2_grpc.ASGIServiceStub(channel)
+        try:
+            stub.HandleRequest(serve_pb2.ASGIRequest(), metadata=token, timeout=10)
+        except grpc.RpcError as failed:
+            assert failed.code() != grpc.StatusCode.UNAUTHENTICATED, failed.details()
+
+
 def test_a_runner_replica_is_ready_with_its_models_loaded_and_run_once(center: Center) -> None:
     """Serve awaits the runner's reconfigure before the replica takes requests: the newest
     version of every installed model is loaded and has run once by then; a config naming a

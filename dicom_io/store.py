@@ -1,13 +1,20 @@
-"""Durable folder store: staging file -> fdatasync -> rename -> fsync directory.
+"""Durable folder store: unnamed file -> fdatasync -> name -> fsync directory.
 
-A file is visible under its final name only once its bytes are on disk; a crash leaves at
-most a staging file, which ``recover()`` removes at start-up. ``write_many`` does the same for
+A file is visible under its final name only once its bytes are on disk. ``write`` creates the
+file unnamed in its final folder (Linux ``O_TMPFILE``), writes and syncs it, then gives it its
+name (``linkat``) and syncs the folder: a crash before the name leaves nothing (the file
+system frees an unnamed file on its own), and no rename crosses folders (a cross-folder
+rename takes the file system's rename lock, which every receiving thread then queues on).
+Where the file system has no ``O_TMPFILE`` (or no ``/proc``), and to replace an existing
+name, it writes a staging file under ``.staging`` and renames it into place; a crash then
+leaves at most a staging file, which ``recover()`` removes at start-up. ``write_many`` stages
 a batch (one STOW-RS request) with the fsyncs issued together, which the file system commits in
 one journal transaction or a few instead of one per file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -28,6 +35,11 @@ _GROUP = 64  # files whose fsyncs are issued together (and open file descriptors
 _fsync_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _T = TypeVar("_T")
+# No unnamed files here: the file system lacks O_TMPFILE (EOPNOTSUPP, or EISDIR/EINVAL on
+# older kernels), or /proc is not mounted (ENOENT on the link), or the link is refused.
+_NO_UNNAMED = frozenset(
+    {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV, errno.EPERM}
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class DurableStore:
         self.min_free_bytes = min_free_bytes
         (self.root / STAGING).mkdir(parents=True, exist_ok=True)
         self._resolved = self.root.resolve()
+        self._unnamed = hasattr(os, "O_TMPFILE")  # off for good after a refusal
 
     def path(self, relpath: str) -> Path:
         """The file's path under the store's root; a path that would leave the root (absolute,
@@ -70,13 +83,56 @@ class DurableStore:
     def write(
         self, relpath: str, data: bytes | memoryview, sha256: str | None = None
     ) -> StoredFile:
-        """Write ``data`` durably under ``relpath``; replaces nothing that already exists.
+        """Write ``data`` durably under ``relpath``, atomically: a file already under that
+        name is replaced whole, never seen half-written.
 
         ``sha256`` may be passed when the caller already hashed ``data``.
         """
         final = self.path(relpath)
         if not self.has_room(len(data)):
             raise StorageError("disk watermark reached")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if not (self._unnamed and self._write_unnamed(final, data)):
+                self._write_staged(final, data)
+        except OSError as exc:
+            raise StorageError(f"write failed: {exc.strerror or exc}") from exc
+        return StoredFile(relpath, len(data), sha256 or hashlib.sha256(data).hexdigest())
+
+    def _write_unnamed(self, final: Path, data: bytes | memoryview) -> bool:
+        """The ``O_TMPFILE`` path; False when it cannot be used here (then this store stops
+        trying it) or when ``final`` exists (the staged path replaces it)."""
+        dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno not in _NO_UNNAMED:
+                    raise
+                self._unnamed = False
+                return False
+            try:
+                _write_all(fd, data)
+                os.fdatasync(fd)  # the data and the size that reads it; the name comes next
+                try:
+                    # linkat(AT_SYMLINK_FOLLOW) through /proc: names the open file without
+                    # CAP_DAC_READ_SEARCH (which AT_EMPTY_PATH would need).
+                    os.link(f"/proc/self/fd/{fd}", final.name, dst_dir_fd=dfd, follow_symlinks=True)
+                except FileExistsError:
+                    return False
+                except OSError as exc:
+                    if exc.errno not in _NO_UNNAMED:
+                        raise
+                    self._unnamed = False
+                    return False
+            finally:
+                os.close(fd)  # an unnamed file is freed here; a named one stays
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return True
+
+    def _write_staged(self, final: Path, data: bytes | memoryview) -> None:
         staging = self._staging()
         try:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -85,13 +141,11 @@ class DurableStore:
                 os.fdatasync(fd)  # the data and the size that reads it; the name comes next
             finally:
                 os.close(fd)
-            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
+        except OSError:
             staging.unlink(missing_ok=True)
-            raise StorageError(f"write failed: {exc.strerror or exc}") from exc
-        return StoredFile(relpath, len(data), sha256 or hashlib.sha256(data).hexdigest())
+            raise
 
     def write_many(self, files: Sequence[tuple[str, bytes | memoryview]]) -> None:
         """Write each ``(relpath, data)`` durably, as ``write`` would, with the fsyncs of up to

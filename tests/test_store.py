@@ -95,3 +95,75 @@ def test_write_many_respects_the_watermark_for_the_whole_batch(
     with pytest.raises(StorageError, match="watermark"):
         store.write_many([("a.dcm", b"a" * 1000), ("b.dcm", b"b" * 1000)])
     assert not (tmp_path / "a.dcm").exists()
+
+
+def test_write_names_an_unnamed_file_without_a_staging_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system with O_TMPFILE (ext4 here) the file is created unnamed in its own
+    folder and linked into place: the staged path (a cross-folder rename) is not used."""
+    store = DurableStore(tmp_path)
+
+    def no_staging(*_: object) -> None:
+        raise AssertionError("the staged path ran")
+
+    monkeypatch.setattr(store, "_write_staged", no_staging)
+    store.write("s/1.dcm", b"a" * 5000)
+    assert (tmp_path / "s/1.dcm").read_bytes() == b"a" * 5000
+    assert (tmp_path / "s/1.dcm").stat().st_mode & 0o777 == 0o640 & ~_umask()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_a_second_write_under_a_name_replaces_it_whole(tmp_path: Path) -> None:
+    store = DurableStore(tmp_path)
+    store.write("s/1.dcm", b"old" * 100)
+    store.write("s/1.dcm", b"new")
+    assert (tmp_path / "s/1.dcm").read_bytes() == b"new"
+    assert list((tmp_path / STAGING).iterdir()) == []
+
+
+def test_without_o_tmpfile_the_store_stages_and_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses O_TMPFILE (EOPNOTSUPP) gets the staged write, and the store
+    stops asking."""
+    import errno
+
+    real_open = os.open
+    refused: list[int] = []
+
+    def no_tmpfile(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused.append(flags)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    store = DurableStore(tmp_path)
+    store.write("s/1.dcm", b"one")
+    store.write("s/2.dcm", b"two")
+    assert (tmp_path / "s/1.dcm").read_bytes() == b"one"
+    assert (tmp_path / "s/2.dcm").read_bytes() == b"two"
+    assert len(refused) == 1
+    assert list((tmp_path / STAGING).iterdir()) == []
+
+
+def test_a_failure_before_the_name_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def broken_link(*_: object, **__: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "link", broken_link)
+    store = DurableStore(tmp_path)
+    with pytest.raises(StorageError, match="Input/output error"):
+        store.write("s/1.dcm", b"data")
+    assert os.listdir(tmp_path / "s") == []
+    assert list((tmp_path / STAGING).iterdir()) == []

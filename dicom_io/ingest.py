@@ -74,13 +74,15 @@ class Ingestor:
         encoded: bytes,
         declared_sop_class: str | None = None,
         header: InstanceHeader | None = None,
+        sha256: str | None = None,
     ) -> tuple[str, InstanceHeader]:
         """The one receive path of C-STORE and STOW-RS: validate, check policy, store durably.
 
         Validation first: the size cap, then the whole element structure and the pixel data
         against the pixel module (:func:`check_structure`), then the header fields the index
         needs. Nothing that does not parse in full is stored or acknowledged.
-        ``header`` may be passed when the caller already parsed ``encoded``.
+        ``header`` may be passed when the caller already parsed ``encoded``, ``sha256`` (hex)
+        when it already hashed it (the SCP hashes the fragments as they arrive).
         Raises ``DatasetError`` / ``StorageError``; each protocol maps them through its table.
         """
         if len(encoded) > self.max_instance_bytes:
@@ -100,14 +102,20 @@ class Ingestor:
                 f"modality {header.modality or 'none'} is not allowed by agreement {agreement.id}",
             )
         priority = header.priority or agreement.default_priority.value
-        return self.ingest(agreement.id, header, encoded, priority), header
+        return self.ingest(agreement.id, header, encoded, priority, sha256), header
 
     def ingest(
-        self, agreement_id: str, header: InstanceHeader, encoded: bytes, priority: str = "routine"
+        self,
+        agreement_id: str,
+        header: InstanceHeader,
+        encoded: bytes,
+        priority: str = "routine",
+        sha256: str | None = None,
     ) -> str:
         """Store ``encoded`` and index it; ``priority`` is the study's (the highest any of its
-        instances asked for, else the agreement's default)."""
-        digest = hashlib.sha256(encoded).hexdigest()
+        instances asked for, else the agreement's default); ``sha256``: ``encoded``'s, when
+        the caller has it."""
+        digest = sha256 or hashlib.sha256(encoded).hexdigest()
         relpath = (
             f"{agreement_id}/{header.study_uid}/{header.series_uid}/"
             f"{header.sop_instance_uid}.{digest[:12]}.dcm"

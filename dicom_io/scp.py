@@ -22,6 +22,7 @@ one (video, JPEG XL, HTJ2K) is kept and forwarded but skipped by the models.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import ssl
@@ -29,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -95,6 +97,10 @@ class _Message:
     command: Command | None = None
     data_parts: list[bytes] = field(default_factory=list)
     data_size: int = 0
+    # A C-STORE's file meta and the running sha256 of meta + data set: hashed as each
+    # fragment arrives (hashlib lets go of the GIL), while the peer is still sending.
+    meta: bytes | None = None
+    digest: Any = None
 
 
 class StorageSCP:
@@ -397,15 +403,39 @@ class StorageSCP:
             message.command_parts.append(bytes(fragment))
             if control & LAST:
                 message.command = parse_command(b"".join(message.command_parts))
+                self._start_digest(message)
             return message
         if message.command is None or not message.command.has_data_set:
             raise ProtocolError(ul.UNEXPECTED_PDU, "a data set fragment without its command")
         message.data_size += len(fragment)
         if message.data_size <= self._ingestor.max_instance_bytes:
             message.data_parts.append(bytes(fragment))
+            if message.digest is not None:
+                message.digest.update(fragment)
         else:  # read to its end and refused then; memory stays bounded by one instance
             message.data_parts.clear()
+            message.digest = None
         return message
+
+    @staticmethod
+    def _start_digest(message: _Message) -> None:
+        """A C-STORE's file meta, and its hash begun, once its command is whole. Meta that
+        cannot be built is left to ``_store``, which answers the failure."""
+        command = message.command
+        assert command is not None
+        if command.field != C_STORE_RQ or not command.has_data_set:
+            return
+        try:
+            message.meta = file_meta(
+                command.sop_class_uid,
+                command.sop_instance_uid,
+                message.context.transfer_syntax,
+                ul.IMPLEMENTATION_CLASS_UID,
+                ul.IMPLEMENTATION_VERSION_NAME,
+            )
+        except RadbridgeError:
+            return
+        message.digest = hashlib.sha256(message.meta)
 
     def _answer(self, conn: socket.socket, association: _Association, message: _Message) -> None:
         command = message.command
@@ -442,7 +472,7 @@ class StorageSCP:
                     f"instance of {message.data_size} bytes is over the limit of "
                     f"{self._ingestor.max_instance_bytes}",
                 )
-            meta = file_meta(
+            meta = message.meta or file_meta(
                 command.sop_class_uid,
                 command.sop_instance_uid,
                 message.context.transfer_syntax,
@@ -451,7 +481,10 @@ class StorageSCP:
             )
             encoded = b"".join((meta, *message.data_parts))
             message.data_parts.clear()
-            outcome, header = self._ingestor.accept(agreement, encoded, command.sop_class_uid)
+            digest = message.digest.hexdigest() if message.digest is not None else None
+            outcome, header = self._ingestor.accept(
+                agreement, encoded, command.sop_class_uid, sha256=digest
+            )
             modality = safe_label(header.modality)
         except RadbridgeError as exc:
             return self._failed(agreement, exc, status_for(exc))

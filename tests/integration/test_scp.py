@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import select as io_select
 import socket
 import threading
@@ -96,6 +97,26 @@ def test_echo_and_durable_store(scp: tuple[int, Database, Path], tmp_path: Path)
     stored = store / rows[0].path
     assert _dataset_bytes(stored) == _dataset_bytes(path)  # stored exactly as received
     assert list((store / ".staging").iterdir()) == []
+
+
+def test_an_instance_in_many_fragments_is_indexed_with_the_hash_of_its_file(
+    scp: tuple[int, Database, Path], tmp_path: Path
+) -> None:
+    """The SCP hashes file meta + data set fragment by fragment as they arrive (a 512x512
+    instance crosses several 256 KiB PDUs); the index and the file name carry the sha256 of
+    the bytes on disk."""
+    port, db, store = scp
+    path = write_instance(make_instance(rows=512), tmp_path / "big.dcm")
+    assert path.stat().st_size > 2 * 262_144  # three PDUs at least
+    assoc = _assoc(port)
+    assert assoc.send_c_store(path).Status == 0x0000
+    assoc.release()
+    with db.session() as s:
+        row = s.scalars(select(InstanceRow)).one()
+    stored = (store / row.path).read_bytes()
+    assert row.sha256 == hashlib.sha256(stored).hexdigest()
+    assert row.path.endswith(f".{row.sha256[:12]}.dcm")
+    assert _dataset_bytes(store / row.path) == _dataset_bytes(path)
 
 
 def _send_raw(assoc, dataset_bytes: bytes) -> int:  # type: ignore[no-untyped-def]

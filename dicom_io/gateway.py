@@ -199,9 +199,12 @@ class Gateway:
                 e.metrics_port, addr=e.metrics_host, registry=self.metrics.registry
             )
             self._metrics_server = server
-        self.scp.start(e.host, e.port)
         if self.receivers is not None:
+            # The other receiving processes first (each returns once it listens): until they
+            # have imported and opened their databases they would take CPU from every
+            # association this process had already accepted.
             self.receivers.start(self.metrics, self.forwarder.wake)
+        self.scp.start(e.host, e.port)
         if self._tls_context is not None:
             assert e.tls is not None
             self.scp.start(e.host, e.tls.port, ssl_context=self._tls_context)

@@ -426,6 +426,7 @@ class Gateway(Receiver):
                 "--idle",
                 "--threads",
                 "--nonblocking",
+                *(["--subprocesses"] if self.receivers > 1 else []),
                 "--rate",
                 str(PROFILE_RATE),
                 "--format",

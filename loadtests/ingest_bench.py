@@ -10,12 +10,13 @@ compressed). Receivers, each on a free loopback port and started afresh for ever
 
 - dcmtk ``storescp``: single process, bit-preserving (``+B``), every transfer syntax (``+xa``),
   max PDU 128 KiB; writes files, no fsync, no index.
-- Orthanc (tests/peers.py): its own config, max PDU 128 KiB, ``SyncStorageArea`` (fsync) and
-  its SQLite index.
+- Orthanc (tests/peers.py): its own config, max PDU 128 KiB, ``SyncStorageArea`` and its
+  SQLite index. Counted with strace, it fdatasyncs each stored file and syncs neither its index
+  nor its storage folders before it answers (one sync per instance to the gateway's three).
 - the radbridge gateway as a subprocess (``radbridge gateway``: SCP + outbox + forwarder) with
-  its full durable path (staging file, fsync, rename, directory fsync, SQLite index commit) and
-  an agreements file written here (calling AE STORESCU from 127.0.0.0/8, the corpora's
-  modalities, quiet period 24 h so nothing is forwarded during the run).
+  its full durable path (an unnamed file, fdatasync, its name, folder fsync, SQLite index
+  commit) and an agreements file written here (calling AE STORESCU from 127.0.0.0/8, the
+  corpora's modalities, quiet period 24 h so nothing is forwarded during the run).
 
 Sender: dcmtk ``storescu`` (one association, ``-aet STORESCU``, only the presentation contexts
 the files need, each file's own transfer syntax proposed; TCP_NODELAY=1); with
@@ -33,6 +34,10 @@ included, per thread) and writes the collapsed stacks to ``var/bench/`` (open th
 https://speedscope.app or with flamegraph.pl), then prints where the gateway's threads spend
 their time: fsync, SQLite, pydicom parsing, the structure check, PDU/DIMSE handling, waiting.
 
+Before the timed runs, each receiver takes ``SYNC_SAMPLE`` instances with ``strace -f -c``
+attached, and the header prints its sync calls per instance: the durability beside each
+figure, measured, not assumed ("not counted" without strace).
+
 Loopback only; every subprocess runs under a timeout; the work folders are deleted at the end.
 """
 
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import linecache
 import os
 import re
@@ -330,7 +336,9 @@ class Storescp(Receiver):
 
 
 class Orthanc(Receiver):
-    name, ae, durable = "Orthanc", "ORTHANC", "fsync + SQLite index"
+    # Measured (sync_counts, strace): Orthanc fdatasyncs each stored file and nothing else,
+    # neither its SQLite index nor its storage folders, before it answers.
+    name, ae, durable = "Orthanc", "ORTHANC", "fdatasync of each file, SQLite index unsynced"
 
     def start(self, work: Path) -> int:
         self.peer = OrthancPeer(
@@ -384,7 +392,11 @@ def gateway_command() -> list[str]:
 
 
 class Gateway(Receiver):
-    name, ae, durable = "radbridge gateway", "RADBRIDGE", "fsync file+dir + SQLite index"
+    name, ae, durable = (
+        "radbridge gateway",
+        "RADBRIDGE",
+        "fdatasync of each file, fsync of its folder, SQLite index commit synced",
+    )
 
     def __init__(
         self, modalities: set[str], profile_to: Path | None = None, receivers: int = 1
@@ -553,6 +565,59 @@ def fsync_latency_ms(folder: Path, size: int = 524_288, rounds: int = 20) -> flo
         times.append(time.perf_counter() - t0)
         path.unlink()
     return 1000 * statistics.median(times)
+
+
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync")
+SYNC_SAMPLE = 20  # instances sent while strace counts a receiver's sync calls
+
+
+def parse_strace_counts(text: str) -> dict[str, int]:
+    """Calls per system call from ``strace -c``'s summary table."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        cols = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(cols) in (5, 6) and cols[-1] in SYNC_CALLS and cols[3].isdigit():
+            counts[cols[-1]] = int(cols[3])
+    return counts
+
+
+def sync_counts(receiver: Receiver, corpus: Corpus, work: Path) -> str:
+    """What the receiver syncs per instance, counted with ``strace -f -c`` over
+    ``SYNC_SAMPLE`` instances on one association: the durability beside its figure, measured
+    rather than assumed (e.g. "fdatasync 2.0 fsync 1.0")."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return "not counted (no strace)"
+    sample = dataclasses.replace(
+        corpus, files=corpus.files[:SYNC_SAMPLE], unique_instances=SYNC_SAMPLE
+    )
+    work.mkdir(parents=True)
+    out = work / "strace.txt"
+    port = receiver.start(work)
+    try:
+        trace = ("-f", "-c", "-e", "trace=" + ",".join(SYNC_CALLS), "-o", str(out))
+        tracer = subprocess.Popen(
+            [strace, *trace, "-p", str(receiver.pid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert tracer.stderr is not None
+            attached = tracer.stderr.readline().decode(errors="replace").strip()
+            if "attached" not in attached:  # "Process N attached": counting from here
+                return f"not counted (strace: {attached or 'no output'})"
+            push(port, receiver.ae, sample, sample.write_storescu_profile(work / "scu.cfg"))
+        finally:
+            _stop(tracer, signal.SIGINT)
+    finally:
+        receiver.stop()
+    counts = parse_strace_counts(out.read_text() if out.exists() else "")
+    shutil.rmtree(work, ignore_errors=True)
+    if not counts:
+        return "no sync call"
+    return " ".join(f"{name} {n / SYNC_SAMPLE:.1f}" for name, n in sorted(counts.items()))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -782,6 +847,7 @@ def main() -> None:
             Orthanc(),
             Gateway(modalities, receivers=gateway_receivers),
         ]
+        syncs = {r.name: sync_counts(r, corpora[0], root / f"syncs-{r.ae}") for r in receivers}
         results: dict[str, dict[str, list[Run]]] = {
             c.name: {r.name: [] for r in receivers} for c in corpora
         }
@@ -806,7 +872,10 @@ def main() -> None:
             f"Orthanc {Orthanc.durable}, max PDU {DCMTK_PDU}\n"
             f"  gateway: {Gateway.durable}, max PDU {DCMTK_PDU}, "
             f"{gateway_receivers} receiving process(es)\n"
-            f"  new 512 KiB file write+fsync: {fsync_ms:.2f} ms (median); {os.cpu_count()} CPUs"
+            f"  sync calls per instance (strace, {SYNC_SAMPLE} instances): "
+            + "; ".join(f"{name} {text}" for name, text in syncs.items())
+            + f"\n  new 512 KiB file write+fsync: {fsync_ms:.2f} ms (median); "
+            f"{os.cpu_count()} CPUs"
         )
         for corpus in corpora:
             print()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadtests.ingest_bench import Corpus, Gateway, Orthanc, Run, Storescp, _table
+from loadtests.ingest_bench import (
+    Corpus,
+    Gateway,
+    Orthanc,
+    Run,
+    Storescp,
+    _table,
+    parse_strace_counts,
+)
 
 
 def _corpus(tmp: Path) -> Corpus:
@@ -33,3 +41,17 @@ def test_a_ratio_against_an_idle_bottleneck_is_withheld(tmp_path: Path) -> None:
     text = _table(_corpus(tmp_path), results, 1)
     assert "gateway/Orthanc withheld" in text and "10% busy" in text
     assert "gateway/storescp 0.20x" in text
+
+
+def test_the_sync_calls_are_read_from_strace_summaries() -> None:
+    """``strace -c``'s table (with and without an errors column) gives calls per sync call;
+    the rest of the table and its total are ignored."""
+    text = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 78.26    0.022689          55       406           fdatasync
+ 21.74    0.006304          31       200         3 fsync
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.028993          47       606         3 total
+"""
+    assert parse_strace_counts(text) == {"fdatasync": 406, "fsync": 200}
+    assert parse_strace_counts("") == {}

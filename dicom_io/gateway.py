@@ -39,6 +39,9 @@ from radbridge.signing import ResultVerifier, load_center_keys
 __all__ = ["Gateway", "quiet_value_echoing_warnings", "receive_path"]
 
 log = logging.getLogger("radbridge.edge")
+# Unnamed files made ahead for the receive path (dicom_io.spare_files): a few, one per
+# association writing at once is plenty; each is an open descriptor and an empty inode.
+SPARE_FILES = 4
 
 
 def quiet_value_echoing_warnings() -> None:
@@ -101,7 +104,9 @@ class Gateway:
         self.metrics = EdgeMetrics(agreements=self.agreements)  # SLAs: turnaround bounds
         self.db = Database(settings.edge_db_url)
         e = settings.edge
-        self.store = DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes)
+        self.store = DurableStore(
+            settings.edge_store, min_free_bytes=e.min_free_bytes, spare_files=SPARE_FILES
+        )
         self._tls_context = server_context(e.tls) if e.tls else None  # fails fast on bad files
         self.receivers: Receivers | None = None
         if e.receivers > 1:
@@ -244,4 +249,5 @@ class Gateway:
         self.forwarder.close()
         self.deliverer.close()
         self.purges.close()
+        self.store.close()
         self.db.dispose()

@@ -95,7 +95,7 @@ def receiver_main(
     parent: int,
 ) -> None:
     """A receiving process: the SCP on the edge's plain DICOM port, until ``stop``."""
-    from dicom_io.gateway import quiet_value_echoing_warnings, receive_path
+    from dicom_io.gateway import SPARE_FILES, quiet_value_echoing_warnings, receive_path
     from dicom_io.store import DurableStore
     from radbridge.agreements import load_agreements
     from radbridge.db.engine import Database
@@ -105,10 +105,13 @@ def receiver_main(
     e = settings.edge
     agreements = load_agreements(settings.agreements_file)
     db = Database(settings.edge_db_url)
+    store = DurableStore(
+        settings.edge_store, min_free_bytes=e.min_free_bytes, spare_files=SPARE_FILES
+    )
     ingestor, scp = receive_path(
         settings,
         db,
-        DurableStore(settings.edge_store, min_free_bytes=e.min_free_bytes),
+        store,
         lambda: agreements,
         Relay(events),  # type: ignore[arg-type]
         index_lock=index_lock,
@@ -124,6 +127,7 @@ def receiver_main(
                 break
     finally:
         scp.stop()
+        store.close()
         db.dispose()
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from dicom_io.spare_files import SpareFiles
 from radbridge.errors import StorageError
 
 __all__ = ["DurableStore", "StoredFile"]
@@ -52,12 +53,24 @@ class StoredFile:
 class DurableStore:
     """A folder of immutable files addressed by relative path."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, spare_files: int = 0) -> None:
+        """``spare_files``: unnamed files kept open ahead of need (``SpareFiles``) for a
+        receive path that writes one file per instance; 0 (the default) makes each file on
+        demand. A store with spares is ``close()``d."""
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         (self.root / STAGING).mkdir(parents=True, exist_ok=True)
         self._resolved = self.root.resolve()
         self._unnamed = hasattr(os, "O_TMPFILE")  # off for good after a refusal
+        self._spares: SpareFiles | None = None
+        if spare_files and self._unnamed:
+            self._spares = SpareFiles(self.root / STAGING, spare_files)
+
+    def close(self) -> None:
+        """Close the spare files, if any (the store still writes, making each file)."""
+        spares, self._spares = self._spares, None
+        if spares is not None:
+            spares.close()
 
     def path(self, relpath: str) -> Path:
         """The file's path under the store's root; a path that would leave the root (absolute,
@@ -102,15 +115,25 @@ class DurableStore:
     def _write_unnamed(self, final: Path, data: bytes | memoryview) -> bool:
         """The ``O_TMPFILE`` path; False when it cannot be used here (then this store stops
         trying it) or when ``final`` exists (the staged path replaces it)."""
-        dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        spares = self._spares
+        spare = spares.take() if spares is not None else None
         try:
-            try:
-                fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno not in _NO_UNNAMED:
-                    raise
-                self._unnamed = False
-                return False
+            dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            if spare is not None:
+                os.close(spare)
+            raise
+        try:
+            if spare is not None:
+                fd = spare  # made in the staging folder; linkat names it in any folder
+            else:
+                try:
+                    fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640, dir_fd=dfd)
+                except OSError as exc:
+                    if exc.errno not in _NO_UNNAMED:
+                        raise
+                    self._unnamed = False
+                    return False
             try:
                 _write_all(fd, data)
                 os.fdatasync(fd)  # the data and the size that reads it; the name comes next
@@ -123,7 +146,10 @@ class DurableStore:
                 except OSError as exc:
                     if exc.errno not in _NO_UNNAMED:
                         raise
-                    self._unnamed = False
+                    if spare is not None:  # e.g. this folder is another file system's
+                        self.close()  # the next writes make their files in place
+                    else:
+                        self._unnamed = False
                     return False
             finally:
                 os.close(fd)  # an unnamed file is freed here; a named one stays

@@ -43,6 +43,7 @@ from radbridge.lifecycle import DeliveryState, EdgeStudyState
 from radbridge.metrics import CenterMetrics, EdgeMetrics
 from radbridge.settings import DEV_SECRET, Settings, load_settings
 from review.metrics import ReviewMetrics
+from serving.center import SERVE_ENV_DEFAULTS
 from serving.config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -655,6 +656,11 @@ def test_edge_deployment_matches_its_settings(name: str, monkeypatch: pytest.Mon
         assert center.scheme == "https", "a center outside the cluster is reached over HTTPS"
 
 
+# Read by every Ray process (not only Serve's controller on the head): a pod without them
+# would export counters twice, or pass model inputs through the object store.
+CLUSTER_RAY_SETTINGS = ("RAY_EXPORT_COUNTER_AS_GAUGE", "RAY_max_direct_call_object_size")
+
+
 @pytest.mark.parametrize("name", WITH_APPS)
 def test_ray_pods_share_one_valid_center_environment(
     name: str, monkeypatch: pytest.MonkeyPatch
@@ -680,6 +686,10 @@ def test_ray_pods_share_one_valid_center_environment(
         _under(Path("/tmp"), mounts, writable=True)
         ports = {p["name"]: p["containerPort"] for p in ray["ports"]}
         assert ports["serve"] == serve.port, group  # EveryNode: a proxy on every pod
+        # Ray's own settings a local center starts with, in every Ray pod alike.
+        values = {e["name"]: e.get("value") for e in ray["env"]}
+        for var in CLUSTER_RAY_SETTINGS:
+            assert values.get(var) == SERVE_ENV_DEFAULTS[var], (group, var)
     # A replica may land on any pod and the app builder runs on any: one environment for all.
     assert all(e == envs[0] for e in envs)
 

@@ -1,9 +1,10 @@
-"""Durable folder store: unnamed file -> fdatasync -> name -> fsync directory.
+"""Durable folder store: unnamed file -> fdatasync -> name -> fsync file and directory.
 
 A file is visible under its final name only once its bytes are on disk. ``write`` creates the
-file unnamed in its final folder (Linux ``O_TMPFILE``), writes and syncs it, then gives it its
-name (``linkat``) and syncs the folder: a crash before the name leaves nothing (the file
-system frees an unnamed file on its own), and no rename crosses folders (a cross-folder
+file unnamed (Linux ``O_TMPFILE``; in its final folder, or a spare made ahead, see
+``spare_files``), writes and syncs it, then gives it its name (``linkat``) and syncs the file
+(its link count) and the folder (its entry): a crash before the name leaves nothing (the
+file system frees an unnamed file on its own), and no rename crosses folders (a cross-folder
 rename takes the file system's rename lock, which every receiving thread then queues on).
 Where the file system has no ``O_TMPFILE`` (or no ``/proc``), and to replace an existing
 name, it writes a staging file under ``.staging`` and renames it into place; a crash then
@@ -151,6 +152,10 @@ class DurableStore:
                     else:
                         self._unnamed = False
                     return False
+                # Its link count (0 until the link) on disk: a journaling file system commits
+                # it with the folder's entry, but without a journal a synced entry naming an
+                # inode still at 0 links on disk is what fsck deletes after a crash.
+                os.fsync(fd)
             finally:
                 os.close(fd)  # an unnamed file is freed here; a named one stays
             os.fsync(dfd)

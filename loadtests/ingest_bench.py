@@ -12,7 +12,7 @@ compressed). Receivers, each on a free loopback port and started afresh for ever
   max PDU 128 KiB; writes files, no fsync, no index.
 - Orthanc (tests/peers.py): its own config, max PDU 128 KiB, ``SyncStorageArea`` and its
   SQLite index. Counted with strace, it fdatasyncs each stored file and syncs neither its index
-  nor its storage folders before it answers (one sync per instance to the gateway's three).
+  nor its storage folders before it answers (one sync per instance to the gateway's four).
 - the radbridge gateway as a subprocess (``radbridge gateway``: SCP + outbox + forwarder) with
   its full durable path (an unnamed file, fdatasync, its name, folder fsync, SQLite index
   commit) and an agreements file written here (calling AE STORESCU from 127.0.0.0/8, the
@@ -395,7 +395,7 @@ class Gateway(Receiver):
     name, ae, durable = (
         "radbridge gateway",
         "RADBRIDGE",
-        "fdatasync of each file, fsync of its folder, SQLite index commit synced",
+        "file fdatasync before its name and fsync after, folder fsync, SQLite commit synced",
     )
 
     def __init__(

@@ -108,7 +108,18 @@ def test_write_names_an_unnamed_file_without_a_staging_file(
         raise AssertionError("the staged path ran")
 
     monkeypatch.setattr(store, "_write_staged", no_staging)
+    synced: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def sync(fd: int, real=real, name=name) -> None:  # type: ignore[no-untyped-def]
+            synced.append(name if not os.path.isdir(f"/proc/self/fd/{fd}") else f"{name} dir")
+            real(fd)
+
+        monkeypatch.setattr(os, name, sync)
     store.write("s/1.dcm", b"a" * 5000)
+    # the bytes before the name; after it, the file's link count, then the folder's entry
+    assert synced == ["fdatasync", "fsync", "fsync dir"]
     assert (tmp_path / "s/1.dcm").read_bytes() == b"a" * 5000
     assert (tmp_path / "s/1.dcm").stat().st_mode & 0o777 == 0o640 & ~_umask()
 

@@ -54,8 +54,11 @@ class SpareFiles:
             return len(self._fds)
 
     def close(self) -> None:
-        """Stop refilling and close the spares (their inodes are freed)."""
+        """Stop refilling and close the spares (their inodes are freed). Once: a second call
+        (another thread's) returns at once, closing no descriptor twice."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             fds, self._fds = self._fds, []
         self._wanted.set()

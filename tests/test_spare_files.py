@@ -38,6 +38,12 @@ def test_spares_are_unnamed_and_refilled_as_taken(tmp_path: Path) -> None:
     finally:
         spares.close()
     assert os.listdir(tmp_path) == []
+    probe = os.open(tmp_path, os.O_RDONLY)  # likely the number the folder's descriptor had
+    try:
+        spares.close()  # a second close closes nothing
+        os.fstat(probe)
+    finally:
+        os.close(probe)
 
 
 def test_the_store_names_a_spare_in_the_instances_folder(tmp_path: Path) -> None:

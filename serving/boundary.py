@@ -1,9 +1,14 @@
 """The center's trust boundary as ASGI middleware: every request proves who it is first.
 
 The Api deployment installs its :class:`~radbridge.auth.Verifier` here when a replica starts
-(:func:`install`); :func:`authenticate` runs before routing, body parsing and validation, so a
+(:func:`install`); :class:`Boundary` runs before routing, body parsing and validation, so a
 caller without a credential learns nothing — one 401 for every path, known or not. Handlers
 then check the caller's role and agreements (``Api._caller``, ``Api._agreement``).
+
+A plain ASGI middleware, not Starlette's ``BaseHTTPMiddleware``: that one runs each request
+through a task group and memory streams (measured with a 200 KB body: 0.64 ms of CPU per
+request against 0.28 for a plain one, client included). Only HTTP passes; a WebSocket is
+closed (the center serves none), and the lifespan messages go through.
 
 Why a module of its own: Serve ships the ingress class and its FastAPI app to each replica by
 value (cloudpickle), so state kept in the class's module globals is not the state the
@@ -17,13 +22,14 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from radbridge.auth import Role, Verifier
 from radbridge.errors import AuthError, ForbiddenError
 from radbridge.http_errors import radbridge_error_handler
 from radbridge.metrics import CenterMetrics
 
-__all__ = ["OPEN_PATHS", "authenticate", "install"]
+__all__ = ["OPEN_PATHS", "Boundary", "install", "refusal"]
 
 log = logging.getLogger("ray.serve")
 
@@ -47,14 +53,37 @@ def install(verifier: Verifier, metrics: CenterMetrics, *, open_docs: bool) -> N
     _state.update(verifier=verifier, metrics=metrics, open_docs=open_docs)
 
 
-async def authenticate(request: Request, call_next: Any) -> Response:
+class Boundary:
+    """The ASGI middleware: a request goes on to the app only past :func:`refusal`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        refused = await refusal(Request(scope))
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await refused(scope, receive, send)
+
+
+async def refusal(request: Request) -> Response | None:
+    """The answer to a request that may not pass, or None: then ``request.state.caller``
+    (kept in the ASGI scope, so the handler's own Request sees it) is the authenticated
+    caller, except on the open paths."""
     path = request.url.path
     if path in DOCS_PATHS:  # the API explorer: local mode only, never in production
         if _state.get("open_docs"):
-            return await call_next(request)  # type: ignore[no-any-return]
+            return None
         return JSONResponse({"detail": "Not Found"}, status_code=404)
     if path in OPEN_PATHS:
-        return await call_next(request)  # type: ignore[no-any-return]
+        return None
     verifier: Verifier | None = _state.get("verifier")
     if verifier is None:  # no Api in this process yet: nothing is served unauthenticated
         return JSONResponse({"error": "starting"}, status_code=503, headers={"Retry-After": "5"})
@@ -73,4 +102,4 @@ async def authenticate(request: Request, call_next: Any) -> Response:
         forbidden = ForbiddenError(f"a {caller.role.value} may not use this route")
         return await radbridge_error_handler(request, forbidden)
     request.state.caller = caller
-    return await call_next(request)  # type: ignore[no-any-return]
+    return None

@@ -182,7 +182,7 @@ def _tensors(body: bytes, shape: tuple[int | str, ...], most: int) -> np.ndarray
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-api.middleware("http")(boundary.authenticate)
+api.add_middleware(boundary.Boundary)
 
 
 @serve.deployment(name="Api", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)

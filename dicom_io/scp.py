@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -62,6 +62,9 @@ from dicom_io.ingest import Ingestor
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.errors import DatasetError, ProtocolError, RadbridgeError
 from radbridge.metrics import EdgeMetrics, safe_label
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 __all__ = ["StorageSCP"]
 
@@ -100,7 +103,7 @@ class _Message:
     # A C-STORE's file meta and the running sha256 of meta + data set: hashed as each
     # fragment arrives (hashlib lets go of the GIL), while the peer is still sending.
     meta: bytes | None = None
-    digest: Any = None
+    digest: _Hash | None = None
 
 
 class StorageSCP:
@@ -426,13 +429,7 @@ class StorageSCP:
         if command.field != C_STORE_RQ or not command.has_data_set:
             return
         try:
-            message.meta = file_meta(
-                command.sop_class_uid,
-                command.sop_instance_uid,
-                message.context.transfer_syntax,
-                ul.IMPLEMENTATION_CLASS_UID,
-                ul.IMPLEMENTATION_VERSION_NAME,
-            )
+            message.meta = _file_meta(message)
         except RadbridgeError:
             return
         message.digest = hashlib.sha256(message.meta)
@@ -472,13 +469,7 @@ class StorageSCP:
                     f"instance of {message.data_size} bytes is over the limit of "
                     f"{self._ingestor.max_instance_bytes}",
                 )
-            meta = message.meta or file_meta(
-                command.sop_class_uid,
-                command.sop_instance_uid,
-                message.context.transfer_syntax,
-                ul.IMPLEMENTATION_CLASS_UID,
-                ul.IMPLEMENTATION_VERSION_NAME,
-            )
+            meta = message.meta or _file_meta(message)
             encoded = b"".join((meta, *message.data_parts))
             message.data_parts.clear()
             digest = message.digest.hexdigest() if message.digest is not None else None
@@ -508,6 +499,19 @@ class StorageSCP:
         log.warning("C-STORE refused (agreement %s): 0x%04X %s", agreement.id, status, exc)
         self._metrics.instances.labels(agreement.id, safe_label(str(reason))).inc()
         return status
+
+
+def _file_meta(message: _Message) -> bytes:
+    """The Part 10 file meta of a C-STORE whose command is whole."""
+    command = message.command
+    assert command is not None
+    return file_meta(
+        command.sop_class_uid,
+        command.sop_instance_uid,
+        message.context.transfer_syntax,
+        ul.IMPLEMENTATION_CLASS_UID,
+        ul.IMPLEMENTATION_VERSION_NAME,
+    )
 
 
 def _whose(association: _Association | None) -> str:

@@ -116,15 +116,10 @@ class DurableStore:
     def _write_unnamed(self, final: Path, data: bytes | memoryview) -> bool:
         """The ``O_TMPFILE`` path; False when it cannot be used here (then this store stops
         trying it) or when ``final`` exists (the staged path replaces it)."""
-        spares = self._spares
-        spare = spares.take() if spares is not None else None
+        dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            if spare is not None:
-                os.close(spare)
-            raise
-        try:
+            spares = self._spares
+            spare = spares.take() if spares is not None else None
             if spare is not None:
                 fd = spare  # made in the staging folder; linkat names it in any folder
             else:

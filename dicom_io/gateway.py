@@ -6,8 +6,6 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from typing import Any
 
 from prometheus_client import start_http_server
 
@@ -16,7 +14,7 @@ from dicom_io.consent import ConsentRegister
 from dicom_io.deid.ocr import tesseract
 from dicom_io.delivery import Deliverer
 from dicom_io.forwarder import Forwarder
-from dicom_io.ingest import Ingestor
+from dicom_io.ingest import Ingestor, Pending
 from dicom_io.person_ledger import PersonLedger
 from dicom_io.purge_requests import PurgeOutbox
 from dicom_io.receivers import Receivers
@@ -58,23 +56,24 @@ def quiet_value_echoing_warnings() -> None:
 
 def receive_path(
     settings: Settings,
-    db: Database,
+    db: Database | None,
     store: DurableStore,
     agreements: Callable[[], AgreementSet],
     metrics: EdgeMetrics,
     *,
-    index_lock: AbstractContextManager[Any] | None = None,
+    index: Callable[[list[Pending]], None] | None = None,
     counts: AssociationCounts | None = None,
 ) -> tuple[Ingestor, StorageSCP]:
     """The Ingestor and the SCP in front of it, from the edge's settings: the gateway's, and
-    each receiving process's (``dicom_io.receivers``; ``counts`` shared: the port is too)."""
+    each receiving process's (``dicom_io.receivers``; ``counts`` shared: the port is too;
+    ``index``: the gateway process's index, reached over ``dicom_io.index_link``)."""
     e = settings.edge
     ingestor = Ingestor(
         db,
         store,
         max_instance_bytes=e.max_instance_bytes,
         limits=Limits(max_inflated_bytes=e.max_inflated_bytes, max_pixel_bytes=e.max_pixel_bytes),
-        index_lock=index_lock,
+        index=index,
     )
     scp = StorageSCP(
         e.ae_title,
@@ -112,20 +111,19 @@ class Gateway:
         if e.receivers > 1:
             ids = [a.id for a in self.agreements.agreements]
             self.receivers = Receivers(settings, ids, e.receivers - 1)
-        ingestor, self.scp = receive_path(
+        self.ingestor, self.scp = receive_path(
             settings,
             self.db,
             self.store,
             lambda: self.agreements,
             self.metrics,
-            index_lock=self.receivers.index_lock if self.receivers else None,
             counts=self.receivers.counts if self.receivers else None,
         )
         self.stow: StowServer | None = None
         if e.stow_port:
             app = build_stow_app(
                 lambda: self.agreements,
-                ingestor,
+                self.ingestor,
                 self.metrics,
                 max_body_bytes=e.stow_max_body_bytes,
             )
@@ -155,7 +153,7 @@ class Gateway:
             ),
             forward_early=settings.edge.forward_early,
         )
-        ingestor.on_stored = self.forwarder.wake  # a new study's quiet period starts now
+        self.ingestor.on_stored = self.forwarder.wake  # a new study's quiet period starts now
         self.purges = PurgeOutbox(
             self.db,
             center_client(settings),
@@ -208,7 +206,7 @@ class Gateway:
             # The other receiving processes first (each returns once it listens): until they
             # have imported and opened their databases they would take CPU from every
             # association this process had already accepted.
-            self.receivers.start(self.metrics, self.forwarder.wake)
+            self.receivers.start(self.metrics, self.ingestor.index_entries)
         self.scp.start(e.host, e.port)
         if self._tls_context is not None:
             assert e.tls is not None

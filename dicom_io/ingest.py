@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -26,7 +24,7 @@ from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, UTCDateTime, u
 from radbridge.errors import DatasetError, StorageError
 from radbridge.lifecycle import EdgeStudyState
 
-__all__ = ["IngestOutcome", "Ingestor"]
+__all__ = ["IngestOutcome", "Ingestor", "Pending"]
 
 _RANK = {"stat": 0, "urgent": 1, "routine": 2}
 _ID_CACHE = 256  # series whose (study id, series id) the receive path keeps
@@ -45,23 +43,26 @@ class Ingestor:
 
     def __init__(
         self,
-        db: Database,
+        db: Database | None,
         store: DurableStore,
         *,
         max_instance_bytes: int = 2 << 30,
         limits: Limits | None = None,
-        index_lock: AbstractContextManager[Any] | None = None,
+        index: Callable[[list[Pending]], None] | None = None,
     ) -> None:
+        if db is None and index is None:
+            raise ValueError("an Ingestor indexes into a database, or through ``index``")
         self.db = db
         self.store = store
         self.max_instance_bytes = max_instance_bytes
         self.limits = limits or Limits()
-        # Serialises index updates: this process's threads, or (edge.receivers > 1) every
-        # receiving process's, with a lock they share. Left to SQLite, writers in several
-        # processes meet its busy handler, which sleeps milliseconds between tries.
-        self._lock = index_lock or threading.Lock()
+        # Serialises this process's index updates (one batch at a time). ``index`` indexes a
+        # batch: by default here, in a receiving process the gateway process's index
+        # (``dicom_io.index_link``: one process writes the index).
+        self._lock = threading.Lock()
+        self._index = index or self._index_all
         self._ids: dict[tuple[str, str, str], tuple[int, int]] = {}
-        self._queue: list[_Pending] = []
+        self._queue: list[Pending] = []
         self._queue_lock = threading.Lock()
         # Called after an instance of a series new to this receive path is stored, or the last
         # of the count its sender stated (the gateway wakes its forwarder: a new study's quiet
@@ -124,23 +125,28 @@ class Ingestor:
         # only the index is serialised. Its name carries the digest, so a re-send of the same
         # bytes (rare) rewrites the same file with the same content.
         self.store.write(relpath, encoded, sha256=digest)
-        entry = _Pending(agreement_id, header, relpath, len(encoded), digest, priority)
-        # Group commit: whoever holds the index lock indexes every instance queued so far in
-        # one transaction (one commit, one fsync of the database's log), so associations
-        # arriving while a commit runs share the next one instead of waiting a commit each.
-        with self._queue_lock:
-            self._queue.append(entry)
-        with self._lock:
-            if not entry.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._index_all(batch)
+        entry = Pending(agreement_id, header, relpath, len(encoded), digest, priority)
+        self.index_entries([entry])
         if entry.error is not None:
             raise entry.error
         assert entry.outcome is not None
         return entry.outcome
 
-    def _index_all(self, batch: list[_Pending]) -> None:
+    def index_entries(self, entries: list[Pending]) -> None:
+        """Index stored files; sets each entry's outcome or error. Group commit: whoever
+        holds the index lock indexes every entry queued so far in one transaction (one commit,
+        one fsync of the database's log), so associations (and receiving processes) arriving
+        while a commit runs share the next one instead of waiting a commit each."""
+        with self._queue_lock:
+            self._queue.extend(entries)
+        with self._lock:
+            # Queued together, so taken together: all of them are done, or none.
+            if not entries[0].done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._index(batch)
+
+    def _index_all(self, batch: list[Pending]) -> None:
         """Index ``batch`` in one transaction; when that fails, each entry alone (with its
         own retries and its own error, which its association answers)."""
         wake = False
@@ -164,7 +170,7 @@ class Ingestor:
             if wake and self.on_stored is not None:
                 self.on_stored()  # a new series (or study), or the count the sender stated is in
 
-    def _commit_alone(self, entry: _Pending) -> bool:
+    def _commit_alone(self, entry: Pending) -> bool:
         for attempt in range(3):
             try:
                 return self._commit([entry])
@@ -230,11 +236,12 @@ class Ingestor:
         new[key] = (int(study_id), int(series_id))
         return new[key]
 
-    def _commit(self, batch: list[_Pending]) -> bool:
+    def _commit(self, batch: list[Pending]) -> bool:
         """Index each stored file of ``batch`` in one transaction; sets each entry's outcome
         once it committed. True when the forwarder should wake."""
         new: dict[tuple[str, str, str], tuple[int, int]] = {}
         outcomes: list[tuple[str, bool]] = []
+        assert self.db is not None  # ``index`` given: this path is not taken
         with self.db.engine.begin() as conn:
             for entry in batch:
                 outcomes.append(self._rows(conn, entry, new))
@@ -251,7 +258,7 @@ class Ingestor:
     def _rows(
         self,
         conn: Connection,
-        entry: _Pending,
+        entry: Pending,
         new: dict[tuple[str, str, str], tuple[int, int]],
     ) -> tuple[str, bool]:
         """One stored file's index rows: three indexed statements (the instance looked up,
@@ -313,7 +320,7 @@ class Ingestor:
 
 
 @dataclass(eq=False)
-class _Pending:
+class Pending:
     """A durably written instance waiting for its index rows (group commit)."""
 
     agreement_id: str

@@ -3,16 +3,16 @@
 One Python process receives at most about one core's worth of C-STOREs (the GIL), so with
 several associations at once the gateway starts ``receivers - 1`` more processes that listen
 on the same DICOM port (``SO_REUSEPORT``: the kernel spreads new connections over them). Each
-has its own ``StorageSCP``, ``Ingestor``, database engine and store handle on the same
-database and folder, so an instance is stored and indexed exactly as in the gateway process.
-What must stay one for the edge is shared or sent back to the gateway process:
+has its own ``StorageSCP``, ``Ingestor`` and store handle on the same folder, so an instance
+is checked and written exactly as in the gateway process. What must stay one for the edge is
+shared or sent back to the gateway process:
 
 - the association limits (``edge.max_associations``, each hospital's): ``SharedCounts``;
-- the index updates: one lock for every process's ``Ingestor`` (SQLite's own busy handler
-  would sleep milliseconds between tries when two processes write at once);
+- the index: each process sends its stored files' rows to the gateway process over a pipe of
+  its own (``dicom_io.index_link``), whose ``Ingestor`` commits them in its group commits and
+  wakes the forwarder; a receiving process opens no database;
 - metrics: each receiver's counter increments and histogram observations go to the gateway
-  over a queue (``Relay``) and are applied to its registry, which /metrics serves;
-- the forwarder's wake-up after a new series or a study's stated count: a ``wake`` event.
+  over a queue (``Relay``) and are applied to its registry, which /metrics serves.
 
 The DICOM TLS port and STOW-RS stay in the gateway process. A receiver exits when the gateway
 sets the stop event, or when the gateway process is gone (it checks its parent every second).
@@ -29,6 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dicom_io.association_counts import SharedCounts
+from dicom_io.index_link import IndexClient, serve_index
+from dicom_io.ingest import Pending
 from radbridge.metrics import EdgeMetrics
 
 __all__ = ["Receivers", "Relay", "apply_event", "receiver_main"]
@@ -70,11 +72,8 @@ class Relay:
             setattr(self, name, _RelayedFamily(events, name))
 
 
-def apply_event(event: tuple[Any, ...], metrics: EdgeMetrics, wake: Callable[[], None]) -> None:
-    """Apply one receiver's event in the gateway process."""
-    if event[0] == "wake":
-        wake()
-        return
+def apply_event(event: tuple[Any, ...], metrics: EdgeMetrics) -> None:
+    """Apply one receiver's metric update in the gateway process."""
     kind, name, labels, value = event
     if name not in Relay.RELAYED:  # only what a Relay sends; anything else is a bug
         raise ValueError(f"unknown relayed metric {name!r}")
@@ -88,7 +87,7 @@ def apply_event(event: tuple[Any, ...], metrics: EdgeMetrics, wake: Callable[[],
 def receiver_main(
     settings: Any,
     counts: SharedCounts,
-    index_lock: Any,
+    index: Any,
     events: Any,
     stop: Any,
     ready: Any,
@@ -98,26 +97,23 @@ def receiver_main(
     from dicom_io.gateway import SPARE_FILES, quiet_value_echoing_warnings, receive_path
     from dicom_io.store import DurableStore
     from radbridge.agreements import load_agreements
-    from radbridge.db.engine import Database
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     quiet_value_echoing_warnings()
     e = settings.edge
     agreements = load_agreements(settings.agreements_file)
-    db = Database(settings.edge_db_url)
     store = DurableStore(
         settings.edge_store, min_free_bytes=e.min_free_bytes, spare_files=SPARE_FILES
     )
-    ingestor, scp = receive_path(
+    _ingestor, scp = receive_path(
         settings,
-        db,
+        None,
         store,
         lambda: agreements,
         Relay(events),  # type: ignore[arg-type]
-        index_lock=index_lock,
+        index=IndexClient(index),
         counts=counts,
     )
-    ingestor.on_stored = lambda: events.put(("wake",))
     scp.start(e.host, e.port)
     ready.set()
     try:
@@ -128,7 +124,7 @@ def receiver_main(
     finally:
         scp.stop()
         store.close()
-        db.dispose()
+        index.close()
 
 
 class Receivers:
@@ -140,26 +136,31 @@ class Receivers:
         self._settings = settings
         self._extra = extra
         self.counts = SharedCounts(agreement_ids, self._ctx)
-        self.index_lock = self._ctx.Lock()  # the Ingestors' index updates, in every process
         self._events: Any = self._ctx.Queue()
         self._stop = self._ctx.Event()
+        self._stopping = threading.Event()
         self._processes: list[Any] = []
         self._pump: threading.Thread | None = None
+        self._index_threads: list[threading.Thread] = []
 
-    def start(self, metrics: EdgeMetrics, wake: Callable[[], None]) -> None:
-        """Start the processes and return once each listens."""
+    def start(self, metrics: EdgeMetrics, index: Callable[[list[Pending]], None]) -> None:
+        """Start the processes and return once each listens; ``index``: the gateway's
+        ``Ingestor.index_entries``, which indexes what they store."""
         self._pump = threading.Thread(
-            target=self._drain, args=(metrics, wake), name="radbridge-receiver-events", daemon=True
+            target=self._drain, args=(metrics,), name="radbridge-receiver-events", daemon=True
         )
         self._pump.start()
         for i in range(self._extra):
             ready = self._ctx.Event()
+            ours, theirs = self._ctx.Pipe()
+            name = f"receiver-{i + 1}"
+            self._index_threads.append(serve_index(ours, index, self._stopping, name))
             proc = self._ctx.Process(
                 target=receiver_main,
                 args=(
                     self._settings,
                     self.counts,
-                    self.index_lock,
+                    theirs,
                     self._events,
                     self._stop,
                     ready,
@@ -169,13 +170,14 @@ class Receivers:
                 daemon=True,
             )
             proc.start()
+            theirs.close()  # the process holds its own copy: ours sees EOF when it exits
             self._processes.append(proc)
             if not ready.wait(START_TIMEOUT_S):
                 self.stop()
                 raise RuntimeError(f"receiving process {i + 1} did not start listening")
         log.info("%d more receiving processes on the DICOM port", self._extra)
 
-    def _drain(self, metrics: EdgeMetrics, wake: Callable[[], None]) -> None:
+    def _drain(self, metrics: EdgeMetrics) -> None:
         while True:
             try:
                 event = self._events.get(timeout=0.5)
@@ -186,11 +188,12 @@ class Receivers:
             except (EOFError, OSError):
                 return
             try:
-                apply_event(event, metrics, wake)
+                apply_event(event, metrics)
             except Exception:
                 log.exception("a receiver's event could not be applied")
 
     def stop(self) -> None:
+        self._stopping.set()
         self._stop.set()
         for proc in self._processes:
             proc.join(10)
@@ -200,6 +203,9 @@ class Receivers:
         self._processes.clear()
         if self._pump is not None:
             self._pump.join(5)
+        for thread in self._index_threads:
+            thread.join(5)  # each ends at its process's EOF
+        self._index_threads.clear()
 
     @property
     def alive(self) -> int:

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# The retraining test's training starts in the background when the run begins (its hooks).
+from tests.retraining import (
+    pytest_collection_modifyitems,  # noqa: F401
+    pytest_unconfigure,  # noqa: F401
+)
+
 REPO = Path(__file__).resolve().parent.parent
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 PATIENT = {"name": "Wang^XiaoDong=王^小东", "id": "PID-7788123", "birth": "19650412"}

@@ -8,19 +8,8 @@ failure puts it back with exponential backoff; a restart resets claimed studies.
 de-duplicates, so a re-sent study is harmless. What a study passes as it leaves (consent, the
 person ceiling, de-identification, the audit's records) is ``dicom_io.export_gate``'s.
 
-Sending early (``forward_early``). While a study's quiet period runs, every full request of
-instances already received (``REQUEST_INSTANCES``) is de-identified and sent at once, after
-the same checks a forward makes first (transfer basis, consent, person ceiling); the study is
-not claimed and the center does not start its job before ``complete``. When the quiet period
-ends, the forward sends only the rest on the same ``StudySender`` and completes the study: the
-de-identification and most of the upload are off the path from the last instance to the
-result. Once no instance has come for ``EARLY_REST_FRACTION`` of the quiet period, the rest (a
-partial request) goes too, so that a stable study usually needs only ``complete``; an instance
-arriving later goes the same way. With the rest gone, the edge tells the center the study is
-probably whole (``prepare``, a hint), and an idle center segments its volumes ahead of the job
-that ``complete`` will start. What was sent early is kept in memory only. After a
-restart, a failed early request, or a refusal, the forward sends the whole study as before (the
-center keeps one copy).
+Sending early (``forward_early``, ``dicom_io.early_sending``): while a study's quiet period
+runs, its full requests go at once; the forward then sends only the rest on the same sender.
 """
 
 from __future__ import annotations
@@ -31,21 +20,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Row, func, select, update
 
 from dicom_io.consent import NO_REFERENCE, ConsentRegister
+from dicom_io.early_sending import EarlySending
 from dicom_io.export_gate import AtCeiling, ExportGate, Interrupted, NoConsent
 from dicom_io.person_ledger import CEILING_REASON, PersonLedger
-from dicom_io.pseudonyms import Pseudonymizer
 from dicom_io.store import DurableStore
-from dicom_io.stow_sender import REQUEST_INSTANCES, StudySender
 from radbridge.agreements import Agreement, AgreementSet
 from radbridge.audit import AuditTrail
 from radbridge.clock import WallClock
-from radbridge.contract import CenterClient, CompleteStudy, PrepareStudy, backoff_s
+from radbridge.contract import CenterClient, CompleteStudy, backoff_s
 from radbridge.db.engine import Database
 from radbridge.db.tables import InstanceRow, SeriesRow, StudyRow, utcnow
 from radbridge.errors import CenterError, DeidentificationError, PolicyError, redacted
@@ -58,20 +45,6 @@ log = logging.getLogger("radbridge.edge.forwarder")
 _NO_BASIS = "no legal transfer basis in force for this agreement"
 _MIN_WAIT_S = 0.005  # a quiet period ending now: tick again almost at once, never spin
 _STOP_CHECK_S = 0.25  # run() notices stop this soon
-# The part of a study's quiet period without a new instance after which its rest (a partial
-# request) goes early: the sender has most likely finished, and a later instance still goes.
-EARLY_REST_FRACTION = 0.25
-
-
-@dataclass
-class _Early:
-    """What a study whose quiet period runs has sent already (``forward_early``)."""
-
-    sender: StudySender
-    pseudo: Pseudonymizer
-    done: set[int] = field(default_factory=set)  # instance ids de-identified into ``sender``
-    held: list[str] = field(default_factory=list)  # reasons of instances quarantined
-    hinted: int = 0  # the instance count the center was told is probably whole
 
 
 class Forwarder:
@@ -111,8 +84,9 @@ class Forwarder:
         # Sends a study's STOW-RS requests while the forwarder de-identifies the next part.
         self._sending = ThreadPoolExecutor(1, thread_name_prefix="radbridge-stow")
         self._forward_early = forward_early
-        self._early: dict[int, _Early] = {}  # study id -> what it sent during its quiet period
-        self._not_early: set[int] = set()  # studies that go whole at the end (a failure, a hold)
+        self._early = EarlySending(
+            db, center, self.gate, master_secret, self._sending, self._instance_rows
+        )
 
     def recover(self) -> int:
         """Return studies a crashed process had claimed to the queue. A study last received
@@ -158,8 +132,7 @@ class Forwarder:
         self._wake.clear()
 
     def close(self) -> None:
-        for study_id in list(self._early):
-            self._drop_early(study_id)
+        self._early.close()
         self._sending.shutdown(wait=True)
         self._center.close()
 
@@ -194,7 +167,7 @@ class Forwarder:
                 if self._next_due is None or stable < self._next_due:
                     self._next_due = stable
                 if self._forward_early and study.state == EdgeStudyState.RECEIVING:
-                    rest_at = self._send_early(study, agreement, now, stop)
+                    rest_at = self._early.send(study, agreement, now, stop)
                     if rest_at is not None and rest_at < self._next_due:
                         self._next_due = rest_at  # wake then to send the rest
                 continue
@@ -206,10 +179,7 @@ class Forwarder:
                 continue  # refused by de-identification: needs a person, not a retry
             if self._claim(study, now):
                 done += self._forward_claimed(study, agreement, now, stop)
-        waiting = {study.id for study in due if study.state == EdgeStudyState.RECEIVING}
-        for study_id in [i for i in self._early if i not in waiting]:
-            self._drop_early(study_id)  # forwarded, purged or retried meanwhile
-        self._not_early &= waiting
+        self._early.keep_only({s.id for s in due if s.state == EdgeStudyState.RECEIVING})
         return done
 
     # -- steps ----------------------------------------------------------------------------
@@ -244,97 +214,6 @@ class Forwarder:
             step.total_seconds(),
             moved,
         )
-
-    def _send_early(
-        self, study: StudyRow, agreement: Agreement, now: datetime, stop: threading.Event
-    ) -> datetime | None:
-        """Send the study's full requests of instances not sent yet, while its quiet period
-        runs, and its rest once it has been idle for ``EARLY_REST_FRACTION`` of the period.
-        Anything unusual (a refusal, a failure, a hold, a stop) leaves the study to be sent
-        whole when it is stable, with the usual outcome. Returns when its rest is due to go,
-        if some of it waits for that."""
-        early = self._early.get(study.id)
-        if study.id in self._not_early or study.attempts:
-            return None
-        if early is not None and early.sender.failed:
-            log.info("study %s: an early request failed; it goes whole when stable", study.id)
-            self._not_early.add(study.id)
-            self._drop_early(study.id)
-            return None
-        waiting = study.instance_count - (len(early.done) if early else 0)
-        rest_at = study.last_received_at + timedelta(
-            seconds=agreement.quiet_period_s * EARLY_REST_FRACTION
-        )
-        rest = now >= rest_at
-        if waiting <= 0 or (waiting < REQUEST_INSTANCES and not rest):
-            if waiting <= 0 and rest and early is not None:
-                self._hint_whole(study, agreement, early)
-            return rest_at if waiting > 0 else None
-        rows = self._instance_rows(study)
-        try:
-            if early is None:
-                if not agreement.may_transfer(now.date()):
-                    raise _NotEarly
-                self.gate.check_consent(agreement, rows)
-                self.gate.count_person(study, agreement, rows)
-                early = self._early[study.id] = self._new_sender(study, agreement)
-            todo = [row for row in rows if row[0] not in early.done]
-            if not rest:
-                todo = todo[: len(todo) - len(todo) % REQUEST_INSTANCES]  # full requests only
-            early.held += self.gate.deidentify_study(
-                study, todo, early.pseudo, agreement, stop, early.sender
-            )
-            early.done.update(instance_id for instance_id, _ in todo)
-            early.sender.flush()
-            if rest:
-                self._hint_whole(study, agreement, early)
-            return None if rest else rest_at
-        except Exception as exc:  # incl. Interrupted, NoConsent, AtCeiling, CenterError
-            if not isinstance(exc, _NotEarly | Interrupted | NoConsent | AtCeiling):
-                log.info(
-                    "study %s: early sending stopped (%s); it goes whole when stable",
-                    study.id,
-                    redacted(exc),
-                )
-            self._not_early.add(study.id)
-            self._drop_early(study.id)
-            return None
-
-    def _hint_whole(self, study: StudyRow, agreement: Agreement, early: _Early) -> None:
-        """Every instance received has gone and the study is idle: tell the center it is
-        probably whole (``PrepareStudy``), once per count, after those requests' answers. The
-        center may segment ahead during the rest of the quiet period; the forward still
-        completes the study when it is stable."""
-        count = early.sender.submitted
-        if early.held or count == 0 or early.hinted == count:
-            return
-        early.hinted = count
-        pseudo_study_uid = early.pseudo.uid(study.study_uid)
-        body = PrepareStudy(
-            agreement_id=agreement.id, priority=study.priority, instance_count=count
-        )
-        early.sender.after_sent(lambda: self._center.prepare(pseudo_study_uid, body))
-
-    def _new_sender(self, study: StudyRow, agreement: Agreement) -> _Early:
-        """A sender for the study, which records Begin Transferring before its first request."""
-        pseudo = Pseudonymizer.for_agreement(agreement, self._secret)
-        sender = StudySender(
-            self._sending,
-            self._center,
-            self.db,
-            agreement.id,
-            study.priority,
-            pseudo,
-            before_first=lambda: self.gate.record_transfer(
-                "begin-transferring", agreement, pseudo.uid(study.study_uid)
-            ),
-        )
-        return _Early(sender, pseudo)
-
-    def _drop_early(self, study_id: int) -> None:
-        early = self._early.pop(study_id, None)
-        if early is not None:
-            early.sender.abandon()
 
     def _instance_rows(self, study: StudyRow) -> Sequence[Row[int, str]]:
         with self.db.session() as s:
@@ -429,11 +308,7 @@ class Forwarder:
         """Send the study's instances; returns how many were sent, why others were held, the
         pseudonymous study UID and the bytes sent."""
         rows = self._instance_rows(study)
-        early = self._early.pop(study.id, None)
-        self._not_early.discard(study.id)
-        if early is not None and early.sender.failed:  # send it whole, not retry it later
-            early.sender.abandon()
-            early = None
+        early = self._early.take(study.id)
         try:
             self.gate.check_consent(agreement, rows)
             self.gate.count_person(study, agreement, rows)
@@ -442,7 +317,7 @@ class Forwarder:
                 early.sender.abandon()
             raise
         if early is None:
-            early = self._new_sender(study, agreement)
+            early = self._early.start(study, agreement)
         pseudo, sender = early.pseudo, early.sender
         rest = [row for row in rows if row[0] not in early.done]
         try:
@@ -555,10 +430,6 @@ class Forwarder:
             oldest = oldest.replace(tzinfo=UTC)
         age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         self._metrics.outbox_oldest.set(max(age, 0.0))
-
-
-class _NotEarly(Exception):
-    """The study may not be sent before it is stable (no transfer basis today)."""
 
 
 def _retried_when_due(study: StudyRow) -> bool:

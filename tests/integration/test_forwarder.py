@@ -855,7 +855,7 @@ def test_the_rest_goes_once_the_study_is_idle_and_stable_needs_only_complete(
     """37 instances: two full requests at once; idle for a quarter of the quiet period, the
     last 5 go too and the center still starts nothing; an instance arriving then goes at
     its own idle time; stable, the forward sends nothing more and completes with all 38."""
-    from dicom_io.forwarder import EARLY_REST_FRACTION
+    from dicom_io.early_sending import EARLY_REST_FRACTION
 
     db, store = edge
     instances = _ingest(db, store, n=37)

@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -540,7 +541,15 @@ def test_stow_over_the_backlog_bound_is_503_then_accepted(center: Center) -> Non
                     sha256="0" * 64,
                 )
             )
-        job = JobRow(study_id=study.id, state="queued", priority="routine")
+        # Held by a replica that looks alive (its lease runs an hour): no health check's
+        # resume takes the job over while the test counts on it staying queued.
+        job = JobRow(
+            study_id=study.id,
+            state="queued",
+            priority="routine",
+            owner="a-live-replica-elsewhere",
+            lease_until=utcnow() + timedelta(hours=1),
+        )
         s.add(job)
     from dicom_io.stow import encode_multipart
 

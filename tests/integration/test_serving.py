@@ -869,7 +869,14 @@ def test_a_waiting_listing_answers_with_the_first_object_built_after_it_began(
         assert client.result_objects(AGREEMENT, after, 10, wait_s=1.0) == []
         with db.session() as s:
             study = _complete_study(s, "2.25.79")
-            job = JobRow(study_id=study.id, state="running", priority="routine", version=1)
+            job = JobRow(  # run by that other replica: its lease keeps resume() off it
+                study_id=study.id,
+                state="running",
+                priority="routine",
+                version=1,
+                owner="a-live-replica-elsewhere",
+                lease_until=utcnow() + timedelta(hours=1),
+            )
             s.add(job)
             s.flush()
             job_id = job.id

@@ -204,7 +204,7 @@ class Gateway:
             self._metrics_server = server
         if self.receivers is not None:
             # The other receiving processes first (each returns once it listens): until they
-            # have imported and opened their databases they would take CPU from every
+            # have imported and opened their stores they would take CPU from every
             # association this process had already accepted.
             self.receivers.start(self.metrics, self.ingestor.index_entries)
         self.scp.start(e.host, e.port)

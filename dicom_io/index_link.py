@@ -94,19 +94,18 @@ class IndexClient:
         try:
             self._conn.send([_fields(entry) for entry in batch])
             results = self._conn.recv()
-            if len(results) != len(batch):
-                raise StorageError("the gateway's index answered another batch")
-            for entry, result in zip(batch, results, strict=True):
-                _apply(entry, result)
         except (EOFError, OSError) as exc:
             # The files are written and stay unreferenced (harmless); the SCU retries.
-            error = StorageError(f"the gateway's index cannot be reached: {type(exc).__name__}")
-            for entry in batch:
-                if entry.outcome is None:
-                    entry.error = error
-        finally:
-            for entry in batch:
-                entry.done = True
+            results = f"cannot be reached: {type(exc).__name__}"
+        except Exception as exc:  # e.g. a field that cannot be sent: these entries fail alone
+            results = f"could not be asked: {type(exc).__name__}"
+        if isinstance(results, str) or len(results) != len(batch):
+            reason = results if isinstance(results, str) else "answered another batch"
+            error = StorageError(f"the gateway's index {reason}")
+            results = [("storage", str(error))] * len(batch)
+        for entry, result in zip(batch, results, strict=True):
+            _apply(entry, result)
+            entry.done = True
 
 
 def serve_index(

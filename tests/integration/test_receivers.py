@@ -18,6 +18,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from sqlalchemy import select
 
 from dicom_io.gateway import Gateway
+from dicom_io.scu import associate
 from radbridge.db import upgrade
 from radbridge.db.tables import InstanceRow, StudyRow
 from radbridge.settings import load_settings
@@ -63,7 +64,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
 def _assoc(port: int) -> Any:
     ae = AE(ae_title="DEMO_PACS")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    return ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    return associate(ae, "127.0.0.1", port, ae_title="RADBRIDGE")
 
 
 def _stored_metric(gw: Gateway) -> float:

@@ -13,18 +13,20 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 from sqlalchemy import select
 
 from dicom_io.ingest import Ingestor
 from dicom_io.scp import OVER_LIMIT_ANSWERED, StorageSCP
+from dicom_io.scu import associate, store_dataset
 from dicom_io.store import DurableStore
 from loadtests.fuzz_ingest import send_request
 from radbridge.agreements import load_agreements
 from radbridge.db import Database
 from radbridge.db.tables import InstanceRow, StudyRow
+from radbridge.errors import PeerError
 from radbridge.metrics import EdgeMetrics
 from tests.conftest import REPO, free_port, make_instance, write_instance
 
@@ -52,7 +54,7 @@ def _assoc(port: int, calling: str = "DEMO_PACS", called: str = "RADBRIDGE"):  #
     ae.add_requested_context(Verification)
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
     ae.add_requested_context(MR_STORAGE, ExplicitVRLittleEndian)
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return associate(ae, "127.0.0.1", port, ae_title=called)
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -72,6 +74,33 @@ def test_unknown_calling_ae_is_rejected_with_reason_3(scp: tuple[int, Database, 
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+
+
+def test_a_rejection_that_beats_the_requesting_thread_is_still_a_rejection(
+    scp: tuple[int, Database, Path],
+) -> None:
+    """pynetdicom's requesting thread, held up after sending the A-ASSOCIATE-RQ (as a loaded
+    CI machine did), finds the socket already closed on the RJ and would read "aborted";
+    dicom_io.scu.associate keeps the RJ the edge sent."""
+    port, _, _ = scp
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(Verification)
+    held_up = [(evt.EVT_REQUESTED, lambda event: time.sleep(0.3))]
+    assoc = associate(ae, "127.0.0.1", port, ae_title="RADBRIDGE", evt_handlers=held_up)
+    assert assoc.is_rejected and not assoc.is_aborted and not assoc.is_established
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+
+
+def test_result_delivery_to_a_pacs_that_rejects_says_refused(
+    scp: tuple[int, Database, Path],
+) -> None:
+    """store_dataset (result delivery's SCU) against a PACS that answers A-ASSOCIATE-RJ: the
+    reason is pacs_refused, not pacs_unreachable (the delivery failure metric's label)."""
+    port, _, _ = scp
+    with pytest.raises(PeerError) as refused:
+        store_dataset(make_instance(), "127.0.0.1", port, "RADBRIDGE", "INTRUDER", 10)
+    assert refused.value.reason == "pacs_refused"
 
 
 def test_wrong_called_ae_is_rejected(scp: tuple[int, Database, Path]) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from dicom_io.ingest import Ingestor
 from dicom_io.scp import StorageSCP
+from dicom_io.scu import associate
 from dicom_io.store import DurableStore
 from dicom_io.tls import server_context
 from radbridge.agreements import AgreementSet, parse_agreements
@@ -96,7 +97,7 @@ def _associate(port: int, *, called: str = "RADBRIDGE", tls: ssl.SSLContext | No
     ae.add_requested_context(Verification)
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
     tls_args = (tls, "localhost") if tls is not None else None
-    return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
+    return associate(ae, "127.0.0.1", port, ae_title=called, tls_args=tls_args)
 
 
 def _rj(assoc: Any) -> tuple[int, int, int]:

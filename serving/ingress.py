@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_io.header import parse_header
-from dicom_io.result_builders import warm_up as warm_up_result_builders
+from dicom_io.result_warm_up import warm_up as warm_up_result_builders
 from dicom_io.store import DurableStore
 from dicom_io.stow import decode_multipart, store_status
 from models.manifest import ModelManifest

@@ -803,9 +803,14 @@ def _wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
 
 
 def _quiet_minute(**agreement: object):  # type: ignore[no-untyped-def]
-    """The demo agreement with a 60 s quiet period (a test's own steps take seconds)."""
+    """The demo agreement with a 60 s quiet period (a test's own steps take seconds).
+
+    Its radiographs are not read for text (``deidentification.text_in_pixels: off``): these
+    tests send up to 38 of them, and Tesseract's 0.4 s each is not what they check. The scan
+    on the forward path has its own tests here (``test_a_radiograph_with_the_name_in_...``)."""
     raw = yaml.safe_load(AGREEMENTS.read_text())
     raw["agreements"][0].update(quiet_period_s=60, **agreement)
+    raw["agreements"][0].setdefault("deidentification", {})["text_in_pixels"] = "off"
     return parse_agreements(raw)
 
 

@@ -183,6 +183,9 @@ class Split:
             RADBRIDGE_EDGE__METRICS_PORT="0",
             RADBRIDGE_EDGE__CENTER_URL=f"https://127.0.0.1:{self.proxy.port}",
             RADBRIDGE_EDGE__DELIVERY_POLL_S="1",
+            # A center stopping gracefully waits for the edge's long poll in flight (Serve
+            # drains a replica's requests): 5 s, not the default 20, per restart here.
+            RADBRIDGE_EDGE__DELIVERY_WAIT_S="5",
             RADBRIDGE_EDGE__RETRY_BASE_S="1",
             RADBRIDGE_EDGE__RETRY_MAX_S="4",
         )

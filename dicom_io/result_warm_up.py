@@ -27,9 +27,7 @@ __all__ = ["made_up_ct", "warm_up"]
 
 def warm_up() -> float:
     """Build a nodule SEG + SR and a classification SR on a made-up 4-slice CT, and discard
-    them; returns the seconds it took. The first objects a process builds pay for highdicom's
-    and pydicom's first use (about 0.25 s for a CT's SEG + SR here): a replica that warms up
-    before it takes work keeps that off the first study's turnaround."""
+    them; returns the seconds it took (why: the module's docstring)."""
     t0 = time.perf_counter()
     sources = made_up_ct(slices=4, size=16)
     algo = AlgorithmInfo("warm-up", "0", "radbridge", "0" * 64, "warm-up: never stored")

@@ -24,8 +24,6 @@ Choices, for a build of about two and a half minutes on two otherwise idle CPU c
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +53,7 @@ from models.nodules import (
 )
 from models.onnx_export import export_onnx, torch_vs_onnx
 from models.repository import MANIFEST_FILE, MODEL_FILE, LoadedModel, ModelRepository, file_sha256
+from models.training import installed_file, reproducible_torch
 from models.transforms import CT_HU_WINDOW, CT_PREPROCESSING, prepare_volume, resample_to_spacing
 
 __all__ = [
@@ -365,17 +364,9 @@ def _export_and_verify(
 
 def _save_checkpoint(model: torch.nn.Module, path: Path) -> str:
     """Write the torch weights (to re-check the export later); returns their sha256."""
-    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with installed_file(path) as tmp:
         torch.save(model.state_dict(), tmp)
-        os.chmod(tmp, 0o644)
-        digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return digest
+        return file_sha256(tmp)
 
 
 def _probe(data: list[Prepared]) -> np.ndarray:
@@ -427,15 +418,8 @@ def build(
     existing = None if force else repo.installed(version_dir, log)
     if existing is not None:
         return existing
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with reproducible_torch():
         return _build(repo, version_dir, seed, n_train, iterations, t_build, log)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def _build(
@@ -476,10 +460,7 @@ def _build(
     log(f"phantoms: val {N_VAL}, test {N_TEST} ({time.perf_counter() - t0:.1f}s)")
 
     version_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=version_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with installed_file(version_dir / MODEL_FILE) as tmp:
         max_diff, diffs = _export_and_verify(model, _probe(test), tmp)
         sha = file_sha256(tmp)
         log(f"onnx: max abs diff torch vs ORT {max_diff:.2e} {diffs}; sha256 {sha[:12]}")
@@ -491,10 +472,6 @@ def _build(
         )
         metrics = score(probability_maps(predict, test, seg), test, threshold, min_volume)
         eval_s = time.perf_counter() - t0
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the serving user must read it
-        os.replace(tmp, version_dir / MODEL_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
     ckpt_sha = _save_checkpoint(model, version_dir / CHECKPOINT_FILE)
     log(
         f"operating point (validation, seed {seed + 1}): threshold {threshold}, "

@@ -7,8 +7,6 @@ is a demo model, not for diagnostic use: it has only ever seen synthetic phantom
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +23,7 @@ from models.manifest import DEMO_INTENDED_USE, ModelManifest, TransformSpec, dum
 from models.metrics import auroc, sens_spec, youden_threshold
 from models.onnx_export import export_onnx, torch_vs_onnx
 from models.repository import MANIFEST_FILE, MODEL_FILE, LoadedModel, ModelRepository, file_sha256
+from models.training import installed_file, reproducible_torch
 from models.transforms import DEMO_PREPROCESSING, build_pipeline
 
 __all__ = ["MANIFEST_TEMPLATE", "build", "make_network", "preprocess_images"]
@@ -176,8 +175,19 @@ def build(
     existing = None if force else repo.installed(version_dir, log)
     if existing is not None:
         return existing
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
+    with reproducible_torch():
+        return _build(repo, version_dir, seed, n_train, epochs, t_build, log)
+
+
+def _build(
+    repo: ModelRepository,
+    version_dir: Path,
+    seed: int,
+    n_train: int,
+    epochs: int,
+    t_build: float,
+    log: Callable[[str], None],
+) -> LoadedModel:
     specs = [TransformSpec.model_validate(s) for s in MANIFEST_TEMPLATE["preprocessing"]]
 
     t0 = time.perf_counter()
@@ -209,16 +219,9 @@ def build(
         )
 
     version_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=version_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with installed_file(version_dir / MODEL_FILE) as tmp:
         max_diff, diffs = _export_and_verify(model, x_te[:8], tmp)
         sha = file_sha256(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the serving user must read it
-        os.replace(tmp, version_dir / MODEL_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
     log(f"onnx: max abs diff torch vs ORT {max_diff:.2e} (batch 1 and 8); sha256 {sha[:12]}")
 
     manifest = ModelManifest.model_validate(

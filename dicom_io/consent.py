@@ -214,9 +214,7 @@ def _studies_of(
                 .join(StudyRow, StudyRow.id == SeriesRow.study_id)
                 .where(StudyRow.agreement_id == agreement.id)
                 .order_by(InstanceRow.id.desc())
-            )
-            .tuples()
-            .all()
+            ).all()
         )  # the last row per study wins: its first instance
     out = []
     for study in studies:

@@ -132,9 +132,9 @@ def worklist(
             findings.setdefault(job_id, []).extend(result.get("findings", []))
         claimers = {read.claimed_by for _, _, read in found if read and read.claimed_by}
         usernames = dict(
-            s.execute(select(ReaderRow.id, ReaderRow.username).where(ReaderRow.id.in_(claimers)))
-            .tuples()
-            .all()
+            s.execute(
+                select(ReaderRow.id, ReaderRow.username).where(ReaderRow.id.in_(claimers))
+            ).all()
         )
         rows: list[WorklistRow] = []
         for study, job, read in found:

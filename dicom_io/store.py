@@ -1,11 +1,12 @@
-"""Durable folder store: unnamed file -> fdatasync -> name -> fsync file and directory.
+"""Durable folder store: unnamed file -> fdatasync -> name -> fsync directory (and file).
 
 A file is visible under its final name only once its bytes are on disk. ``write`` creates the
 file unnamed (Linux ``O_TMPFILE``; in its final folder, or a spare made ahead, see
-``spare_files``), writes and syncs it, then gives it its name (``linkat``) and syncs the file
-(its link count) and the folder (its entry): a crash before the name leaves nothing (the
-file system frees an unnamed file on its own), and no rename crosses folders (a cross-folder
-rename takes the file system's rename lock, which every receiving thread then queues on).
+``spare_files``), writes and syncs it, then gives it its name (``linkat``) and syncs the folder
+(its entry) and, where the file system keeps no journal to commit it with the entry, the file
+(its link count; ``file_systems``): a crash before the name leaves nothing (the file system
+frees an unnamed file on its own), and no rename crosses folders (a cross-folder rename takes
+the file system's rename lock, which every receiving thread then queues on).
 Where the file system has no ``O_TMPFILE`` (or no ``/proc``), and to replace an existing
 name, it writes a staging file under ``.staging`` and renames it into place; a crash then
 leaves at most a staging file, which ``recover()`` removes at start-up. ``write_many`` stages
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from dicom_io.file_systems import journals_metadata
 from dicom_io.spare_files import SpareFiles
 from radbridge.errors import StorageError
 
@@ -63,6 +65,8 @@ class DurableStore:
         (self.root / STAGING).mkdir(parents=True, exist_ok=True)
         self._resolved = self.root.resolve()
         self._unnamed = hasattr(os, "O_TMPFILE")  # off for good after a refusal
+        # Without a journal the link count needs a sync of its own (see _write_unnamed).
+        self._sync_link_count = not journals_metadata(self.root)
         self._spares: SpareFiles | None = None
         if spare_files and self._unnamed:
             self._spares = SpareFiles(self.root / STAGING, spare_files)
@@ -148,9 +152,11 @@ class DurableStore:
                         self._unnamed = False
                     return False
                 # Its link count (0 until the link) on disk: a journaling file system commits
-                # it with the folder's entry, but without a journal a synced entry naming an
-                # inode still at 0 links on disk is what fsck deletes after a crash.
-                os.fsync(fd)
+                # it with the folder's entry (the folder's sync below), but without a journal
+                # a synced entry naming an inode still at 0 links on disk is what fsck
+                # deletes after a crash (dicom_io.file_systems).
+                if self._sync_link_count:
+                    os.fsync(fd)
             finally:
                 os.close(fd)  # an unnamed file is freed here; a named one stays
             os.fsync(dfd)

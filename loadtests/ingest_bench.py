@@ -395,7 +395,8 @@ class Gateway(Receiver):
     name, ae, durable = (
         "radbridge gateway",
         "RADBRIDGE",
-        "file fdatasync before its name and fsync after, folder fsync, SQLite commit synced",
+        "file fdatasync before its name, folder fsync after it (the file's too where the file "
+        "system keeps no journal), SQLite commit synced",
     )
 
     def __init__(

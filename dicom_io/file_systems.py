@@ -5,9 +5,8 @@ journals metadata, the link's two changes (the folder's entry and the file's lin
 one transaction, and the folder's sync makes both durable. Without a journal (ext2, or ext4
 made without one, as this project's CI machines are) they are separate writes: a synced entry
 naming an inode still at 0 links on disk is what fsck deletes after a crash, so the file is
-synced too. That extra sync is a journal commit of its own where there is a journal: about a
-quarter of the gateway's four-association ingest on a journaled ext4 (see
-``loadtests.ingest_bench``).
+synced too. Where there is a journal, that extra sync is a journal commit of its own per file
+(``loadtests.sync_orders`` compares the two orders on any file system).
 
 Only what is known for sure counts as journaling:
 
